@@ -52,8 +52,13 @@ def make_tiny_gpt2(path: Path, seed: int = 0) -> Path:
     tok = _tiny_tokenizer(chat=False)
     torch.manual_seed(seed)
     cfg = GPT2Config(
-        vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=2, n_head=2,
-        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+        vocab_size=len(tok),
+        n_positions=128,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
     )
     model = GPT2LMHeadModel(cfg)
     model.save_pretrained(path)
@@ -69,9 +74,16 @@ def make_tiny_llama(path: Path, seed: int = 0) -> Path:
     tok = _tiny_tokenizer(chat=True)
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        bos_token_id=0, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id,
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(cfg)

@@ -1,0 +1,37 @@
+"""Messages, the three prompt formats, and the context budget."""
+
+from chatforge.conversation.budget import BudgetConfig, FittedPrompt, fit_prompt
+from chatforge.conversation.formats import (
+    FORMATS,
+    SEP_TOKEN,
+    ChatTemplateFormat,
+    Encoded,
+    EosFormat,
+    PromptFormat,
+    SepFormat,
+    detect_format,
+    ensure_sep_token,
+    get_format,
+)
+from chatforge.conversation.messages import ROLES, Conversation, Message, Turn, as_message
+
+__all__ = [
+    "FORMATS",
+    "ROLES",
+    "SEP_TOKEN",
+    "BudgetConfig",
+    "ChatTemplateFormat",
+    "Conversation",
+    "Encoded",
+    "EosFormat",
+    "FittedPrompt",
+    "Message",
+    "PromptFormat",
+    "SepFormat",
+    "Turn",
+    "as_message",
+    "detect_format",
+    "ensure_sep_token",
+    "fit_prompt",
+    "get_format",
+]

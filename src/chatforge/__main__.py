@@ -1,0 +1,5 @@
+import sys
+
+from chatforge.cli.app import main
+
+sys.exit(main())

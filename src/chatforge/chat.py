@@ -1,0 +1,134 @@
+"""A chat session: a conversation, a model, a generation config, a context budget.
+
+This is the library form of ``chatforge chat``::
+
+    from chatforge import ChatSession, load_model
+    chat = ChatSession(load_model("smollm2"), system="You are terse.")
+    print(chat.send("What is the capital of France?").text)
+    for piece in chat.stream("And of Italy?"):
+        print(piece, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from chatforge.conversation import BudgetConfig, Conversation, Message, fit_prompt
+from chatforge.generation.config import GenerationConfig
+from chatforge.generation.engine import Completion, Engine, Request
+
+
+@dataclass
+class Reply:
+    """One assistant reply and how it was made."""
+
+    text: str
+    finish_reason: str  # "stop" | "length" | "interrupted"
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    dropped: list[Message] = field(default_factory=list)  # history left out to fit the context
+    config: GenerationConfig = field(default_factory=GenerationConfig)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class ChatSession:
+    """A multi-turn conversation with a local model."""
+
+    def __init__(
+        self,
+        loaded: Any,
+        config: GenerationConfig | None = None,
+        system: str | None = None,
+        budget: BudgetConfig | None = None,
+        engine: Engine | None = None,
+    ) -> None:
+        self.loaded = loaded
+        self.config = config or GenerationConfig()
+        self.budget = budget or BudgetConfig()
+        self.engine = engine or Engine.from_loaded(loaded)
+        self.conversation = Conversation(system=system)
+        self.last: Reply | None = None
+
+    @property
+    def system(self) -> str | None:
+        return self.conversation.system
+
+    @system.setter
+    def system(self, text: str | None) -> None:
+        self.conversation.system = text or None
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays)."""
+        self.conversation.reset()
+
+    def send(self, text: str) -> Reply:
+        """Add a user message and return the whole reply."""
+        for _ in self.stream(text):
+            pass
+        assert self.last is not None
+        return self.last
+
+    def stream(self, text: str) -> Iterator[str]:
+        """Add a user message and yield the reply as it is generated.
+
+        The reply is added to the conversation when the stream ends, also when
+        it is interrupted (Ctrl-C, or the caller closing the iterator): then
+        with the text produced so far and finish reason ``interrupted``.
+        """
+        messages = [*self.conversation.as_messages(), Message("user", text)]
+        fitted = fit_prompt(
+            self.loaded.format,
+            messages,
+            self.loaded.info.context_length,
+            self.config.max_new_tokens,
+            self.budget,
+            max_length=self.config.max_length,
+        )
+        dropped = [messages[i] for i in fitted.dropped]
+        self.conversation.add_user(text)
+        req = Request(
+            prompt_ids=fitted.encoded.input_ids,
+            config=self.config,
+            token_type_ids=fitted.encoded.token_type_ids,
+            reply_token_type=fitted.encoded.reply_token_type,
+            max_new_tokens=fitted.max_new_tokens,
+        )
+        t0 = time.perf_counter()
+        parts: list[str] = []
+        completion: Completion | None = None
+        try:
+            for ev in self.engine.stream([req]):
+                if ev.text:
+                    parts.append(ev.text)
+                    yield ev.text
+                if ev.completion is not None:
+                    completion = ev.completion
+        finally:
+            if completion is None:  # interrupted: keep what was said so far
+                completion = Completion(
+                    text="".join(parts),
+                    token_ids=[],
+                    finish_reason="interrupted",
+                    prompt_tokens=fitted.prompt_tokens,
+                    completion_tokens=len(
+                        self.engine.tokenizer.encode("".join(parts), add_special_tokens=False)
+                    ),
+                    seconds=time.perf_counter() - t0,
+                )
+            self.conversation.add_assistant(completion.text)
+            self.last = Reply(
+                text=completion.text,
+                finish_reason=completion.finish_reason,
+                prompt_tokens=completion.prompt_tokens,
+                completion_tokens=completion.completion_tokens,
+                seconds=completion.seconds,
+                dropped=dropped,
+                config=self.config,
+            )

@@ -1,0 +1,49 @@
+"""The ``chatforge`` command: one typed function per command, no logic of its own."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from chatforge.cli import models as models_cli
+from chatforge.cli.chat import chat_command
+
+app = typer.Typer(
+    name="chatforge",
+    help="Train, fine-tune, chat with, batch-run and serve conversational language models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command("chat")(chat_command)
+app.add_typer(models_cli.app, name="models")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    from chatforge.cli.options import flagify
+    from chatforge.errors import ChatforgeError
+
+    try:
+        app(args=argv, standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        return 130
+    except click.ClickException as e:  # bad flag value, unknown option, ...
+        print(f"error: {e.format_message()} (see --help)", file=sys.stderr)
+        return 2
+    except (ChatforgeError, ValueError) as e:
+        print(f"error: {flagify(str(e))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

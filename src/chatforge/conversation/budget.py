@@ -1,0 +1,178 @@
+"""The context budget: which turns of a conversation fit in the model's context.
+
+The prompt plus the room left for the reply must fit in the limit
+(``min(context_length, max_length)``). When they do not, whole oldest turns
+(a user message and the replies after it) are dropped; system messages and the
+newest user message never are. The caller learns which messages were dropped.
+
+Fitting encodes the full conversation once; only when it does not fit does it
+binary-search the number of dropped turns (prompt length never grows when
+turns are dropped), so a long chat costs O(log turns) encodes, not O(turns^2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from chatforge.conversation.formats import Encoded, PromptFormat
+from chatforge.conversation.messages import Message, as_message
+from chatforge.errors import ContextOverflowError
+
+
+@dataclass
+class BudgetConfig:
+    """How much of the context the prompt and its history may take."""
+
+    max_history_share: float = 1.0
+    """Max share of the limit that earlier turns (everything before the newest user
+    message except system messages) may take; in (0, 1]."""
+    max_prompt_share: float = 1.0
+    """Max share of the limit the whole prompt may take while history can still be
+    dropped; in (0, 1]."""
+    min_reply_tokens: int = 16
+    """Room always left for a reply (or ``max_new_tokens`` when that is smaller)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_history_share", "max_prompt_share"):
+            v = getattr(self, name)
+            if not 0 < v <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {v}")
+        if self.min_reply_tokens < 1:
+            raise ValueError(f"min_reply_tokens must be at least 1, got {self.min_reply_tokens}")
+
+
+@dataclass
+class FittedPrompt:
+    """A prompt that fits, and what was given up to make it fit."""
+
+    messages: list[Message]
+    """What is sent: system messages, kept turns and the newest user message."""
+    encoded: Encoded
+    """``messages`` encoded with a generation prompt."""
+    dropped: list[int]
+    """Indices (into the input messages) of the dropped messages, oldest first."""
+    max_new_tokens: int
+    """The reply budget after fitting (>= 1)."""
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.encoded.input_ids)
+
+
+def _group_turns(msgs: Sequence[Message]) -> list[list[int]]:
+    """Indices of the droppable history (all but the last message), grouped into turns."""
+    groups: list[list[int]] = []
+    for i, m in enumerate(msgs[:-1]):
+        if m.role == "system":
+            continue
+        if m.role == "user" or not groups:
+            groups.append([i])
+        else:
+            groups[-1].append(i)
+    return groups
+
+
+def fit_prompt(
+    fmt: PromptFormat,
+    messages: Sequence[Message | Mapping[str, Any]],
+    context_length: int,
+    max_new_tokens: int | None,
+    budget: BudgetConfig | None = None,
+    max_length: int | None = None,
+) -> FittedPrompt:
+    """Drop oldest turns until the prompt and the reply fit; see the module docstring.
+
+    ``max_length`` counts prompt + reply (as in Hugging Face); ``max_new_tokens``
+    counts the reply only and is lowered when less room is left (never below
+    ``min(min_reply_tokens, max_new_tokens)``). Raises :class:`ContextOverflowError`
+    when even the system prompt and the newest user message leave too little room.
+    """
+    budget = budget or BudgetConfig()
+    msgs = [as_message(m) for m in messages]
+    if not msgs or msgs[-1].role != "user":
+        raise ValueError("the last message must be a user message (the one to reply to)")
+    if context_length < 1:
+        raise ValueError(f"context_length must be at least 1, got {context_length}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"max_length must be at least 1, got {max_length}")
+
+    limit = context_length if max_length is None else min(context_length, max_length)
+    reserve = max_new_tokens if max_new_tokens is not None else budget.min_reply_tokens
+    groups = _group_turns(msgs)
+
+    cache: dict[int, tuple[list[Message], list[int], Encoded]] = {}
+
+    def attempt(k: int) -> tuple[list[Message], list[int], Encoded]:
+        """The prompt with the ``k`` oldest turns dropped."""
+        if k not in cache:
+            gone = {i for g in groups[:k] for i in g}
+            kept = [m for i, m in enumerate(msgs) if i not in gone]
+            cache[k] = (kept, sorted(gone), fmt.encode(kept, add_generation_prompt=True))
+        return cache[k]
+
+    base = len(groups)  # everything droppable dropped
+
+    def fits(k: int) -> bool:
+        n = len(attempt(k)[2])
+        if n + reserve > limit or n > budget.max_prompt_share * limit:
+            return False
+        if budget.max_history_share < 1 and k < base:
+            return n - len(attempt(base)[2]) <= budget.max_history_share * limit
+        return True
+
+    if fits(0):
+        k = 0
+    else:
+        lo, hi = min(1, base), base  # smallest k in [lo, hi] that fits; base if none does
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if fits(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        k = lo
+
+    kept, dropped, encoded = attempt(k)
+    n = len(encoded)
+    room = limit - n
+    need = min(budget.min_reply_tokens, reserve)
+    if room < need:
+        raise ContextOverflowError(
+            _overflow_message(fmt, msgs, n, room, need, context_length, max_length),
+            prompt_tokens=n,
+            limit=limit,
+        )
+    reply = room if max_new_tokens is None else min(max_new_tokens, room)
+    return FittedPrompt(kept, encoded, dropped, reply)
+
+
+def _overflow_message(
+    fmt: PromptFormat,
+    msgs: list[Message],
+    prompt_tokens: int,
+    room: int,
+    need: int,
+    context_length: int,
+    max_length: int | None,
+) -> str:
+    if max_length is not None and max_length < context_length:
+        return (
+            f"max_length {max_length} leaves no room for a reply: the prompt is already "
+            f"{prompt_tokens} tokens; raise it or use --max-new-tokens"
+        )
+    user_tokens = len(fmt.encode([msgs[-1]], add_generation_prompt=True))
+    has_system = any(m.role == "system" for m in msgs)
+    size = f"the message is {user_tokens} tokens"
+    if has_system:
+        size += f" (with the system prompt, {prompt_tokens})"
+    left = (
+        "leaving no room for a reply"
+        if room <= 0
+        else f"leaving only {room} tokens for a reply (at least {need} needed)"
+    )
+    fix = "shorten the message or the system prompt" if has_system else "shorten the message"
+    return f"{size} but the model's context is {context_length} tokens, {left}; {fix}"

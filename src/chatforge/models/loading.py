@@ -1,0 +1,214 @@
+"""Resolve a model reference into a loaded model and tokenizer.
+
+References, in the order they are tried:
+
+* an alias (``smollm2``): a model shipped by a Python package, converted once;
+* a path to a ``.gguf`` file: converted once into the cache;
+* a path to a Hugging Face model directory (config + safetensors + tokenizer);
+* a hub id (``owner/name``): from the local hub cache, or downloaded where the
+  hub is reachable; offline it fails fast with a clear message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from chatforge.errors import ModelLoadError
+from chatforge.models.gguf import convert_gguf, converted_dir, is_complete
+from chatforge.models.meta import ModelMeta
+from chatforge.models.registry import ALIASES, DEFAULT_MODEL, resolve_alias
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Context lengths above this are tokenizer placeholders ("no limit"), not real limits.
+_HUGE = 10**8
+
+
+@dataclass
+class ModelInfo:
+    """What a user sees about a loaded model (``chatforge models list`` shows the same)."""
+
+    ref: str  # the reference the user gave
+    name: str  # display name
+    path: Path  # the local directory the weights were read from
+    architecture: str  # e.g. "LlamaForCausalLM"
+    n_params: int
+    context_length: int
+    prompt_format: str  # "chat_template" | "sep" | "eos"
+    dtype: str  # "fp32" | "bf16"
+    load_seconds: float = 0.0
+    converted: bool = False  # True when this load converted a GGUF (cold)
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer and its prompt format, ready for the engine."""
+
+    model: Any  # a transformers PreTrainedModel in eval mode
+    tokenizer: Any
+    info: ModelInfo
+    format: Any = field(default=None)  # chatforge.conversation.PromptFormat
+
+    @property
+    def context_length(self) -> int:
+        return self.info.context_length
+
+
+def parse_dtype(dtype: str | None) -> str:
+    """Map a user's ``--dtype`` to our short name (``fp32`` / ``bf16``)."""
+    if dtype is None:
+        return "fp32"
+    key = str(dtype).lower()
+    if key not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use fp32 or bf16")
+    return "fp32" if DTYPES[key] == "float32" else "bf16"
+
+
+def context_length_of(config: Any, tokenizer: Any = None) -> int:
+    """The model's context length: positions from its config, else the tokenizer's limit."""
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and 0 < value < _HUGE:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < _HUGE:
+        return limit
+    return 2048
+
+
+def resolve(ref: str) -> tuple[Path, bool, str]:
+    """Turn a reference into a local HF directory: (directory, converted_now, display name)."""
+    alias = resolve_alias(ref)
+    if alias is not None:
+        gguf_path, cache_name, display = alias
+        was_cached = is_complete(converted_dir(gguf_path, cache_name))
+        return convert_gguf(gguf_path, cache_name, display), not was_cached, display
+    path = Path(ref).expanduser()
+    if path.suffix.lower() == ".gguf":
+        was_cached = path.is_file() and is_complete(converted_dir(path))
+        return convert_gguf(path), not was_cached, path.stem
+    if path.exists():
+        return _check_hf_dir(path), False, path.resolve().name
+    if HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
+        return _from_hub(ref), False, ref
+    known = ", ".join(sorted(ALIASES))
+    raise ModelLoadError(
+        f"model {ref!r} not found: no such directory or file, and it is not a known name "
+        f"({known}) or a hub id (owner/name); see `chatforge models list`"
+    )
+
+
+def _check_hf_dir(path: Path) -> Path:
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"{path} is not a model directory or a .gguf file; "
+            "pass a Hugging Face model directory (config.json + weights + tokenizer)"
+        )
+    meta = ModelMeta.read(path)
+    if meta is not None and not meta.complete:
+        raise ModelLoadError(f"{path} is an incomplete model directory (a save was interrupted)")
+    if not (path / "config.json").exists():
+        what = "is empty" if not any(path.iterdir()) else "has no config.json"
+        raise ModelLoadError(
+            f"model directory {path} {what}; expected a Hugging Face model directory "
+            "(config.json, *.safetensors, tokenizer files)"
+        )
+    weights = list(path.glob("*.safetensors")) + list(path.glob("pytorch_model*.bin"))
+    if not weights and not (path / "adapter_config.json").exists():
+        raise ModelLoadError(f"model directory {path} has no weights (*.safetensors)")
+    return path
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urlparse(endpoint)
+    host, port = (
+        url.hostname or "huggingface.co",
+        url.port or (443 if url.scheme == "https" else 80),
+    )
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # not in the local hub cache
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if offline or not _hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub cannot be reached"
+        raise ModelLoadError(
+            f"cannot load {repo_id!r}: it is not in the local Hugging Face cache and {why}; "
+            "download it on a connected machine (huggingface-cli download) or pass a local "
+            "model directory or .gguf file"
+        )
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=10))
+    except Exception as e:
+        raise ModelLoadError(f"could not download {repo_id!r} from the hub: {e}") from e
+
+
+def load_model(ref: str = DEFAULT_MODEL, dtype: str | None = "fp32") -> LoadedModel:
+    """Load a model by reference (alias, directory, .gguf file or hub id).
+
+    >>> lm = load_model("smollm2")           # doctest: +SKIP
+    >>> lm.info.context_length               # doctest: +SKIP
+    8192
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from chatforge.conversation import detect_format, get_format
+
+    short = parse_dtype(dtype)
+    t0 = time.perf_counter()
+    directory, converted, display = resolve(str(ref))
+    meta = ModelMeta.read(directory)
+    torch_dtype = torch.float32 if short == "fp32" else torch.bfloat16
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype)
+    except ModelLoadError:
+        raise
+    except Exception as e:
+        raise ModelLoadError(f"could not load the model in {directory}: {e}") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    model.eval()
+    fmt_name = detect_format(tokenizer, meta.prompt_format if meta else None)
+    info = ModelInfo(
+        ref=str(ref),
+        name=(meta.name if meta and meta.name else display),
+        path=directory,
+        architecture=(model.config.architectures or [type(model).__name__])[0],
+        n_params=sum(p.numel() for p in model.parameters()),
+        context_length=context_length_of(model.config, tokenizer),
+        prompt_format=fmt_name,
+        dtype=short,
+        load_seconds=time.perf_counter() - t0,
+        converted=converted,
+    )
+    fmt = get_format(fmt_name, tokenizer)
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info, format=fmt)
