@@ -21,9 +21,9 @@ from chatforge.errors import ChatforgeError
 class TranscriptWriter:
     """Appends messages to a transcript file (JSONL or text by extension)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, jsonl: bool | None = None) -> None:
         self.path = Path(path).expanduser()
-        self.jsonl = self.path.suffix.lower() == ".jsonl"
+        self.jsonl = self.path.suffix.lower() == ".jsonl" if jsonl is None else jsonl
         if self.path.is_dir():
             raise ChatforgeError(f"output file {self.path} is a directory; give a file name")
         if not self.path.parent.exists():

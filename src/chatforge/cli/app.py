@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
+
+try:  # typer >= 0.24 vendors click
+    from typer._click import exceptions as click_exc
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exc  # type: ignore[no-redef]
 
 from chatforge.cli import models as models_cli
 from chatforge.cli.chat import chat_command
@@ -29,11 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
         return 0
-    except click.exceptions.Exit as e:
+    except click_exc.Exit if hasattr(click_exc, "Exit") else typer.Exit as e:
         return e.exit_code
-    except click.exceptions.Abort:
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
         return 130
-    except click.ClickException as e:  # bad flag value, unknown option, ...
+    except click_exc.NoArgsIsHelpError as e:
+        print(e.format_message(), file=sys.stderr)
+        return 0
+    except click_exc.ClickException as e:  # bad flag value, unknown option, ...
         print(f"error: {e.format_message()} (see --help)", file=sys.stderr)
         return 2
     except (ChatforgeError, ValueError) as e:

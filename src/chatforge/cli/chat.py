@@ -342,7 +342,7 @@ def _save(session, path: str, err: Console, interactive: bool) -> None:
     try:
         if tmp.exists():
             tmp.unlink()
-        w = TranscriptWriter(tmp)
+        w = TranscriptWriter(tmp, jsonl=target.suffix.lower() == ".jsonl")
         for m in session.conversation.as_messages():
             w.message(m.role, m.content)
         w.close()

@@ -57,7 +57,7 @@ def flagify(message: str) -> str:
         "temperature|top_k|top_p|min_p|repetition_penalty|no_repeat_ngram_size|"
         "max_new_tokens|max_length|stop|seed|do_sample"
     )
-    return re.sub(rf"^({names})\b", lambda m: flag_for(m.group(1)), message)
+    return re.sub(rf"^({names})\b(?= must)", lambda m: flag_for(m.group(1)), message)
 
 
 def build_config(

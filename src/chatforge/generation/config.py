@@ -1,0 +1,331 @@
+"""Generation settings: one validated dataclass shared by the library, CLI, chat and server.
+
+:class:`GenerationConfig` holds every knob that decides *which* tokens a reply is
+made of (temperature, top-k, top-p, min-p, penalties) and *how long* it may be
+(``max_new_tokens``, ``max_length``, stop strings). It is validated as soon as
+it is built, so a bad value fails at the flag or ``/set`` command that set it,
+with a message naming the parameter and saying what to do, never deep inside a
+decode step.
+
+Length semantics follow Hugging Face: ``max_new_tokens`` counts reply tokens
+only, ``max_length`` counts prompt + reply. :meth:`GenerationConfig.reply_budget`
+turns both (and the model's context length) into the number of tokens a reply
+may have for a given prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any
+
+from chatforge.errors import ContextOverflowError
+
+DEFAULT_MAX_NEW_TOKENS = 256
+"""Reply length used when neither ``max_new_tokens`` nor ``max_length`` is given."""
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Deterministic: always the most likely token.
+    "precise": {"temperature": 0.0},
+    # A sensible default for chat: some variety, mild repetition control.
+    "balanced": {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1},
+    # More varied replies; min-p keeps the tail from producing nonsense.
+    "creative": {"temperature": 1.0, "top_p": 0.95, "min_p": 0.05, "repetition_penalty": 1.05},
+}
+"""Named starting points for :meth:`GenerationConfig.from_preset`."""
+
+# Words that clear an optional setting (``/set seed off``) or turn a filter off.
+_OFF_WORDS = frozenset({"none", "off", "null", "disable", "disabled"})
+# The value each "can be switched off" parameter takes when it is off.
+_OFF_VALUES: dict[str, Any] = {
+    "top_k": 0,
+    "top_p": 1.0,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "max_new_tokens": None,
+    "max_length": None,
+    "seed": None,
+    "stop": (),
+    "do_sample": None,
+}
+_FLOAT_PARAMS = ("temperature", "top_p", "min_p", "repetition_penalty")
+_INT_PARAMS = ("top_k", "no_repeat_ngram_size", "max_new_tokens", "max_length", "seed")
+_TRUE_WORDS = frozenset({"true", "yes", "on", "1"})
+_FALSE_WORDS = frozenset({"false", "no", "0"})
+
+
+def _check_float(name: str, value: Any) -> float:
+    """Return ``value`` as a finite float, or raise ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number (got {value!r})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number (got {value})")
+    return value
+
+
+def _check_int(name: str, value: Any, *, optional: bool = False) -> int | None:
+    """Return ``value`` as an int (``None`` allowed when ``optional``), or raise ValueError."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        kind = "an integer or None" if optional else "an integer"
+        raise ValueError(f"{name} must be {kind} (got {value!r})")
+    return int(value)
+
+
+def _normalise_stop(value: Any) -> tuple[str, ...]:
+    """Accept a single string or an iterable of strings; return a tuple of non-empty strings."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = (value,)
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise ValueError(f"stop must be a string or a list of strings (got {value!r})") from None
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"stop must contain only strings (got {item!r})")
+        if item == "":
+            raise ValueError("stop strings must not be empty; remove the empty entry")
+    return items
+
+
+def _unescape(text: str) -> str:
+    r"""Turn the escapes a user can type on one line (``\n``, ``\t``, ``\\``) into characters."""
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text) and text[i + 1] in "nt\\":
+            out.append({"n": "\n", "t": "\t", "\\": "\\"}[text[i + 1]])
+            i += 2
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
+
+
+@dataclass
+class GenerationConfig:
+    """How to pick reply tokens and when to stop. Validated on construction.
+
+    Build it directly, from a preset (:meth:`from_preset`), or change one field at
+    a time with :meth:`replace` / :meth:`set_param`; every path validates.
+    """
+
+    temperature: float = 0.7
+    """Softmax temperature; higher is more random. ``0`` means greedy decoding."""
+    top_k: int = 0
+    """Sample only among the ``top_k`` most likely tokens. ``0`` turns it off."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability sums to
+    ``top_p``. In ``(0, 1]``; ``1`` turns it off."""
+    min_p: float = 0.0
+    """Drop tokens less likely than ``min_p`` times the most likely one. In ``[0, 1)``;
+    ``0`` turns it off."""
+    repetition_penalty: float = 1.0
+    """Divide positive / multiply negative logits of tokens already in the prompt or
+    reply (Hugging Face semantics). ``> 0``; ``1`` turns it off."""
+    no_repeat_ngram_size: int = 0
+    """Never repeat an n-gram of this size (prompt included). ``0`` turns it off."""
+    max_new_tokens: int | None = None
+    """Most tokens in the reply. ``None`` means :data:`DEFAULT_MAX_NEW_TOKENS`, unless
+    ``max_length`` is given, which then alone limits the reply."""
+    max_length: int | None = None
+    """Most tokens in prompt + reply, as in Hugging Face. ``None`` means no such limit."""
+    stop: tuple[str, ...] = field(default=())
+    """Strings that end the reply (not included in it). A single string or a list is
+    accepted and stored as a tuple."""
+    seed: int | None = None
+    """Seed for this reply's random draws; ``None`` draws a fresh one."""
+    do_sample: bool | None = None
+    """``None``: sample when ``temperature > 0``. ``False``: greedy whatever the
+    temperature. ``True`` with temperature ``0`` is still greedy."""
+
+    def __post_init__(self) -> None:
+        self.temperature = _check_float("temperature", self.temperature)
+        if self.temperature < 0:
+            raise ValueError(
+                f"temperature must be >= 0 (got {self.temperature}); use 0 for greedy decoding"
+            )
+
+        self.top_k = _check_int("top_k", self.top_k)
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (got {self.top_k}); use 0 to disable it")
+
+        self.top_p = _check_float("top_p", self.top_p)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (got {self.top_p}); use 1.0 to disable it")
+
+        self.min_p = _check_float("min_p", self.min_p)
+        if not 0.0 <= self.min_p < 1.0:
+            raise ValueError(f"min_p must be in [0, 1) (got {self.min_p}); use 0 to disable it")
+
+        self.repetition_penalty = _check_float("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0:
+            raise ValueError(
+                f"repetition_penalty must be > 0 (got {self.repetition_penalty}); 1.0 disables it"
+            )
+
+        self.no_repeat_ngram_size = _check_int("no_repeat_ngram_size", self.no_repeat_ngram_size)
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(
+                f"no_repeat_ngram_size must be >= 0 (got {self.no_repeat_ngram_size}); "
+                "use 0 to disable it"
+            )
+
+        for name in ("max_new_tokens", "max_length"):
+            value = _check_int(name, getattr(self, name), optional=True)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 (got {value}); use None for no limit")
+            setattr(self, name, value)
+
+        self.stop = _normalise_stop(self.stop)
+
+        self.seed = _check_int("seed", self.seed, optional=True)
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be in [0, 2**64) (got {self.seed})")
+
+        if self.do_sample is not None and not isinstance(self.do_sample, bool):
+            raise ValueError(f"do_sample must be True, False or None (got {self.do_sample!r})")
+
+    # ------------------------------------------------------------------ derived
+
+    @property
+    def greedy(self) -> bool:
+        """True when replies take the most likely token at every step."""
+        return self.do_sample is False or self.temperature == 0.0
+
+    def reply_budget(self, prompt_tokens: int, context_length: int | None = None) -> int:
+        """Number of new tokens a reply to a ``prompt_tokens``-long prompt may have (>= 1).
+
+        The budget is ``max_new_tokens`` (or :data:`DEFAULT_MAX_NEW_TOKENS` when neither
+        length is set), capped by ``max_length - prompt_tokens`` and by
+        ``context_length - prompt_tokens``. Raises :class:`ContextOverflowError` when
+        either cap leaves no room for even one token.
+        """
+        if isinstance(prompt_tokens, bool) or not isinstance(prompt_tokens, int):
+            raise ValueError(f"prompt_tokens must be an integer (got {prompt_tokens!r})")
+        if prompt_tokens < 0:
+            raise ValueError(f"prompt_tokens must be >= 0 (got {prompt_tokens})")
+
+        budget: int | None = self.max_new_tokens
+        if budget is None and self.max_length is None:
+            budget = DEFAULT_MAX_NEW_TOKENS
+
+        if self.max_length is not None:
+            room = self.max_length - prompt_tokens
+            if room < 1:
+                raise ContextOverflowError(
+                    f"max_length {self.max_length} leaves no room for a reply: the prompt is "
+                    f"already {prompt_tokens} tokens; raise it or use --max-new-tokens",
+                    prompt_tokens=prompt_tokens,
+                    limit=self.max_length,
+                )
+            budget = room if budget is None else min(budget, room)
+
+        if context_length is not None:
+            if context_length < 1:
+                raise ValueError(f"context_length must be >= 1 (got {context_length})")
+            room = context_length - prompt_tokens
+            if room < 1:
+                raise ContextOverflowError(
+                    f"the prompt is {prompt_tokens} tokens but the model's context is "
+                    f"{context_length} tokens, which leaves no room for a reply; "
+                    "shorten the prompt or drop history",
+                    prompt_tokens=prompt_tokens,
+                    limit=context_length,
+                )
+            budget = room if budget is None else min(budget, room)
+
+        assert budget is not None and budget >= 1
+        return budget
+
+    # ------------------------------------------------------------------ copies
+
+    @classmethod
+    def param_names(cls) -> tuple[str, ...]:
+        """The names of all settings, in declaration order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def _check_names(cls, names: Any) -> None:
+        valid = cls.param_names()
+        unknown = [n for n in names if n not in valid]
+        if unknown:
+            raise ValueError(
+                f"unknown generation parameter {unknown[0]!r}; valid names: {', '.join(valid)}"
+            )
+
+    def replace(self, **changes: Any) -> GenerationConfig:
+        """A validated copy with ``changes`` applied."""
+        self._check_names(changes)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-able dict (for transcripts and output files)."""
+        out = dataclasses.asdict(self)
+        out["stop"] = list(self.stop)
+        return out
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> GenerationConfig:
+        """A config from the preset ``name`` (see :data:`PRESETS`), with ``overrides`` on top.
+
+        Overrides that are ``None`` are ignored, so CLI options that were not given
+        can be passed straight through.
+        """
+        key = name.strip().lower() if isinstance(name, str) else name
+        if key not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        given = {k: v for k, v in overrides.items() if v is not None}
+        cls._check_names(given)
+        return cls(**{**PRESETS[key], **given})
+
+    def set_param(self, name: str, value: str) -> GenerationConfig:
+        """A copy with one setting parsed from text, for the chat command ``/set NAME VALUE``.
+
+        ``name`` may use dashes or underscores (``top-p``). ``none``/``off`` clears
+        optional settings (``seed``, ``max_length``, ``max_new_tokens``, ``stop``) and
+        turns filters off (``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``,
+        ``no_repeat_ngram_size``). ``stop`` takes ``|``-separated strings and
+        understands ``\\n`` and ``\\t``. ``do_sample`` takes true/false/auto.
+        """
+        key = name.strip().lower().replace("-", "_")
+        self._check_names([key])
+        text = value.strip()
+        word = text.lower()
+
+        parsed: Any
+        if word in _OFF_WORDS and key in _OFF_VALUES:
+            parsed = _OFF_VALUES[key]
+        elif key == "stop":
+            parsed = tuple(_unescape(part) for part in value.split("|"))
+        elif key == "do_sample":
+            if word in _TRUE_WORDS:
+                parsed = True
+            elif word in _FALSE_WORDS:
+                parsed = False
+            elif word == "auto":
+                parsed = None
+            else:
+                raise ValueError(f"do_sample must be true, false or auto (got {value!r})")
+        elif key in _FLOAT_PARAMS:
+            try:
+                parsed = float(text)
+            except ValueError:
+                raise ValueError(f"{key} must be a number (got {value!r})") from None
+        elif key in _INT_PARAMS:
+            try:
+                parsed = int(text)
+            except ValueError:
+                hint = "; use 'none' to clear it" if _OFF_VALUES.get(key, 0) is None else ""
+                raise ValueError(f"{key} must be an integer (got {value!r}){hint}") from None
+        else:  # pragma: no cover - every field is handled above
+            raise ValueError(f"cannot set {key} from text")
+        return self.replace(**{key: parsed})
