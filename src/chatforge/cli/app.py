@@ -14,6 +14,8 @@ except ImportError:  # pragma: no cover
 from chatforge.cli import models as models_cli
 from chatforge.cli.chat import chat_command
 
+_NO_ARGS = getattr(click_exc, "NoArgsIsHelpError", ())
+
 app = typer.Typer(
     name="chatforge",
     help="Train, fine-tune, chat with, batch-run and serve conversational language models.",
@@ -33,13 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
         return 0
-    except click_exc.Exit if hasattr(click_exc, "Exit") else typer.Exit as e:
-        return e.exit_code
     except typer.Exit as e:
         return e.exit_code
     except typer.Abort:
         return 130
-    except click_exc.NoArgsIsHelpError as e:
+    except _NO_ARGS as e:  # `chatforge` alone prints the help
         print(e.format_message(), file=sys.stderr)
         return 0
     except click_exc.ClickException as e:  # bad flag value, unknown option, ...
