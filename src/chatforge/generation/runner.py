@@ -36,6 +36,10 @@ class Runner(Protocol):
         """Keep only ``rows`` (finished sequences leave the batch); return the new state."""
         ...
 
+    def merge(self, a: Any, b: Any) -> Any:
+        """One state holding the rows of ``a`` then those of ``b`` (new sequences join)."""
+        ...
+
 
 @dataclass
 class HFState:
@@ -114,4 +118,48 @@ class HFRunner:
         state.cache.batch_select_indices(rows)
         state.attention_mask = state.attention_mask.index_select(0, rows)
         state.positions = state.positions.index_select(0, rows)
+        # Columns that are padding in every remaining row cost attention for nothing.
+        used = state.attention_mask[:, : state.length].any(dim=0)  # (L,)
+        first = int(used.float().argmax()) if bool(used.any()) else 0
+        if first > 0:
+            self._crop_left(state, first)
         return state
+
+    @staticmethod
+    def _layers(cache: Any) -> list[Any]:
+        return list(cache.layers)
+
+    def _crop_left(self, state: HFState, n: int) -> None:
+        for layer in self._layers(state.cache):
+            layer.keys = layer.keys[:, :, n:]
+            layer.values = layer.values[:, :, n:]
+        state.attention_mask = state.attention_mask[:, n:]
+        state.length -= n
+
+    def merge(self, a: HFState, b: HFState) -> HFState:
+        """Left-pad the shorter cache so both have the same length, then stack the rows."""
+        length = max(a.length, b.length)
+        capacity = length + self.capacity_hint
+        for la, lb in zip(self._layers(a.cache), self._layers(b.cache), strict=True):
+            la.keys = torch.cat([_left_pad(la.keys, length), _left_pad(lb.keys, length)])
+            la.values = torch.cat([_left_pad(la.values, length), _left_pad(lb.values, length)])
+        masks = []
+        for st in (a, b):
+            m = torch.zeros(
+                st.attention_mask.shape[0], capacity, dtype=torch.long, device=self.device
+            )
+            m[:, length - st.length : length] = st.attention_mask[:, : st.length]
+            masks.append(m)
+        a.attention_mask = torch.cat(masks)
+        a.length = length
+        a.positions = torch.cat([a.positions, b.positions])
+        return a
+
+
+def _left_pad(t: Tensor, length: int) -> Tensor:
+    """(B, H, L, D) -> (B, H, length, D) with zeros in front."""
+    missing = length - t.shape[2]
+    if missing <= 0:
+        return t
+    pad = torch.zeros(t.shape[0], t.shape[1], missing, t.shape[3], dtype=t.dtype, device=t.device)
+    return torch.cat([pad, t], dim=2)

@@ -1,0 +1,179 @@
+"""The engine as a service: a scheduler stepping in a background thread.
+
+The HTTP server (and anything else with many concurrent callers) submits
+requests from any thread or event loop; each request's events come back on
+its own queue. Requests submitted while others run join the running batch at
+the next step (continuous batching); a cancelled request (a client that went
+away) leaves the batch at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from chatforge.errors import ChatforgeError
+from chatforge.generation.engine import Engine
+from chatforge.generation.types import Request, StreamEvent
+
+
+class QueueFullError(ChatforgeError):
+    """More requests are waiting than the service accepts; retry later."""
+
+
+class Handle:
+    """One submitted request: iterate its events, or cancel it."""
+
+    def __init__(self, service: EngineService, key: int, loop: asyncio.AbstractEventLoop | None):
+        self.service = service
+        self.key = key
+        self.loop = loop
+        self._q: Any = asyncio.Queue() if loop is not None else queue.Queue()
+        self.done = False
+
+    def _put(self, item: StreamEvent | BaseException) -> None:
+        # Called on the service thread.
+        if self.loop is not None:
+            try:
+                self.loop.call_soon_threadsafe(self._q.put_nowait, item)
+            except RuntimeError:  # the event loop is closed: nobody is listening
+                pass
+        else:
+            self._q.put(item)
+
+    def events(self) -> Iterator[StreamEvent]:
+        """Blocking iteration (for handles submitted without an event loop)."""
+        while True:
+            item = self._q.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.completion is not None:
+                return
+
+    async def aevents(self) -> AsyncIterator[StreamEvent]:
+        """Async iteration (for handles submitted with ``loop=``)."""
+        try:
+            while True:
+                item = await self._q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.completion is not None:
+                    self.done = True
+                    return
+        finally:
+            if not self.done:  # the consumer stopped early (client disconnected)
+                self.cancel()
+
+    def cancel(self) -> None:
+        """Stop generating for this request; its place in the batch is freed next step."""
+        self.done = True
+        self.service.cancel(self.key)
+
+
+class EngineService:
+    """Runs an engine's scheduler on a background thread."""
+
+    def __init__(self, engine: Engine, max_batch: int = 32, max_queue: int = 256) -> None:
+        self.engine = engine
+        self.scheduler = engine.new_scheduler(max_batch)
+        self.max_queue = max_queue
+        self._handles: dict[int, Handle] = {}
+        self._inbox: list[tuple[str, Any]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self._keys = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="chatforge-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) sequence counts."""
+        with self._lock:
+            waiting = len(self.scheduler.waiting) + sum(1 for k, _ in self._inbox if k == "add")
+            return len(self.scheduler.running), waiting
+
+    def submit(self, request: Request, loop: asyncio.AbstractEventLoop | None = None) -> Handle:
+        """Queue a request. Raises ContextOverflowError (too long) or QueueFullError now."""
+        self.scheduler.budget_for(request)  # validate in the caller's thread, before queueing
+        with self._lock:
+            if self._stop:
+                raise ChatforgeError("the engine is shutting down")
+            waiting = len(self.scheduler.waiting)
+            pending = sum(1 for k, _ in self._inbox if k == "add")
+            if waiting + pending >= self.max_queue:
+                raise QueueFullError(
+                    f"{waiting + pending} requests are waiting (limit {self.max_queue}); "
+                    "retry later"
+                )
+            key = next(self._keys)
+            handle = Handle(self, key, loop)
+            self._handles[key] = handle
+            self._inbox.append(("add", (key, request)))
+        self._wake.set()
+        return handle
+
+    def cancel(self, key: int) -> None:
+        with self._lock:
+            self._inbox.append(("cancel", key))
+        self._wake.set()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish in-flight requests, then stop the thread."""
+        with self._lock:
+            self._stop = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def _drain_inbox(self) -> None:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+        for kind, arg in inbox:
+            if kind == "add":
+                key, req = arg
+                try:
+                    self.scheduler.add(req, key=key)
+                except Exception as e:  # validated at submit; report anything else
+                    self._finish(key, e)
+            else:
+                self.scheduler.cancel(arg)
+                with self._lock:
+                    self._handles.pop(arg, None)
+
+    def _finish(self, key: int, item: StreamEvent | BaseException) -> None:
+        with self._lock:
+            handle = self._handles.pop(key, None)
+        if handle is not None:
+            handle._put(item)
+
+    def _run(self) -> None:
+        while True:
+            self._drain_inbox()
+            if not self.scheduler.has_work:
+                with self._lock:
+                    if self._stop and not self._inbox:
+                        return
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            try:
+                events = self.scheduler.step()
+            except Exception as e:  # a model error fails the running requests, not the thread
+                for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+                    self._finish(seq.key, e)
+                    self.scheduler.cancel(seq.key)
+                continue
+            for ev in events:
+                if ev.completion is not None:
+                    self._finish(ev.index, ev)
+                else:
+                    with self._lock:
+                        handle = self._handles.get(ev.index)
+                    if handle is not None:
+                        handle._put(ev)
