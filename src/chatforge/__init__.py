@@ -8,6 +8,7 @@ Five lines of Python::
     print(chat.send("What is the capital of France?").text)
 """
 
+from chatforge.batch import BatchSummary, generate_batch
 from chatforge.chat import ChatSession, Reply
 from chatforge.conversation import BudgetConfig, Conversation, Message
 from chatforge.errors import ChatforgeError, ContextOverflowError, ModelLoadError
@@ -18,6 +19,7 @@ from chatforge.models import LoadedModel, ModelInfo, load_model
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchSummary",
     "BudgetConfig",
     "ChatSession",
     "ChatforgeError",
@@ -32,5 +34,6 @@ __all__ = [
     "ModelLoadError",
     "Reply",
     "Request",
+    "generate_batch",
     "load_model",
 ]

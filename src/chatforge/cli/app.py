@@ -13,6 +13,7 @@ except ImportError:  # pragma: no cover
 
 from chatforge.cli import models as models_cli
 from chatforge.cli.chat import chat_command
+from chatforge.cli.generate import generate_command
 
 _NO_ARGS = getattr(click_exc, "NoArgsIsHelpError", ())
 
@@ -24,6 +25,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command("chat")(chat_command)
+app.command("generate")(generate_command)
 app.add_typer(models_cli.app, name="models")
 
 

@@ -1,0 +1,27 @@
+"""Batch generation: run a model over files of prompts, batched, templated, resumable.
+
+>>> from chatforge import GenerationConfig, generate_batch          # doctest: +SKIP
+>>> generate_batch("smollm2", "prompts.jsonl", "answers.jsonl",      # doctest: +SKIP
+...                template="Order: {foods}. Comment: {comment}.",
+...                config=GenerationConfig(temperature=0, max_new_tokens=64))
+"""
+
+from chatforge.batch.output import CSV_COLUMNS, OUTPUT_SUFFIXES, RowWriter
+from chatforge.batch.records import INPUT_SUFFIXES, Record, read_records, records_from
+from chatforge.batch.runner import BatchStopped, BatchSummary, generate_batch
+from chatforge.batch.template import PromptTemplate, TemplateError
+
+__all__ = [
+    "CSV_COLUMNS",
+    "INPUT_SUFFIXES",
+    "OUTPUT_SUFFIXES",
+    "BatchStopped",
+    "BatchSummary",
+    "PromptTemplate",
+    "Record",
+    "RowWriter",
+    "TemplateError",
+    "generate_batch",
+    "read_records",
+    "records_from",
+]

@@ -1,0 +1,405 @@
+"""Run a model over a file of prompts: batched, templated, resumable.
+
+:func:`generate_batch` reads records (:mod:`~chatforge.batch.records`), fills
+the template (:mod:`~chatforge.batch.template`), encodes each prompt as chat
+messages with the model's format, and feeds the engine a window of requests at
+a time. Rows go to the output (:mod:`~chatforge.batch.output`) in input order
+as soon as a prefix of the window is complete, so a crash loses only rows that
+were not finished; a rerun skips the ids already in the output.
+
+Records that cannot run (unreadable, a missing template field, a prompt too
+long for the context) get an error row before any generation and the run goes
+on, unless ``fail_fast``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chatforge.batch.output import RowWriter, check_output
+from chatforge.batch.records import Record, check_input, read_records, records_from
+from chatforge.batch.template import PromptTemplate, TemplateError
+from chatforge.conversation import Message
+from chatforge.errors import ChatforgeError
+from chatforge.generation.config import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
+from chatforge.generation.engine import Completion, Engine, Request
+
+
+class BatchStopped(ChatforgeError):
+    """``fail_fast`` stopped the run at a bad record (its row is not written)."""
+
+
+@dataclass
+class BatchSummary:
+    """What a run did. ``str(summary)`` is the one-line summary the CLI prints."""
+
+    output: Path  # the output file
+    total: int = 0  # records in the input
+    done: int = 0  # rows with outputs written by this run
+    errors: int = 0  # error rows written by this run
+    skipped: int = 0  # records already in the output when the run started
+    seconds: float = 0.0  # wall time of the run (model load excluded)
+    prompt_tokens: int = 0  # prompt tokens of generated rows (once per record)
+    completion_tokens: int = 0  # generated tokens, all samples
+    torn_bytes: int = 0  # bytes of a torn last row cut from the output before resuming
+    error_messages: list[str] = field(default_factory=list)  # the first few error messages
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second of wall time."""
+        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def records_per_second(self) -> float:
+        return (self.done + self.errors) / self.seconds if self.seconds > 0 else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"{self.total} records: {self.done} done, {self.errors} errors, "
+            f"{self.skipped} skipped (already in output) in {self.seconds:.1f} s, "
+            f"{self.tokens_per_second:.0f} tok/s"
+        )
+
+
+@dataclass
+class _Job:
+    """One record on its way through a window."""
+
+    record: Record
+    prompt: str | None = None  # the rendered prompt
+    requests: list[Request] = field(default_factory=list)  # one per sample
+    completions: dict[int, Completion] = field(default_factory=dict)  # sample -> result
+    error: str | None = None  # why it produced no output
+
+    @property
+    def finished(self) -> bool:
+        return self.error is not None or len(self.completions) == len(self.requests)
+
+
+ProgressFn = Callable[[int, int], None]
+"""Called as ``progress(records, completion_tokens)`` after rows are written."""
+
+
+def generate_batch(
+    model: Any,
+    inputs: str | Path | Iterable[str | Mapping[str, Any]],
+    output: str | Path,
+    template: str | PromptTemplate | None = None,
+    system: str | None = None,
+    config: GenerationConfig | None = None,
+    n: int = 1,
+    batch_size: int = 16,
+    fail_fast: bool = False,
+    progress: bool | ProgressFn = True,
+    dtype: str = "fp32",
+) -> BatchSummary:
+    """Generate a reply for every input record and append one row per record to ``output``.
+
+    Args:
+        model: a :class:`~chatforge.models.LoadedModel`, or a reference for
+            :func:`~chatforge.models.load_model` (loaded after the inputs are checked).
+        inputs: a ``.txt`` / ``.jsonl`` / ``.csv`` file, or Python records (strings
+            become ``{"text": s}``, mappings are the fields).
+        output: a ``.jsonl`` or ``.csv`` file; rows already in it are skipped (resume).
+        template: ``str.format`` template over the record's fields; ``None`` uses the
+            record's ``prompt`` or ``text`` field.
+        system: a system prompt sent before each record's prompt.
+        config: generation settings (default: :class:`GenerationConfig` defaults).
+        n: samples per record; with a seed, sample ``j`` uses ``seed + j``.
+        batch_size: sequences decoded together (a record with ``n`` samples takes ``n``).
+        fail_fast: raise :class:`BatchStopped` at the first bad record instead of
+            writing an error row for it.
+        progress: show a progress bar on stderr (``True``), nothing (``False``), or
+            call a function ``progress(records, tokens)``.
+        dtype: weights dtype when ``model`` is a reference.
+
+    Returns:
+        A :class:`BatchSummary`.
+
+    >>> generate_batch("smollm2", "prompts.txt", "out.jsonl")  # doctest: +SKIP
+    """
+    config = config if config is not None else GenerationConfig()
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1 (got {n!r})")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1 (got {batch_size!r})")
+    tmpl = template if isinstance(template, PromptTemplate) else PromptTemplate(template)
+    # Check everything the user gave before the (slow) model load.
+    if isinstance(inputs, str | Path):
+        in_path = check_input(inputs)
+
+        def open_records() -> Iterator[Record]:
+            return read_records(in_path)
+    else:
+        items = list(inputs)
+
+        def open_records() -> Iterator[Record]:
+            return records_from(items)
+
+    check_output(output)
+    if isinstance(model, str):
+        from chatforge.models import load_model, parse_dtype
+
+        parse_dtype(dtype)
+        model = load_model(model, dtype=dtype)
+
+    with RowWriter(output) as writer:
+        # A first pass counts the records (and those still to do, for the progress bar).
+        total = todo = 0
+        for record in open_records():
+            total += 1
+            todo += record.key not in writer.existing.ids
+        run = _Run(model, writer, tmpl, system, config, n, batch_size, fail_fast)
+        run.summary.total = total
+        run.summary.torn_bytes = writer.existing.torn_bytes
+        if progress is True:
+            with _ProgressBar(todo, Path(output).name) as bar:
+                run.on_progress = bar.update
+                run.run(open_records())
+        else:
+            run.on_progress = progress or None
+            run.run(open_records())
+    return run.summary
+
+
+class _Run:
+    """The state of one :func:`generate_batch` call."""
+
+    def __init__(
+        self,
+        loaded: Any,
+        writer: RowWriter,
+        template: PromptTemplate,
+        system: str | None,
+        config: GenerationConfig,
+        n: int,
+        batch_size: int,
+        fail_fast: bool,
+    ) -> None:
+        self.loaded = loaded
+        self.engine = Engine.from_loaded(loaded)
+        self.writer = writer
+        self.template = template
+        self.system = system
+        self.config = config
+        self.n = n
+        self.batch_size = batch_size
+        self.fail_fast = fail_fast
+        self.summary = BatchSummary(output=writer.path)
+        self.on_progress: ProgressFn | None = None
+        self.model_info = _model_identity(loaded)
+        self.params = _resolved_params(config)
+        self._seen: dict[str, str] = {}  # id key -> source of its first record in this input
+
+    def run(self, records: Iterable[Record]) -> None:
+        t0 = time.perf_counter()
+        try:
+            window: list[_Job] = []
+            sequences = 0
+            for record in records:
+                if record.key in self.writer.existing.ids:
+                    self.summary.skipped += 1
+                    continue
+                job = self._prepare(record)
+                if job.error is not None and self.fail_fast:
+                    self._run_window(window)  # finish what came before it, in order
+                    done = self.summary.done + self.summary.errors
+                    raise BatchStopped(
+                        f"{job.error} (stopped by --fail-fast after writing {done} rows; "
+                        "fix the record and rerun to resume)"
+                    )
+                window.append(job)
+                sequences += len(job.requests)
+                if sequences >= self.batch_size:
+                    self._run_window(window)
+                    window, sequences = [], 0
+            self._run_window(window)
+        finally:
+            self.summary.seconds = time.perf_counter() - t0
+
+    # -- one record --------------------------------------------------------------
+
+    def _prepare(self, record: Record) -> _Job:
+        """Render and encode a record, or say why it cannot run (before any generation)."""
+        job = _Job(record)
+        if record.error is not None:
+            job.error = record.error
+            return job
+        first = self._seen.get(record.key)
+        if first is not None:
+            job.error = f"{record.source}: duplicate id {record.id!r} (first at {first})"
+            return job
+        self._seen[record.key] = record.source
+        try:
+            job.prompt = self.template.render(record.fields)
+        except TemplateError as e:
+            job.error = f"{record.source}: {e}"
+            return job
+        if not job.prompt.strip():
+            job.error = f"{record.source}: the prompt is empty"
+            return job
+        messages = [Message("user", job.prompt)]
+        if self.system:
+            messages.insert(0, Message("system", self.system))
+        enc = self.loaded.format.encode(messages)
+        try:
+            # Raises ContextOverflowError when the prompt leaves no room for a reply.
+            budget = self.config.reply_budget(len(enc.input_ids), self.loaded.info.context_length)
+        except ValueError as e:
+            job.error = f"{record.source}: {e}"
+            return job
+        for j in range(self.n):
+            cfg = self.config
+            if cfg.seed is not None and j > 0:
+                # Reruns reproduce, and sample 0 matches `chatforge chat --seed S`.
+                cfg = cfg.replace(seed=(cfg.seed + j) % 2**64)
+            job.requests.append(
+                Request(
+                    enc.input_ids,
+                    cfg,
+                    token_type_ids=enc.token_type_ids,
+                    reply_token_type=enc.reply_token_type,
+                    max_new_tokens=budget,
+                )
+            )
+        return job
+
+    # -- one window --------------------------------------------------------------
+
+    def _run_window(self, window: list[_Job]) -> None:
+        """Decode the window's requests together; write rows in order as a prefix completes."""
+        if not window:
+            return
+        owner: list[tuple[_Job, int]] = []  # request index -> (job, sample)
+        requests: list[Request] = []
+        for job in window:
+            for j, req in enumerate(job.requests):
+                owner.append((job, j))
+                requests.append(req)
+        written = self._write_ready(window, 0)
+        if requests:
+            for ev in self.engine.stream(requests):
+                if ev.completion is None:
+                    continue
+                job, j = owner[ev.index]
+                job.completions[j] = ev.completion
+                if job.finished and window[written] is job:
+                    written = self._write_ready(window, written)
+        assert written == len(window), "the engine ended before every request completed"
+
+    def _write_ready(self, window: list[_Job], start: int) -> int:
+        """Write the finished jobs from ``start`` on, up to the first unfinished one."""
+        end = start
+        while end < len(window) and window[end].finished:
+            end += 1
+        if end == start:
+            return start
+        rows = [self._row(job) for job in window[start:end]]
+        self.writer.write(rows)
+        tokens = 0
+        for job in window[start:end]:
+            if job.error is not None:
+                self.summary.errors += 1
+                if len(self.summary.error_messages) < 5:
+                    self.summary.error_messages.append(job.error)
+            else:
+                self.summary.done += 1
+                done = [job.completions[j] for j in range(len(job.requests))]
+                self.summary.prompt_tokens += done[0].prompt_tokens
+                tokens += sum(c.completion_tokens for c in done)
+        self.summary.completion_tokens += tokens
+        if self.on_progress is not None:
+            self.on_progress(end - start, tokens)
+        return end
+
+    def _row(self, job: _Job) -> dict[str, Any]:
+        rec = job.record
+        row: dict[str, Any] = {"id": rec.id, "source": rec.source, "prompt": job.prompt}
+        if job.error is not None:
+            row.update(output=None, finish_reason=None, error=job.error)
+        else:
+            done = [job.completions[j] for j in range(len(job.requests))]
+            row["output"] = done[0].text
+            if self.n > 1:
+                row["outputs"] = [c.text for c in done]
+                row["finish_reasons"] = [c.finish_reason for c in done]
+            row.update(
+                finish_reason=done[0].finish_reason,
+                prompt_tokens=done[0].prompt_tokens,
+                completion_tokens=sum(c.completion_tokens for c in done),
+                seconds=round(max(c.seconds for c in done), 4),
+                error=None,
+            )
+        row["params"] = self.params
+        if self.n > 1:
+            row["n"] = self.n
+        row["model"] = self.model_info
+        return row
+
+
+def _resolved_params(config: GenerationConfig) -> dict[str, Any]:
+    """The settings as they take effect (the default reply length filled in)."""
+    params = config.to_dict()
+    if params["max_new_tokens"] is None and params["max_length"] is None:
+        params["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
+    return params
+
+
+def _model_identity(loaded: Any) -> dict[str, Any]:
+    info = loaded.info
+    return {
+        "name": info.name,
+        "ref": info.ref,
+        "architecture": info.architecture,
+        "n_params": info.n_params,
+        "dtype": info.dtype,
+        "prompt_format": info.prompt_format,
+    }
+
+
+class _ProgressBar:
+    """A rich progress bar on stderr: records done, records/s, generated tokens/s."""
+
+    def __init__(self, total: int, name: str) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._t0 = time.perf_counter()
+        self._tokens = 0
+        self._records = 0
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
+        self.task = self.progress.add_task(name, total=total, rate="")
+
+    def __enter__(self) -> _ProgressBar:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def update(self, records: int, tokens: int) -> None:
+        self._records += records
+        self._tokens += tokens
+        dt = max(time.perf_counter() - self._t0, 1e-9)
+        rate = f"{self._records / dt:.1f} rec/s {self._tokens / dt:.0f} tok/s"
+        self.progress.update(self.task, advance=records, rate=rate)

@@ -1,0 +1,140 @@
+"""``chatforge generate``: run a model over a file of prompts (batched, resumable)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from chatforge.cli.options import (
+    DtypeOpt,
+    MaxLenOpt,
+    MaxNewOpt,
+    MinPOpt,
+    ModelOpt,
+    NoRepeatOpt,
+    PresetOpt,
+    RepPenOpt,
+    SeedOpt,
+    StopOpt,
+    SystemOpt,
+    TemperatureOpt,
+    TopKOpt,
+    TopPOpt,
+    build_config,
+)
+
+
+def generate_command(
+    input: Annotated[
+        str,
+        typer.Argument(help="Prompts: .txt (one per line), .jsonl or .csv.", show_default=False),
+    ],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Results (.jsonl or .csv); rerunning skips rows already there.",
+            show_default=False,
+        ),
+    ],
+    template: Annotated[
+        str | None,
+        typer.Option(
+            "--template", "-T", help="Prompt template over record fields, e.g. 'Q: {question}'."
+        ),
+    ] = None,
+    template_file: Annotated[
+        str | None, typer.Option("--template-file", help="Read the template from this file.")
+    ] = None,
+    model: ModelOpt = "smollm2",
+    system: SystemOpt = None,
+    dtype: DtypeOpt = "fp32",
+    n: Annotated[int, typer.Option("--n", help="Samples per prompt.")] = 1,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", help="Sequences decoded together.")
+    ] = 16,
+    fail_fast: Annotated[
+        bool, typer.Option("--fail-fast", help="Stop at the first bad record.")
+    ] = False,
+    progress: Annotated[
+        bool, typer.Option("--progress/--no-progress", help="Show a progress bar on stderr.")
+    ] = True,
+    preset: PresetOpt = None,
+    temperature: TemperatureOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    min_p: MinPOpt = None,
+    repetition_penalty: RepPenOpt = None,
+    no_repeat_ngram_size: NoRepeatOpt = None,
+    max_new_tokens: MaxNewOpt = None,
+    max_length: MaxLenOpt = None,
+    stop: StopOpt = None,
+    seed: SeedOpt = None,
+) -> None:
+    """Generate a reply for every record of INPUT, one row each in --output."""
+    from chatforge.batch import PromptTemplate, generate_batch
+    from chatforge.batch.output import check_output
+    from chatforge.batch.records import check_input
+    from chatforge.errors import ChatforgeError
+    from chatforge.models import load_model, parse_dtype
+
+    # Everything the user typed is checked before the (slow) model load.
+    config = build_config(
+        preset or "balanced",
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        repetition_penalty,
+        no_repeat_ngram_size,
+        max_new_tokens,
+        max_length,
+        stop,
+        seed,
+    )
+    if n < 1:
+        raise ChatforgeError(f"--n must be >= 1 (got {n})")
+    if batch_size < 1:
+        raise ChatforgeError(f"--batch-size must be >= 1 (got {batch_size})")
+    tmpl = PromptTemplate.from_options(template, template_file)
+    check_input(input)
+    check_output(output)
+    parse_dtype(dtype)
+
+    err = Console(stderr=True)
+    with err.status(f"Loading {model} ...", spinner="dots") if progress else _nullctx():
+        loaded = load_model(model, dtype=dtype)
+    summary = generate_batch(
+        loaded,
+        input,
+        output,
+        template=tmpl,
+        system=system,
+        config=config,
+        n=n,
+        batch_size=batch_size,
+        fail_fast=fail_fast,
+        progress=progress,
+    )
+    if summary.torn_bytes:
+        err.print(
+            f"[dim]cut a torn last row ({summary.torn_bytes} bytes) from {output}[/]",
+            highlight=False,
+        )
+    for message in summary.error_messages:
+        err.print(f"[yellow]error row:[/] {message}", highlight=False, soft_wrap=True)
+    if summary.errors > len(summary.error_messages):
+        err.print(f"[dim]... see the 'error' field in {output}[/]", highlight=False)
+    err.print(str(summary), highlight=False, soft_wrap=True)
+
+
+class _nullctx:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: object) -> None:
+        return None
