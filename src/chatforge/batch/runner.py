@@ -15,6 +15,7 @@ on, unless ``fail_fast``.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,9 @@ from chatforge.conversation import Message
 from chatforge.errors import ChatforgeError
 from chatforge.generation.config import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
 from chatforge.generation.engine import Completion, Engine, Request
+
+# Rows that may wait, finished, behind one unfinished earlier row (x batch_size).
+_MAX_PENDING = 64
 
 
 class BatchStopped(ChatforgeError):
@@ -196,30 +200,65 @@ class _Run:
         self._seen: dict[str, str] = {}  # id key -> source of its first record in this input
 
     def run(self, records: Iterable[Record]) -> None:
+        """Stream records through one continuous-batching scheduler, writing rows in order.
+
+        Up to ``batch_size`` sequences decode together; as one finishes, a waiting
+        one takes its place, so a long reply never holds the others back. Another
+        ``batch_size`` requests wait in the queue so a freed place is filled at
+        once. Rows are written as soon as every record before them is written.
+        """
         t0 = time.perf_counter()
+        sched = self.engine.new_scheduler(max_batch=self.batch_size)
+        owner: dict[int, tuple[_Job, int]] = {}  # scheduler key -> (job, sample)
+        pending: deque[_Job] = deque()  # read, not yet written, in input order
+        source = iter(records)
+        exhausted = False
+        stop: str | None = None  # the bad record that --fail-fast stops at
+        next_key = 0
         try:
-            window: list[_Job] = []
-            sequences = 0
-            for record in records:
-                if record.key in self.writer.existing.ids:
-                    self.summary.skipped += 1
+            while True:
+                # Keep the queue full: batch_size running + batch_size waiting, with a
+                # cap on rows held back behind one long reply.
+                while (
+                    not exhausted
+                    and stop is None
+                    and len(owner) < 2 * self.batch_size
+                    and len(pending) < _MAX_PENDING * self.batch_size
+                ):
+                    record = next(source, None)
+                    if record is None:
+                        exhausted = True
+                        break
+                    if record.key in self.writer.existing.ids:
+                        self.summary.skipped += 1
+                        continue
+                    job = self._prepare(record)
+                    if job.error is not None and self.fail_fast:
+                        stop = job.error  # finish what came before it, then stop
+                        break
+                    pending.append(job)
+                    for j, req in enumerate(job.requests):
+                        sched.add(req, key=next_key)
+                        owner[next_key] = (job, j)
+                        next_key += 1
+                self._write_ready(pending)
+                if not sched.has_work:
+                    if exhausted or stop is not None:
+                        break
                     continue
-                job = self._prepare(record)
-                if job.error is not None and self.fail_fast:
-                    self._run_window(window)  # finish what came before it, in order
-                    done = self.summary.done + self.summary.errors
-                    raise BatchStopped(
-                        f"{job.error} (stopped by --fail-fast after writing {done} rows; "
-                        "fix the record and rerun to resume)"
-                    )
-                window.append(job)
-                sequences += len(job.requests)
-                if sequences >= self.batch_size:
-                    self._run_window(window)
-                    window, sequences = [], 0
-            self._run_window(window)
+                for ev in sched.step():
+                    if ev.completion is not None:
+                        job, j = owner.pop(ev.index)
+                        job.completions[j] = ev.completion
         finally:
             self.summary.seconds = time.perf_counter() - t0
+        assert not pending, "the scheduler ended before every request completed"
+        if stop is not None:
+            done = self.summary.done + self.summary.errors
+            raise BatchStopped(
+                f"{stop} (stopped by --fail-fast after writing {done} rows; "
+                "fix the record and rerun to resume)"
+            )
 
     # -- one record --------------------------------------------------------------
 
@@ -268,40 +307,18 @@ class _Run:
             )
         return job
 
-    # -- one window --------------------------------------------------------------
+    # -- writing -----------------------------------------------------------------
 
-    def _run_window(self, window: list[_Job]) -> None:
-        """Decode the window's requests together; write rows in order as a prefix completes."""
-        if not window:
+    def _write_ready(self, pending: deque[_Job]) -> None:
+        """Write the finished jobs at the head of ``pending`` (one write, then fsync)."""
+        ready: list[_Job] = []
+        while pending and pending[0].finished:
+            ready.append(pending.popleft())
+        if not ready:
             return
-        owner: list[tuple[_Job, int]] = []  # request index -> (job, sample)
-        requests: list[Request] = []
-        for job in window:
-            for j, req in enumerate(job.requests):
-                owner.append((job, j))
-                requests.append(req)
-        written = self._write_ready(window, 0)
-        if requests:
-            for ev in self.engine.stream(requests):
-                if ev.completion is None:
-                    continue
-                job, j = owner[ev.index]
-                job.completions[j] = ev.completion
-                if job.finished and window[written] is job:
-                    written = self._write_ready(window, written)
-        assert written == len(window), "the engine ended before every request completed"
-
-    def _write_ready(self, window: list[_Job], start: int) -> int:
-        """Write the finished jobs from ``start`` on, up to the first unfinished one."""
-        end = start
-        while end < len(window) and window[end].finished:
-            end += 1
-        if end == start:
-            return start
-        rows = [self._row(job) for job in window[start:end]]
-        self.writer.write(rows)
+        self.writer.write([self._row(job) for job in ready])
         tokens = 0
-        for job in window[start:end]:
+        for job in ready:
             if job.error is not None:
                 self.summary.errors += 1
                 if len(self.summary.error_messages) < 5:
@@ -313,8 +330,7 @@ class _Run:
                 tokens += sum(c.completion_tokens for c in done)
         self.summary.completion_tokens += tokens
         if self.on_progress is not None:
-            self.on_progress(end - start, tokens)
-        return end
+            self.on_progress(len(ready), tokens)
 
     def _row(self, job: _Job) -> dict[str, Any]:
         rec = job.record
