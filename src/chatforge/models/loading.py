@@ -165,6 +165,26 @@ def _from_hub(repo_id: str) -> Path:
         raise ModelLoadError(f"could not download {repo_id!r} from the hub: {e}") from e
 
 
+def _load_adapter(directory: Path, meta: ModelMeta | None, torch_dtype: Any) -> Any:
+    """A LoRA adapter directory (``chatforge train --lora``): load its base, merge the adapter."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    base = (meta.extra.get("base_model") if meta else None) or json.loads(
+        (directory / "adapter_config.json").read_text(encoding="utf-8")
+    ).get("base_model_name_or_path")
+    if not base:
+        raise ModelLoadError(f"{directory} holds a LoRA adapter but names no base model")
+    try:
+        from peft import PeftModel
+    except ImportError as e:
+        raise ModelLoadError(f"{directory} holds a LoRA adapter; pip install peft") from e
+    base_dir, _, _ = resolve(str(base))
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype)
+    return PeftModel.from_pretrained(model, directory).merge_and_unload()
+
+
 def load_model(ref: str = DEFAULT_MODEL, dtype: str | None = "fp32") -> LoadedModel:
     """Load a model by reference (alias, directory, .gguf file or hub id).
 
@@ -188,7 +208,10 @@ def load_model(ref: str = DEFAULT_MODEL, dtype: str | None = "fp32") -> LoadedMo
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype)
+        if (directory / "adapter_config.json").exists():  # LoRA adapter + base reference
+            model = _load_adapter(directory, meta, torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype)
     except ModelLoadError:
         raise
     except Exception as e:

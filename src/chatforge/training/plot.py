@@ -1,0 +1,52 @@
+"""The loss curve: ``metrics.jsonl`` as a PNG (matplotlib, Agg backend, no display needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a ``metrics.jsonl`` (a torn last line, from a crash, is ignored)."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue
+    except OSError:
+        return []
+    return rows
+
+
+def plot_losses(metrics: str | Path, png: str | Path, title: str = "") -> bool:
+    """Draw training and validation loss against the step; False when there is nothing yet."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    valid = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if not train and not valid:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
+    if valid:
+        ax.plot(*zip(*valid, strict=True), "o-", label="validation loss", linewidth=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title or "chatforge training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = Path(str(png) + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png)  # a viewer never sees half a PNG
+    return True

@@ -1,0 +1,505 @@
+"""The training loop: AdamW, warm-up + cosine, accumulation, clipping, validation, checkpoints.
+
+It runs unchanged in one process or several (``accelerate launch``, DDP):
+every process sees the same deterministic data order (a permutation seeded by
+``seed`` and the epoch) and takes its own slice of each step's rows, so the
+data position is a pure function of the step and a resumed run continues
+exactly where the checkpoint left off: same rows, same dropout, same losses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chatforge.conversation.formats import get_format
+from chatforge.errors import ChatforgeError
+from chatforge.training import checkpoint as ckpt
+from chatforge.training.config import TrainConfig
+from chatforge.training.data import load_data
+from chatforge.training.examples import (
+    IGNORE,
+    Row,
+    build_examples,
+    collate,
+    loss_sum,
+    model_inputs,
+    pack,
+    packing_isolates,
+)
+from chatforge.training.model import Built, build_model, save_model_dir, unwrap
+from chatforge.training.plot import plot_losses
+from chatforge.training.progress import TrainProgress
+
+METRICS = "metrics.jsonl"
+LOSS_PNG = "loss.png"
+_OURS = (METRICS, LOSS_PNG, "train_config.json", ckpt.CKPT_DIR)
+
+
+class TrainingInterrupted(ChatforgeError):
+    """Ctrl-C: a checkpoint was written and the run can continue with ``resume``."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run did."""
+
+    output: Path
+    steps: int
+    stopped: str  # "max_steps" | "max_time" | "epochs"
+    tokens: int  # input tokens trained on (all processes)
+    seconds: float  # training time of this invocation (no validation or saving)
+    tokens_per_s: float
+    val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) this run
+    best_val_loss: float | None = None
+    resumed_from: int | None = None  # step of the checkpoint this run continued from
+    packed: bool = True
+    precision: str = "fp32"
+
+
+def train(
+    cfg: TrainConfig,
+    console: Any = None,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> TrainResult:
+    """Run training as ``cfg`` says; the output directory becomes a model directory.
+
+    ``on_step(step, row)`` is called after every optimizer step (tests use it).
+    """
+    return Trainer(cfg, console, on_step).run()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, console: Any = None, on_step=None) -> None:
+        from accelerate import Accelerator
+        from rich.console import Console
+
+        self.cfg = cfg
+        self.acc = Accelerator(cpu=not torch.cuda.is_available())
+        self.main = self.acc.is_main_process
+        self.console = console or Console(stderr=True)
+        self.on_step = on_step
+        self.out = Path(cfg.output).expanduser()
+        self.dev = self.acc.device
+
+    def say(self, msg: str) -> None:
+        if self.main:
+            self.console.print(msg, highlight=False)
+
+    # -- setup -----------------------------------------------------------------
+
+    def _check_output(self) -> None:
+        out, cfg = self.out, self.cfg
+        if out.exists() and not out.is_dir():
+            raise ChatforgeError(f"output {out} is a file; pass a directory")
+        if out.exists() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
+            raise ChatforgeError(
+                f"output directory {out} is not empty; use --resume to continue its run "
+                "or --overwrite to replace it"
+            )
+        self.acc.wait_for_everyone()
+        if cfg.overwrite and self.main and out.exists():
+            import shutil
+
+            for name in _OURS:
+                p = out / name
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+        if self.main:
+            out.mkdir(parents=True, exist_ok=True)
+        self.acc.wait_for_everyone()
+
+    def _data(self, built: Built) -> tuple[list[Row], list[Row], bool]:
+        cfg = self.cfg
+        shown: list[str] = []
+
+        def warn(msg: str) -> None:
+            shown.append(msg)
+            if len(shown) <= 5:
+                self.say(f"[yellow]skipping[/] {msg}")
+
+        train_ds = load_data(cfg.data, cfg.data_format, cfg.on_error, warn)
+        valid_ds = None
+        if cfg.valid:
+            valid_ds = load_data(cfg.valid, cfg.data_format, cfg.on_error, warn)
+        elif cfg.valid_split is not None:
+            train_ds, valid_ds = train_ds.split_tail(cfg.valid_split)
+        if shown:
+            self.say(f"[yellow]skipped {len(shown)} malformed line(s)[/] (first: {shown[0]})")
+        fmt = get_format(built.format_name, built.tokenizer)
+        train_ex, st = build_examples(fmt, train_ds, built.context, cfg.train_on)
+        if not train_ex:
+            why = f": {st.drop_reasons[0]}" if st.drop_reasons else ""
+            raise ChatforgeError(f"no training example has a token to learn{why}")
+        valid_ex = []
+        if valid_ds is not None:
+            valid_ex, _ = build_examples(fmt, valid_ds, built.context, cfg.train_on)
+        isolated = False
+        if cfg.packing:
+            isolated = packing_isolates(
+                built.model, len(built.tokenizer), uses_types=built.format_name == "sep"
+            )
+            if not isolated:
+                self.say("[yellow]this model ignores a packed attention mask: one example per row")
+        rows = pack(train_ex, built.context, enabled=isolated)
+        vrows = pack(valid_ex, built.context, enabled=isolated)[: cfg.valid_rows]
+        fill = sum(map(len, rows)) / (len(rows) * built.context)
+        self.say(
+            f"data: {st.sources:,} {train_ds.kind} items -> {st.examples:,} examples, "
+            f"{st.tokens:,} tokens ({st.loss_tokens:,} with loss); split {st.split}, "
+            f"truncated {st.truncated}, dropped {st.dropped}; "
+            f"{len(rows):,} rows of {built.context} ({fill:.0%} full, "
+            f"{'packed' if isolated else 'one example per row'}); {len(vrows)} validation rows"
+        )
+        return rows, vrows, isolated
+
+    def _precision(self, built: Built, rows: list[Row]) -> str:
+        cfg = self.cfg
+        if cfg.precision != "auto":
+            return cfg.precision
+        if self.dev.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        # CPU: bf16 autocast is faster on some CPUs and slower on others; measure it.
+        times = {}
+        batch = self._to_dev(collate(rows[: self.cfg.batch_size], self.pad_id))
+        with torch.random.fork_rng(devices=[]):
+            for prec in ("fp32", "bf16", "fp32", "bf16"):
+                t0 = time.perf_counter()
+                with self._autocast(prec):
+                    out = built.model(**model_inputs(batch)).logits
+                loss_sum(out, batch["targets"]).backward()
+                times[prec] = time.perf_counter() - t0  # second round counts (warm)
+        built.model.zero_grad(set_to_none=True)
+        return "bf16" if times["bf16"] < 0.85 * times["fp32"] else "fp32"
+
+    def _autocast(self, precision: str):
+        if precision == "bf16":
+            return torch.autocast(self.dev.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _to_dev(self, batch: dict) -> dict:
+        return {k: v.to(self.dev) for k, v in batch.items()}
+
+    # -- the run ---------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        cfg, acc = self.cfg, self.acc
+        self._check_output()
+        built = build_model(cfg)
+        tok = built.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0
+        rows, vrows, packed = self._data(built)
+        world, rank = acc.num_processes, acc.process_index
+        per_step = cfg.batch_size * cfg.grad_accum * world
+        spe = max(1, len(rows) // per_step)  # steps per epoch
+        time_only = cfg.max_time is not None and cfg.max_steps is None
+        if cfg.max_steps:
+            horizon = cfg.max_steps
+        elif time_only:
+            horizon = 10**9  # until the time is up
+        else:
+            horizon = max(1, math.ceil(cfg.epochs * spe))
+        if self.main:
+            (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+        model = built.model.to(self.dev)
+        params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=cfg.lr,
+            betas=(0.9, 0.95),
+        )
+        state = {"step": 0, "elapsed": 0.0, "best_val_loss": None, "precision": None}
+        self.state = state
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: self._lr_factor(s, horizon, time_only)
+        )
+        resumed_from = None
+        if cfg.resume:
+            found = ckpt.latest(self.out, self.say)
+            if found is None:
+                self.say(f"no complete checkpoint in {self.out}: starting at step 0")
+            else:
+                data = ckpt.load(found, rank)
+                ckpt.load_trainable(model, data["weights"])
+                optimizer.load_state_dict(data["optimizer"])
+                state.update(data["state"]["trainer"])
+                sched.load_state_dict(data["state"]["scheduler"])
+                if data["rng"] is not None:
+                    ckpt.set_rng_state(data["rng"])
+                ckpt.set_host_rng_state(data["state"]["host_rng"])
+                if data["state"].get("world") != world:
+                    self.say("[yellow]the number of processes changed: the data order differs")
+                resumed_from = state["step"]
+                self.say(
+                    f"resuming from {found.relative_to(self.out)} (step {state['step']}, "
+                    f"epoch {state['step'] // spe}): model, optimizer, scheduler, data position "
+                    "and RNG states restored"
+                )
+                self._trim_metrics(state["step"])
+        precision = state["precision"] or self._precision(built, rows)
+        state["precision"] = precision
+        model = acc.prepare_model(model)
+
+        step0, t_run, tokens, sum_loss, n_loss = state["step"], 0.0, 0, 0.0, 0
+        val_losses: list[tuple[int, float]] = []
+        stopped = "max_steps" if cfg.max_steps else ("max_time" if time_only else "epochs")
+        prog = TrainProgress(self.console, enabled=cfg.progress and self.main)
+        prog.start(horizon if not time_only else None, cfg.max_time, step0)
+        last_eval = -1
+        try:
+            while state["step"] < horizon:
+                if cfg.max_time is not None and self._time_up(state["elapsed"]):
+                    stopped = "max_time"
+                    break
+                t0 = time.perf_counter()
+                step = state["step"]
+                epoch, k = divmod(step, spe)
+                perm = self._perm(epoch, len(rows))
+                idx = [perm[(k * per_step + j) % len(rows)] for j in range(per_step)]
+                micro, n_in = [], 0
+                for m in range(cfg.grad_accum):
+                    lo = (m * world + rank) * cfg.batch_size
+                    mine = [rows[i] for i in idx[lo : lo + cfg.batch_size]]
+                    n_in += sum(map(len, mine))  # real tokens, padding not counted
+                    micro.append(collate(mine, self.pad_id))
+                n_tok = sum(int((b["targets"] != IGNORE).sum()) for b in micro)
+                step_loss = 0.0
+                for m, batch in enumerate(micro):
+                    batch = self._to_dev(batch)
+                    sync = m == len(micro) - 1
+                    with nullcontext() if sync else acc.no_sync(model):
+                        with self._autocast(precision):
+                            logits = model(**model_inputs(batch)).logits  # (B, T, V)
+                        loss = loss_sum(logits, batch["targets"]) / max(1, n_tok)
+                        acc.backward(loss)
+                    step_loss += float(loss.detach())
+                if cfg.clip:
+                    acc.clip_grad_norm_(model.parameters(), cfg.clip)
+                optimizer.step()
+                sched.step()
+                optimizer.zero_grad(set_to_none=True)
+                dt = time.perf_counter() - t0
+                state["elapsed"] = self._sync_elapsed(state["elapsed"] + dt)
+                state["step"] = step + 1
+                t_run += dt
+                tokens += n_in * world
+                stats = self._reduce([step_loss * n_tok, float(n_tok)])
+                loss_avg = stats[0] / max(1.0, stats[1])
+                sum_loss, n_loss = sum_loss + loss_avg, n_loss + 1
+                row = {
+                    "step": state["step"],
+                    "epoch": round(state["step"] / spe, 4),
+                    "loss": loss_avg,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "tokens": tokens,
+                    "tokens_per_s": round(tokens / max(t_run, 1e-9), 1),
+                    "elapsed_s": round(state["elapsed"], 2),
+                }
+                prog.update(state["step"], loss_avg, row["tokens_per_s"], state["elapsed"])
+                if state["step"] % cfg.log_every == 0 or state["step"] == horizon:
+                    self._log(dict(row, loss=sum_loss / n_loss))
+                    sum_loss, n_loss = 0.0, 0
+                if self.on_step is not None:
+                    self.on_step(state["step"], row)
+                if vrows and cfg.eval_every and state["step"] % cfg.eval_every == 0:
+                    val_losses.append(self._validate(model, vrows, precision, state))
+                    last_eval = state["step"]
+                if cfg.save_every and state["step"] % cfg.save_every == 0:
+                    self._save(model, optimizer, sched, state, world)
+        except KeyboardInterrupt:
+            optimizer.zero_grad(set_to_none=True)
+            prog.stop()
+            where = self._save(model, optimizer, sched, state, world)
+            raise TrainingInterrupted(
+                f"interrupted at step {state['step']}; checkpoint saved in {where}; "
+                "continue with --resume"
+            ) from None
+        finally:
+            prog.stop()
+        if vrows and last_eval != state["step"]:
+            val_losses.append(self._validate(model, vrows, precision, state))
+        self._save(model, optimizer, sched, state, world)
+        self._finish(model, built, state, val_losses, packed, precision, tokens, t_run)
+        return TrainResult(
+            output=self.out,
+            steps=state["step"],
+            stopped=stopped,
+            tokens=tokens,
+            seconds=t_run,
+            tokens_per_s=tokens / max(t_run, 1e-9),
+            val_losses=val_losses,
+            best_val_loss=state["best_val_loss"],
+            resumed_from=resumed_from,
+            packed=packed,
+            precision=precision,
+        )
+
+    # -- pieces of the loop ----------------------------------------------------
+
+    def _lr_factor(self, step: int, horizon: int, time_only: bool) -> float:
+        cfg = self.cfg
+        if time_only:
+            p = min(1.0, self.state["elapsed"] / (cfg.max_time * 60))  # type: ignore[operator]
+            if cfg.warmup < 1:
+                if p < cfg.warmup:
+                    return max(p / cfg.warmup, 0.01)
+                q = (p - cfg.warmup) / max(1e-9, 1 - cfg.warmup)
+            else:
+                if step < cfg.warmup:
+                    return (step + 1) / cfg.warmup
+                q = p
+        else:
+            w = cfg.warmup_steps(horizon)
+            if step < w:
+                return (step + 1) / w
+            q = (step - w) / max(1, horizon - w)
+        q = min(max(q, 0.0), 1.0)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * q))
+
+    def _time_up(self, elapsed: float) -> bool:
+        return elapsed >= self.cfg.max_time * 60  # type: ignore[operator]
+
+    def _perm(self, epoch: int, n: int) -> list[int]:
+        if getattr(self, "_perm_epoch", None) != epoch:
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+            self._perm_cache = torch.randperm(n, generator=g).tolist()
+            self._perm_epoch = epoch
+        return self._perm_cache
+
+    def _reduce(self, values: list[float]) -> list[float]:
+        if self.acc.num_processes == 1:
+            return values
+        t = self.acc.reduce(torch.tensor(values, dtype=torch.float64, device=self.dev), "sum")
+        return t.tolist()
+
+    def _sync_elapsed(self, elapsed: float) -> float:
+        # Ranks must agree on the time (it drives the schedule and the stop under --max-time).
+        if self.acc.num_processes == 1:
+            return elapsed
+        from accelerate.utils import broadcast
+
+        return float(broadcast(torch.tensor([elapsed], dtype=torch.float64, device=self.dev))[0])
+
+    @torch.no_grad()
+    def _validate(self, model: Any, vrows: list[Row], precision: str, state: dict):
+        model.eval()
+        total, n = 0.0, 0
+        bs = self.cfg.batch_size
+        for i in range(0, len(vrows), bs):
+            batch = self._to_dev(collate(vrows[i : i + bs], self.pad_id))
+            with self._autocast(precision):
+                logits = model(**model_inputs(batch)).logits
+            total += float(loss_sum(logits, batch["targets"]))
+            n += int((batch["targets"] != IGNORE).sum())
+        model.train()
+        val = total / max(1, n)
+        step = state["step"]
+        self._log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
+        best = state["best_val_loss"]
+        if best is None or val < best:
+            state["best_val_loss"] = val
+            if self.main:
+                ckpt.begin(self.out, ckpt.BEST)
+                ckpt.finish(
+                    self.out,
+                    ckpt.BEST,
+                    ckpt.trainable_state(unwrap(model)),
+                    {"step": step, "val_loss": val},
+                )
+        self.acc.wait_for_everyone()
+        self.say(f"step {step}: validation loss {val:.4f}, perplexity {math.exp(min(val, 50)):.2f}")
+        self._plot()
+        return (step, val)
+
+    def _save(self, model, optimizer, sched, state: dict, world: int) -> Path:
+        name = ckpt.step_name(state["step"])
+        if self.main:
+            ckpt.begin(self.out, name)
+        self.acc.wait_for_everyone()
+        ckpt.write_rng(self.out / ckpt.CKPT_DIR / f".tmp-{name}", self.acc.process_index)
+        self.acc.wait_for_everyone()
+        if self.main:
+            full = {
+                "trainer": dict(state),
+                "scheduler": sched.state_dict(),
+                "host_rng": ckpt.host_rng_state(),
+                "world": world,
+            }
+            ckpt.finish(
+                self.out,
+                name,
+                ckpt.trainable_state(unwrap(model)),
+                full,
+                optimizer.state_dict(),
+            )
+            ckpt.prune(self.out, self.cfg.keep_checkpoints)
+            self._plot()
+        self.acc.wait_for_everyone()
+        return self.out / ckpt.CKPT_DIR / name
+
+    def _finish(self, model, built, state, val_losses, packed, precision, tokens, t_run):
+        self.acc.wait_for_everyone()
+        if not self.main:
+            return
+        bare = unwrap(model)
+        used = "last"
+        best_dir = self.out / ckpt.CKPT_DIR / ckpt.BEST
+        if self.cfg.final == "best" and ckpt.verify(best_dir) is None and val_losses:
+            best = ckpt.load(best_dir)
+            if best["state"]["val_loss"] < val_losses[-1][1]:
+                ckpt.load_trainable(bare, best["weights"])
+                used = f"best (step {best['state']['step']})"
+        facts = {
+            "steps": state["step"],
+            "weights": used,
+            "best_val_loss": state["best_val_loss"],
+            "packed": packed,
+            "precision": precision,
+        }
+        bare.eval()
+        save_model_dir(bare, built, self.cfg, self.out, facts)
+        self._plot()
+        rate = tokens / max(t_run, 1e-9)
+        self.say(
+            f"done: {state['step']} steps, {rate:,.0f} tokens/s; wrote the model ({used} weights) "
+            f"to {self.out}; chat with: chatforge chat --model {self.out}"
+        )
+
+    def _log(self, row: dict) -> None:
+        if self.main:
+            with open(self.out / METRICS, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _trim_metrics(self, step: int) -> None:
+        # Rows logged after the checkpoint are redone by this run: drop them.
+        if not self.main or not (self.out / METRICS).exists():
+            return
+        from chatforge.training.plot import read_metrics
+
+        keep = [r for r in read_metrics(self.out / METRICS) if r.get("step", 0) <= step]
+        tmp = self.out / (METRICS + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
+        tmp.replace(self.out / METRICS)
+
+    def _plot(self) -> None:
+        if self.main:
+            try:
+                plot_losses(self.out / METRICS, self.out / LOSS_PNG, title=self.out.name)
+            except Exception as e:  # a plotting problem must never stop training
+                self.say(f"[yellow]could not draw {LOSS_PNG}: {e}")
