@@ -1,0 +1,172 @@
+"""Chat with any OpenAI-compatible endpoint (OpenRouter, vLLM, a chatforge server).
+
+:class:`RemoteSession` has the interface of :class:`~chatforge.chat.ChatSession`
+(``stream``/``send``/``reset``/``system``/``config``/``last``/``conversation``),
+so ``chatforge chat --api-base URL`` is the same experience as a local chat::
+
+    chat = RemoteSession("http://127.0.0.1:8000/v1", "smollm2")
+    print(chat.send("What is the capital of France?").text)
+
+The endpoint owns the context: the whole conversation is sent each turn.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from chatforge.chat import Reply
+from chatforge.conversation import Conversation, Message
+from chatforge.errors import ChatforgeError
+from chatforge.generation.config import GenerationConfig
+
+MAX_REMOTE_STOP = 4  # OpenAI's limit on stop sequences
+
+
+class RemoteSession:
+    """A multi-turn conversation with a model behind an OpenAI-compatible API."""
+
+    def __init__(
+        self,
+        api_base: str,
+        model: str,
+        api_key: str | None = None,
+        config: GenerationConfig | None = None,
+        system: str | None = None,
+        timeout: float = 600.0,
+    ) -> None:
+        try:
+            from openai import OpenAI
+        except ImportError:
+            raise ChatforgeError(
+                "chatting with a remote endpoint needs the openai package: "
+                "pip install 'chatforge[remote]'"
+            ) from None
+
+        self.api_base = api_base
+        self.model = model
+        self.model_name = model
+        self.config = config or GenerationConfig()
+        # Local servers need no key, but the client insists on one.
+        self.client = OpenAI(
+            base_url=api_base, api_key=api_key or "none", timeout=timeout, max_retries=2
+        )
+        self.conversation = Conversation(system=system)
+        self.last: Reply | None = None
+
+    @property
+    def system(self) -> str | None:
+        return self.conversation.system
+
+    @system.setter
+    def system(self, text: str | None) -> None:
+        self.conversation.system = text or None
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays)."""
+        self.conversation.reset()
+
+    def request_params(self) -> dict[str, Any]:
+        """Our generation settings as chat-completion parameters.
+
+        Standard ones go as they are; ``top_k``/``min_p``/``repetition_penalty``
+        (understood by chatforge, OpenRouter, vLLM) only when switched on, so a
+        strict endpoint is not sent fields it rejects unless the user asked.
+        """
+        c = self.config
+        params: dict[str, Any] = {"temperature": 0.0 if c.greedy else c.temperature}
+        if c.top_p != 1.0:
+            params["top_p"] = c.top_p
+        if c.max_new_tokens is not None:
+            params["max_tokens"] = c.max_new_tokens
+        if c.stop:
+            if len(c.stop) > MAX_REMOTE_STOP:
+                raise ChatforgeError(
+                    f"remote endpoints take at most {MAX_REMOTE_STOP} stop strings"
+                )
+            params["stop"] = list(c.stop)
+        if c.seed is not None:
+            params["seed"] = c.seed
+        extra = {}
+        if c.top_k:
+            extra["top_k"] = c.top_k
+        if c.min_p:
+            extra["min_p"] = c.min_p
+        if c.repetition_penalty != 1.0:
+            extra["repetition_penalty"] = c.repetition_penalty
+        if extra:
+            params["extra_body"] = extra
+        return params
+
+    def send(self, text: str) -> Reply:
+        """Add a user message and return the whole reply."""
+        for _ in self.stream(text):
+            pass
+        assert self.last is not None
+        return self.last
+
+    def stream(self, text: str) -> Iterator[str]:
+        """Add a user message and yield the reply as it streams in.
+
+        As with a local chat, an interrupted reply (Ctrl-C, or the caller closing
+        the iterator) is kept with finish reason ``interrupted``; closing the
+        HTTP stream tells the server to stop generating.
+        """
+        import openai
+
+        messages = [*self.conversation.as_messages(), Message("user", text)]
+        t0 = time.perf_counter()
+        try:
+            stream = self.client.chat.completions.create(
+                model=self.model,
+                messages=[m.to_dict() for m in messages],
+                stream=True,
+                stream_options={"include_usage": True},
+                **self.request_params(),
+            )
+        except openai.APIError as e:
+            raise ChatforgeError(self._describe(e)) from None
+        self.conversation.add_user(text)
+        parts: list[str] = []
+        finish: str | None = None
+        usage = None
+        try:
+            for chunk in stream:
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                for choice in chunk.choices:
+                    if choice.delta is not None and choice.delta.content:
+                        parts.append(choice.delta.content)
+                        yield choice.delta.content
+                    if choice.finish_reason:
+                        finish = choice.finish_reason
+        except openai.APIError as e:
+            finish = finish or "error"
+            raise ChatforgeError(self._describe(e)) from None
+        finally:
+            stream.close()  # frees the server's batch place when we stop early
+            reply = "".join(parts)
+            self.conversation.add_assistant(reply)
+            self.last = Reply(
+                text=reply,
+                finish_reason=finish or "interrupted",
+                prompt_tokens=usage.prompt_tokens if usage else 0,
+                completion_tokens=usage.completion_tokens if usage else 0,
+                seconds=time.perf_counter() - t0,
+                config=self.config,
+            )
+
+    def _describe(self, e: Exception) -> str:
+        import openai
+
+        if isinstance(e, openai.APIStatusError):
+            message = e.message
+            body = e.body if isinstance(e.body, dict) else {}
+            inner = body.get("error", body) if isinstance(body, dict) else {}
+            if isinstance(inner, dict) and inner.get("message"):
+                message = inner["message"]
+            return f"{self.api_base} answered {e.status_code}: {message}"
+        if isinstance(e, openai.APIConnectionError):
+            return f"cannot reach {self.api_base}: {e.__cause__ or e}"
+        return f"{self.api_base}: {e}"

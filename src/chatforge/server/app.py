@@ -1,0 +1,522 @@
+"""The OpenAI-compatible HTTP API over an :class:`EngineService`.
+
+``create_app(loaded_or_loader)`` builds a FastAPI app. The model loads in a
+background thread at startup, so ``/health`` answers 503 while loading and
+200 once ready. Every request is rendered to prompt tokens here and submitted
+to one shared :class:`~chatforge.generation.service.EngineService`: requests
+arriving while others decode join the running batch at the next step, and a
+client that goes away (mid-stream or while waiting) is cancelled, freeing its
+place in the batch.
+
+Run it with ``chatforge serve`` or any ASGI server::
+
+    app = create_app(lambda: load_model("smollm2"))
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+
+from chatforge.conversation import Message
+from chatforge.errors import ChatforgeError, ContextOverflowError
+from chatforge.generation.config import GenerationConfig
+from chatforge.generation.engine import Engine
+from chatforge.generation.service import EngineService, Handle, QueueFullError
+from chatforge.generation.types import Completion
+from chatforge.generation.types import Request as EngineRequest
+from chatforge.server import errors
+from chatforge.server.errors import APIError
+from chatforge.server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    Limits,
+    generation_config,
+    parse,
+)
+
+log = logging.getLogger("chatforge.server")
+
+# Routes anyone may fetch without the API key: the health probe, and the static
+# chat page (a browser cannot send a bearer token when it navigates; the page
+# asks for the key and sends it with its API calls).
+_PUBLIC = frozenset({"/health", "/", "/favicon.ico"})
+_DISCONNECT_POLL_S = 0.25
+
+
+@dataclass
+class ServerState:
+    """What the routes share: the model, the engine service, and the lifecycle."""
+
+    model_id: str | None = None
+    """The id clients pass as ``model`` (the reference the server was started with)."""
+    loaded: Any = None
+    """The LoadedModel, once loaded."""
+    service: EngineService | None = None
+    """The continuous-batching engine, once loaded."""
+    status: str = "loading"
+    """``loading`` -> ``ready``; ``error`` if loading failed."""
+    error: str | None = None
+    """Why loading failed."""
+    draining: bool = False
+    """Set on shutdown (SIGTERM): in-flight requests finish, new ones get 503."""
+    created: int = field(default_factory=lambda: int(time.time()))
+    """Unix time the server started (the model's ``created``)."""
+
+    def model_names(self) -> set[str]:
+        names = {self.model_id} if self.model_id else set()
+        if self.loaded is not None:
+            names |= {self.loaded.info.name, self.loaded.info.ref}
+        return names
+
+
+def create_app(
+    loaded_or_loader: Any,
+    *,
+    api_key: str | None = None,
+    max_queue: int = 64,
+    max_batch: int = 32,
+    limits: Limits | None = None,
+    model_id: str | None = None,
+    retry_after: int = 1,
+    on_load_error: Callable[[BaseException], None] | None = None,
+    drain_timeout: float = 60.0,
+) -> FastAPI:
+    """An app serving ``loaded_or_loader`` (a LoadedModel, or a callable returning one).
+
+    ``api_key``: when set, every route but ``/health`` (and the static page) needs
+    ``Authorization: Bearer <key>``. ``max_queue``: requests waiting for a batch
+    place beyond which new ones get 429. ``max_batch``: sequences decoded together.
+    ``limits``: per-request limits (``max_tokens``, ``n``, body size).
+    ``on_load_error`` is called (on the loader thread) when loading fails.
+    """
+    limits = limits or Limits()
+    state = ServerState(model_id=model_id)
+
+    def load() -> None:
+        try:
+            loaded = loaded_or_loader() if callable(loaded_or_loader) else loaded_or_loader
+            engine = Engine.from_loaded(loaded)
+            state.service = EngineService(engine, max_batch=max_batch, max_queue=max_queue)
+            state.loaded = loaded
+            state.model_id = state.model_id or loaded.info.ref or loaded.info.name
+            state.status = "ready"
+            log.info("model %s ready", state.model_id)
+        except BaseException as e:  # noqa: BLE001 - reported on /health and to the caller
+            state.status, state.error = "error", f"{type(e).__name__}: {e}"
+            log.error("could not load the model: %s", e)
+            if on_load_error is not None:
+                on_load_error(e)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        threading.Thread(target=load, name="chatforge-load", daemon=True).start()
+        yield
+        state.draining = True
+        if state.service is not None:  # in-flight requests have been answered by now
+            await asyncio.to_thread(state.service.close, drain_timeout)
+
+    app = FastAPI(title="chatforge", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.chatforge = state
+    errors.install(app)
+
+    if api_key:
+        app.add_middleware(_BearerAuth, api_key=api_key)
+
+    def ready() -> tuple[Any, EngineService]:
+        if state.draining:
+            raise APIError(503, "the server is shutting down", retry_after=retry_after)
+        if state.status == "error":
+            raise APIError(503, f"the model failed to load: {state.error}")
+        if state.service is None:
+            raise APIError(503, "the model is still loading", retry_after=retry_after)
+        return state.loaded, state.service
+
+    def check_model(name: str) -> None:
+        if name not in state.model_names():
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist; this server serves {state.model_id!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    # ------------------------------------------------------------------ routes
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if state.status == "ready" and not state.draining:
+            running, waiting = state.service.load if state.service else (0, 0)
+            body = {"status": "ok", "model": state.model_id, "running": running}
+            body["waiting"] = waiting
+            return JSONResponse(body)
+        status = "draining" if state.draining else state.status
+        headers = {"Retry-After": str(retry_after)} if status == "loading" else None
+        return JSONResponse(
+            {"status": status, "error": state.error}, status_code=503, headers=headers
+        )
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        html = resources.files("chatforge.server").joinpath("static/index.html").read_text("utf-8")
+        return HTMLResponse(html)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        ready()
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": state.model_id,
+                    "object": "model",
+                    "created": state.created,
+                    "owned_by": "chatforge",
+                    "context_length": state.loaded.info.context_length,
+                }
+            ],
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        loaded, service = ready()
+        req: ChatCompletionRequest = parse(ChatCompletionRequest, await _read_json(request, limits))
+        check_model(req.model)
+        config = generation_config(req, limits)
+        try:
+            messages = [Message(m.chat_role(), m.text()) for m in req.messages]
+            encoded = loaded.format.encode(messages)
+        except (ValueError, TypeError) as e:  # e.g. a template that rejects the role order
+            raise APIError(400, f"cannot render these messages: {e}", param="messages") from None
+        base = EngineRequest(
+            prompt_ids=encoded.input_ids,
+            config=config,
+            token_type_ids=encoded.token_type_ids,
+            reply_token_type=encoded.reply_token_type,
+        )
+        handles = _submit(service, [base], req.n, request, "messages")
+        meta = _Meta("chatcmpl", state.model_id, [len(base.prompt_ids)], req.n)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        if req.stream:
+            return _sse(_chat_chunks(handles, meta, include_usage))
+        done = await _collect(handles, request)
+        return JSONResponse(
+            {
+                "id": meta.id,
+                "object": "chat.completion",
+                "created": meta.created,
+                "model": meta.model,
+                "choices": [
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": c.text},
+                        "logprobs": None,
+                        "finish_reason": _finish(c),
+                    }
+                    for i, c in enumerate(done)
+                ],
+                "usage": meta.usage(done),
+            }
+        )
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        loaded, service = ready()
+        req: CompletionRequest = parse(CompletionRequest, await _read_json(request, limits))
+        check_model(req.model)
+        config = generation_config(req, limits)
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if not prompts:
+            raise APIError(400, "prompt must not be an empty list", param="prompt")
+        if len(prompts) * req.n > limits.max_n:
+            raise APIError(
+                400,
+                f"len(prompt) x n must be <= {limits.max_n} (got {len(prompts) * req.n})",
+                param="prompt",
+            )
+        bases = []
+        for text in prompts:
+            ids = list(loaded.tokenizer.encode(text))
+            if not ids:
+                raise APIError(400, "prompt must not be empty", param="prompt")
+            bases.append(EngineRequest(prompt_ids=ids, config=config))
+        handles = _submit(service, bases, req.n, request, "prompt")
+        meta = _Meta("cmpl", state.model_id, [len(b.prompt_ids) for b in bases], req.n)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        if req.stream:
+            return _sse(_completion_chunks(handles, meta, include_usage))
+        done = await _collect(handles, request)
+        return JSONResponse(
+            {
+                "id": meta.id,
+                "object": "text_completion",
+                "created": meta.created,
+                "model": meta.model,
+                "choices": [
+                    {"index": i, "text": c.text, "logprobs": None, "finish_reason": _finish(c)}
+                    for i, c in enumerate(done)
+                ],
+                "usage": meta.usage(done),
+            }
+        )
+
+    def _submit(
+        service: EngineService, bases: list[EngineRequest], n: int, request: Request, param: str
+    ) -> list[Handle]:
+        """Submit ``n`` requests per prompt (seed + i each); all or none are queued."""
+        loop = asyncio.get_running_loop()
+        handles: list[Handle] = []
+        try:
+            for base in bases:
+                for i in range(n):
+                    req = base
+                    if n > 1 and base.config.seed is not None:
+                        seed = (base.config.seed + i) % 2**64
+                        req = EngineRequest(**{**vars(base), "config": _reseed(base.config, seed)})
+                    handles.append(service.submit(req, loop=loop))
+        except ContextOverflowError as e:
+            _cancel(handles)
+            raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
+        except QueueFullError as e:
+            _cancel(handles)
+            raise APIError(
+                429, f"the server is at capacity: {e}", retry_after=retry_after
+            ) from None
+        except ChatforgeError as e:  # shutting down
+            _cancel(handles)
+            raise APIError(503, str(e), retry_after=retry_after) from None
+        except ValueError as e:
+            _cancel(handles)
+            raise APIError(400, str(e), param=param) from None
+        return handles
+
+    return app
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+class _BearerAuth:
+    """ASGI middleware: every route but the public ones needs ``Authorization: Bearer KEY``.
+
+    Plain ASGI rather than ``@app.middleware("http")``, whose request wrapping hides
+    client disconnects from the routes (which must see them to free batch places).
+    """
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app = app
+        self.key = api_key.encode()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["path"] not in _PUBLIC:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self.key):
+                response = APIError(
+                    401,
+                    "missing or wrong API key; send 'Authorization: Bearer <key>'",
+                    code="invalid_api_key",
+                ).response()
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _reseed(config: GenerationConfig, seed: int) -> GenerationConfig:
+    return config.replace(seed=seed)
+
+
+def _cancel(handles: list[Handle]) -> None:
+    for h in handles:
+        h.cancel()
+
+
+def _finish(c: Completion) -> str:
+    # Our "interrupted" only happens to a client that went away; OpenAI has no such value.
+    return "length" if c.finish_reason == "length" else "stop"
+
+
+async def _read_json(request: Request, limits: Limits) -> Any:
+    """The body as JSON: 413 when it is over the limit, 400 when it is not JSON."""
+    too_big = APIError(
+        413, f"the request body is larger than {limits.max_body_bytes} bytes", code="body_too_large"
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise too_big
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limits.max_body_bytes:
+            raise too_big
+    try:
+        return json.loads(body)
+    except UnicodeDecodeError:
+        raise APIError(400, "the request body is not UTF-8", code="invalid_json") from None
+    except ValueError as e:
+        raise APIError(
+            400, f"the request body is not valid JSON: {e}", code="invalid_json"
+        ) from None
+
+
+@dataclass
+class _Meta:
+    """Identity and usage accounting of one API response."""
+
+    prefix: str
+    model: str | None
+    prompt_lengths: list[int]  # per prompt (each prompt has n choices)
+    n: int
+    id: str = ""
+    created: int = 0
+
+    def __post_init__(self) -> None:
+        self.id = f"{self.prefix}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+
+    def usage(self, done: list[Completion]) -> dict[str, int]:
+        # As OpenAI counts it: each prompt once, every choice's completion tokens.
+        prompt = sum(self.prompt_lengths)
+        completion = sum(c.completion_tokens for c in done)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+
+
+async def _collect(handles: list[Handle], request: Request) -> list[Completion]:
+    """Wait for every handle's completion; cancel them all if the client disconnects."""
+
+    async def one(h: Handle) -> Completion:
+        async for ev in h.aevents():
+            if ev.completion is not None:
+                return ev.completion
+        raise RuntimeError("the engine ended a request without a completion")
+
+    task = asyncio.ensure_future(asyncio.gather(*(one(h) for h in handles)))
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+                _cancel(handles)
+                raise APIError(499, "the client closed the request")
+        return task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+            _cancel(handles)
+
+
+async def _merged(handles: list[Handle]) -> AsyncIterator[tuple[int, Any]]:
+    """Events of all handles as ``(choice index, event)``, as they come."""
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, h: Handle) -> None:
+        try:
+            async for ev in h.aevents():
+                await q.put((i, ev))
+        except Exception as e:  # noqa: BLE001 - forwarded to the consumer
+            await q.put((i, e))
+
+    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        left = len(handles)
+        while left:
+            i, ev = await q.get()
+            if isinstance(ev, Exception):
+                raise ev
+            yield i, ev
+            if ev.completion is not None:
+                left -= 1
+    finally:  # also when the client went away: cancelling a pump cancels its request
+        for t in tasks:
+            t.cancel()
+
+
+def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
+    async def frames() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode()
+        except Exception as e:  # noqa: BLE001 - headers are sent: report in-stream
+            log.exception("generation failed mid-stream")
+            err = APIError(500, f"generation failed: {type(e).__name__}: {e}")
+            yield f"data: {json.dumps(err.body())}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(
+        frames(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _chat_chunks(handles: list[Handle], meta: _Meta, include_usage: bool) -> AsyncIterator:
+    def chunk(choices: list[dict], usage: Any = None) -> dict:
+        out = {
+            "id": meta.id,
+            "object": "chat.completion.chunk",
+            "created": meta.created,
+            "model": meta.model,
+            "choices": choices,
+        }
+        if include_usage:
+            out["usage"] = usage
+        return out
+
+    for i in range(len(handles)):  # the first chunk of each choice carries the role
+        yield chunk(
+            [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+        )
+    done: dict[int, Completion] = {}
+    async for i, ev in _merged(handles):
+        if ev.text:
+            yield chunk([{"index": i, "delta": {"content": ev.text}, "finish_reason": None}])
+        if ev.completion is not None:
+            done[i] = ev.completion
+            yield chunk([{"index": i, "delta": {}, "finish_reason": _finish(ev.completion)}])
+    if include_usage:
+        yield chunk([], meta.usage([done[i] for i in sorted(done)]))
+
+
+async def _completion_chunks(
+    handles: list[Handle], meta: _Meta, include_usage: bool
+) -> AsyncIterator:
+    def chunk(choices: list[dict], usage: Any = None) -> dict:
+        out = {
+            "id": meta.id,
+            "object": "text_completion",
+            "created": meta.created,
+            "model": meta.model,
+            "choices": choices,
+        }
+        if include_usage:
+            out["usage"] = usage
+        return out
+
+    done: dict[int, Completion] = {}
+    async for i, ev in _merged(handles):
+        if ev.text:
+            yield chunk([{"index": i, "text": ev.text, "logprobs": None, "finish_reason": None}])
+        if ev.completion is not None:
+            done[i] = ev.completion
+            reason = _finish(ev.completion)
+            yield chunk([{"index": i, "text": "", "logprobs": None, "finish_reason": reason}])
+    if include_usage:
+        yield chunk([], meta.usage([done[i] for i in sorted(done)]))

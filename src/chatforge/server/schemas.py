@@ -1,0 +1,161 @@
+"""Request bodies of the OpenAI-compatible API, validated strictly.
+
+Types are strict (``"0.5"`` is not a number, as with OpenAI) and unknown
+fields are ignored (clients send fields we do not use, such as ``user``).
+:func:`generation_config` turns a request into our validated
+:class:`~chatforge.generation.config.GenerationConfig`; every failure is an
+:class:`~chatforge.server.errors.APIError` 400 that names the ``param``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from chatforge.generation.config import GenerationConfig
+from chatforge.server.errors import APIError, from_validation_errors
+
+MAX_STOP = 4
+"""Most stop sequences per request (OpenAI's limit)."""
+
+
+@dataclass
+class Limits:
+    """What one request may ask of the server."""
+
+    max_tokens: int = 2048
+    """Largest ``max_tokens``; also the reply budget when a request gives none (capped by
+    the context)."""
+    max_n: int = 8
+    """Largest ``n`` (choices per prompt)."""
+    max_body_bytes: int = 1 << 20
+    """Largest request body; larger ones get 413."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+    def chat_role(self) -> str:
+        # "developer" is OpenAI's newer name for the system role.
+        return "system" if self.role == "developer" else self.role
+
+
+class _Sampling(_Strict):
+    """Fields both endpoints share."""
+
+    model: str
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = None
+    max_tokens: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    # chatforge extras (also accepted by OpenRouter and vLLM)
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    echo: bool = False
+    logprobs: int | None = None
+    max_tokens: int | None = 16  # OpenAI's default for /v1/completions
+
+
+def parse(model: type[BaseModel], data: Any) -> Any:
+    """Validate ``data`` (decoded JSON) as ``model``; a 400 naming the param on failure."""
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise from_validation_errors(list(e.errors())) from None
+
+
+# GenerationConfig names the parameter first in its messages ("top_p must be ...").
+_PARAM_IN_MESSAGE = re.compile(r"^(\w+) must")
+_API_NAMES = {"max_new_tokens": "max_tokens"}
+
+
+def generation_config(req: _Sampling, limits: Limits) -> GenerationConfig:
+    """The request's sampling settings as a GenerationConfig; 400 naming the param if invalid."""
+    max_tokens = req.max_tokens
+    param = "max_tokens"
+    if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
+        max_tokens, param = req.max_completion_tokens, "max_completion_tokens"
+    if max_tokens is not None and max_tokens < 1:
+        raise APIError(400, f"{param} must be >= 1 (got {max_tokens})", param=param)
+    if max_tokens is not None and max_tokens > limits.max_tokens:
+        raise APIError(
+            400, f"{param} must be <= {limits.max_tokens} (got {max_tokens})", param=param
+        )
+    if not 1 <= req.n <= limits.max_n:
+        raise APIError(400, f"n must be between 1 and {limits.max_n} (got {req.n})", param="n")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > MAX_STOP:
+        raise APIError(400, f"at most {MAX_STOP} stop sequences (got {len(stop)})", param="stop")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(req, name)
+        if value not in (None, 0, 0.0):
+            raise APIError(
+                400, f"{name} is not supported; use repetition_penalty instead", param=name
+            )
+    if getattr(req, "logprobs", None) not in (None, False):
+        raise APIError(400, "logprobs are not supported", param="logprobs")
+    if getattr(req, "echo", False):
+        raise APIError(400, "echo is not supported", param="echo")
+
+    values: dict[str, Any] = {
+        "temperature": 1.0 if req.temperature is None else req.temperature,  # OpenAI's default
+        "top_p": req.top_p,
+        "top_k": req.top_k,
+        "min_p": req.min_p,
+        "repetition_penalty": req.repetition_penalty,
+        "stop": tuple(stop),
+        "seed": req.seed,
+        # No max_tokens: the server's limit, capped by the context at submit time.
+        "max_new_tokens": max_tokens if max_tokens is not None else limits.max_tokens,
+    }
+    try:
+        return GenerationConfig(**{k: v for k, v in values.items() if v is not None})
+    except ValueError as e:
+        m = _PARAM_IN_MESSAGE.match(str(e))
+        name = _API_NAMES.get(m.group(1), m.group(1)) if m else None
+        if name == "max_tokens":
+            name = param
+        raise APIError(400, str(e), param=name) from None

@@ -1,0 +1,121 @@
+"""A chat session that writes every exchange to the conversation log.
+
+:class:`LoggedSession` wraps a :class:`~chatforge.chat.ChatSession` or a
+:class:`~chatforge.remote.RemoteSession` (anything with ``stream``/``send``/
+``reset``/``system``/``config``/``last``/``conversation``) and presents the
+same interface, so the chat command uses it without knowing it is there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from chatforge.conversation import Message
+from chatforge.store.log import ConversationLog, LoggedConversation
+
+# Attributes that belong to the wrapper; everything else is the wrapped session's.
+_OWN = frozenset({"session", "log", "model_name", "backend", "api_base", "cid"})
+
+
+class LoggedSession:
+    """Delegates to ``session``; logs each user message and reply as it completes."""
+
+    def __init__(
+        self,
+        session: Any,
+        log: ConversationLog,
+        model_name: str,
+        backend: str = "local",
+        api_base: str | None = None,
+    ) -> None:
+        self.session = session
+        self.log = log
+        self.model_name = model_name  # recorded with each reply
+        self.backend = backend  # "local" | "remote"
+        self.api_base = api_base
+        self.cid: int | None = None  # created with the first message, so no empty rows
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.session, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _OWN:
+            object.__setattr__(self, name, value)
+        else:  # config, and anything else the chat command sets, go to the session
+            setattr(self.session, name, value)
+
+    @property
+    def system(self) -> str | None:
+        return self.session.system
+
+    @system.setter
+    def system(self, text: str | None) -> None:
+        self.session.system = text
+        if self.cid is not None:
+            self.log.set_system(self.cid, self.session.system)
+
+    def reset(self) -> None:
+        """A new conversation, in the session and in the log."""
+        self.session.reset()
+        self.cid = None
+
+    def resume(self, conv: LoggedConversation) -> None:
+        """Continue a logged conversation: its system prompt and messages become the history."""
+        self.session.reset()
+        self.session.system = conv.system
+        self.session.conversation.messages = [
+            Message(m.role, m.content) for m in conv.messages if m.role in ("user", "assistant")
+        ]
+        self.cid = conv.id
+
+    def send(self, text: str) -> Any:
+        for _ in self.stream(text):
+            pass
+        return self.session.last
+
+    def stream(self, text: str) -> Iterator[str]:
+        """The wrapped session's stream; the user message is logged once the reply has
+        started (a prompt the model rejected is not logged), the reply when it ends."""
+        before = self.session.last
+        t0 = time.perf_counter()
+        first: float | None = None
+        logged_user = False
+        try:
+            for piece in self.session.stream(text):
+                if first is None:
+                    first = time.perf_counter() - t0
+                    self._log_user(text)
+                    logged_user = True
+                yield piece
+        finally:
+            reply = self.session.last
+            if reply is not None and reply is not before:
+                if not logged_user:
+                    self._log_user(text)
+                self.log.add_message(
+                    self._conversation(),
+                    "assistant",
+                    reply.text,
+                    model=self.model_name,
+                    params=reply.config.to_dict(),
+                    prompt_tokens=reply.prompt_tokens,
+                    completion_tokens=reply.completion_tokens,
+                    finish_reason=reply.finish_reason,
+                    seconds=round(reply.seconds, 4),
+                    first_token_seconds=None if first is None else round(first, 4),
+                )
+
+    def _conversation(self) -> int:
+        if self.cid is None:
+            self.cid = self.log.new_conversation(
+                model=self.model_name,
+                backend=self.backend,
+                api_base=self.api_base,
+                system=self.session.system,
+            )
+        return self.cid
+
+    def _log_user(self, text: str) -> None:
+        self.log.add_message(self._conversation(), "user", text)
