@@ -11,9 +11,14 @@ from chatforge.generation.stream import Detokenizer, StopMatcher, TextStream
 PROMPTS = ["Hello there", "What is the capital of France? Tell me a story", "Thanks"]
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+@pytest.fixture(scope="module", params=["gpt2-fast", "gpt2-hf", "llama-fast", "llama-hf"])
 def loaded(request, tiny_gpt2_dir, tiny_llama_dir):
-    return load_model(str(tiny_gpt2_dir if request.param == "gpt2" else tiny_llama_dir))
+    """Each tiny model through our fast decoder and through transformers' modules."""
+    arch, runner = request.param.split("-")
+    lm = load_model(str(tiny_gpt2_dir if arch == "gpt2" else tiny_llama_dir))
+    assert lm.info.engine == "fast"
+    lm.use_fast = runner == "fast"
+    return lm
 
 
 def _ids(lm, text: str) -> list[int]:
@@ -41,7 +46,7 @@ def _hf_greedy(lm, prompts: list[list[int]], n: int) -> list[list[int]]:
 
 
 def _engine_no_stops(lm) -> Engine:
-    eng = Engine.from_loaded(lm)
+    eng = Engine.from_loaded(lm, fast=lm.use_fast)
     eng.stop_token_ids = set()  # random weights: compare fixed-length outputs
     return eng
 

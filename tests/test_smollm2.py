@@ -99,3 +99,17 @@ def test_piped_chat_acceptance(smollm2, tmp_path):
     assert "Paris" in rows[1]["content"]
     assert rows[1]["finish_reason"] == "stop"
     assert rows[1]["model"] == "SmolLM2-135M-Instruct"
+
+
+def test_fast_path_logits_match_transformers(smollm2):
+    assert smollm2.info.engine == "fast"
+    fast = smollm2.fast
+    ids = torch.tensor(smollm2.format.encode([Message("user", QUESTION)]).input_ids)
+    with torch.no_grad():
+        ref = smollm2.model(ids[None]).logits[0]  # (T, V)
+    cache = fast.new_cache()
+    got = fast.prefill(ids[:-4], 0, cache)
+    assert torch.allclose(got, ref[-5], atol=1e-4, rtol=0)
+    for t in range(len(ids) - 4, len(ids)):
+        got = fast.decode(ids[t : t + 1], cache)[0]
+        assert torch.allclose(got, ref[t], atol=1e-4, rtol=0)

@@ -11,9 +11,10 @@ implementation slots in without touching this code.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from chatforge.generation.fast_runner import FastRunner
 from chatforge.generation.runner import HFRunner, Runner
 from chatforge.generation.scheduler import Scheduler, SchedulerConfig
 from chatforge.generation.types import Completion, Request, StreamEvent
@@ -30,14 +31,18 @@ class Engine:
 
     def __init__(
         self,
-        runner: Runner,
+        runner: Runner | Callable[[], Runner],
         tokenizer: Any,
         stop_token_ids: set[int],
         context_length: int,
         pad_token_id: int = 0,
         scheduler: SchedulerConfig | None = None,
     ) -> None:
-        self.runner = runner
+        # A runner may hold state (the fast path's KV cache): each scheduler gets its
+        # own from the factory, so an abandoned stream never disturbs the next one.
+        self.make_runner: Callable[[], Runner] = (
+            (lambda: runner) if hasattr(runner, "prefill") else runner  # type: ignore[assignment]
+        )
         self.tokenizer = tokenizer
         self.stop_token_ids = set(stop_token_ids)
         self.context_length = context_length
@@ -45,15 +50,27 @@ class Engine:
         self.scheduler_config = scheduler or SchedulerConfig()
 
     @classmethod
-    def from_loaded(cls, loaded: Any, scheduler: SchedulerConfig | None = None) -> Engine:
-        """An engine over a :class:`~chatforge.models.LoadedModel`."""
+    def from_loaded(
+        cls, loaded: Any, scheduler: SchedulerConfig | None = None, fast: bool | None = None
+    ) -> Engine:
+        """An engine over a :class:`~chatforge.models.LoadedModel`.
+
+        Uses the model's fast path when it has one (``fast=False`` forces
+        transformers' modules, e.g. to compare against them).
+        """
         tok = loaded.tokenizer
         stops = set(loaded.format.stop_token_ids())
         eos = loaded.model.generation_config.eos_token_id
         if eos is not None:
             stops |= set(eos if isinstance(eos, list | tuple) else [eos])
         pad = tok.pad_token_id if tok.pad_token_id is not None else (min(stops) if stops else 0)
-        runner = getattr(loaded, "runner", None) or HFRunner(loaded.model)
+        decoder = getattr(loaded, "fast", None)
+        if fast is True and decoder is None:
+            raise ValueError(f"this model has no fast path ({loaded.fast_reason})")
+        if decoder is not None and fast is not False:
+            runner: Runner | Callable[[], Runner] = lambda: FastRunner(decoder)
+        else:
+            runner = HFRunner(loaded.model)
         return cls(runner, tok, stops, loaded.info.context_length, pad, scheduler)
 
     def new_scheduler(self, max_batch: int | None = None) -> Scheduler:
@@ -62,7 +79,7 @@ class Engine:
         if max_batch is not None:
             cfg = SchedulerConfig(max_batch=max_batch, prefill_tokens=cfg.prefill_tokens)
         return Scheduler(
-            self.runner,
+            self.make_runner(),
             self.tokenizer,
             self.stop_token_ids,
             self.context_length,
@@ -81,8 +98,12 @@ class Engine:
         sched = self.new_scheduler(max_batch)
         for i, req in enumerate(requests):
             sched.add(req, key=i)
-        while sched.has_work:
-            yield from sched.step()
+        try:
+            while sched.has_work:
+                yield from sched.step()
+        finally:  # the caller stopped early (Ctrl-C, closed stream): free the batch
+            if sched.has_work:
+                sched.reset()
 
     def generate(
         self, requests: Sequence[Request], max_batch: int | None = None

@@ -130,9 +130,9 @@ class Scheduler:
             logits, state = self._prefill(admitted)
             finished = self._accept(admitted, logits, events)
             keep = [i for i in range(len(admitted)) if i not in set(finished)]
+            if len(keep) < len(admitted):  # also frees what the runner holds for them
+                state = self.runner.select(state, torch.tensor(keep, dtype=torch.long))
             if keep:
-                if len(keep) < len(admitted):
-                    state = self.runner.select(state, torch.tensor(keep, dtype=torch.long))
                 survivors = [admitted[i] for i in keep]
                 if self.running:
                     self.state = self.runner.merge(self.state, state)
@@ -205,10 +205,17 @@ class Scheduler:
         gone = set(rows)
         keep = [i for i in range(len(self.running)) if i not in gone]
         self.running = [self.running[i] for i in keep]
-        if keep:
-            self.state = self.runner.select(self.state, torch.tensor(keep, dtype=torch.long))
-        else:
+        self.state = self.runner.select(self.state, torch.tensor(keep, dtype=torch.long))
+        if not keep:
             self.state = None
+
+    def reset(self) -> list[Sequence]:
+        """Drop every request (after a failed step); returns them so callers can report."""
+        dropped = [*self.running, *self.waiting]
+        if self.running:
+            self._remove_rows(list(range(len(self.running))))
+        self.waiting.clear()
+        return dropped
 
     @staticmethod
     def _reply_types(seqs: list[Sequence]) -> Tensor | None:

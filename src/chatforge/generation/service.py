@@ -165,9 +165,8 @@ class EngineService:
             try:
                 events = self.scheduler.step()
             except Exception as e:  # a model error fails the running requests, not the thread
-                for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+                for seq in self.scheduler.reset():
                     self._finish(seq.key, e)
-                    self.scheduler.cancel(seq.key)
                 continue
             for ev in events:
                 if ev.completion is not None:

@@ -46,6 +46,8 @@ class ModelInfo:
     context_length: int
     prompt_format: str  # "chat_template" | "sep" | "eos"
     dtype: str  # "fp32" | "bf16"
+    quantize: str = "none"  # weight-only quantisation of the fast path: none | int8 | int4
+    engine: str = "transformers"  # "fast" (our decoder code) | "transformers" (HF modules)
     load_seconds: float = 0.0
     converted: bool = False  # True when this load converted a GGUF (cold)
 
@@ -58,6 +60,8 @@ class LoadedModel:
     tokenizer: Any
     info: ModelInfo
     format: Any = field(default=None)  # chatforge.conversation.PromptFormat
+    fast: Any = field(default=None)  # chatforge.models.fast.FastDecoder, when supported
+    fast_reason: str | None = None  # why there is no fast path (None when there is)
 
     @property
     def context_length(self) -> int:
@@ -185,8 +189,28 @@ def _load_adapter(directory: Path, meta: ModelMeta | None, torch_dtype: Any) -> 
     return PeftModel.from_pretrained(model, directory).merge_and_unload()
 
 
-def load_model(ref: str = DEFAULT_MODEL, dtype: str | None = "fp32") -> LoadedModel:
+def parse_quantize(quantize: str | None) -> str:
+    """Map ``--quantize`` to none | int8 | int4."""
+    from chatforge.models.fast import QUANT_MODES
+
+    q = "none" if quantize in (None, "", "none", "off", "no") else str(quantize).lower()
+    if q not in QUANT_MODES:
+        raise ModelLoadError(f"unknown quantization {quantize!r}; use none, int8 or int4")
+    return q
+
+
+def load_model(
+    ref: str = DEFAULT_MODEL,
+    dtype: str | None = "fp32",
+    quantize: str | None = None,
+    fast: bool = True,
+) -> LoadedModel:
     """Load a model by reference (alias, directory, .gguf file or hub id).
+
+    ``fast`` builds chatforge's own decoder (fused projections, slot KV cache) for
+    supported architectures (Llama family, GPT-2); ``quantize`` (int8 / int4)
+    stores its weights in fewer bytes. Unsupported architectures run through
+    transformers' modules (``info.engine`` says which).
 
     >>> lm = load_model("smollm2")           # doctest: +SKIP
     >>> lm.info.context_length               # doctest: +SKIP
@@ -199,6 +223,7 @@ def load_model(ref: str = DEFAULT_MODEL, dtype: str | None = "fp32") -> LoadedMo
     from chatforge.conversation import detect_format, get_format
 
     short = parse_dtype(dtype)
+    quant = parse_quantize(quantize)
     t0 = time.perf_counter()
     directory, converted, display = resolve(str(ref))
     meta = ModelMeta.read(directory)
@@ -220,6 +245,17 @@ def load_model(ref: str = DEFAULT_MODEL, dtype: str | None = "fp32") -> LoadedMo
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
     model.eval()
+    fast_model, fast_reason = None, "disabled"
+    if fast:
+        from chatforge.models.fast import build_fast_model, unsupported_reason
+
+        fast_reason = unsupported_reason(model)
+        if fast_reason is None:
+            fast_model = build_fast_model(model, torch_dtype, quant)
+    if quant != "none" and fast_model is None:
+        raise ModelLoadError(
+            f"--quantize {quant} needs the fast path, which this model has not ({fast_reason})"
+        )
     fmt_name = detect_format(tokenizer, meta.prompt_format if meta else None)
     info = ModelInfo(
         ref=str(ref),
@@ -230,8 +266,17 @@ def load_model(ref: str = DEFAULT_MODEL, dtype: str | None = "fp32") -> LoadedMo
         context_length=context_length_of(model.config, tokenizer),
         prompt_format=fmt_name,
         dtype=short,
+        quantize=quant,
+        engine="fast" if fast_model is not None else "transformers",
         load_seconds=time.perf_counter() - t0,
         converted=converted,
     )
     fmt = get_format(fmt_name, tokenizer)
-    return LoadedModel(model=model, tokenizer=tokenizer, info=info, format=fmt)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        info=info,
+        format=fmt,
+        fast=fast_model,
+        fast_reason=fast_reason,
+    )

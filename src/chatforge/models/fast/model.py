@@ -1,0 +1,273 @@
+"""A compact decoder for the fast path: Llama family (RMSNorm, RoPE, GQA, gated
+SiLU MLP) and GPT-2 (LayerNorm, learned positions, GELU MLP) on one code path.
+
+What makes it fast on a CPU, next to transformers' modules:
+
+* fused projections: one matmul for Q, K and V, one for gate and up;
+* a preallocated KV cache per layer, (slots, kv_heads, capacity, head_dim),
+  written in place at each sequence's own position (never grown per token);
+* attention over the filled length only, GQA without repeating K/V (the
+  query heads of a group become the "length" dimension of one attention call);
+* the LM head only on the last position of each sequence;
+* weight-only int8/int4 linears (see ``linear.py``).
+
+Row ``i`` of a decode batch is cache slot ``i``; the runner keeps the running
+sequences in slots ``0..B-1`` (see ``generation/fast_runner.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from chatforge.models.fast.linear import Linear
+
+
+@dataclass
+class FastConfig:
+    """Shape and flavour of a fast-path decoder."""
+
+    arch: str  # "llama" | "gpt2"
+    n_layers: int
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int  # context length
+    eps: float  # norm epsilon
+    dtype: torch.dtype = torch.float32  # activations and dense weights
+    quantize: str = "none"  # "none" | "int8" | "int4"
+
+    @property
+    def group(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+
+@dataclass
+class Norm:
+    """RMSNorm (bias None, Llama) or LayerNorm (GPT-2)."""
+
+    weight: Tensor
+    bias: Tensor | None
+    eps: float
+    rms: bool
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.rms:
+            # As transformers' LlamaRMSNorm: normalise in fp32, scale in the model dtype.
+            h = x.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+            return self.weight * h.to(x.dtype)
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+@dataclass
+class Layer:
+    """One transformer block's weights."""
+
+    norm1: Norm
+    qkv: Linear  # hidden -> (n_heads + 2 * n_kv_heads) * head_dim
+    out: Linear  # n_heads * head_dim -> hidden
+    norm2: Norm
+    up: Linear  # llama: hidden -> 2 * intermediate (gate, up); gpt2: hidden -> intermediate
+    down: Linear  # intermediate -> hidden
+
+
+@dataclass
+class KVCache:
+    """Per-layer K and V, (slots, kv_heads, capacity, head_dim), plus filled lengths."""
+
+    k: list[Tensor]
+    v: list[Tensor]
+    lens: Tensor  # (slots,) long: positions filled per slot
+
+    @classmethod
+    def empty(cls, cfg: FastConfig, slots: int = 1, capacity: int = 256) -> KVCache:
+        shape = (slots, cfg.n_kv_heads, min(capacity, cfg.max_positions), cfg.head_dim)
+        return cls(
+            k=[torch.zeros(shape, dtype=cfg.dtype) for _ in range(cfg.n_layers)],
+            v=[torch.zeros(shape, dtype=cfg.dtype) for _ in range(cfg.n_layers)],
+            lens=torch.zeros(slots, dtype=torch.long),
+        )
+
+    @property
+    def slots(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    @torch.inference_mode()
+    def ensure(self, slots: int, capacity: int, limit: int) -> None:
+        """Grow (doubling, so rarely) to hold ``slots`` sequences of ``capacity`` positions."""
+        if slots <= self.slots and capacity <= self.capacity:
+            return
+        new_slots = self.slots if slots <= self.slots else max(slots, 2 * self.slots)
+        new_cap = self.capacity
+        if capacity > new_cap:
+            new_cap = max(capacity, min(2 * new_cap, limit))
+        for store in (self.k, self.v):
+            for i, t in enumerate(store):
+                s, h, c, d = t.shape
+                grown = torch.zeros((new_slots, h, new_cap, d), dtype=t.dtype)
+                grown[:s, :, :c] = t
+                store[i] = grown
+        lens = torch.zeros(new_slots, dtype=torch.long)
+        lens[: self.lens.shape[0]] = self.lens
+        self.lens = lens
+
+    @torch.inference_mode()
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot ``src`` into slot ``dst`` (filled positions only)."""
+        n = int(self.lens[src])
+        for store in (self.k, self.v):
+            for t in store:
+                t[dst, :, :n] = t[src, :, :n]
+        self.lens[dst] = n
+        self.lens[src] = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+
+@dataclass
+class FastDecoder:
+    """The forward pass of a supported architecture, over a slot KV cache."""
+
+    cfg: FastConfig
+    embed: Tensor  # (V, hidden) token embeddings
+    layers: list[Layer]
+    norm: Norm  # final norm
+    head: Linear  # hidden -> vocab
+    pos_embed: Tensor | None = None  # (max_positions, hidden): GPT-2's learned positions
+    rope_cos: Tensor | None = None  # (max_positions, head_dim): Llama's rotary tables
+    rope_sin: Tensor | None = None
+
+    def new_cache(self) -> KVCache:
+        """An empty cache for this model (grows as sequences need)."""
+        return KVCache.empty(self.cfg)
+
+    # -- pieces ---------------------------------------------------------------------
+
+    def _embed(self, tokens: Tensor, positions: Tensor, types: Tensor | None) -> Tensor:
+        x = F.embedding(tokens, self.embed)  # (B, T, hidden)
+        if self.pos_embed is not None:
+            x = x + F.embedding(positions, self.pos_embed)
+        if types is not None:  # GPT-2 token types share the token embedding table
+            x = x + F.embedding(types, self.embed)
+        return x.to(self.cfg.dtype)
+
+    def _rope(self, x: Tensor, positions: Tensor) -> Tensor:
+        """Rotate (B, H, T, D) by the (B, T) positions, transformers' rotate_half layout."""
+        cos = self.rope_cos[positions].unsqueeze(1).to(x.dtype)  # (B, 1, T, D)
+        sin = self.rope_sin[positions].unsqueeze(1).to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def _qkv(self, layer: Layer, h: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        cfg = self.cfg
+        b, t, _ = h.shape
+        qkv = layer.qkv(h).to(cfg.dtype)  # (B, T, (H + 2 Hkv) D)
+        q, k, v = qkv.split(
+            [
+                cfg.n_heads * cfg.head_dim,
+                cfg.n_kv_heads * cfg.head_dim,
+                cfg.n_kv_heads * cfg.head_dim,
+            ],
+            dim=-1,
+        )
+        q = q.view(b, t, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        if self.rope_cos is not None:
+            q, k = self._rope(q, positions), self._rope(k, positions)
+        return q, k, v
+
+    def _mlp(self, layer: Layer, h: Tensor) -> Tensor:
+        u = layer.up(h).to(self.cfg.dtype)
+        if self.cfg.arch == "llama":
+            gate, up = u.chunk(2, dim=-1)
+            u = F.silu(gate) * up
+        else:
+            u = F.gelu(u, approximate="tanh")
+        return layer.down(u).to(self.cfg.dtype)
+
+    def _logits(self, x: Tensor) -> Tensor:
+        return self.head(self.norm(x)).float()  # (B, V)
+
+    # -- passes ---------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(
+        self, tokens: Tensor, slot: int, cache: KVCache, types: Tensor | None = None
+    ) -> Tensor:
+        """Run one prompt (T,) into ``slot`` from position 0; return its last logits (V,)."""
+        cfg = self.cfg
+        n = tokens.shape[0]
+        cache.ensure(slot + 1, n + 1, cfg.max_positions)
+        positions = torch.arange(n).unsqueeze(0)  # (1, T)
+        x = self._embed(tokens.unsqueeze(0), positions, None if types is None else types[None])
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, layer.norm1(x), positions)
+            cache.k[i][slot, :, :n] = k[0]
+            cache.v[i][slot, :, :n] = v[0]
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=cfg.group > 1)
+            x = x + layer.out(a.transpose(1, 2).reshape(1, n, -1)).to(cfg.dtype)
+            x = x + self._mlp(layer, layer.norm2(x))
+        cache.lens[slot] = n
+        return self._logits(x[0, -1:])[0]
+
+    @torch.inference_mode()
+    def decode(self, tokens: Tensor, cache: KVCache, types: Tensor | None = None) -> Tensor:
+        """One token for each of slots 0..B-1 (B = len(tokens)); returns logits (B, V)."""
+        cfg = self.cfg
+        b = tokens.shape[0]
+        pos = cache.lens[:b].clone()  # (B,) position of the new token per slot
+        length = int(pos.max()) + 1  # attend over the filled length only
+        cache.ensure(b, length, cfg.max_positions)
+        x = self._embed(
+            tokens.view(b, 1), pos.view(b, 1), None if types is None else types.view(b, 1)
+        )
+        rows = torch.arange(b)
+        if b == 1:
+            mask = None
+        else:  # (B, 1, 1, L): each row sees its own filled positions
+            mask = (torch.arange(length).unsqueeze(0) <= pos.unsqueeze(1)).view(b, 1, 1, length)
+        g, hkv, d = cfg.group, cfg.n_kv_heads, cfg.head_dim
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, layer.norm1(x), pos.view(b, 1))
+            if b == 1:
+                p = int(pos[0])
+                cache.k[i][0, :, p] = k[0, :, 0]
+                cache.v[i][0, :, p] = v[0, :, 0]
+            else:
+                cache.k[i][rows, :, pos] = k[:, :, 0]  # (B, Hkv, D) written in place
+                cache.v[i][rows, :, pos] = v[:, :, 0]
+            kk = cache.k[i][:b, :, :length]  # (B, Hkv, L, D) views, no copy
+            vv = cache.v[i][:b, :, :length]
+            # GQA: the G query heads of a KV head act as G query positions.
+            a = F.scaled_dot_product_attention(
+                q.reshape(b, hkv, g, d), kk, vv, attn_mask=mask, scale=1.0 / math.sqrt(d)
+            )  # (B, Hkv, G, D)
+            x = x + layer.out(a.reshape(b, 1, hkv * g * d)).to(cfg.dtype)
+            x = x + self._mlp(layer, layer.norm2(x))
+        cache.lens[:b] = pos + 1
+        return self._logits(x[:, -1])
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights read per decoded token (embeddings excluded: only looked up)."""
+        total = sum(
+            lin.nbytes
+            for layer in self.layers
+            for lin in (layer.qkv, layer.out, layer.up, layer.down)
+        )
+        return total + self.head.nbytes
