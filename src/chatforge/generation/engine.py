@@ -11,6 +11,7 @@ implementation slots in without touching this code.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -68,7 +69,7 @@ class Engine:
         if fast is True and decoder is None:
             raise ValueError(f"this model has no fast path ({loaded.fast_reason})")
         if decoder is not None and fast is not False:
-            runner: Runner | Callable[[], Runner] = lambda: FastRunner(decoder)
+            runner: Runner | Callable[[], Runner] = functools.partial(FastRunner, decoder)
         else:
             runner = HFRunner(loaded.model)
         return cls(runner, tok, stops, loaded.info.context_length, pad, scheduler)
