@@ -10,10 +10,10 @@ import time
 import httpx
 import openai
 import pytest
-from serverkit import ServerThread, slow_steps, wait_until
 
 from chatforge import load_model
 from chatforge.server import Limits, create_app
+from serverkit import ServerThread, slow_steps, wait_until
 
 LIMITS = Limits(max_tokens=200, max_n=4, max_body_bytes=64 * 1024)
 

@@ -11,9 +11,11 @@ try:  # typer >= 0.24 vendors click
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exc  # type: ignore[no-redef]
 
+from chatforge.cli import logs as logs_cli
 from chatforge.cli import models as models_cli
 from chatforge.cli.chat import chat_command
 from chatforge.cli.generate import generate_command
+from chatforge.cli.serve import serve_command
 
 _NO_ARGS = getattr(click_exc, "NoArgsIsHelpError", ())
 
@@ -26,7 +28,9 @@ app = typer.Typer(
 )
 app.command("chat")(chat_command)
 app.command("generate")(generate_command)
+app.command("serve")(serve_command)
 app.add_typer(models_cli.app, name="models")
+app.add_typer(logs_cli.app, name="logs")
 
 
 def main(argv: list[str] | None = None) -> int:

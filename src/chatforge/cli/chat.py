@@ -73,6 +73,26 @@ def chat_command(
         float,
         typer.Option("--max-history-share", help="Share of the context history may take."),
     ] = 1.0,
+    api_base: Annotated[
+        str | None,
+        typer.Option("--api-base", help="Chat with an OpenAI-compatible endpoint at this URL."),
+    ] = None,
+    api_key_env: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key-env",
+            help="Variable holding the endpoint's key (default: OPENAI_API_KEY if set).",
+        ),
+    ] = None,
+    continue_: Annotated[
+        bool, typer.Option("--continue", "-c", help="Continue the latest logged conversation.")
+    ] = False,
+    cid: Annotated[
+        int | None, typer.Option("--cid", help="Continue the logged conversation with this id.")
+    ] = None,
+    no_log: Annotated[
+        bool, typer.Option("--no-log", help="Do not write this chat to the conversation log.")
+    ] = False,
 ) -> None:
     """Chat with a model: interactively, or over prompts from a file or stdin."""
     from chatforge.chat import ChatSession
@@ -105,17 +125,25 @@ def chat_command(
 
     err = Console(stderr=True)
     interactive = prompts is None
-    with err.status(f"Loading {model} ...", spinner="dots") if interactive else _nullctx():
-        loaded = load_model(model, dtype=dtype)
-    session = ChatSession(loaded, config, system=system, budget=budget)
-    if interactive:
-        info = loaded.info
-        err.print(
-            f"[bold]{info.name}[/] ({info.n_params / 1e6:.0f}M params, context "
-            f"{info.context_length}, {info.prompt_format}, {info.dtype}) loaded in "
-            f"{info.load_seconds:.1f}s. Type /help for commands.",
-            highlight=False,
-        )
+    log, resumed = _open_log(no_log, continue_, cid)
+    if api_base:
+        session = _remote_session(api_base, api_key_env, model, config, system)
+        if interactive:
+            err.print(f"[bold]{model}[/] at {api_base}. Type /help for commands.", highlight=False)
+    else:
+        with err.status(f"Loading {model} ...", spinner="dots") if interactive else _nullctx():
+            loaded = load_model(model, dtype=dtype)
+        session = ChatSession(loaded, config, system=system, budget=budget)
+        if interactive:
+            info = loaded.info
+            err.print(
+                f"[bold]{info.name}[/] ({info.n_params / 1e6:.0f}M params, context "
+                f"{info.context_length}, {info.prompt_format}, {info.dtype}) loaded in "
+                f"{info.load_seconds:.1f}s. Type /help for commands.",
+                highlight=False,
+            )
+    if log is not None:
+        session = _logged(session, log, model, api_base, resumed, system, err)
     if writer and system:
         writer.message("system", system)
     try:
@@ -127,6 +155,55 @@ def chat_command(
     finally:
         if writer:
             writer.close()
+        if log is not None:
+            log.close()
+
+
+def _open_log(no_log: bool, continue_: bool, cid: int | None):
+    """The conversation log (None with --no-log) and the conversation to resume."""
+    from chatforge.store import ConversationLog
+
+    if no_log:
+        if continue_ or cid is not None:
+            raise ChatforgeError("--continue and --cid need the conversation log; drop --no-log")
+        return None, None
+    log = ConversationLog()
+    if cid is not None:
+        return log, log.get(cid)
+    if continue_:
+        conv = log.latest()
+        if conv is None:
+            raise ChatforgeError("there is no logged conversation to continue")
+        return log, conv
+    return log, None
+
+
+def _remote_session(api_base: str, api_key_env: str | None, model: str, config, system):
+    import os
+
+    from chatforge.remote import RemoteSession
+
+    key = os.environ.get(api_key_env or "OPENAI_API_KEY")
+    if not key and api_key_env:  # named explicitly, so it must be set
+        raise ChatforgeError(f"the environment variable {api_key_env} is not set")
+    return RemoteSession(api_base, model, api_key=key, config=config, system=system)
+
+
+def _logged(session, log, model: str, api_base, resumed, system, err: Console):
+    from chatforge.store import LoggedSession
+
+    name = model if api_base else session.loaded.info.name
+    logged = LoggedSession(
+        session, log, name, backend="remote" if api_base else "local", api_base=api_base
+    )
+    if resumed is not None:
+        logged.resume(resumed)
+        if system:  # --system given now wins over the logged one
+            logged.system = system
+        err.print(
+            f"[dim](continuing conversation {resumed.id}: {len(resumed.messages)} messages)[/]"
+        )
+    return logged
 
 
 class _nullctx:
@@ -166,7 +243,7 @@ def _read_prompts(source: str) -> Iterator[str]:
 def _reply_extra(session) -> dict:
     reply = session.last
     return {
-        "model": session.loaded.info.name,
+        "model": getattr(session, "model_name", None) or session.loaded.info.name,
         "params": reply.config.to_dict(),
         "prompt_tokens": reply.prompt_tokens,
         "completion_tokens": reply.completion_tokens,

@@ -94,11 +94,18 @@ def _draining_server(config, state):
     to finish; a request that still arrives on an open keep-alive connection
     gets 503, and /health says "draining".
     """
+    import signal
+
     import uvicorn
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
             state.draining = True
             super().handle_exit(sig, frame)
+            # uvicorn re-raises the signal once shut down; after a graceful shutdown on
+            # SIGTERM (what service managers send) we exit 0 instead of dying by it.
+            captured = getattr(self, "_captured_signals", None)
+            if sig == signal.SIGTERM and captured and captured[-1] == sig:
+                captured.pop()
 
     return Server(config)
