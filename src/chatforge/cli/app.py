@@ -12,10 +12,14 @@ except ImportError:  # pragma: no cover
     from click import exceptions as click_exc  # type: ignore[no-redef]
 
 from chatforge.cli import logs as logs_cli
+from chatforge.cli import data as data_cli
 from chatforge.cli import models as models_cli
+from chatforge.cli import tokenizer as tokenizer_cli
 from chatforge.cli.chat import chat_command
+from chatforge.cli.eval import eval_command
 from chatforge.cli.generate import generate_command
 from chatforge.cli.serve import serve_command
+from chatforge.cli.train import train_command
 
 _NO_ARGS = getattr(click_exc, "NoArgsIsHelpError", ())
 
@@ -30,6 +34,10 @@ app.command("chat")(chat_command)
 app.command("generate")(generate_command)
 app.command("serve")(serve_command)
 app.add_typer(models_cli.app, name="models")
+app.command("train")(train_command)
+app.command("eval")(eval_command)
+app.add_typer(data_cli.app, name="data")
+app.add_typer(tokenizer_cli.app, name="tokenizer")
 app.add_typer(logs_cli.app, name="logs")
 
 

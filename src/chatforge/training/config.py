@@ -36,7 +36,7 @@ class TrainConfig:
     train_on: str = "assistant"  # loss on "assistant" turns, "all" tokens, or the "last" reply
     max_steps: int | None = None  # stop after this many optimizer steps
     max_time: float | None = None  # stop after this many minutes (a checkpoint is written)
-    epochs: float = 1.0  # passes over the data when neither max_steps nor max_time is set
+    epochs: float | None = None  # passes over the data; None: 1, or unlimited under max_time
     batch_size: int = 8  # rows (of `context` tokens) per micro-batch, per process
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float | None = None  # peak learning rate; None: 6e-4 scratch, 3e-4 LoRA, 5e-5 full
@@ -110,7 +110,7 @@ class TrainConfig:
             raise ValueError(f"context must be >= 8 tokens, got {self.context}")
         if self.max_time is not None and not self.max_time > 0:
             raise ValueError(f"max_time must be > 0 minutes, got {self.max_time}")
-        if not (self.epochs > 0 and math.isfinite(self.epochs)):
+        if self.epochs is not None and not (self.epochs > 0 and math.isfinite(self.epochs)):
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be > 0, got {self.lr}")

@@ -122,24 +122,26 @@ def encode_conversation(
             used += sizes[end] + overhead
             end += 1
         window = system + list(turns[start:end])
-        if train_on == "last" and end < len(turns):
-            window_train_on = "assistant"  # "last" means the conversation's last reply only
-            keep_loss = False
-        else:
-            window_train_on, keep_loss = train_on, True
+        if train_on != "all" and not any(m.role == "assistant" for m in window):
+            start = end  # e.g. a trailing user turn with no reply: nothing to learn, no loss
+            continue
         try:
             w_ids, w_types, w_mask = fmt.encode_for_training(window)
+            while len(w_ids) > context and end - start > 2:  # the estimate was short
+                end -= 1
+                window = system + list(turns[start:end])
+                w_ids, w_types, w_mask = fmt.encode_for_training(window)
         except ValueError as e:
             _drop(stats, str(e))
         else:
-            w_mask = apply_train_on(w_mask, window_train_on)
-            if not keep_loss:
-                w_mask = [False] * len(w_mask)
-            if len(w_ids) > context:
-                stats.truncated += 1
-                w_ids, w_mask = w_ids[:context], w_mask[:context]
-                w_types = w_types[:context] if w_types is not None else None
-            out.append(Example(w_ids, w_types, w_mask))
+            # "last" learns the conversation's last reply only: earlier windows are left out.
+            if train_on != "last" or end >= len(turns):
+                w_mask = apply_train_on(w_mask, train_on)
+                if len(w_ids) > context:
+                    stats.truncated += 1
+                    w_ids, w_mask = w_ids[:context], w_mask[:context]
+                    w_types = w_types[:context] if w_types is not None else None
+                out.append(Example(w_ids, w_types, w_mask))
         # The next window starts at a user turn; step back one turn if it would be a reply.
         nxt = end
         if nxt < len(turns) and turns[nxt].role == "assistant" and nxt - 1 > start:

@@ -1,0 +1,93 @@
+"""``chatforge eval``: held-out perplexity and reply statistics, models side by side."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+
+def eval_command(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model to evaluate.")],
+    data: Annotated[list[str], typer.Option("--data", "-d", help="Held-out data (repeatable).")],
+    compare: Annotated[
+        list[str] | None, typer.Option("--compare", help="More models, side by side.")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", help="Conversations to score.")] = 200,
+    replies: Annotated[int, typer.Option("--replies", help="Replies to generate (0: none).")] = 32,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", help="Reply length limit.")
+    ] = 48,
+    valid_split: Annotated[
+        float | None,
+        typer.Option("--valid-split", help="Score only the tail train --valid-split held out."),
+    ] = None,
+    data_format: Annotated[
+        str | None, typer.Option("--data-format", help="Data kind override.")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Sample replies with this seed (else greedy).")
+    ] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="fp32 or bf16.")] = "fp32",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Perplexity on held-out assistant turns, distinct-1/2, repetition, reply length."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from chatforge.models import load_model
+    from chatforge.training.data import load_data
+    from chatforge.training.evaluate import evaluate
+
+    if limit < 1:
+        raise ValueError("--limit must be >= 1")
+    if replies < 0:
+        raise ValueError("--replies must be >= 0")
+    if max_new_tokens < 1:
+        raise ValueError("--max-new-tokens must be >= 1")
+    err = Console(stderr=True)
+    bad: list[str] = []
+    ds = load_data(data, data_format, "skip", bad.append)
+    if ds.kind == "text":
+        raise ValueError("--data must hold conversations (eval scores assistant turns)")
+    if valid_split is not None:
+        ds = ds.split_tail(valid_split)[1]
+    if bad:
+        err.print(f"[yellow]skipped {len(bad)} malformed line(s)[/] (first: {bad[0]})")
+    convs = ds.conversations[:limit]
+    results = []
+    for ref in [model, *(compare or [])]:
+        loaded = load_model(ref, dtype)
+        if not as_json:
+            err.print(f"evaluating {ref} on {len(convs)} conversations ...")
+        results.append(evaluate(loaded, convs, ref, replies, max_new_tokens, seed))
+        del loaded
+    if as_json:
+        print(json.dumps({"models": [r.to_dict() for r in results]}, indent=2))
+        return
+    table = Table(title=f"{len(convs)} held-out conversations")
+    table.add_column("metric")
+    for r in results:
+        table.add_column(r.model)
+
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    rows = [
+        ("perplexity", "perplexity", ".2f"),
+        ("loss (nats/token)", "loss", ".4f"),
+        ("assistant tokens", "eval_tokens", ","),
+        ("distinct-1", "distinct_1", ".3f"),
+        ("distinct-2", "distinct_2", ".3f"),
+        ("repeated 3-gram rate", "repeated_ngram_rate", ".3f"),
+        ("mean reply tokens", "mean_reply_tokens", ".1f"),
+        ("replies", "replies", "d"),
+    ]
+    for label, key, spec in rows:
+        table.add_row(label, *(fmt(getattr(r, key), spec) for r in results))
+    out = Console()
+    out.print(table)
+    for r in results:
+        for s in r.samples[:2]:
+            out.print(f"[bold]{r.model}[/] > {s['prompt'][:80]!r}\n  {s['reply'][:160]!r}")

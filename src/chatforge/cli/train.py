@@ -1,0 +1,125 @@
+"""``chatforge train``: fine-tune a model or train a new GPT-2 on the user's data."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+import typer
+
+from chatforge.cli.options import flag_for
+
+Opt = typer.Option
+
+
+def config_error(e: ValueError) -> ValueError:
+    """A TrainConfig message starts with the field name; show the flag instead."""
+    from chatforge.training.config import TrainConfig
+
+    fields = set(TrainConfig.__dataclass_fields__)
+    msg = re.sub(
+        r"^(\w+)\b", lambda m: flag_for(m.group(1)) if m.group(1) in fields else m.group(1), str(e)
+    )
+    return ValueError(msg)
+
+
+def train_command(
+    data: Annotated[
+        list[str],
+        Opt("--data", "-d", help="Training data: .txt file/folder, JSONL, or chitchat (repeat)."),
+    ],
+    output: Annotated[str, Opt("--output", "-o", help="Output directory (becomes a model).")],
+    model: Annotated[str | None, Opt("--model", "-m", help="Model to fine-tune.")] = None,
+    init: Annotated[str | None, Opt("--init", help="'gpt2': a new model from scratch.")] = None,
+    tokenizer: Annotated[
+        str | None, Opt("--tokenizer", help="Tokenizer directory for --init gpt2.")
+    ] = None,
+    n_layer: Annotated[int, Opt("--n-layer", help="New model: layers.")] = 4,
+    n_embd: Annotated[int, Opt("--n-embd", help="New model: hidden size.")] = 256,
+    n_head: Annotated[int, Opt("--n-head", help="New model: attention heads.")] = 4,
+    valid: Annotated[str | None, Opt("--valid", help="Validation data file.")] = None,
+    valid_split: Annotated[
+        float | None, Opt("--valid-split", help="Hold out this fraction (the data's tail).")
+    ] = None,
+    format: Annotated[
+        str | None, Opt("--format", help="Prompt format: chat_template, sep or eos.")
+    ] = None,
+    data_format: Annotated[
+        str | None,
+        Opt("--data-format", help="Data kind: text, convmodel, openai, sharegpt, chitchat."),
+    ] = None,
+    on_error: Annotated[str, Opt("--on-error", help="Malformed lines: skip or fail.")] = "skip",
+    train_on: Annotated[
+        str, Opt("--train-on", help="Loss on: assistant turns, all tokens, last reply.")
+    ] = "assistant",
+    max_steps: Annotated[int | None, Opt("--max-steps", help="Stop after N steps.")] = None,
+    max_time: Annotated[float | None, Opt("--max-time", help="Stop after N minutes.")] = None,
+    epochs: Annotated[float | None, Opt("--epochs", help="Passes over the data.")] = None,
+    batch_size: Annotated[int, Opt("--batch-size", help="Rows per micro-batch.")] = 8,
+    grad_accum: Annotated[int, Opt("--grad-accum", help="Micro-batches per step.")] = 1,
+    lr: Annotated[float | None, Opt("--lr", help="Peak learning rate.")] = None,
+    warmup: Annotated[float, Opt("--warmup", help="Warm-up: fraction (<1) or steps.")] = 0.05,
+    context: Annotated[int | None, Opt("--context", help="Row length in tokens.")] = None,
+    eval_every: Annotated[int, Opt("--eval-every", help="Validate every N steps.")] = 100,
+    save_every: Annotated[int, Opt("--save-every", help="Checkpoint every N steps.")] = 200,
+    log_every: Annotated[int, Opt("--log-every", help="Metrics row every N steps.")] = 10,
+    lora: Annotated[bool, Opt("--lora", help="Train LoRA adapters (peft).")] = False,
+    lora_r: Annotated[int, Opt("--lora-r", help="LoRA rank.")] = 8,
+    lora_alpha: Annotated[float, Opt("--lora-alpha", help="LoRA alpha.")] = 16.0,
+    merge: Annotated[bool, Opt("--merge", help="Write merged LoRA weights.")] = False,
+    precision: Annotated[str, Opt("--precision", help="auto, fp32 or bf16.")] = "auto",
+    no_packing: Annotated[bool, Opt("--no-packing", help="One example per row.")] = False,
+    resume: Annotated[bool, Opt("--resume", help="Continue from the last checkpoint.")] = False,
+    overwrite: Annotated[bool, Opt("--overwrite", help="Replace a previous run.")] = False,
+    seed: Annotated[int, Opt("--seed", help="Random seed.")] = 0,
+    quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Fine-tune a model (--model) or train a new GPT-2 (--init gpt2) on your data."""
+    from chatforge.training.config import TrainConfig
+    from chatforge.training.trainer import TrainingInterrupted, train
+
+    try:
+        cfg = TrainConfig(
+            data=data,
+            output=output,
+            model=model,
+            init=init,
+            tokenizer=tokenizer,
+            n_layer=n_layer,
+            n_embd=n_embd,
+            n_head=n_head,
+            valid=valid,
+            valid_split=valid_split,
+            format=format,
+            data_format=data_format,
+            on_error=on_error,
+            train_on=train_on,
+            max_steps=max_steps,
+            max_time=max_time,
+            epochs=epochs,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            lr=lr,
+            warmup=warmup,
+            context=context,
+            eval_every=eval_every,
+            save_every=save_every,
+            log_every=log_every,
+            lora=lora,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            merge=merge,
+            precision=precision,
+            packing=not no_packing,
+            resume=resume,
+            overwrite=overwrite,
+            seed=seed,
+            progress=not quiet,
+        )
+    except ValueError as e:
+        raise config_error(e) from None
+    try:
+        train(cfg)
+    except TrainingInterrupted as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(130) from None

@@ -1,0 +1,184 @@
+"""Measure conversation models: held-out perplexity and what their replies look like.
+
+* **perplexity**: ``exp`` of the mean next-token loss on the assistant turns of
+  held-out conversations (rendered with each model's own prompt format);
+* **distinct-1 / distinct-2**: unique word unigrams / bigrams over all
+  generated replies, divided by their total (low = the model repeats itself
+  across replies, the classic "i don't know" failure);
+* **repeated n-gram rate**: the share of word 3-grams in a reply that already
+  occurred earlier in the same reply (high = loops), averaged over replies;
+* **mean reply length** in tokens.
+
+Replies are generated with chatforge's :class:`~chatforge.Engine` for the last
+assistant turn of each held-out conversation, greedily (or sampled with a seed).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from chatforge.conversation.messages import Message
+from chatforge.training.examples import (
+    IGNORE,
+    build_examples,
+    collate,
+    loss_sum,
+    model_inputs,
+    pack,
+    packing_isolates,
+)
+
+NGRAM = 3  # n of the repeated n-gram rate
+
+
+@dataclass
+class EvalResult:
+    """One model's scores on one dataset."""
+
+    model: str
+    perplexity: float | None
+    loss: float | None
+    eval_tokens: int  # assistant tokens the perplexity is computed over
+    conversations: int
+    distinct_1: float | None
+    distinct_2: float | None
+    repeated_ngram_rate: float | None
+    mean_reply_tokens: float | None
+    replies: int
+    seconds: float
+    samples: list[dict]  # a few (prompt, reply) pairs to eyeball
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def perplexity(loaded: Any, conversations: Sequence[list[Message]], batch_size: int = 8):
+    """``(loss, tokens)``: mean next-token loss over assistant tokens of ``conversations``."""
+    from chatforge.training.data import Dataset
+
+    model = loaded.model
+    context = min(loaded.info.context_length, 1024)
+    examples, _ = build_examples(
+        loaded.format, Dataset("convmodel", list(conversations)), context, "assistant"
+    )
+    if not examples:
+        return None, 0
+    isolated = packing_isolates(model, len(loaded.tokenizer), loaded.info.prompt_format == "sep")
+    rows = pack(examples, context, enabled=isolated)
+    dev = next(model.parameters()).device
+    total, n = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        batch = {k: v.to(dev) for k, v in collate(rows[i : i + batch_size], 0).items()}
+        logits = model(**model_inputs(batch)).logits  # (B, T, V)
+        total += float(loss_sum(logits, batch["targets"]))
+        n += int((batch["targets"] != IGNORE).sum())
+    return total / max(1, n), n
+
+
+def reply_prompts(conversations: Sequence[list[Message]]) -> list[list[Message]]:
+    """Each conversation up to (not including) its last assistant turn."""
+    out = []
+    for conv in conversations:
+        last = max((i for i, m in enumerate(conv) if m.role == "assistant"), default=0)
+        if last > 0:
+            out.append(list(conv[:last]))
+    return out
+
+
+def generate_replies(
+    loaded: Any,
+    prompts: Sequence[list[Message]],
+    max_new_tokens: int = 48,
+    seed: int | None = None,
+    batch_size: int = 8,
+) -> list[Any]:
+    """Completions (chatforge Engine) for each prompt; old turns dropped to fit the context."""
+    from chatforge import Engine, GenerationConfig, Request
+
+    if seed is None:
+        cfg = GenerationConfig(temperature=0, max_new_tokens=max_new_tokens)
+    else:
+        cfg = GenerationConfig(temperature=0.7, top_p=0.9, max_new_tokens=max_new_tokens, seed=seed)
+    engine = Engine.from_loaded(loaded)
+    budget = loaded.info.context_length - max_new_tokens
+    requests = []
+    for msgs in prompts:
+        msgs = list(msgs)
+        enc = loaded.format.encode(msgs)
+        while len(enc) > budget and len(msgs) > 1:
+            msgs = msgs[2:] if len(msgs) > 2 else msgs[1:]  # drop the oldest exchange
+            enc = loaded.format.encode(msgs)
+        ids = enc.input_ids[-budget:]
+        types = enc.token_type_ids[-budget:] if enc.token_type_ids is not None else None
+        requests.append(Request(ids, cfg, types, enc.reply_token_type))
+    out = []
+    for i in range(0, len(requests), batch_size):
+        out += engine.generate(requests[i : i + batch_size])
+    return out
+
+
+def reply_stats(texts: Sequence[str]) -> dict[str, float | None]:
+    """distinct-1, distinct-2 and the repeated n-gram rate of reply texts."""
+    words = [t.lower().split() for t in texts]
+    uni = [w for ws in words for w in ws]
+    bi = [tuple(ws[i : i + 2]) for ws in words for i in range(len(ws) - 1)]
+    rates = []
+    for ws in words:
+        grams = [tuple(ws[i : i + NGRAM]) for i in range(len(ws) - NGRAM + 1)]
+        if grams:
+            rates.append(1 - len(set(grams)) / len(grams))
+    return {
+        "distinct_1": len(set(uni)) / len(uni) if uni else None,
+        "distinct_2": len(set(bi)) / len(bi) if bi else None,
+        "repeated_ngram_rate": sum(rates) / len(rates) if rates else 0.0,
+    }
+
+
+def evaluate(
+    loaded: Any,
+    conversations: Sequence[list[Message]],
+    name: str | None = None,
+    replies: int = 32,
+    max_new_tokens: int = 48,
+    seed: int | None = None,
+) -> EvalResult:
+    """Perplexity on all ``conversations``; reply metrics on the first ``replies`` of them."""
+    t0 = time.perf_counter()
+    loaded.model.eval()
+    loss, n = perplexity(loaded, conversations)
+    stats: dict[str, float | None] = {
+        "distinct_1": None,
+        "distinct_2": None,
+        "repeated_ngram_rate": None,
+    }
+    mean_len, samples, done = None, [], 0
+    if replies > 0:
+        prompts = reply_prompts(conversations)[:replies]
+        comps = generate_replies(loaded, prompts, max_new_tokens, seed)
+        stats = reply_stats([c.text for c in comps])
+        mean_len = sum(c.completion_tokens for c in comps) / len(comps) if comps else None
+        done = len(comps)
+        samples = [
+            {"prompt": p[-1].content, "reply": c.text} for p, c in zip(prompts, comps, strict=True)
+        ][:3]
+    return EvalResult(
+        model=name or loaded.info.name,
+        perplexity=math.exp(min(loss, 50)) if loss is not None else None,
+        loss=loss,
+        eval_tokens=n,
+        conversations=len(conversations),
+        distinct_1=stats["distinct_1"],
+        distinct_2=stats["distinct_2"],
+        repeated_ngram_rate=stats["repeated_ngram_rate"],
+        mean_reply_tokens=mean_len,
+        replies=done,
+        seconds=time.perf_counter() - t0,
+        samples=samples,
+    )
