@@ -11,8 +11,8 @@ try:  # typer >= 0.24 vendors click
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exc  # type: ignore[no-redef]
 
-from chatforge.cli import logs as logs_cli
 from chatforge.cli import data as data_cli
+from chatforge.cli import logs as logs_cli
 from chatforge.cli import models as models_cli
 from chatforge.cli import tokenizer as tokenizer_cli
 from chatforge.cli.chat import chat_command
