@@ -63,6 +63,7 @@ class TrainResult:
     resumed_from: int | None = None  # step of the checkpoint this run continued from
     packed: bool = True
     precision: str = "fp32"
+    model: Any = None  # the trained model (unwrapped; with LoRA, the peft model)
 
 
 def train(
@@ -119,7 +120,7 @@ class Trainer:
             out.mkdir(parents=True, exist_ok=True)
         self.acc.wait_for_everyone()
 
-    def _data(self, built: Built) -> tuple[list[Row], list[Row], bool]:
+    def _read(self):
         cfg = self.cfg
         shown: list[str] = []
 
@@ -136,6 +137,10 @@ class Trainer:
             train_ds, valid_ds = train_ds.split_tail(cfg.valid_split)
         if shown:
             self.say(f"[yellow]skipped {len(shown)} malformed line(s)[/] (first: {shown[0]})")
+        return train_ds, valid_ds
+
+    def _data(self, built: Built, train_ds, valid_ds) -> tuple[list[Row], list[Row], bool]:
+        cfg = self.cfg
         fmt = get_format(built.format_name, built.tokenizer)
         train_ex, st = build_examples(fmt, train_ds, built.context, cfg.train_on)
         if not train_ex:
@@ -188,10 +193,11 @@ class Trainer:
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed)  # python, numpy, torch: weights (new model), dropout
+        train_ds, valid_ds = self._read()  # first: a bad data file fails before a slow load
         built = build_model(cfg)
         tok = built.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0
-        rows, vrows, packed = self._data(built)
+        rows, vrows, packed = self._data(built, train_ds, valid_ds)
         world, rank = acc.num_processes, acc.process_index
         per_step = cfg.batch_size * cfg.grad_accum * world
         spe = max(1, len(rows) // per_step)  # steps per epoch
@@ -341,6 +347,7 @@ class Trainer:
             resumed_from=resumed_from,
             packed=packed,
             precision=precision,
+            model=unwrap(model),
         )
 
     # -- pieces of the loop ----------------------------------------------------
