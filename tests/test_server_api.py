@@ -93,6 +93,8 @@ def test_health_models_and_page(server):
     assert r.status_code == 200 and r.json()["status"] == "ok"
     models = httpx.get(server.url + "/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == "tiny"
+    assert httpx.get(server.url + "/v1/models/tiny").json()["id"] == "tiny"
+    assert httpx.get(server.url + "/v1/models/other").status_code == 404
     page = httpx.get(server.url + "/")
     assert page.status_code == 200 and "/v1/chat/completions" in page.text
 
@@ -227,6 +229,15 @@ BAD = [
     ("stop type", chat_body(stop=3), 400, "stop", None),
     ("too many stops", chat_body(stop=["a", "b", "c", "d", "e"]), 400, "stop", None),
     ("seed type", chat_body(seed=1.5), 400, "seed", None),
+    ("seed range", chat_body(seed=-1), 400, "seed", None),
+    ("empty stop", chat_body(stop=[""]), 400, "stop", None),
+    (
+        "content type",
+        chat_body(messages=[{"role": "user", "content": 5}]),
+        400,
+        "messages[0].content",
+        None,
+    ),
     ("stream type", chat_body(stream="yes"), 400, "stream", None),
     ("unknown model", chat_body(model="gpt-9"), 404, "model", "model_not_found"),
     ("context", chat_body(messages=_too_long()), 400, "messages", "context_length_exceeded"),

