@@ -90,6 +90,7 @@ class Trainer:
         self.on_step = on_step
         self.out = Path(cfg.output).expanduser()
         self.dev = self.acc.device
+        self.skipped: list[str] = []
 
     def say(self, msg: str) -> None:
         if self.main:
@@ -137,6 +138,7 @@ class Trainer:
             train_ds, valid_ds = train_ds.split_tail(cfg.valid_split)
         if shown:
             self.say(f"[yellow]skipped {len(shown)} malformed line(s)[/] (first: {shown[0]})")
+        self.skipped = shown
         return train_ds, valid_ds
 
     def _data(self, built: Built, train_ds, valid_ds) -> tuple[list[Row], list[Row], bool]:
@@ -476,6 +478,11 @@ class Trainer:
         save_model_dir(bare, built, self.cfg, self.out, facts)
         self._plot()
         rate = tokens / max(t_run, 1e-9)
+        if self.skipped:
+            self.say(
+                f"[yellow]note: {len(self.skipped)} malformed data line(s) were skipped[/] "
+                f"(first: {self.skipped[0]}); --on-error fail stops at the first one"
+            )
         self.say(
             f"done: {state['step']} steps, {rate:,.0f} tokens/s; wrote the model ({used} weights) "
             f"to {self.out}; chat with: chatforge chat --model {self.out}"
