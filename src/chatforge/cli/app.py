@@ -11,6 +11,7 @@ try:  # typer >= 0.24 vendors click
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exc  # type: ignore[no-redef]
 
+from chatforge.cli import bench as bench_cli
 from chatforge.cli import data as data_cli
 from chatforge.cli import logs as logs_cli
 from chatforge.cli import models as models_cli
@@ -38,6 +39,7 @@ app.command("train")(train_command)
 app.command("eval")(eval_command)
 app.add_typer(data_cli.app, name="data")
 app.add_typer(tokenizer_cli.app, name="tokenizer")
+app.add_typer(bench_cli.app, name="bench")
 app.add_typer(logs_cli.app, name="logs")
 
 

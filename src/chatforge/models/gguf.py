@@ -41,6 +41,14 @@ def check_gguf(path: Path) -> None:
             f"{path} is not a valid GGUF file (it does not start with the GGUF magic bytes); "
             "re-download or re-export it"
         )
+    try:  # parse the header and tensor table (memory-mapped: fast) before any conversion
+        from gguf import GGUFReader
+
+        GGUFReader(str(path))
+    except Exception as e:
+        raise ModelLoadError(
+            f"could not read GGUF file {path}: {_short(e)}; it may be truncated or corrupt"
+        ) from e
 
 
 def cache_key(path: Path) -> str:

@@ -65,6 +65,18 @@ def build_fast_model(
     return _from_llama(model, dtype, quantize, group_size)
 
 
+def _interleave(t: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """Reorder each head's rows from (0..D/2-1, D/2..D-1) to (0, D/2, 1, D/2+1, ...).
+
+    transformers rotates feature i with feature i + D/2; adjacent pairs let the
+    rotation be one complex multiply. Works on (H*D, K) weights and (H*D,) biases.
+    """
+    half = head_dim // 2
+    perm = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).flatten()
+    shape = t.shape
+    return t.reshape(n_heads, head_dim, -1)[:, perm].reshape(shape)
+
+
 def _lin(weight, bias, dtype, quantize, group_size):
     return make_linear(_w(weight), None if bias is None else _w(bias), dtype, quantize, group_size)
 
@@ -92,8 +104,19 @@ def _from_llama(model: Any, dtype, quantize: str, group_size: int) -> FastDecode
     for blk in inner.layers:
         at, mlp = blk.self_attn, blk.mlp
         biases = [p.bias for p in (at.q_proj, at.k_proj, at.v_proj)]
-        qkv_b = None if all(b is None for b in biases) else torch.cat([_w(b) for b in biases])
-        qkv_w = torch.cat([_w(at.q_proj.weight), _w(at.k_proj.weight), _w(at.v_proj.weight)])
+        qkv_b = None
+        if any(b is not None for b in biases):
+            qb, kb, vb = (_w(b) if b is not None else None for b in biases)
+            qkv_b = torch.cat(
+                [_interleave(qb, n_heads, head_dim), _interleave(kb, n_kv, head_dim), vb]
+            )
+        qkv_w = torch.cat(
+            [
+                _interleave(_w(at.q_proj.weight), n_heads, head_dim),
+                _interleave(_w(at.k_proj.weight), n_kv, head_dim),
+                _w(at.v_proj.weight),
+            ]
+        )
         layers.append(
             Layer(
                 norm1=Norm(blk.input_layernorm.weight.detach().to(dtype), None, fc.eps, rms=True),
@@ -116,8 +139,7 @@ def _from_llama(model: Any, dtype, quantize: str, group_size: int) -> FastDecode
     rot = inner.rotary_emb
     inv_freq = rot.inv_freq.detach().float()  # (D/2,)
     scaling = float(getattr(rot, "attention_scaling", 1.0))
-    freqs = torch.outer(torch.arange(fc.max_positions, dtype=torch.float32), inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (P, D)
+    freqs = torch.outer(torch.arange(fc.max_positions, dtype=torch.float32), inv_freq)  # (P, D/2)
     head = model.get_output_embeddings().weight
     return FastDecoder(
         cfg=fc,
@@ -125,8 +147,7 @@ def _from_llama(model: Any, dtype, quantize: str, group_size: int) -> FastDecode
         layers=layers,
         norm=Norm(inner.norm.weight.detach().to(dtype), None, fc.eps, rms=True),
         head=_lin(head, None, dtype, quantize, group_size),
-        rope_cos=emb.cos() * scaling,
-        rope_sin=emb.sin() * scaling,
+        rope=torch.polar(torch.full_like(freqs, scaling), freqs),  # (P, D/2) complex64
     )
 
 

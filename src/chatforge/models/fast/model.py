@@ -58,11 +58,9 @@ class Norm:
     rms: bool
 
     def __call__(self, x: Tensor) -> Tensor:
+        # One fused op each (fewer ops per token is most of the fast path's win).
         if self.rms:
-            # As transformers' LlamaRMSNorm: normalise in fp32, scale in the model dtype.
-            h = x.float()
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-            return self.weight * h.to(x.dtype)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
 
@@ -147,8 +145,10 @@ class FastDecoder:
     norm: Norm  # final norm
     head: Linear  # hidden -> vocab
     pos_embed: Tensor | None = None  # (max_positions, hidden): GPT-2's learned positions
-    rope_cos: Tensor | None = None  # (max_positions, head_dim): Llama's rotary tables
-    rope_sin: Tensor | None = None
+    # Llama's rotary embedding as complex rotations, (max_positions, head_dim / 2).
+    # The converter permutes each head's Q/K rows so that the pairs transformers
+    # rotates together, (i, i + D/2), are adjacent; Q.K is unchanged by that.
+    rope: Tensor | None = None
 
     def new_cache(self) -> KVCache:
         """An empty cache for this model (grows as sequences need)."""
@@ -164,32 +164,20 @@ class FastDecoder:
             x = x + F.embedding(types, self.embed)
         return x.to(self.cfg.dtype)
 
-    def _rope(self, x: Tensor, positions: Tensor) -> Tensor:
-        """Rotate (B, H, T, D) by the (B, T) positions, transformers' rotate_half layout."""
-        cos = self.rope_cos[positions].unsqueeze(1).to(x.dtype)  # (B, 1, T, D)
-        sin = self.rope_sin[positions].unsqueeze(1).to(x.dtype)
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
-
-    def _qkv(self, layer: Layer, h: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _qkv(self, layer: Layer, h: Tensor, freqs: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Q (B, H, T, D), K and V (B, Hkv, T, D), rotated; freqs (B, T, D/2) complex."""
         cfg = self.cfg
         b, t, _ = h.shape
+        hq, hkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         qkv = layer.qkv(h).to(cfg.dtype)  # (B, T, (H + 2 Hkv) D)
-        q, k, v = qkv.split(
-            [
-                cfg.n_heads * cfg.head_dim,
-                cfg.n_kv_heads * cfg.head_dim,
-                cfg.n_kv_heads * cfg.head_dim,
-            ],
-            dim=-1,
-        )
-        q = q.view(b, t, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-        if self.rope_cos is not None:
-            q, k = self._rope(q, positions), self._rope(k, positions)
-        return q, k, v
+        nqk = (hq + hkv) * d
+        qk, v = qkv[..., :nqk], qkv[..., nqk:]
+        if freqs is not None:  # rotate Q and K together: one complex multiply
+            pairs = torch.view_as_complex(qk.float().reshape(b, t, hq + hkv, d // 2, 2))
+            qk = torch.view_as_real(pairs * freqs.unsqueeze(2)).reshape(b, t, nqk).to(cfg.dtype)
+        q = qk[..., : hq * d].reshape(b, t, hq, d).transpose(1, 2)
+        k = qk[..., hq * d :].reshape(b, t, hkv, d).transpose(1, 2)
+        return q, k, v.reshape(b, t, hkv, d).transpose(1, 2)
 
     def _mlp(self, layer: Layer, h: Tensor) -> Tensor:
         u = layer.up(h).to(self.cfg.dtype)
@@ -207,22 +195,33 @@ class FastDecoder:
 
     @torch.inference_mode()
     def prefill(
-        self, tokens: Tensor, slot: int, cache: KVCache, types: Tensor | None = None
+        self,
+        tokens: Tensor,
+        slot: int,
+        cache: KVCache,
+        types: Tensor | None = None,
+        all_logits: bool = False,
     ) -> Tensor:
-        """Run one prompt (T,) into ``slot`` from position 0; return its last logits (V,)."""
+        """Run one prompt (T,) into ``slot`` from position 0; return its last logits (V,).
+
+        With ``all_logits`` the logits of every position, (T, V), for scoring text.
+        """
         cfg = self.cfg
         n = tokens.shape[0]
         cache.ensure(slot + 1, n + 1, cfg.max_positions)
         positions = torch.arange(n).unsqueeze(0)  # (1, T)
         x = self._embed(tokens.unsqueeze(0), positions, None if types is None else types[None])
+        freqs = None if self.rope is None else self.rope[positions]  # (1, T, D/2)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, layer.norm1(x), positions)
+            q, k, v = self._qkv(layer, layer.norm1(x), freqs)
             cache.k[i][slot, :, :n] = k[0]
             cache.v[i][slot, :, :n] = v[0]
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=cfg.group > 1)
             x = x + layer.out(a.transpose(1, 2).reshape(1, n, -1)).to(cfg.dtype)
             x = x + self._mlp(layer, layer.norm2(x))
         cache.lens[slot] = n
+        if all_logits:
+            return self._logits(x[0])
         return self._logits(x[0, -1:])[0]
 
     @torch.inference_mode()
@@ -242,8 +241,9 @@ class FastDecoder:
         else:  # (B, 1, 1, L): each row sees its own filled positions
             mask = (torch.arange(length).unsqueeze(0) <= pos.unsqueeze(1)).view(b, 1, 1, length)
         g, hkv, d = cfg.group, cfg.n_kv_heads, cfg.head_dim
+        freqs = None if self.rope is None else self.rope[pos].view(b, 1, -1)  # (B, 1, D/2)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, layer.norm1(x), pos.view(b, 1))
+            q, k, v = self._qkv(layer, layer.norm1(x), freqs)
             if b == 1:
                 p = int(pos[0])
                 cache.k[i][0, :, p] = k[0, :, 0]
