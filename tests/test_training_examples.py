@@ -121,4 +121,8 @@ def test_packed_row_logits_equal_each_example_alone(which, tiny_gpt2_dir, tiny_l
     pos = torch.tensor([list(range(7)) + list(range(5))])
     with torch.no_grad():
         leaky = model(input_ids=ids, position_ids=pos).logits[0]
+        # and the mask keeps ordinary causal attention: one example = a plain forward
+        types = {"token_type_ids": torch.tensor([[0] * 4 + [1] * 3])} if which == "gpt2" else {}
+        plain = model(input_ids=ids[:, :7], **types).logits[0]
+    torch.testing.assert_close(alone[:7], plain, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(leaky[7:], alone[7:], atol=1e-4)

@@ -66,10 +66,20 @@ def inspect_command(
     out = Console(highlight=False)
     for i, ex in enumerate(examples[:count]):
         out.rule(f"example {i + 1} ({len(ex)} tokens, {ex.n_loss} with loss)")
-        parts = []
+        # Runs of learned / context tokens; without colours (a pipe) learned runs get [[ ]].
+        runs: list[tuple[bool, list[int]]] = []
         for tid, learn in zip(ex.ids, ex.mask, strict=True):
-            piece = escape(tok.decode([tid]))
-            parts.append(f"[bold green on grey15]{piece}[/]" if learn else f"[dim]{piece}[/]")
+            if runs and runs[-1][0] == learn:
+                runs[-1][1].append(tid)
+            else:
+                runs.append((learn, [tid]))
+        parts = []
+        for learn, ids in runs:
+            piece = escape(tok.decode(ids))
+            if not out.is_terminal:
+                parts.append(f"[[{piece}]]" if learn else piece)
+            else:
+                parts.append(f"[bold green on grey15]{piece}[/]" if learn else f"[dim]{piece}[/]")
         out.print("".join(parts))
     out.rule("statistics")
     table = Table(show_header=False)
@@ -87,4 +97,7 @@ def inspect_command(
         out.print(f"[yellow]skipped[/] {escape(msg)}")
     for why in st.drop_reasons[:3]:
         out.print(f"[yellow]dropped[/] {escape(why)}")
-    out.print("[bold green on grey15]highlighted[/] tokens carry the loss")
+    if out.is_terminal:
+        out.print("[bold green on grey15]highlighted[/] tokens carry the loss")
+    else:
+        out.print("tokens in \\[[ ]] carry the loss")
