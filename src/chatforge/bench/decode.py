@@ -96,7 +96,7 @@ def measure(
     fast = setting.engine == "chatforge"
     loaded = load_model(model_ref, dtype=setting.dtype, quantize=setting.quantize, fast=fast)
     run = _ChatforgeRun(loaded) if fast else _TransformersRun(loaded)
-    long_ids = _long_prompt(loaded)
+    long_ids = _long_prompt(loaded, min(500, loaded.info.context_length // 2))
     run.generate([long_ids[:64]], 4)  # warm-up: first calls allocate and tune kernels
     t0 = time.perf_counter()
     run.prefill(long_ids)

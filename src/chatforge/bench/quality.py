@@ -21,6 +21,7 @@ def chitchat_sample(loaded: Any, conversations: int = 40, max_tokens: int = 512)
     """(ids, assistant mask) pairs for the first chitchat conversations that have replies."""
     from chatforge.training.data import load_chitchat
 
+    max_tokens = min(max_tokens, loaded.info.context_length)
     out = []
     for conv in load_chitchat()[: conversations * 2]:
         ids, _, mask = loaded.format.encode_for_training(conv)

@@ -18,6 +18,7 @@ from chatforge.cli.options import (
     ModelOpt,
     NoRepeatOpt,
     PresetOpt,
+    QuantizeOpt,
     RepPenOpt,
     SeedOpt,
     StopOpt,
@@ -47,6 +48,7 @@ def chat_command(
     model: ModelOpt = "smollm2",
     system: SystemOpt = None,
     dtype: DtypeOpt = "fp32",
+    quantize: QuantizeOpt = None,
     preset: PresetOpt = None,
     temperature: TemperatureOpt = None,
     top_k: TopKOpt = None,
@@ -98,6 +100,7 @@ def chat_command(
     from chatforge.chat import ChatSession
     from chatforge.conversation import BudgetConfig
     from chatforge.models import load_model, parse_dtype
+    from chatforge.models.loading import parse_quantize
     from chatforge.transcript import TranscriptWriter
 
     # Everything the user typed is checked before the (slow) model load.
@@ -115,6 +118,7 @@ def chat_command(
         seed,
     )
     parse_dtype(dtype)
+    quantize = parse_quantize(quantize or "auto")
     budget = BudgetConfig(max_history_share=max_history_share)
     prompts: Iterator[str] | None = None
     if prompt_file is not None:
@@ -132,13 +136,15 @@ def chat_command(
             err.print(f"[bold]{model}[/] at {api_base}. Type /help for commands.", highlight=False)
     else:
         with err.status(f"Loading {model} ...", spinner="dots") if interactive else _nullctx():
-            loaded = load_model(model, dtype=dtype)
+            loaded = load_model(model, dtype=dtype, quantize=quantize)
         session = ChatSession(loaded, config, system=system, budget=budget)
         if interactive:
             info = loaded.info
             err.print(
                 f"[bold]{info.name}[/] ({info.n_params / 1e6:.0f}M params, context "
-                f"{info.context_length}, {info.prompt_format}, {info.dtype}) loaded in "
+                f"{info.context_length}, {info.prompt_format}, {info.dtype}"
+                f"{'' if info.quantize == 'none' else ' ' + info.quantize}, {info.engine} engine) "
+                "loaded in "
                 f"{info.load_seconds:.1f}s. Type /help for commands.",
                 highlight=False,
             )

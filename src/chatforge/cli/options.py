@@ -16,6 +16,15 @@ ModelOpt = Annotated[
     ),
 ]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weights dtype: fp32 or bf16.")]
+QuantizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--quantize",
+        "-q",
+        help="Weight-only quantisation of the fast path: none, int8 or int4 (default: int8 "
+        "where the model has a fast path).",
+    ),
+]
 SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")]
 PresetOpt = Annotated[
     str | None,

@@ -189,13 +189,18 @@ def _load_adapter(directory: Path, meta: ModelMeta | None, torch_dtype: Any) -> 
     return PeftModel.from_pretrained(model, directory).merge_and_unload()
 
 
+# What "auto" picks where a model has a fast path: the fastest setting whose
+# perplexity check passes in `chatforge bench` (see README's benchmark table).
+AUTO_QUANTIZE = "int8"
+
+
 def parse_quantize(quantize: str | None) -> str:
-    """Map ``--quantize`` to none | int8 | int4."""
+    """Map ``--quantize`` to none | int8 | int4 | auto."""
     from chatforge.models.fast import QUANT_MODES
 
     q = "none" if quantize in (None, "", "none", "off", "no") else str(quantize).lower()
-    if q not in QUANT_MODES:
-        raise ModelLoadError(f"unknown quantization {quantize!r}; use none, int8 or int4")
+    if q not in (*QUANT_MODES, "auto"):
+        raise ModelLoadError(f"unknown quantization {quantize!r}; use none, int8, int4 or auto")
     return q
 
 
@@ -250,8 +255,13 @@ def load_model(
         from chatforge.models.fast import build_fast_model, unsupported_reason
 
         fast_reason = unsupported_reason(model)
+        if quant == "auto":
+            # Quantised matmuls take fp32 activations: bf16 keeps dense weights.
+            quant = AUTO_QUANTIZE if fast_reason is None and short == "fp32" else "none"
         if fast_reason is None:
             fast_model = build_fast_model(model, torch_dtype, quant)
+    if quant == "auto":
+        quant = "none"
     if quant != "none" and fast_model is None:
         raise ModelLoadError(
             f"--quantize {quant} needs the fast path, which this model has not ({fast_reason})"
