@@ -64,6 +64,11 @@ def test_quality_check_rows(tiny_llama_dir):
     from chatforge.models import load_model
 
     rows = quality_check(load_model(str(tiny_llama_dir)), conversations=2)
-    assert [r["quantize"] for r in rows] == ["none", "int8", "int4"]
+    assert [(r["dtype"], r["quantize"]) for r in rows][:4] == [
+        ("fp32", "none"),
+        ("bf16", "none"),
+        ("fp32", "int8"),
+        ("bf16", "int8"),
+    ]
     assert rows[0]["change"] == 0 and rows[0]["passes"]
     assert all(math.isfinite(r["perplexity"]) and r["tokens"] > 0 for r in rows)

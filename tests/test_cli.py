@@ -33,7 +33,7 @@ def run(argv: list[str], capsys, stdin: str = "") -> tuple[int, str, str]:
         (["--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
         (["--temperature", "hot"], "Invalid value for '--temperature'"),
-        (["--dtype", "fp8"], "unknown dtype 'fp8'; use fp32 or bf16"),
+        (["--dtype", "fp8"], "unknown dtype 'fp8'; use fp32, bf16 or auto"),
         (
             ["--prompt-file", "/nonexistent/prompts.txt"],
             "prompt file /nonexistent/prompts.txt does not exist",

@@ -14,7 +14,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-ALLOWED = {"none": 0.0, "int8": 0.02, "int4": 0.08}
+ALLOWED = {"none": 0.02, "int8": 0.02, "int4": 0.08}  # bf16 weights: as int8
+SETTINGS = (
+    ("fp32", "none"),
+    ("bf16", "none"),
+    ("fp32", "int8"),
+    ("bf16", "int8"),
+    ("fp32", "int4"),
+    ("bf16", "int4"),
+)
 
 
 def chitchat_sample(loaded: Any, conversations: int = 40, max_tokens: int = 512):
@@ -48,25 +56,29 @@ def perplexity(decoder: Any, sample: list[tuple[list[int], list[bool]]]) -> floa
     return math.exp(nll / max(count, 1))
 
 
-def quality_check(loaded: Any, quantize_modes=("none", "int8", "int4"), conversations: int = 40):
-    """Perplexity per quantisation mode and whether it passes; fp32 weights are the reference."""
+def quality_check(loaded: Any, settings=SETTINGS, conversations: int = 40) -> list[dict]:
+    """Perplexity per (activation dtype, weights) setting; fp32 dense weights are the reference."""
     from chatforge.models.fast import build_fast_model
 
     sample = chitchat_sample(loaded, conversations)
-    rows = []
+    rows: list[dict] = []
     base = None
-    for q in quantize_modes:
-        decoder = build_fast_model(loaded.model, torch.float32, q)
+    for dtype, q in settings:
+        torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+        decoder = build_fast_model(loaded.model, torch_dtype, q)
         ppl = perplexity(decoder, sample)
-        base = ppl if q == "none" else base
-        change = (ppl - base) / base if base else 0.0
+        if base is None:
+            base = ppl
+        change = (ppl - base) / base
+        allowed = 0.0 if (dtype, q) == ("fp32", "none") else ALLOWED[q]
         rows.append(
             {
+                "dtype": dtype,
                 "quantize": q,
                 "perplexity": ppl,
                 "change": change,
-                "allowed": ALLOWED[q],
-                "passes": change <= ALLOWED[q],
+                "allowed": allowed,
+                "passes": change <= allowed,
                 "tokens": sum(sum(m[1:]) for _, m in sample),
             }
         )

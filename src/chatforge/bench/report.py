@@ -18,7 +18,9 @@ DEFAULT_SETTINGS = [
     BenchSetting("chatforge", "fp32"),
     BenchSetting("chatforge", "bf16"),
     BenchSetting("chatforge", "fp32", "int8"),
+    BenchSetting("chatforge", "bf16", "int8"),
     BenchSetting("chatforge", "fp32", "int4"),
+    BenchSetting("chatforge", "bf16", "int4"),
     BenchSetting("llama.cpp", "gguf", "q4_1"),
 ]
 

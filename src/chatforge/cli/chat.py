@@ -47,7 +47,7 @@ Esc then Enter also inserts a newline. Ctrl-C stops a reply."""
 def chat_command(
     model: ModelOpt = "smollm2",
     system: SystemOpt = None,
-    dtype: DtypeOpt = "fp32",
+    dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = None,
     preset: PresetOpt = None,
     temperature: TemperatureOpt = None,

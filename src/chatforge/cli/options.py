@@ -15,14 +15,19 @@ ModelOpt = Annotated[
         "--model", "-m", help="Model: smollm2, a model directory, a .gguf file or a hub id."
     ),
 ]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weights dtype: fp32 or bf16.")]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--dtype", help="fp32, bf16, or auto (the fastest setting that passes the quality check)."
+    ),
+]
 QuantizeOpt = Annotated[
     str | None,
     typer.Option(
         "--quantize",
         "-q",
-        help="Weight-only quantisation of the fast path: none, int8 or int4 (default: int8 "
-        "where the model has a fast path).",
+        help="Weight-only quantisation of the fast path: none, int8, int4 or auto (default: "
+        "the fastest setting that passes the quality check).",
     ),
 ]
 SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")]

@@ -69,12 +69,14 @@ class LoadedModel:
 
 
 def parse_dtype(dtype: str | None) -> str:
-    """Map a user's ``--dtype`` to our short name (``fp32`` / ``bf16``)."""
+    """Map a user's ``--dtype`` to our short name (``fp32`` / ``bf16`` / ``auto``)."""
     if dtype is None:
         return "fp32"
     key = str(dtype).lower()
+    if key == "auto":
+        return "auto"
     if key not in DTYPES:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; use fp32 or bf16")
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use fp32, bf16 or auto")
     return "fp32" if DTYPES[key] == "float32" else "bf16"
 
 
@@ -190,8 +192,9 @@ def _load_adapter(directory: Path, meta: ModelMeta | None, torch_dtype: Any) -> 
 
 
 # What "auto" picks where a model has a fast path: the fastest setting whose
-# perplexity check passes in `chatforge bench` (see README's benchmark table).
-AUTO_QUANTIZE = "int8"
+# perplexity check passes in `chatforge bench` (see README's benchmark table):
+# (activation/dense dtype, weight quantisation). Without a fast path: fp32, none.
+AUTO_SETTING = ("bf16", "int8")
 
 
 def parse_quantize(quantize: str | None) -> str:
@@ -232,7 +235,8 @@ def load_model(
     t0 = time.perf_counter()
     directory, converted, display = resolve(str(ref))
     meta = ModelMeta.read(directory)
-    torch_dtype = torch.float32 if short == "fp32" else torch.bfloat16
+    # "auto" loads transformers' weights in fp32 and picks the fast path's dtype below.
+    torch_dtype = torch.bfloat16 if short == "bf16" else torch.float32
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -255,13 +259,15 @@ def load_model(
         from chatforge.models.fast import build_fast_model, unsupported_reason
 
         fast_reason = unsupported_reason(model)
-        if quant == "auto":
-            # Quantised matmuls take fp32 activations: bf16 keeps dense weights.
-            quant = AUTO_QUANTIZE if fast_reason is None and short == "fp32" else "none"
         if fast_reason is None:
-            fast_model = build_fast_model(model, torch_dtype, quant)
-    if quant == "auto":
-        quant = "none"
+            if short == "auto":
+                short = AUTO_SETTING[0]
+            if quant == "auto":
+                quant = AUTO_SETTING[1]
+            fast_dtype = torch.float32 if short == "fp32" else torch.bfloat16
+            fast_model = build_fast_model(model, fast_dtype, quant)
+    short = "fp32" if short == "auto" else short
+    quant = "none" if quant == "auto" else quant
     if quant != "none" and fast_model is None:
         raise ModelLoadError(
             f"--quantize {quant} needs the fast path, which this model has not ({fast_reason})"
