@@ -16,6 +16,7 @@ from chatforge.cli.options import (
     ModelOpt,
     NoRepeatOpt,
     PresetOpt,
+    QuantizeOpt,
     RepPenOpt,
     SeedOpt,
     StopOpt,
@@ -52,7 +53,8 @@ def generate_command(
     ] = None,
     model: ModelOpt = "smollm2",
     system: SystemOpt = None,
-    dtype: DtypeOpt = "fp32",
+    dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
     n: Annotated[int, typer.Option("--n", help="Samples per prompt.")] = 1,
     batch_size: Annotated[
         int, typer.Option("--batch-size", "-b", help="Sequences decoded together.")
@@ -81,6 +83,7 @@ def generate_command(
     from chatforge.batch.records import check_input
     from chatforge.errors import ChatforgeError
     from chatforge.models import load_model, parse_dtype
+    from chatforge.models.loading import parse_quantize
 
     # Everything the user typed is checked before the (slow) model load.
     config = build_config(
@@ -104,10 +107,11 @@ def generate_command(
     check_input(input)
     check_output(output)
     parse_dtype(dtype)
+    quantize = parse_quantize(quantize or "auto")
 
     err = Console(stderr=True)
     with err.status(f"Loading {model} ...", spinner="dots") if progress else _nullctx():
-        loaded = load_model(model, dtype=dtype)
+        loaded = load_model(model, dtype=dtype, quantize=quantize)
     summary = generate_batch(
         loaded,
         input,
