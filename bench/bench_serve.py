@@ -47,9 +47,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, port: int, max_batch: int) -> subprocess.Popen:
+def start_server(model: str, port: int, max_batch: int, quantize: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "chatforge", "serve", "--model", model, "--port", str(port)]
-    cmd += ["--max-batch", str(max_batch), "--log-level", "warning"]
+    cmd += ["--max-batch", str(max_batch), "--quantize", quantize, "--log-level", "warning"]
     return subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
@@ -124,12 +124,13 @@ def main() -> None:
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--max-tokens", type=int, default=64, help="reply limit per client")
     ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--quantize", default="auto", help="serve --quantize: none, int8, int4, auto")
     ap.add_argument("--out", default="bench/results/serve.json", help="JSON results file")
     args = ap.parse_args()
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = start_server(args.model, port, args.max_batch)
+    proc = start_server(args.model, port, args.max_batch, args.quantize)
     try:
         wait_ready(base, proc)
         asyncio.run(run_level(base, args.model, 1, 8))  # warm-up: first-call costs
@@ -152,6 +153,7 @@ def main() -> None:
         "model": args.model,
         "max_tokens": args.max_tokens,
         "max_batch": args.max_batch,
+        "quantize": args.quantize,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "load_average_at_end": os.getloadavg(),
         "levels": levels,

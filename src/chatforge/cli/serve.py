@@ -6,13 +6,14 @@ from typing import Annotated
 
 import typer
 
-from chatforge.cli.options import DtypeOpt, ModelOpt
+from chatforge.cli.options import DtypeOpt, ModelOpt, QuantizeOpt
 from chatforge.errors import ChatforgeError
 
 
 def serve_command(
     model: ModelOpt = "smollm2",
     dtype: DtypeOpt = "fp32",
+    quantize: QuantizeOpt = None,
     host: Annotated[
         str, typer.Option("--host", help="Address to bind; 0.0.0.0 exposes it to the network.")
     ] = "127.0.0.1",
@@ -42,9 +43,11 @@ def serve_command(
     import uvicorn
 
     from chatforge.models import load_model, parse_dtype
+    from chatforge.models.loading import parse_quantize
     from chatforge.server import Limits, create_app
 
     parse_dtype(dtype)
+    quantize = parse_quantize(quantize or "auto")  # as `chatforge chat` does
     for name, value in (
         ("--port", port if 0 <= port < 65536 else -1),
         ("--max-queue", max_queue),
@@ -62,7 +65,7 @@ def serve_command(
         server.should_exit = True
 
     app = create_app(
-        lambda: load_model(model, dtype=dtype),
+        lambda: load_model(model, dtype=dtype, quantize=quantize),
         api_key=api_key or None,
         max_queue=max_queue,
         max_batch=max_batch,
