@@ -60,7 +60,10 @@ class Norm:
     def __call__(self, x: Tensor) -> Tensor:
         # One fused op each (fewer ops per token is most of the fast path's win).
         if self.rms:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+            if x.dtype == torch.float32:
+                return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+            # bf16: normalise in fp32 and scale in bf16, exactly as transformers does.
+            return F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype) * self.weight
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
 
