@@ -5,24 +5,12 @@ from __future__ import annotations
 import io
 import json
 import sqlite3
-import sys
 
 import pytest
 
-from chatforge.cli.app import main
 from chatforge.errors import ChatforgeError
 from chatforge.store import ConversationLog
-
-
-def run(argv: list[str], capsys, stdin: str = "") -> tuple[int, str, str]:
-    old = sys.stdin
-    sys.stdin = io.StringIO(stdin)
-    try:
-        code = main(argv)
-    finally:
-        sys.stdin = old
-    out, err = capsys.readouterr()
-    return code, out, err
+from cli_helpers import run
 
 
 @pytest.fixture()

@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import io
-import sys
-
 import httpx
 import pytest
 
 from chatforge import load_model
-from chatforge.cli.app import main
 from chatforge.remote import RemoteSession
 from chatforge.server import create_app
 from chatforge.store import ConversationLog
+from cli_helpers import run
 from serverkit import ServerThread
-
-
-def run(argv: list[str], capsys, stdin: str = "") -> tuple[int, str, str]:
-    old = sys.stdin
-    sys.stdin = io.StringIO(stdin)
-    try:
-        code = main(argv)
-    finally:
-        sys.stdin = old
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
