@@ -50,7 +50,7 @@ def test_bench_json_shape(tmp_path, tiny_llama_dir, capsys):
         assert KEYS <= set(r)
         assert r["decode_tok_s"] > 0 and r["peak_rss_mb"] > 0
     assert (tmp_path / "bench.png").stat().st_size > 1000
-    assert "x baseline" in capsys.readouterr().out
+    assert "Decode benchmark" in capsys.readouterr().out
 
 
 def test_bench_rejects_unknown_setting(tiny_llama_dir, capsys):
