@@ -24,6 +24,10 @@ format: $(VENV)/.setup-dev
 	$(BIN)/ruff format src tests
 	$(BIN)/ruff check --fix src tests
 
+bench: $(VENV)/.setup
+	mkdir -p bench/results
+	$(BIN)/chatforge bench --json bench/results/decode.json
+
 setup: $(VENV)/.setup
 setup-dev: $(VENV)/.setup-dev
 
