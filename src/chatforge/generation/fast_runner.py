@@ -19,6 +19,9 @@ from torch import Tensor
 
 from chatforge.models.fast import FastDecoder
 
+# Padded prompt tokens prefilled in one pass (bounds the (B, H, T, T) attention work).
+PREFILL_GROUP_TOKENS = 4096
+
 
 @dataclass
 class FastState:
@@ -63,15 +66,41 @@ class FastRunner:
     def prefill(
         self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None
     ) -> tuple[Tensor, FastState]:
-        """Prefill each (left-padded) prompt into a fresh slot; logits (B, V)."""
+        """Prefill the (left-padded) prompts into fresh, consecutive slots; logits (B, V).
+
+        Prompts are re-padded on the right and run together in groups of at most
+        ``PREFILL_GROUP_TOKENS`` padded tokens (one weight pass per group).
+        """
+        prompts = [input_ids[i][attention_mask[i].bool()] for i in range(input_ids.shape[0])]
+        types = None
+        if token_type_ids is not None:
+            types = [token_type_ids[i][attention_mask[i].bool()] for i in range(len(prompts))]
         handles, logits = [], []
-        for i in range(input_ids.shape[0]):
-            keep = attention_mask[i].bool()
-            handle, slot = self._allocate()
-            types = None if token_type_ids is None else token_type_ids[i][keep]
-            logits.append(self.model.prefill(input_ids[i][keep], slot, self.cache, types))
-            handles.append(handle)
-        return torch.stack(logits), FastState(handles)
+        start = 0
+        while start < len(prompts):
+            end = start + 1
+            longest = len(prompts[start])
+            while end < len(prompts):
+                longest2 = max(longest, len(prompts[end]))
+                if longest2 * (end - start + 1) > PREFILL_GROUP_TOKENS:
+                    break
+                longest, end = longest2, end + 1
+            group = prompts[start:end]
+            ids = torch.zeros(len(group), longest, dtype=torch.long)  # (B, T) right-padded
+            tt = None if types is None else torch.zeros_like(ids)
+            for j, p in enumerate(group):
+                ids[j, : len(p)] = p
+                if tt is not None:
+                    tt[j, : len(p)] = types[start + j]
+            slots = []
+            for _ in group:
+                handle, slot = self._allocate()
+                handles.append(handle)
+                slots.append(slot)
+            lengths = torch.tensor([len(p) for p in group], dtype=torch.long)
+            logits.append(self.model.prefill_batch(ids, lengths, slots[0], self.cache, tt))
+            start = end
+        return torch.cat(logits), FastState(handles)
 
     def decode(self, state: FastState, tokens: Tensor, token_types: Tensor | None = None) -> Tensor:
         slots = torch.tensor([self._slot_of[h] for h in state.handles], dtype=torch.long)

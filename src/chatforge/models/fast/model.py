@@ -228,6 +228,40 @@ class FastDecoder:
         return self._logits(x[0, -1:])[0]
 
     @torch.inference_mode()
+    def prefill_batch(
+        self,
+        tokens: Tensor,
+        lengths: Tensor,
+        first_slot: int,
+        cache: KVCache,
+        types: Tensor | None = None,
+    ) -> Tensor:
+        """Prompts (B, T), right-padded to T, into slots ``first_slot..+B``; last logits (B, V).
+
+        Right padding keeps every real token at its own position 0..n-1, and causal
+        attention never lets a real token see the padding after it; the cache rows
+        past each length hold junk that ``lens`` excludes and decoding overwrites.
+        One pass reads the weights once for all prompts.
+        """
+        cfg = self.cfg
+        b, t = tokens.shape
+        cache.ensure(first_slot + b, t + 1, cfg.max_positions)
+        positions = torch.arange(t).unsqueeze(0).expand(b, t)  # (B, T)
+        x = self._embed(tokens, positions, types)
+        freqs = None if self.rope is None else self.rope[:t].unsqueeze(0)  # (1, T, D/2)
+        rows = slice(first_slot, first_slot + b)
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, layer.norm1(x), freqs)
+            cache.k[i][rows, :, :t] = k
+            cache.v[i][rows, :, :t] = v
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=cfg.group > 1)
+            x = x + layer.out(a.transpose(1, 2).reshape(b, t, -1)).to(cfg.dtype)
+            x = x + self._mlp(layer, layer.norm2(x))
+        cache.lens[rows] = lengths
+        last = x[torch.arange(b), lengths - 1]  # (B, hidden): each prompt's last real token
+        return self._logits(last)
+
+    @torch.inference_mode()
     def decode(self, tokens: Tensor, cache: KVCache, types: Tensor | None = None) -> Tensor:
         """One token for each of slots 0..B-1 (B = len(tokens)); returns logits (B, V)."""
         cfg = self.cfg
