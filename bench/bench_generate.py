@@ -94,7 +94,8 @@ def hf_one_at_a_time(loaded, prompts: list[list[int]], max_new_tokens: int):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--dtype", default="fp32")
+X
+    ap.add_argument("--quantize", default="auto", help="chatforge's weights (auto: as the CLI)")
     ap.add_argument("--prompts", type=int, default=64, help="number of prompts")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -122,7 +123,9 @@ def main() -> int:
         # On a shared machine two threads can lose badly to one (a core is busy elsewhere).
         torch.set_num_threads(args.threads)
 
-    loaded = load_model(args.model, dtype=args.dtype)
+    # transformers always runs the fp32 weights (dtype auto loads them in fp32); our
+    # side runs what `chatforge generate` runs by default unless told otherwise.
+    loaded = load_model(args.model, dtype=args.dtype, quantize=args.quantize)
     prompts = [loaded.format.encode([Message("user", r["text"])]).input_ids for r in records]
     config = GenerationConfig(temperature=0, max_new_tokens=args.max_new_tokens)
 
@@ -151,6 +154,7 @@ def main() -> int:
     result = {
         "model": loaded.info.name,
         "dtype": loaded.info.dtype,
+        "quantize": loaded.info.quantize,
         "prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens,
         "batch_size": args.batch_size,
