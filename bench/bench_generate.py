@@ -94,8 +94,8 @@ def hf_one_at_a_time(loaded, prompts: list[list[int]], max_new_tokens: int):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2")
-X
-    ap.add_argument("--quantize", default="auto", help="chatforge's weights (auto: as the CLI)")
+    ap.add_argument("--dtype", default="fp32", help="chatforge's dtype (auto: as the CLI)")
+    ap.add_argument("--quantize", default="none", help="chatforge's weights (auto: as the CLI)")
     ap.add_argument("--prompts", type=int, default=64, help="number of prompts")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
