@@ -164,7 +164,8 @@ def test_presets() -> None:
     precise = GenerationConfig.from_preset("precise")
     assert precise.temperature == 0.0 and precise.greedy
     balanced = GenerationConfig.from_preset("balanced")
-    assert (balanced.temperature, balanced.top_p, balanced.repetition_penalty) == (0.7, 0.9, 1.1)
+    assert (balanced.temperature, balanced.top_p, balanced.min_p) == (0.2, 0.9, 0.1)
+    assert balanced.repetition_penalty == 1.05
     creative = GenerationConfig.from_preset("creative")
     assert (creative.temperature, creative.top_p, creative.min_p) == (1.0, 0.95, 0.05)
     assert creative.repetition_penalty == 1.05

@@ -30,7 +30,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Deterministic: always the most likely token.
     "precise": {"temperature": 0.0},
     # A sensible default for chat: some variety, mild repetition control.
-    "balanced": {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1},
+    # The chat default. Measured on SmolLM2-135M: temperature 0.7 with a 1.1 penalty
+    # (which also hits the prompt's words) answered "capital of France?" with Paris
+    # in 2 of 4 seeds; this answered it in 8 of 8.
+    "balanced": {"temperature": 0.2, "top_p": 0.9, "min_p": 0.1, "repetition_penalty": 1.05},
     # More varied replies; min-p keeps the tail from producing nonsense.
     "creative": {"temperature": 1.0, "top_p": 0.95, "min_p": 0.05, "repetition_penalty": 1.05},
 }
