@@ -38,23 +38,14 @@ class Reply:
         return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-class ChatSession:
-    """A multi-turn conversation with a local model."""
+class SessionBase:
+    """What local and remote chat sessions share: the conversation and ``send``.
 
-    def __init__(
-        self,
-        loaded: Any,
-        config: GenerationConfig | None = None,
-        system: str | None = None,
-        budget: BudgetConfig | None = None,
-        engine: Engine | None = None,
-    ) -> None:
-        self.loaded = loaded
-        self.config = config or GenerationConfig()
-        self.budget = budget or BudgetConfig()
-        self.engine = engine or Engine.from_loaded(loaded)
-        self.conversation = Conversation(system=system)
-        self.last: Reply | None = None
+    Subclasses set ``conversation`` and ``last`` and implement ``stream(text)``.
+    """
+
+    conversation: Conversation
+    last: Reply | None
 
     @property
     def system(self) -> str | None:
@@ -74,6 +65,28 @@ class ChatSession:
             pass
         assert self.last is not None
         return self.last
+
+    def stream(self, text: str) -> Iterator[str]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class ChatSession(SessionBase):
+    """A multi-turn conversation with a local model."""
+
+    def __init__(
+        self,
+        loaded: Any,
+        config: GenerationConfig | None = None,
+        system: str | None = None,
+        budget: BudgetConfig | None = None,
+        engine: Engine | None = None,
+    ) -> None:
+        self.loaded = loaded
+        self.config = config or GenerationConfig()
+        self.budget = budget or BudgetConfig()
+        self.engine = engine or Engine.from_loaded(loaded)
+        self.conversation = Conversation(system=system)
+        self.last: Reply | None = None
 
     def stream(self, text: str) -> Iterator[str]:
         """Add a user message and yield the reply as it is generated.

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from chatforge.chat import Reply
+from chatforge.chat import Reply, SessionBase
 from chatforge.conversation import Conversation, Message
 from chatforge.errors import ChatforgeError
 from chatforge.generation.config import GenerationConfig
@@ -24,7 +24,7 @@ from chatforge.generation.config import GenerationConfig
 MAX_REMOTE_STOP = 4  # OpenAI's limit on stop sequences
 
 
-class RemoteSession:
+class RemoteSession(SessionBase):
     """A multi-turn conversation with a model behind an OpenAI-compatible API."""
 
     def __init__(
@@ -54,18 +54,6 @@ class RemoteSession:
         )
         self.conversation = Conversation(system=system)
         self.last: Reply | None = None
-
-    @property
-    def system(self) -> str | None:
-        return self.conversation.system
-
-    @system.setter
-    def system(self, text: str | None) -> None:
-        self.conversation.system = text or None
-
-    def reset(self) -> None:
-        """Forget the conversation (the system prompt stays)."""
-        self.conversation.reset()
 
     def request_params(self) -> dict[str, Any]:
         """Our generation settings as chat-completion parameters.
@@ -98,13 +86,6 @@ class RemoteSession:
         if extra:
             params["extra_body"] = extra
         return params
-
-    def send(self, text: str) -> Reply:
-        """Add a user message and return the whole reply."""
-        for _ in self.stream(text):
-            pass
-        assert self.last is not None
-        return self.last
 
     def stream(self, text: str) -> Iterator[str]:
         """Add a user message and yield the reply as it streams in.

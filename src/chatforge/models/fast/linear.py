@@ -34,7 +34,24 @@ class DenseLinear:
         return n + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
 
 
-class Int8Linear:
+class _QuantLinear:
+    """Shared call path: bf16 (M, K) into the kernel, result back in the caller's dtype."""
+
+    bias: Tensor | None
+    out_features: int
+
+    def _matmul(self, x: Tensor) -> Tensor:  # (M, K) bf16 -> (M, N) bf16
+        raise NotImplementedError
+
+    def __call__(self, x: Tensor) -> Tensor:
+        shape, dtype = x.shape, x.dtype
+        y = self._matmul(_bf16(x).reshape(-1, shape[-1])).to(dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(dtype)
+        return y.view(*shape[:-1], self.out_features)
+
+
+class Int8Linear(_QuantLinear):
     """Weight-only int8, one fp32 scale per output channel (symmetric)."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
@@ -45,22 +62,15 @@ class Int8Linear:
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self.out_features, self.in_features = self.qweight.shape
 
-    def __call__(self, x: Tensor) -> Tensor:
-        shape, dtype = x.shape, x.dtype
-        y = torch.ops.aten._weight_int8pack_mm(
-            _bf16(x).reshape(-1, shape[-1]), self.qweight, self.scale
-        )  # (M, N) bf16
-        y = y.to(dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(dtype)
-        return y.view(*shape[:-1], self.out_features)
+    def _matmul(self, x: Tensor) -> Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scale)
 
     @property
     def nbytes(self) -> int:
         return self.qweight.numel() + self.scale.numel() * 2
 
 
-class Int4Linear:
+class Int4Linear(_QuantLinear):
     """Weight-only int4, asymmetric groups of ``group_size`` input features.
 
     torch's kernel computes w = (q - 8) * scale + zero for q in [0, 15]; we fit
@@ -89,15 +99,10 @@ class Int4Linear:
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self.out_features, self.in_features = n, k
 
-    def __call__(self, x: Tensor) -> Tensor:
-        shape, dtype = x.shape, x.dtype
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            _bf16(x).reshape(-1, shape[-1]), self.packed, self.group_size, self.scale_zeros
-        )  # (M, N) bf16
-        y = y.to(dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(dtype)
-        return y.view(*shape[:-1], self.out_features)
+    def _matmul(self, x: Tensor) -> Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, self.packed, self.group_size, self.scale_zeros
+        )
 
     @property
     def nbytes(self) -> int:
