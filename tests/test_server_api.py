@@ -179,6 +179,54 @@ def test_text_completions(client, server):
     assert streamed == full.choices[0].text
 
 
+def test_streamed_completions_have_openais_chunk_shape(server):
+    # OpenAI's own /v1/completions stream: every chunk is a full "text_completion" whose
+    # choices carry text, logprobs and finish_reason, null until the choice's last chunk.
+    # (openai-python types that finish_reason as never null, so only its default,
+    # non-strict parsing reads OpenAI's stream, and ours; strict validation rejects both.)
+    body = {
+        "model": "tiny",
+        "prompt": ["Once upon", "Hello"],
+        "n": 2,
+        "max_tokens": 5,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with httpx.stream("POST", server.url + "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        events = sse_events(r.iter_lines())
+    chunks = events[:-1]
+    assert {c["id"] for c in chunks} == {chunks[0]["id"]} and chunks[0]["id"].startswith("cmpl-")
+    assert all(c["object"] == "text_completion" and "usage" in c for c in chunks)
+    *text_chunks, last = chunks
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 4 * 5
+    finished = {}
+    for c in text_chunks:
+        assert c["usage"] is None and len(c["choices"]) == 1
+        ch = c["choices"][0]
+        assert set(ch) == {"index", "text", "logprobs", "finish_reason"}
+        assert ch["index"] not in finished, "a chunk after the choice finished"
+        if ch["finish_reason"] is not None:
+            finished[ch["index"]] = ch["finish_reason"]
+    assert finished == dict.fromkeys(range(4), "length")
+
+    plain = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    kw = dict(model="tiny", prompt=["Once upon", "Hello"], n=2, max_tokens=5, temperature=0)
+    full = plain.completions.create(**kw)
+    texts, reasons, usage = [""] * 4, [None] * 4, None
+    for chunk in plain.completions.create(
+        **kw, stream=True, stream_options={"include_usage": True}
+    ):
+        usage = chunk.usage or usage
+        for ch in chunk.choices:
+            assert reasons[ch.index] is None
+            texts[ch.index] += ch.text
+            reasons[ch.index] = ch.finish_reason
+    assert texts == [c.text for c in full.choices] and reasons == ["length"] * 4
+    assert usage.completion_tokens == 20 and usage.prompt_tokens == full.usage.prompt_tokens
+
+
 def test_extras_top_k_min_p_repetition_penalty(client):
     r = client.chat.completions.create(
         model="tiny",

@@ -12,6 +12,7 @@ from rich.console import Console
 
 from chatforge.cli.options import (
     DtypeOpt,
+    GenerationFlags,
     MaxLenOpt,
     MaxNewOpt,
     MinPOpt,
@@ -26,7 +27,6 @@ from chatforge.cli.options import (
     TemperatureOpt,
     TopKOpt,
     TopPOpt,
-    build_config,
 )
 from chatforge.errors import ChatforgeError
 
@@ -104,19 +104,7 @@ def chat_command(
     from chatforge.transcript import TranscriptWriter
 
     # Everything the user typed is checked before the (slow) model load.
-    config = build_config(
-        preset or "balanced",
-        temperature,
-        top_k,
-        top_p,
-        min_p,
-        repetition_penalty,
-        no_repeat_ngram_size,
-        max_new_tokens,
-        max_length,
-        stop,
-        seed,
-    )
+    config = GenerationFlags.from_params(locals()).config(default_preset="balanced")
     parse_dtype(dtype)
     quantize = parse_quantize(quantize or "auto")
     budget = BudgetConfig(max_history_share=max_history_share)

@@ -10,6 +10,7 @@ from rich.console import Console
 
 from chatforge.cli.options import (
     DtypeOpt,
+    GenerationFlags,
     MaxLenOpt,
     MaxNewOpt,
     MinPOpt,
@@ -24,7 +25,6 @@ from chatforge.cli.options import (
     TemperatureOpt,
     TopKOpt,
     TopPOpt,
-    build_config,
 )
 
 
@@ -86,19 +86,7 @@ def generate_command(
     from chatforge.models.loading import parse_quantize
 
     # Everything the user typed is checked before the (slow) model load.
-    config = build_config(
-        preset or "balanced",
-        temperature,
-        top_k,
-        top_p,
-        min_p,
-        repetition_penalty,
-        no_repeat_ngram_size,
-        max_new_tokens,
-        max_length,
-        stop,
-        seed,
-    )
+    config = GenerationFlags.from_params(locals()).config(default_preset="balanced")
     if n < 1:
         raise ChatforgeError(f"--n must be >= 1 (got {n})")
     if batch_size < 1:

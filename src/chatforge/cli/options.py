@@ -5,9 +5,14 @@ messages there name the parameter, which we map back to its flag here."""
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from chatforge.generation.config import GenerationConfig
 
 ModelOpt = Annotated[
     str,
@@ -74,35 +79,41 @@ def flagify(message: str) -> str:
     return re.sub(rf"^({names})\b(?= must)", lambda m: flag_for(m.group(1)), message)
 
 
-def build_config(
-    preset: str | None = None,
-    temperature: float | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    repetition_penalty: float | None = None,
-    no_repeat_ngram_size: int | None = None,
-    max_new_tokens: int | None = None,
-    max_length: int | None = None,
-    stop: list[str] | None = None,
-    seed: int | None = None,
-):
-    """A validated GenerationConfig from a preset plus explicit flags."""
-    from chatforge.generation.config import GenerationConfig
+@dataclass(frozen=True)
+class GenerationFlags:
+    """The generation flags ``chat`` and ``generate`` share; None = not given.
 
-    overrides = dict(
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        no_repeat_ngram_size=no_repeat_ngram_size,
-        max_new_tokens=max_new_tokens,
-        max_length=max_length,
-        stop=tuple(stop) if stop else None,
-        seed=seed,
-    )
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if preset:
-        return GenerationConfig.from_preset(preset, **overrides)
-    return GenerationConfig(**overrides)
+    Each field is the flag of the same name (``top_k`` is ``--top-k``).
+    A command declares each flag as a parameter (typer reads flags from the
+    signature, typed with the ``*Opt`` aliases above) and collects them here with
+    ``GenerationFlags.from_params(locals())``.
+    """
+
+    preset: str | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    no_repeat_ngram_size: int | None = None
+    max_new_tokens: int | None = None
+    max_length: int | None = None
+    stop: list[str] | None = None
+    seed: int | None = None
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> GenerationFlags:
+        """The flags out of a command's parameters (its ``locals()``; other names are ignored)."""
+        return cls(**{f.name: params[f.name] for f in fields(cls)})
+
+    def config(self, default_preset: str | None = None) -> GenerationConfig:
+        """A validated GenerationConfig: the preset (or ``default_preset``) plus the given flags."""
+        from chatforge.generation.config import GenerationConfig
+
+        given = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "preset"}
+        given["stop"] = tuple(self.stop) if self.stop else None
+        overrides = {k: v for k, v in given.items() if v is not None}
+        preset = self.preset or default_preset
+        if preset:
+            return GenerationConfig.from_preset(preset, **overrides)
+        return GenerationConfig(**overrides)

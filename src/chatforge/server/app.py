@@ -218,30 +218,7 @@ def create_app(
             token_type_ids=encoded.token_type_ids,
             reply_token_type=encoded.reply_token_type,
         )
-        handles = _submit(service, [base], req.n, request, "messages")
-        meta = _Meta("chatcmpl", state.model_id, [len(base.prompt_ids)], req.n)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        if req.stream:
-            return _sse(_chat_chunks(handles, meta, include_usage))
-        done = await _collect(handles, request)
-        return JSONResponse(
-            {
-                "id": meta.id,
-                "object": "chat.completion",
-                "created": meta.created,
-                "model": meta.model,
-                "choices": [
-                    {
-                        "index": i,
-                        "message": {"role": "assistant", "content": c.text},
-                        "logprobs": None,
-                        "finish_reason": _finish(c),
-                    }
-                    for i, c in enumerate(done)
-                ],
-                "usage": meta.usage(done),
-            }
-        )
+        return await respond(request, req, service, [base], "messages", _CHAT)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -264,22 +241,34 @@ def create_app(
             if not ids:
                 raise APIError(400, "prompt must not be empty", param="prompt")
             bases.append(EngineRequest(prompt_ids=ids, config=config))
-        handles = _submit(service, bases, req.n, request, "prompt")
-        meta = _Meta("cmpl", state.model_id, [len(b.prompt_ids) for b in bases], req.n)
+        return await respond(request, req, service, bases, "prompt", _COMPLETION)
+
+    async def respond(
+        request: Request,
+        req: ChatCompletionRequest | CompletionRequest,
+        service: EngineService,
+        bases: list[EngineRequest],
+        param: str,
+        shape: _Shape,
+    ) -> Response:
+        """Submit ``req.n`` choices per prompt in ``bases``; answer with an SSE stream of
+        ``shape``'s chunks, or (not streaming) once all are done, with one JSON body.
+
+        ``param`` names the request field that errors on submission point at.
+        """
+        handles = _submit(service, bases, req.n, request, param)
+        meta = _Meta(shape.prefix, state.model_id, [len(b.prompt_ids) for b in bases], req.n)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.stream:
-            return _sse(_completion_chunks(handles, meta, include_usage))
+            return _sse(shape.chunks(handles, meta, include_usage))
         done = await _collect(handles, request)
         return JSONResponse(
             {
                 "id": meta.id,
-                "object": "text_completion",
+                "object": shape.object,
                 "created": meta.created,
                 "model": meta.model,
-                "choices": [
-                    {"index": i, "text": c.text, "logprobs": None, "finish_reason": _finish(c)}
-                    for i, c in enumerate(done)
-                ],
+                "choices": [{"index": i, **shape.choice(c)} for i, c in enumerate(done)],
                 "usage": meta.usage(done),
             }
         )
@@ -530,3 +519,35 @@ async def _completion_chunks(
             yield chunk([{"index": i, "text": "", "logprobs": None, "finish_reason": reason}])
     if include_usage:
         yield chunk([], meta.usage([done[i] for i in sorted(done)]))
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """How one endpoint names and shapes its answers."""
+
+    prefix: str
+    """Of the response id (``chatcmpl-...``)."""
+    object: str
+    """The ``object`` of a non-streamed response."""
+    choice: Callable[[Completion], dict]
+    """A finished choice of a non-streamed response, less its ``index``."""
+    chunks: Callable[[list[Handle], _Meta, bool], AsyncIterator[dict]]
+    """The streamed chunks: ``(handles, meta, include_usage)``."""
+
+
+_CHAT = _Shape(
+    prefix="chatcmpl",
+    object="chat.completion",
+    choice=lambda c: {
+        "message": {"role": "assistant", "content": c.text},
+        "logprobs": None,
+        "finish_reason": _finish(c),
+    },
+    chunks=_chat_chunks,
+)
+_COMPLETION = _Shape(
+    prefix="cmpl",
+    object="text_completion",
+    choice=lambda c: {"text": c.text, "logprobs": None, "finish_reason": _finish(c)},
+    chunks=_completion_chunks,
+)
