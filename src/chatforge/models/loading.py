@@ -194,7 +194,7 @@ def _load_adapter(directory: Path, meta: ModelMeta | None, torch_dtype: Any) -> 
 # What "auto" picks where a model has a fast path: the fastest setting whose
 # perplexity check passes in `chatforge bench` (see README's benchmark table):
 # (activation/dense dtype, weight quantisation). Without a fast path: fp32, none.
-AUTO_SETTING = ("bf16", "int8")
+AUTO_SETTING = ("fp32", "int8")
 
 
 def parse_quantize(quantize: str | None) -> str:

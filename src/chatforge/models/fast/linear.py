@@ -2,19 +2,32 @@
 
 Decoding one token is a matrix-vector product per weight: its cost is reading
 the weights, so storing them in fewer bytes is what makes it faster. The
-quantised layers use torch's CPU kernels (``_weight_int8pack_mm``:
-per-output-channel scales; ``_weight_int4pack_mm_for_cpu``: asymmetric groups
-along the input dimension) with bf16 activations: measured here, their fp32
-input paths are 10-20x slower than the bf16 ones (and slower than a dense fp32
-matmul), so fp32 activations are cast to bf16 around each call.
+quantised layers run on our own kernels (``native.py``: activations quantised
+to int8 per block of 32, integer dot products, ~2x torch's int8 kernel at
+batch 1) for up to ``DENSE_ROWS`` rows; a longer input (a prompt being
+prefilled) multiplies a dequantised fp32 copy of the weight, made per call, so
+prefill runs at dense-matmul speed. Where the kernels cannot be built, torch's
+kernels take over (``_weight_int8pack_mm``: per-output-channel scales;
+``_weight_int4pack_mm_for_cpu``: asymmetric groups), with bf16 activations:
+their fp32 input paths are 10-20x slower (measured here).
 """
 
 from __future__ import annotations
 
+import threading
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from chatforge.models.fast import native
+
 QUANT_MODES = ("none", "int8", "int4")
+# Rows (tokens) from which a dequantise-then-dense-matmul beats the integer
+# kernel (measured on a 2-core AVX2 CPU with SmolLM2 shapes; see bench/).
+DENSE_ROWS = 48
+MAX_NATIVE_K = 32768  # the kernel's per-row block buffer
+SCRATCH_MAX = 8 * 2**20  # floats: largest dequantised weight kept for reuse (32 MB)
 
 
 class DenseLinear:
@@ -26,7 +39,7 @@ class DenseLinear:
         self.out_features, self.in_features = self.weight.shape
 
     def __call__(self, x: Tensor) -> Tensor:
-        return torch.nn.functional.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
     @property
     def nbytes(self) -> int:
@@ -35,47 +48,96 @@ class DenseLinear:
 
 
 class _QuantLinear:
-    """Shared call path: bf16 (M, K) into the kernel, result back in the caller's dtype."""
+    """Shared call path: our kernel (fp32) or torch's (bf16); result in the caller's dtype."""
 
-    bias: Tensor | None
+    bias: Tensor | None  # fp32
+    in_features: int
     out_features: int
+    kind: int  # 8 | 4: the native kernel's layout
+    native: bool  # stored in the native kernel's layout
+    weight_q: Tensor
+    scales: Tensor
 
-    def _matmul(self, x: Tensor) -> Tensor:  # (M, K) bf16 -> (M, N) bf16
+    def _torch_matmul(self, x: Tensor) -> Tensor:  # (M, K) bf16 -> (M, N) bf16
         raise NotImplementedError
 
     def __call__(self, x: Tensor) -> Tensor:
         shape, dtype = x.shape, x.dtype
-        y = self._matmul(_bf16(x).reshape(-1, shape[-1])).to(dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(dtype)
+        x2 = x.reshape(-1, shape[-1])
+        if self.native:
+            x2 = x2.float().contiguous()
+            if x2.shape[0] >= DENSE_ROWS:
+                y = F.linear(
+                    x2, self.dequantize(_scratch(self.out_features, self.in_features)), self.bias
+                )
+            else:
+                y = native.qlinear(self.kind, x2, self.weight_q, self.scales, self.bias)
+            y = y.to(dtype)
+        else:
+            y = self._torch_matmul(_bf16(x2)).to(dtype)
+            if self.bias is not None:
+                y = y + self.bias.to(dtype)
         return y.view(*shape[:-1], self.out_features)
+
+    def dequantize(self, out: Tensor | None = None) -> Tensor:
+        """The fp32 (N, K) weight these integers stand for (into ``out`` when given)."""
+        return native.dequantize(self.kind, self.weight_q, self.scales, self.in_features, out)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weight_q, self.scales))
+
+
+_buffers = threading.local()
+
+
+def _scratch(n: int, k: int) -> Tensor:
+    """A reused (N, K) fp32 buffer per thread: a fresh 7 MB allocation per layer and
+    prompt costs page faults that showed in time to first token."""
+    if n * k > SCRATCH_MAX:  # e.g. an LM head scoring every position: not kept
+        return torch.empty((n, k), dtype=torch.float32)
+    bufs = getattr(_buffers, "by_shape", None)
+    if bufs is None:
+        bufs = _buffers.by_shape = {}
+    buf = bufs.get((n, k))
+    if buf is None:
+        buf = bufs[(n, k)] = torch.empty((n, k), dtype=torch.float32)
+    return buf
+
+
+def _native_ok(k: int) -> bool:
+    return k % native.QK == 0 and k <= MAX_NATIVE_K and native.available()
 
 
 class Int8Linear(_QuantLinear):
-    """Weight-only int8, one fp32 scale per output channel (symmetric)."""
+    """Weight-only int8, one scale per output channel (symmetric): w = q * s."""
+
+    kind = 8
 
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
         w = weight.detach().float()  # (N, K)
         scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # (N,)
-        self.qweight = torch.round(w / scale[:, None]).clamp(-128, 127).to(torch.int8).contiguous()
-        self.scale = scale.to(torch.bfloat16).contiguous()
+        self.weight_q = torch.round(w / scale[:, None]).clamp(-128, 127).to(torch.int8).contiguous()
+        self.out_features, self.in_features = self.weight_q.shape
+        self.native = _native_ok(self.in_features)
+        # fp32 for our kernel, bf16 for torch's.
+        self.scales = scale.contiguous() if self.native else scale.to(torch.bfloat16).contiguous()
         self.bias = None if bias is None else bias.detach().float().contiguous()
-        self.out_features, self.in_features = self.qweight.shape
 
-    def _matmul(self, x: Tensor) -> Tensor:
-        return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scale)
-
-    @property
-    def nbytes(self) -> int:
-        return self.qweight.numel() + self.scale.numel() * 2
+    def _torch_matmul(self, x: Tensor) -> Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.weight_q, self.scales)
 
 
 class Int4Linear(_QuantLinear):
-    """Weight-only int4, asymmetric groups of ``group_size`` input features.
+    """Weight-only int4, asymmetric groups of ``group_size`` inputs: w = q * d + m, q in 0..15.
 
-    torch's kernel computes w = (q - 8) * scale + zero for q in [0, 15]; we fit
-    q from each group's min/max so the group's range maps onto the 16 levels.
+    Each group's min/max range is mapped onto the 16 levels. Native layout: q
+    (N, K/2) uint8, byte j of a 32-input block holding q[j] and q[j + 16], with
+    fp16 (N, 2, K/32) scales d then offsets m. torch's layout: its own packing
+    and (K/g, N, 2) bf16 (scale, zero) pairs with w = (q - 8) * scale + zero.
     """
+
+    kind = 4
 
     def __init__(self, weight: Tensor, bias: Tensor | None, group_size: int = 32) -> None:
         w = weight.detach().float()  # (N, K)
@@ -84,29 +146,32 @@ class Int4Linear(_QuantLinear):
             raise ValueError(
                 f"in_features {k} is not a multiple of the int4 group size {group_size}"
             )
+        self.out_features, self.in_features = n, k
+        self.group_size = group_size
+        self.native = group_size == native.QK and _native_ok(k)
         groups = w.view(n, k // group_size, group_size)
         lo = groups.amin(dim=-1, keepdim=True)
         hi = groups.amax(dim=-1, keepdim=True)
         scale = ((hi - lo) / 15.0).clamp(min=1e-8)  # (N, K/g, 1)
-        q = torch.round((groups - lo) / scale).clamp(0, 15).to(torch.int32).view(n, k)
-        zero = lo + 8.0 * scale
-        # (K/g, N, 2): the layout the kernel expects.
-        self.scale_zeros = (
-            torch.cat([scale, zero], dim=2).transpose(0, 1).contiguous().to(torch.bfloat16)
-        )
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
-        self.group_size = group_size
+        q = torch.round((groups - lo) / scale).clamp(0, 15).to(torch.uint8)  # (N, K/g, g)
+        if self.native:
+            half = group_size // 2
+            self.weight_q = (q[..., :half] | (q[..., half:] << 4)).reshape(n, k // 2).contiguous()
+            self.scales = torch.stack([scale[..., 0], lo[..., 0]], dim=1).half().contiguous()
+        else:
+            zero = lo + 8.0 * scale
+            self.scales = (
+                torch.cat([scale, zero], dim=2).transpose(0, 1).contiguous().to(torch.bfloat16)
+            )  # (K/g, N, 2)
+            self.weight_q = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                q.view(n, k).to(torch.int32), 2
+            )
         self.bias = None if bias is None else bias.detach().float().contiguous()
-        self.out_features, self.in_features = n, k
 
-    def _matmul(self, x: Tensor) -> Tensor:
+    def _torch_matmul(self, x: Tensor) -> Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x, self.packed, self.group_size, self.scale_zeros
+            x, self.weight_q, self.group_size, self.scales
         )
-
-    @property
-    def nbytes(self) -> int:
-        return self.packed.numel() + self.scale_zeros.numel() * 2
 
 
 Linear = DenseLinear | Int8Linear | Int4Linear

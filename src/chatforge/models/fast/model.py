@@ -18,7 +18,8 @@ sequences in slots ``0..B-1`` (see ``generation/fast_runner.py``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +87,8 @@ class KVCache:
     k: list[Tensor]
     v: list[Tensor]
     lens: Tensor  # (slots,) long: positions filled per slot
+    # Where the C decode step finds these tensors (native_decode.py).
+    native: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
     def empty(cls, cfg: FastConfig, slots: int = 1, capacity: int = 256) -> KVCache:
@@ -152,6 +155,9 @@ class FastDecoder:
     # The converter permutes each head's Q/K rows so that the pairs transformers
     # rotates together, (i, i + D/2), are adjacent; Q.K is unchanged by that.
     rope: Tensor | None = None
+    # The C decode step (native_decode.py): None until first asked, False where
+    # it does not apply.
+    native: Any = field(default=None, repr=False)
 
     def new_cache(self) -> KVCache:
         """An empty cache for this model (grows as sequences need)."""
@@ -272,6 +278,15 @@ class FastDecoder:
         x = self._embed(
             tokens.view(b, 1), pos.view(b, 1), None if types is None else types.view(b, 1)
         )
+        if self.native is None:
+            from chatforge.models.fast.native_decode import NativeDecode
+
+            self.native = NativeDecode.build(self) or False
+        if self.native:
+            x = x.view(b, cfg.hidden).contiguous()
+            self.native.run(x, pos, cache)
+            cache.lens[:b] = pos + 1
+            return self._logits(x)
         rows = torch.arange(b)
         if b == 1:
             mask = None

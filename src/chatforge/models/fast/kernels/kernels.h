@@ -1,0 +1,25 @@
+/* Shared declarations of chatforge's CPU kernels (qlinear.c, decode.c). */
+#ifndef CHATFORGE_KERNELS_H
+#define CHATFORGE_KERNELS_H
+#include <stdint.h>
+
+#define QK 32        /* inputs per quantisation block */
+#define NB_MAX 1024  /* blocks per row: K up to 32768 (checked by the caller) */
+
+/* One linear layer y = x W^T (+ bias), W (n, k) stored as:
+ *   kind 32: fp32 (n, k);
+ *   kind 8:  int8 (n, k), scales fp32 (n,)                       w = q * s
+ *   kind 4:  uint8 (n, k/2), scales fp16 (n, 2, k/32)            w = q * d + m
+ * Layout mirrored by ctypes in native.py: keep the two in step. */
+typedef struct {
+    int32_t kind;
+    int32_t pad;
+    const void *w;
+    const void *scales;
+    const float *bias; /* (n,) or NULL */
+    int64_t n, k;
+} cf_lin;
+
+int cf_linear(const cf_lin *l, const float *x, int64_t M, float *y, int threads);
+
+#endif

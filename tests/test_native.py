@@ -1,0 +1,153 @@
+"""Our C kernels: quantised linears against a float reference, the plain-C build
+against the vector build, the C decode step against the torch one, and the
+fallback to torch's kernels when the C ones cannot be had."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from chatforge.models.fast import build_fast_model, native
+from chatforge.models.fast.linear import DENSE_ROWS, Int4Linear, Int8Linear
+
+needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler here")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@needs_native
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+@pytest.mark.parametrize("rows", [1, 3, 4, 7])
+def test_quantised_linear_matches_its_dequantised_weight(cls, rows):
+    torch.manual_seed(0)
+    n, k = 37, 96  # 37: a leftover weight row after the groups of 4 / 2
+    w, b = torch.randn(n, k), torch.randn(n)
+    lin = cls(w, b)
+    assert lin.native
+    deq = lin.dequantize()
+    # The dequantised weight is the original within one quantisation step.
+    step = (
+        (w.abs().amax(1, keepdim=True) / 127) if cls is Int8Linear else (w.amax() - w.amin()) / 15
+    )
+    assert ((deq - w).abs() <= step * 0.51 + 1e-6).all()
+    x = torch.randn(rows, k)
+    ref = x @ deq.T + b
+    got = lin(x)
+    assert got.shape == (rows, n)
+    # The activations are quantised to int8 per block of 32: ~0.5 % error, not more.
+    assert _rel(got, ref) < 0.015
+    # Long inputs (prefill) multiply the dequantised weight: float-exact.
+    xl = torch.randn(DENSE_ROWS, k)
+    assert torch.allclose(lin(xl), xl @ deq.T + b, atol=1e-4)
+
+
+@needs_native
+def test_plain_c_build_computes_what_the_vector_build_does(tmp_path):
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        pytest.skip("no C compiler")
+    so = tmp_path / "plain.so"
+    srcs = [str(p) for p in native.SOURCES]
+    subprocess.run([cc, "-O2", "-shared", "-fPIC", *srcs, "-o", str(so), "-lm"], check=True)
+    import ctypes
+
+    plain = ctypes.CDLL(str(so))
+    assert plain.cf_has_avx2() == 0
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    plain.cf_qlinear.argtypes = [ctypes.c_int, p, i64, i64, p, p, p, i64, p, ctypes.c_int]
+    torch.manual_seed(1)
+    w = torch.randn(20, 64)
+    x = torch.randn(5, 64)
+    for lin in (Int8Linear(w, None), Int4Linear(w, None)):
+        y = torch.empty(5, 20)
+        rc = plain.cf_qlinear(
+            lin.kind, x.data_ptr(), 5, 64, lin.weight_q.data_ptr(), lin.scales.data_ptr(),
+            None, 20, y.data_ptr(), 1,
+        )  # fmt: skip
+        assert rc == 0
+        assert torch.allclose(y, lin(x), atol=1e-4, rtol=1e-4)
+
+
+def _llama(**kw):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **kw,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+@needs_native
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
+def test_c_decode_step_matches_the_torch_step(quantize):
+    """Three sequences of different lengths decoded together, C against torch."""
+    model = _llama(attention_bias=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    dec = build_fast_model(model, quantize=quantize)
+    ref = build_fast_model(model, quantize=quantize)
+    ref.native = False  # the torch step
+    caches = dec.new_cache(), ref.new_cache()
+    torch.manual_seed(2)
+    for slot, n in enumerate((5, 17, 9)):
+        ids = torch.randint(0, 300, (n,))
+        for d, c in zip((dec, ref), caches, strict=True):
+            d.prefill(ids, slot, c)
+    for _ in range(12):
+        tok = torch.randint(0, 300, (3,))
+        a = dec.decode(tok, caches[0])
+        b = ref.decode(tok, caches[1])
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    assert dec.native  # the C step did run
+    assert torch.equal(caches[0].lens, caches[1].lens)
+
+
+def test_without_the_c_kernels_torch_kernels_take_over():
+    code = (
+        "import torch\n"
+        "from chatforge.models.fast import native\n"
+        "from chatforge.models.fast.linear import Int8Linear, Int4Linear\n"
+        "assert not native.available()\n"
+        "torch.manual_seed(0)\n"
+        "w = torch.randn(16, 64); x = torch.randn(2, 64)\n"
+        "for cls, tol in ((Int8Linear, 0.02), (Int4Linear, 0.25)):\n"
+        "    lin = cls(w, None)\n"
+        "    assert not lin.native\n"
+        "    ref = x @ w.T\n"
+        "    assert float((lin(x) - ref).norm() / ref.norm()) < tol\n"
+        "print('ok')\n"
+    )
+    env = {"CHATFORGE_NATIVE": "0", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "ok" in done.stdout
+
+
+@needs_native
+def test_a_corrupt_cached_library_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHATFORGE_CACHE", str(tmp_path))
+    built = native._compile(tmp_path / "kernels")  # built, not loaded
+    assert built is not None
+    built.write_bytes(b"not a shared library")  # e.g. a disk that filled up
+    native.kernels.cache_clear()
+    try:
+        assert native.kernels() is not None  # rebuilt, not a crash
+        assert built.read_bytes()[:4] == b"\x7fELF"
+    finally:
+        native.kernels.cache_clear()
