@@ -13,6 +13,7 @@ import torch
 
 from chatforge.models.fast import build_fast_model, native
 from chatforge.models.fast.linear import DENSE_ROWS, Int4Linear, Int8Linear
+from test_fast import _randomise_biases, _tiny
 
 needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler here")
 
@@ -74,32 +75,12 @@ def test_plain_c_build_computes_what_the_vector_build_does(tmp_path):
         assert torch.allclose(y, lin(x), atol=1e-4, rtol=1e-4)
 
 
-def _llama(**kw):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        **kw,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
 @needs_native
 @pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
 def test_c_decode_step_matches_the_torch_step(quantize):
     """Three sequences of different lengths decoded together, C against torch."""
-    model = _llama(attention_bias=True)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.1)
+    model = _tiny("qwen2").eval()  # GQA with Q/K/V biases
+    _randomise_biases(model)
     dec = build_fast_model(model, quantize=quantize)
     ref = build_fast_model(model, quantize=quantize)
     ref.native = False  # the torch step

@@ -46,12 +46,6 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 #endif
 
 /* act (n) = silu(g) * u */
@@ -116,7 +110,7 @@ static void attend(const float *q, const float *k, const float *v, int64_t len, 
             __m256 s = _mm256_setzero_ps();
             for (int64_t d = 0; d < D / 8; d++)
                 s = _mm256_fmadd_ps(qv[d], _mm256_loadu_ps(k + t * D + 8 * d), s);
-            scores[t] = hsum8(s) * scale;
+            scores[t] = hsum(s) * scale;
             mx = fmaxf(mx, scores[t]);
         }
         int64_t t = 0;
@@ -126,7 +120,7 @@ static void attend(const float *q, const float *k, const float *v, int64_t len, 
             _mm256_storeu_ps(scores + t, e);
             sv = _mm256_add_ps(sv, e);
         }
-        sum = hsum8(sv);
+        sum = hsum(sv);
         for (; t < len; t++) {
             scores[t] = expf(scores[t] - mx);
             sum += scores[t];

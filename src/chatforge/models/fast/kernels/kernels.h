@@ -3,6 +3,17 @@
 #define CHATFORGE_KERNELS_H
 #include <stdint.h>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+/* Sum of the 8 lanes of an fp32 vector. */
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
 #define QK 32        /* inputs per quantisation block */
 #define NB_MAX 1024  /* blocks per row: K up to 32768 (checked by the caller) */
 

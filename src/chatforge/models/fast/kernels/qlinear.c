@@ -75,12 +75,6 @@ static void quantize_rows(const float *x, int64_t blocks, int8_t *xq, float *xd,
 }
 
 #ifdef CF_AVX2
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* Sum of 32 products of signed bytes, as 8 int32 lanes converted to fp32. */
 static inline __m256 dot_s8(__m256i w, __m256i x) {
