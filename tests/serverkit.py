@@ -58,14 +58,14 @@ class ServerThread:
 
 def slow_steps(state, seconds: float) -> None:
     """Make every decode step take at least ``seconds`` (so requests stay in flight)."""
-    sched = state.service.scheduler
-    step = sched.step
+    engine = state.service.engine
+    step = engine.step
 
     def slow():
         time.sleep(seconds)
         return step()
 
-    sched.step = slow
+    engine.step = slow
 
 
 def wait_until(cond, timeout: float = 10.0, every: float = 0.02) -> bool:

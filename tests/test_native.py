@@ -13,7 +13,7 @@ import torch
 
 from chatforge.models.fast import build_fast_model, native
 from chatforge.models.fast.linear import DENSE_ROWS, Int4Linear, Int8Linear
-from test_fast import _randomise_biases, _tiny
+from test_fast import Driver, _randomise_biases, _tiny
 
 needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler here")
 
@@ -76,27 +76,28 @@ def test_plain_c_build_computes_what_the_vector_build_does(tmp_path):
 
 
 @needs_native
+@pytest.mark.parametrize("kind", ["qwen2", "gpt2"])
 @pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
-def test_c_decode_step_matches_the_torch_step(quantize):
-    """Three sequences of different lengths decoded together, C against torch."""
-    model = _tiny("qwen2").eval()  # GQA with Q/K/V biases
+def test_c_step_matches_the_torch_step(kind, quantize):
+    """Three sequences prefilled and decoded together, C against torch (GQA with Q/K/V
+    biases; GPT-2's LayerNorm, GELU and learned positions)."""
+    model = _tiny(kind).eval()
     _randomise_biases(model)
     dec = build_fast_model(model, quantize=quantize)
+    assert dec.native  # the C step runs this model
     ref = build_fast_model(model, quantize=quantize)
-    ref.native = False  # the torch step
-    caches = dec.new_cache(), ref.new_cache()
+    ref.native = None  # the torch step
+    drivers = Driver(dec), Driver(ref)
     torch.manual_seed(2)
-    for slot, n in enumerate((5, 17, 9)):
-        ids = torch.randint(0, 300, (n,))
-        for d, c in zip((dec, ref), caches, strict=True):
-            d.prefill(ids, slot, c)
+    prompts = [(i, torch.randint(0, 300, (n,)).tolist()) for i, n in enumerate((5, 17, 9))]
+    a, b = (d.feed(prompts) for d in drivers)
+    for x, y in zip(a, b, strict=True):
+        assert torch.allclose(x, y, atol=1e-4, rtol=1e-4)
     for _ in range(12):
-        tok = torch.randint(0, 300, (3,))
-        a = dec.decode(tok, caches[0])
-        b = ref.decode(tok, caches[1])
-        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
-    assert dec.native  # the C step did run
-    assert torch.equal(caches[0].lens, caches[1].lens)
+        tok = torch.randint(0, 300, (3,)).tolist()
+        a, b = (d.feed([(i, [t]) for i, t in enumerate(tok)]) for d in drivers)
+        for x, y in zip(a, b, strict=True):
+            assert torch.allclose(x, y, atol=1e-4, rtol=1e-4)
 
 
 def test_without_the_c_kernels_torch_kernels_take_over():

@@ -18,12 +18,13 @@ from chatforge.generation.sampling import (
     SamplingParams,
     apply_min_p,
     apply_no_repeat_ngram,
+    apply_penalties,
     apply_repetition_penalty,
     apply_temperature,
     apply_top_k,
     apply_top_p,
+    apply_warpers,
     make_generator,
-    process_logits,
     sample,
 )
 
@@ -135,7 +136,7 @@ def test_bf16_logits_keep_their_dtype() -> None:
     params = SamplingParams.from_configs(
         [GenerationConfig.from_preset("creative", top_k=20, no_repeat_ngram_size=2)] * B
     )
-    out = process_logits(x, params, _ids(8), None, None)
+    out = apply_warpers(apply_penalties(x, params, _ids(8).tolist()), params)
     assert out.dtype == torch.bfloat16 and out.shape == (B, V)
     assert torch.isfinite(out).any(dim=-1).all()
 
@@ -177,10 +178,6 @@ def test_params_from_configs_and_select() -> None:
     assert params.min_p.tolist() == [0.0, 0.1, 0.0]
     assert params.repetition_penalty.tolist() == [1.2, 1.0, 1.0]
     assert params.no_repeat_ngram_size == [0, 3, 0]
-    sub = params.select([2, 1])
-    assert sub.batch_size == 2
-    assert sub.greedy.tolist() == [True, False] and sub.no_repeat_ngram_size == [0, 3]
-    assert params.select(torch.tensor([1])).top_p.tolist() == [0.8]
     with pytest.raises(ValueError):
         SamplingParams.from_configs([])
 
@@ -194,7 +191,7 @@ def test_greedy_rows_take_the_argmax_of_the_penalised_logits() -> None:
         GenerationConfig(temperature=0.0, repetition_penalty=5.0)
     ] * 2
     params = SamplingParams.from_configs(configs)
-    out = sample(x, params, [None] * B, history=ids)
+    out = sample(x, params, [None] * B, histories=ids.tolist())
     assert out.dtype == torch.long and out.shape == (B,)
     assert out[:2].tolist() == x[:2].argmax(-1).tolist()
     penalised = RepetitionPenaltyLogitsProcessor(5.0)(ids[2:], x[2:].clone())
@@ -215,7 +212,8 @@ def test_same_seed_same_draws_and_independent_of_batch_composition() -> None:
     # Row 1 alone (seed 2) draws exactly what it drew inside the batch of three,
     # and so does it inside a different batch with other settings around it.
     alone_gen = [make_generator(2)]
-    alone = torch.stack([sample(x[1:2], params.select([1]), alone_gen)[0] for _ in range(20)])
+    one = SamplingParams.from_configs([cfg])
+    alone = torch.stack([sample(x[1:2], one, alone_gen)[0] for _ in range(20)])
     assert torch.equal(alone, draws[0][:, 1])
     other = SamplingParams.from_configs([GenerationConfig(temperature=0.0), cfg])
     mixed_gens = [None, make_generator(2)]
@@ -269,18 +267,15 @@ def test_filtered_and_banned_tokens_are_never_sampled() -> None:
     assert drawn <= allowed
 
 
-def test_history_can_be_padded_tensor_or_lists() -> None:
+def test_penalties_from_histories_of_different_lengths() -> None:
     x = _logits(14, batch=2, vocab=10)
     lists = [[1, 2, 3, 1, 2], [4, 5, 4]]
-    padded = torch.tensor([[1, 2, 3, 1, 2], [4, 5, 4, 0, 0]])
-    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
-    params = SamplingParams.from_configs(
-        [GenerationConfig(temperature=0.8, repetition_penalty=1.3, no_repeat_ngram_size=2)] * 2
-    )
-    from_lists = process_logits(x, params, histories=lists)
-    from_tensor = process_logits(x, params, padded, mask)
-    assert torch.equal(from_lists, from_tensor)
-    assert from_lists[1, 5] == float("-inf")  # banned by the 2-gram "4 5"
+    cfg = GenerationConfig(temperature=0.8, repetition_penalty=1.3, no_repeat_ngram_size=2)
+    both = apply_penalties(x, SamplingParams.from_configs([cfg] * 2), lists)
+    # Each row is penalised by its own history only, whatever the other row holds.
+    alone = apply_penalties(x[1:], SamplingParams.from_configs([cfg]), lists[1:])
+    assert torch.equal(alone[0], both[1])
+    assert both[1, 5] == float("-inf")  # banned by the 2-gram "4 5"
 
 
 def test_every_token_banned_is_a_clear_error() -> None:

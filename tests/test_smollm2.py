@@ -24,7 +24,7 @@ QUESTION = "What is the capital of France?"
 
 @pytest.fixture(scope="session")
 def smollm2():
-    return load_model("smollm2")
+    return load_model("smollm2", dtype="fp32", quantize="none")
 
 
 def test_first_load_converts_then_loads_from_cache(smollm2):
@@ -64,7 +64,7 @@ def test_greedy_equals_transformers_generate(smollm2):
             max_new_tokens=40,
             do_sample=False,
             eos_token_id=sorted(eng.stop_token_ids),
-            pad_token_id=eng.pad_token_id,
+            pad_token_id=smollm2.tokenizer.pad_token_id or 0,
         )[0, len(p) :].tolist()
         if out and out[-1] in eng.stop_token_ids:
             out = out[:-1]
@@ -101,15 +101,27 @@ def test_piped_chat_acceptance(smollm2, tmp_path):
     assert rows[1]["model"] == "SmolLM2-135M-Instruct"
 
 
-def test_fast_path_logits_match_transformers(smollm2):
-    assert smollm2.info.engine == "fast"
-    fast = smollm2.fast
-    ids = torch.tensor(smollm2.format.encode([Message("user", QUESTION)]).input_ids)
+def test_prompt_and_reply_logprobs_match_transformers(smollm2):
+    """Prompt scoring (one prefill) and per-token logprobs of a greedy reply equal
+    transformers' log_softmax of the same fp32 model within 1e-3; top-5 agree."""
+    assert smollm2.info.engine == "fast" and smollm2.info.quantize == "none"
+    eng = Engine.from_loaded(smollm2)
+    ids = smollm2.format.encode([Message("user", QUESTION)]).input_ids
+    scored = eng.score(ids, top=5)
+    assert scored[0] is None and len(scored) == len(ids)
     with torch.no_grad():
-        ref = smollm2.model(ids[None]).logits[0]  # (T, V)
-    cache = fast.new_cache()
-    got = fast.prefill(ids[:-4], 0, cache)
-    assert torch.allclose(got, ref[-5], atol=1e-4, rtol=0)
-    for t in range(len(ids) - 4, len(ids)):
-        got = fast.decode(ids[t : t + 1], cache)[0]
-        assert torch.allclose(got, ref[t], atol=1e-4, rtol=0)
+        ref = torch.log_softmax(smollm2.model(torch.tensor([ids])).logits[0].float(), -1)
+    for i in range(1, len(ids)):
+        assert abs(scored[i].logprob - float(ref[i - 1, ids[i]])) < 1e-3
+        assert [t for t, _ in scored[i].top] == ref[i - 1].topk(5).indices.tolist()
+    cfg = GenerationConfig(temperature=0, max_new_tokens=8)
+    c = eng.generate([Request(ids, cfg, logprobs=5)])[0]
+    full = ids + c.token_ids
+    with torch.no_grad():
+        ref = torch.log_softmax(smollm2.model(torch.tensor([full])).logits[0].float(), -1)
+    assert len(c.logprobs) == len(c.token_ids)
+    for j, lp in enumerate(c.logprobs):
+        row = ref[len(ids) - 1 + j]
+        assert lp.token_id == c.token_ids[j] == int(row.argmax())
+        assert abs(lp.logprob - float(row[lp.token_id])) < 1e-3
+        assert [t for t, _ in lp.top] == row.topk(5).indices.tolist()

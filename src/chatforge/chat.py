@@ -16,9 +16,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from chatforge.conversation import BudgetConfig, Conversation, Message, fit_prompt
+from chatforge.conversation import BudgetConfig, Conversation, Message
+from chatforge.errors import ChatforgeError
 from chatforge.generation.config import GenerationConfig
-from chatforge.generation.engine import Completion, Engine, Request
+from chatforge.generation.engine import Completion, Engine
+from chatforge.generation.plan import plan_request
 
 
 @dataclass
@@ -32,6 +34,8 @@ class Reply:
     seconds: float
     dropped: list[Message] = field(default_factory=list)  # history left out to fit the context
     config: GenerationConfig = field(default_factory=GenerationConfig)
+    cached_tokens: int = 0  # prompt tokens reused from the previous turns' KV cache
+    first_token_seconds: float | None = None  # time to first token
 
     @property
     def tokens_per_second(self) -> float:
@@ -84,7 +88,7 @@ class ChatSession(SessionBase):
         self.loaded = loaded
         self.config = config or GenerationConfig()
         self.budget = budget or BudgetConfig()
-        self.engine = engine or Engine.from_loaded(loaded)
+        self.engine = engine or Engine.shared(loaded)
         self.conversation = Conversation(system=system)
         self.last: Reply | None = None
 
@@ -96,23 +100,15 @@ class ChatSession(SessionBase):
         with the text produced so far and finish reason ``interrupted``.
         """
         messages = [*self.conversation.as_messages(), Message("user", text)]
-        fitted = fit_prompt(
+        plan = plan_request(
             self.loaded.format,
             messages,
             self.loaded.info.context_length,
-            self.config.max_new_tokens,
-            self.budget,
-            max_length=self.config.max_length,
+            self.config,
+            budget=self.budget,
         )
-        dropped = [messages[i] for i in fitted.dropped]
         self.conversation.add_user(text)
-        req = Request(
-            prompt_ids=fitted.encoded.input_ids,
-            config=self.config,
-            token_type_ids=fitted.encoded.token_type_ids,
-            reply_token_type=fitted.encoded.reply_token_type,
-            max_new_tokens=fitted.max_new_tokens,
-        )
+        req = plan.request
         t0 = time.perf_counter()
         parts: list[str] = []
         completion: Completion | None = None
@@ -129,12 +125,15 @@ class ChatSession(SessionBase):
                     text="".join(parts),
                     token_ids=[],
                     finish_reason="interrupted",
-                    prompt_tokens=fitted.prompt_tokens,
+                    prompt_tokens=plan.prompt_tokens,
                     completion_tokens=len(
                         self.engine.tokenizer.encode("".join(parts), add_special_tokens=False)
                     ),
                     seconds=time.perf_counter() - t0,
                 )
+            if completion.finish_reason == "error":  # nothing was said: take the turn back
+                self.conversation.messages.pop()
+                raise ChatforgeError(f"generation failed: {completion.error}")
             self.conversation.add_assistant(completion.text)
             self.last = Reply(
                 text=completion.text,
@@ -142,6 +141,8 @@ class ChatSession(SessionBase):
                 prompt_tokens=completion.prompt_tokens,
                 completion_tokens=completion.completion_tokens,
                 seconds=completion.seconds,
-                dropped=dropped,
+                dropped=plan.dropped,
                 config=self.config,
+                cached_tokens=completion.cached_tokens,
+                first_token_seconds=completion.first_token_seconds,
             )

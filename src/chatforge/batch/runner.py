@@ -14,6 +14,7 @@ on, unless ``fail_fast``.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -28,6 +29,7 @@ from chatforge.conversation import Message
 from chatforge.errors import ChatforgeError
 from chatforge.generation.config import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
 from chatforge.generation.engine import Completion, Engine, Request
+from chatforge.generation.plan import plan_request
 
 # Rows that may wait, finished, behind one unfinished earlier row (x batch_size).
 _MAX_PENDING = 64
@@ -185,7 +187,7 @@ class _Run:
         fail_fast: bool,
     ) -> None:
         self.loaded = loaded
-        self.engine = Engine.from_loaded(loaded)
+        self.engine = Engine.shared(loaded)
         self.writer = writer
         self.template = template
         self.system = system
@@ -200,29 +202,36 @@ class _Run:
         self._seen: dict[str, str] = {}  # id key -> source of its first record in this input
 
     def run(self, records: Iterable[Record]) -> None:
-        """Stream records through one continuous-batching scheduler, writing rows in order.
+        """Stream records through the model's engine, writing rows in order.
 
         Up to ``batch_size`` sequences decode together; as one finishes, a waiting
         one takes its place, so a long reply never holds the others back. Another
         ``batch_size`` requests wait in the queue so a freed place is filled at
-        once. Rows are written as soon as every record before them is written.
+        once. Rows are written as soon as every record before them is written. Records
+        sharing a long prompt prefix (a template) reuse its KV from the prefix cache.
         """
         t0 = time.perf_counter()
-        sched = self.engine.new_scheduler(max_batch=self.batch_size)
-        owner: dict[int, tuple[_Job, int]] = {}  # scheduler key -> (job, sample)
+        engine = self.engine
+        owner: dict[int, tuple[_Job, int]] = {}  # engine handle -> (job, sample)
+        done: list[tuple[int, Completion]] = []  # filled by the engine's events
         pending: deque[_Job] = deque()  # read, not yet written, in input order
         source = iter(records)
         exhausted = False
         stop: str | None = None  # the bad record that --fail-fast stops at
-        next_key = 0
+
+        def on_event(ev: Any) -> None:
+            if ev.completion is not None:
+                done.append((ev.index, ev.completion))
+
         try:
             while True:
-                # Keep the queue full: batch_size running + batch_size waiting, with a
-                # cap on rows held back behind one long reply.
+                # Keep batch_size requests in the engine (the engine's own limit on
+                # running sequences applies too), with a cap on rows held back
+                # behind one long reply.
                 while (
                     not exhausted
                     and stop is None
-                    and len(owner) < 2 * self.batch_size
+                    and len(owner) < self.batch_size
                     and len(pending) < _MAX_PENDING * self.batch_size
                 ):
                     record = next(source, None)
@@ -238,18 +247,23 @@ class _Run:
                         break
                     pending.append(job)
                     for j, req in enumerate(job.requests):
-                        sched.add(req, key=next_key)
-                        owner[next_key] = (job, j)
-                        next_key += 1
+                        owner[engine.add(req, on_event=on_event)] = (job, j)
                 self._write_ready(pending)
-                if not sched.has_work:
+                if not owner:
                     if exhausted or stop is not None:
                         break
                     continue
-                for ev in sched.step():
-                    if ev.completion is not None:
-                        job, j = owner.pop(ev.index)
-                        job.completions[j] = ev.completion
+                engine.step()
+                for handle, completion in done:
+                    job, j = owner.pop(handle)
+                    job.completions[j] = completion
+                    if completion.finish_reason == "error" and job.error is None:
+                        job.error = f"{job.record.source}: generation failed: {completion.error}"
+                done.clear()
+        except BaseException:
+            for handle in owner:  # interrupted: leave nothing running in the shared engine
+                engine.abort(handle)
+            raise
         finally:
             self.summary.seconds = time.perf_counter() - t0
         assert not pending, "the scheduler ended before every request completed"
@@ -284,10 +298,16 @@ class _Run:
         messages = [Message("user", job.prompt)]
         if self.system:
             messages.insert(0, Message("system", self.system))
-        enc = self.loaded.format.encode(messages)
         try:
             # Raises ContextOverflowError when the prompt leaves no room for a reply.
-            budget = self.config.reply_budget(len(enc.input_ids), self.loaded.info.context_length)
+            plan = plan_request(
+                self.loaded.format,
+                messages,
+                self.loaded.info.context_length,
+                self.config,
+                drop_history=False,
+            )
+            self.engine.budget_for(plan.request)
         except ValueError as e:
             job.error = f"{record.source}: {e}"
             return job
@@ -296,15 +316,7 @@ class _Run:
             if cfg.seed is not None and j > 0:
                 # Reruns reproduce, and sample 0 matches `chatforge chat --seed S`.
                 cfg = cfg.replace(seed=(cfg.seed + j) % 2**64)
-            job.requests.append(
-                Request(
-                    enc.input_ids,
-                    cfg,
-                    token_type_ids=enc.token_type_ids,
-                    reply_token_type=enc.reply_token_type,
-                    max_new_tokens=budget,
-                )
-            )
+            job.requests.append(dataclasses.replace(plan.request, config=cfg))
         return job
 
     # -- writing -----------------------------------------------------------------

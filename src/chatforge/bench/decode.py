@@ -133,14 +133,16 @@ def measure(
 
 class _ChatforgeRun:
     def __init__(self, loaded: Any) -> None:
-        from chatforge.generation.engine import Engine
+        from chatforge.generation.engine import Engine, EngineConfig
 
-        self.engine = Engine.from_loaded(loaded)
+        # No prefix cache: every measurement computes its prompts, as transformers does.
+        self.engine = Engine.from_loaded(loaded, EngineConfig(prefix_cache=False))
         self.engine.stop_token_ids = set()  # same token count for every setting
 
     def prefill(self, ids: list[int]) -> None:
-        runner = self.engine.make_runner()
-        runner.prefill(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+        from chatforge.generation.types import Request
+
+        self.engine.generate([Request(ids, max_new_tokens=0)])  # the prompt only
 
     def generate(self, prompts: list[list[int]], n: int) -> None:
         from chatforge.generation.config import GenerationConfig

@@ -12,7 +12,6 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 ALLOWED = {"none": 0.02, "int8": 0.02, "int4": 0.08}  # bf16 weights: as int8
 SETTINGS = (
@@ -41,18 +40,27 @@ def chitchat_sample(loaded: Any, conversations: int = 40, max_tokens: int = 512)
     return out
 
 
-@torch.inference_mode()
 def perplexity(decoder: Any, sample: list[tuple[list[int], list[bool]]]) -> float:
-    """exp(mean negative log-likelihood) of the assistant tokens."""
+    """exp(mean negative log-likelihood) of the assistant tokens, scored by the engine
+    (prompt logprobs from one prefill: the kernels that serve requests)."""
+    from chatforge.generation.engine import Engine, EngineConfig
+    from chatforge.generation.fast_runner import FastRunner
+
+    engine = Engine(
+        FastRunner(decoder),
+        None,
+        set(),
+        decoder.cfg.max_positions,
+        decoder.cfg.vocab_size,
+        EngineConfig(prefix_cache=False),
+    )
     nll, count = 0.0, 0
     for ids, mask in sample:
-        tokens = torch.tensor(ids)
-        logits = decoder.prefill(tokens, 0, decoder.new_cache(), all_logits=True)  # (T, V)
-        target = tokens[1:]
-        keep = torch.tensor(mask[1:])
-        losses = F.cross_entropy(logits[:-1].float(), target, reduction="none")
-        nll += float(losses[keep].sum())
-        count += int(keep.sum())
+        scored = engine.score(ids)
+        for lp, keep in zip(scored[1:], mask[1:], strict=True):
+            if keep:
+                nll -= lp.logprob
+                count += 1
     return math.exp(nll / max(count, 1))
 
 

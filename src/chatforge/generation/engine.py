@@ -1,117 +1,543 @@
-"""The generation engine: requests in, streamed text and completions out.
+"""The generation engine: one per loaded model, alive as long as the model.
 
-An :class:`Engine` couples a model runner (the forward pass and its KV cache)
-with the tokenizer and the stop rules of a loaded model. Each call runs a
-:class:`~chatforge.generation.scheduler.Scheduler`: prompts of different
-lengths are prefilled together, one token per running sequence is decoded per
-step, finished sequences leave the batch and waiting ones join it
-(continuous batching). The runner is behind an interface, so a faster model
-implementation slots in without touching this code.
+``add(request) -> handle``, ``step() -> events``, ``abort(handle)`` (the shape
+of nano-vllm's engine). A step is three pieces with one concern each:
+
+1. the :class:`~chatforge.generation.scheduler.Scheduler` picks which
+   sequences run and how many tokens each feeds (admission, chunked prefill,
+   preemption), taking prompt prefixes from the prefix cache;
+2. the model runner builds tensors from those sequences and runs one forward
+   pass over the paged KV cache;
+3. post-processing reads logprobs, applies the requests' logits processors,
+   samples, applies stop rules and detokenises.
+
+The KV of finished requests stays in the cache (block-granular, LRU, within
+``kv_cache_mb``), so the next turn of a chat, a repeated system prompt or
+``n`` samples of one prompt start where the cache ends. A failure while
+admitting, running or sampling one request ends that request only (its
+completion has ``finish_reason="error"``); the others go on.
+
+Chat sessions, batch generation, evaluation, the server and the benchmarks
+all drive this class; nothing else runs a scheduler. An engine may be shared
+by several threads (each call takes a lock); events reach each request's own
+callback or buffer, whoever called :meth:`step`.
 """
 
 from __future__ import annotations
 
-import functools
+import logging
+import math
+import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from chatforge.generation.fast_runner import FastRunner
-from chatforge.generation.runner import HFRunner, Runner
-from chatforge.generation.scheduler import Scheduler, SchedulerConfig
-from chatforge.generation.types import Completion, Request, StreamEvent
+import torch
+from torch import Tensor
 
-__all__ = ["Completion", "Engine", "Request", "StreamEvent"]
+from chatforge.errors import ChatforgeError
+from chatforge.generation.fast_runner import FastRunner
+from chatforge.generation.kv import BlockManager, block_hashes
+from chatforge.generation.processors import SequenceView, apply_processors
+from chatforge.generation.runner import HFRunner, ModelRunner, Work
+from chatforge.generation.sampling import SamplingParams, sample
+from chatforge.generation.scheduler import Scheduler, SchedulerConfig
+from chatforge.generation.sequence import Sequence as Seq
+from chatforge.generation.sequence import Status
+from chatforge.generation.types import (
+    MAX_TOP_LOGPROBS,
+    Completion,
+    Request,
+    StreamEvent,
+    TokenLogprob,
+)
+
+__all__ = ["Completion", "Engine", "EngineConfig", "Request", "StreamEvent", "TokenLogprob"]
+
+log = logging.getLogger(__name__)
+
+_LOGIT_CHUNK = 256  # rows of prompt logits materialised at once when scoring
+
+
+@dataclass
+class EngineConfig:
+    """Limits of one engine."""
+
+    max_batch: int = 32
+    """Most sequences running together; more requests wait for a place."""
+    prefill_tokens: int = 2048
+    """Prompt tokens fed per step; a longer prompt is prefilled in chunks across steps."""
+    kv_cache_mb: int = 2048
+    """Memory for the KV cache, running sequences and the prefix cache together.
+    It is taken as needed; past it, cached prefixes are evicted (least recently used
+    first), then the newest sequences wait (preemption)."""
+    prefix_cache: bool = True
+    """Reuse the KV of earlier requests whose tokens a new prompt starts with."""
+
+    def __post_init__(self) -> None:
+        SchedulerConfig(self.max_batch, self.prefill_tokens)  # validates both
+        if self.kv_cache_mb < 1:
+            raise ValueError(f"kv_cache_mb must be >= 1 (got {self.kv_cache_mb})")
 
 
 class Engine:
-    """Generates completions for token prompts.
+    """Generates completions for token prompts; see the module docstring.
 
-    >>> engine = Engine.from_loaded(load_model("smollm2"))        # doctest: +SKIP
+    >>> engine = Engine.shared(load_model("smollm2"))                    # doctest: +SKIP
     >>> engine.generate([Request(ids, GenerationConfig(temperature=0))])  # doctest: +SKIP
     """
 
     def __init__(
         self,
-        runner: Runner | Callable[[], Runner],
+        runner: ModelRunner,
         tokenizer: Any,
         stop_token_ids: set[int],
         context_length: int,
-        pad_token_id: int = 0,
-        scheduler: SchedulerConfig | None = None,
+        vocab_size: int,
+        config: EngineConfig | None = None,
     ) -> None:
-        # A runner may hold state (the fast path's KV cache): each scheduler gets its
-        # own from the factory, so an abandoned stream never disturbs the next one.
-        self.make_runner: Callable[[], Runner] = (
-            (lambda: runner) if hasattr(runner, "prefill") else runner  # type: ignore[assignment]
-        )
+        self.runner = runner
         self.tokenizer = tokenizer
         self.stop_token_ids = set(stop_token_ids)
         self.context_length = context_length
-        self.pad_token_id = pad_token_id
-        self.scheduler_config = scheduler or SchedulerConfig()
+        self.vocab_size = vocab_size
+        self.config = config or EngineConfig()
+        blocks = None
+        if runner.block_size is not None:
+            per_block = max(1, runner.bytes_per_block())
+            max_blocks = max(1, self.config.kv_cache_mb * 2**20 // per_block)
+            blocks = BlockManager(runner.block_size, max_blocks)
+        self.blocks = blocks
+        self.scheduler = Scheduler(
+            SchedulerConfig(self.config.max_batch, self.config.prefill_tokens),
+            blocks,
+            prefix_cache=self.config.prefix_cache,
+        )
+        self._seqs: dict[int, Seq] = {}  # live requests by handle
+        self._done: dict[int, Seq] = {}  # finished, buffered events not yet read
+        self._emitters: dict[int, Seq] = {}  # sequences with events in the current step
+        self._next_id = 0
+        self._lock = threading.RLock()
 
     @classmethod
     def from_loaded(
-        cls, loaded: Any, scheduler: SchedulerConfig | None = None, fast: bool | None = None
+        cls, loaded: Any, config: EngineConfig | None = None, fast: bool | None = None
     ) -> Engine:
-        """An engine over a :class:`~chatforge.models.LoadedModel`.
+        """A new engine over a :class:`~chatforge.models.LoadedModel`.
 
         Uses the model's fast path when it has one (``fast=False`` forces
-        transformers' modules, e.g. to compare against them).
+        transformers' modules, e.g. to compare against them). Most callers want
+        :meth:`shared`, the model's one engine (its prefix cache is shared too).
         """
         tok = loaded.tokenizer
         stops = set(loaded.format.stop_token_ids())
-        eos = loaded.model.generation_config.eos_token_id
+        eos = loaded.eos_token_id
         if eos is not None:
             stops |= set(eos if isinstance(eos, list | tuple) else [eos])
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (min(stops) if stops else 0)
         decoder = getattr(loaded, "fast", None)
         if fast is True and decoder is None:
             raise ValueError(f"this model has no fast path ({loaded.fast_reason})")
         if decoder is not None and fast is not False:
-            runner: Runner | Callable[[], Runner] = functools.partial(FastRunner, decoder)
+            runner: ModelRunner = FastRunner(decoder)
+            vocab = decoder.cfg.vocab_size
         else:
             runner = HFRunner(loaded.model)
-        return cls(runner, tok, stops, loaded.info.context_length, pad, scheduler)
+            vocab = loaded.model.config.vocab_size
+        return cls(runner, tok, stops, loaded.info.context_length, vocab, config)
 
-    def new_scheduler(self, max_batch: int | None = None) -> Scheduler:
-        """A scheduler over this engine's runner (the server keeps one running)."""
-        cfg = self.scheduler_config
-        if max_batch is not None:
-            cfg = SchedulerConfig(max_batch=max_batch, prefill_tokens=cfg.prefill_tokens)
-        return Scheduler(
-            self.make_runner(),
-            self.tokenizer,
-            self.stop_token_ids,
-            self.context_length,
-            self.pad_token_id,
-            cfg,
+    @classmethod
+    def shared(cls, loaded: Any, config: EngineConfig | None = None) -> Engine:
+        """The model's own engine, made on first use (chat, batch, eval and serve share it).
+
+        ``config`` applies when this call makes it.
+        """
+        engine = getattr(loaded, "_engine", None)
+        if engine is None:
+            engine = loaded._engine = cls.from_loaded(loaded, config)
+        return engine
+
+    # -- requests -----------------------------------------------------------------------
+
+    def budget_for(self, req: Request) -> int:
+        """Reply tokens allowed for ``req`` (validating it); raises ContextOverflowError
+        when the prompt leaves no room, ValueError for anything else out of range."""
+        n = len(req.prompt_ids)
+        if n < 1:
+            raise ValueError("a prompt must have at least one token")
+        bad = next((t for t in req.prompt_ids if not 0 <= int(t) < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(
+                f"prompt token id {bad} is outside this model's vocabulary "
+                f"(0..{self.vocab_size - 1})"
+            )
+        if req.token_type_ids is not None and len(req.token_type_ids) != n:
+            raise ValueError("token_type_ids must have one entry per prompt token")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(req, name)
+            if k is not None and not (isinstance(k, int) and 0 <= k <= MAX_TOP_LOGPROBS):
+                raise ValueError(f"{name} must be an integer in 0..{MAX_TOP_LOGPROBS} (got {k!r})")
+        for proc in req.processors:
+            proc.validate(self.vocab_size)
+        if req.max_new_tokens == 0:  # score the prompt only
+            budget = 0
+        else:
+            budget = req.config.reply_budget(n, self.context_length)
+            if req.max_new_tokens is not None:
+                if req.max_new_tokens < 0:
+                    raise ValueError(f"max_new_tokens must be >= 0 (got {req.max_new_tokens})")
+                budget = min(budget, req.max_new_tokens)
+        if self.blocks is not None:
+            need = self.blocks.blocks_for(n + budget)
+            if need > self.blocks.max_blocks:
+                raise ValueError(
+                    f"this request needs {n + budget} tokens of KV cache but the engine's "
+                    f"budget (kv_cache_mb={self.config.kv_cache_mb}) holds "
+                    f"{self.blocks.max_blocks * self.blocks.block_size}; raise kv_cache_mb"
+                )
+        return budget
+
+    def add(self, request: Request, on_event: Callable[[StreamEvent], None] | None = None) -> int:
+        """Queue a request; returns its handle. Validates it now (ValueError /
+        ContextOverflowError). Its events go to ``on_event`` (called on the thread
+        that runs :meth:`step`) or, without one, are kept for :meth:`events`."""
+        budget = self.budget_for(request)
+        with self._lock:
+            handle = self._next_id
+            self._next_id += 1
+            seq = Seq(handle, request, budget, self.tokenizer, on_event)
+            if request.prompt_logprobs is not None:
+                seq.prompt_logprobs.append(None)  # the first token has no context
+            self._seqs[handle] = seq
+            self.scheduler.add(seq)
+        return handle
+
+    def abort(self, handle: int) -> bool:
+        """Stop a request (waiting or running) and free its place; True if it was live."""
+        with self._lock:
+            seq = self._seqs.pop(handle, None)
+            if seq is None:
+                return False
+            self.scheduler.remove(seq)
+            self.runner.release(seq)
+            return True
+
+    def events(self, handle: int) -> list[StreamEvent]:
+        """Events of a request added without ``on_event``, since the last call."""
+        with self._lock:
+            seq = self._seqs.get(handle) or self._done.pop(handle, None)
+            if seq is None:
+                return []
+            out = list(seq.buffer)
+            seq.buffer.clear()
+            return out
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) sequence counts."""
+        return len(self.scheduler.running), len(self.scheduler.waiting)
+
+    def cache_stats(self) -> dict[str, int]:
+        """Prefix-cache counters: prompt tokens looked up and served from the cache."""
+        bm = self.blocks
+        if bm is None:
+            return {"lookup_tokens": 0, "hit_tokens": 0, "blocks": 0, "blocks_used": 0}
+        return {
+            "lookup_tokens": bm.lookups,
+            "hit_tokens": bm.hits,
+            "blocks": bm.n_blocks,
+            "blocks_used": bm.used,
+        }
+
+    # -- one step -----------------------------------------------------------------------
+
+    def step(self) -> list[StreamEvent]:
+        """Run one step for every scheduled sequence; returns the events it produced."""
+        with self._lock:
+            events: list[StreamEvent] = []
+            scheduled = self.scheduler.schedule()
+            if not scheduled:
+                return events
+            if self.blocks is not None:
+                self.runner.ensure_blocks(self.blocks.n_blocks)
+            work = [
+                Work(
+                    seq,
+                    seq.num_computed,
+                    seq.num_computed + n,
+                    all_rows=seq.wants_prompt_logprobs and seq.num_computed < seq.num_prompt - 1,
+                )
+                for seq, n in scheduled
+            ]
+            features = self._run(work, events)
+            to_sample: list[tuple[Seq, Tensor]] = []
+            for w, f in zip(work, features, strict=True):
+                if w.seq.status is not Status.RUNNING:  # failed in _run
+                    continue
+                seq = w.seq
+                seq.num_computed = w.end
+                self._offer_blocks(seq)
+                try:
+                    if w.all_rows and f is not None:
+                        self._prompt_logprobs(seq, w, f)
+                except Exception as e:  # noqa: BLE001 - one request's fault
+                    self._fail(seq, e, events)
+                    continue
+                if not w.samples:
+                    continue
+                if seq.budget == 0:  # scored, nothing to generate
+                    self._finish(seq, "length", events)
+                    continue
+                assert f is not None
+                to_sample.append((seq, f[-1:]))
+            if to_sample:
+                self._sample_and_accept(to_sample, events)
+            self._dispatch(events)
+            return events
+
+    def _run(self, work: list[Work], events: list[StreamEvent]) -> list[Tensor | None]:
+        """The forward pass; when it fails, each sequence alone, failing only the culprits."""
+        try:
+            return self.runner.run(work)
+        except Exception as e:  # noqa: BLE001
+            if len(work) == 1:
+                self._fail(work[0].seq, e, events)
+                return [None]
+        out: list[Tensor | None] = []
+        for w in work:  # rows are computed alone the same way: a retry changes nothing
+            try:
+                out.append(self.runner.run([w])[0])
+            except Exception as e:  # noqa: BLE001
+                self._fail(w.seq, e, events)
+                out.append(None)
+        return out
+
+    def _offer_blocks(self, seq: Seq) -> None:
+        """Register ``seq``'s newly filled blocks with the prefix cache."""
+        bm = self.blocks
+        if bm is None:
+            return
+        full = seq.num_computed // bm.block_size
+        if full <= seq.registered:
+            return
+        seq.block_hashes = block_hashes(
+            seq.tokens, seq.types, bm.block_size, full, seq.block_hashes
         )
+        for b in range(seq.registered, full):
+            bm.register(seq.block_table[b], seq.block_hashes[b])
+        seq.registered = full
+
+    def _prompt_logprobs(self, seq: Seq, w: Work, features: Tensor) -> None:
+        """Logprobs of prompt tokens ``w.start + 1 .. min(w.end, num_prompt - 1)``."""
+        k = seq.request.prompt_logprobs or 0
+        last = min(w.end, seq.num_prompt) - 1  # rows predicting a prompt token
+        rows = last - w.start
+        # After a preemption the prompt is computed again: skip what was scored.
+        first = max(0, len(seq.prompt_logprobs) - w.start - 1)
+        for lo in range(first, rows, _LOGIT_CHUNK):
+            hi = min(rows, lo + _LOGIT_CHUNK)
+            lp = torch.log_softmax(self.runner.logits(features[lo:hi]), dim=-1)  # (n, V)
+            targets = seq.tokens[w.start + lo + 1 : w.start + hi + 1]
+            seq.prompt_logprobs += _token_logprobs(lp, targets, k)
+
+    def _sample_and_accept(self, items: list[tuple[Seq, Tensor]], events: list[StreamEvent]):
+        seqs = [s for s, _ in items]
+        try:
+            logits = self.runner.logits(torch.cat([f for _, f in items]))  # (B, V)
+            tokens, lps = self._sample(seqs, logits)
+        except Exception:  # noqa: BLE001 - find the row that failed, keep the others
+            tokens, lps = [], []
+            for seq, f in items:
+                try:
+                    t, lp = self._sample([seq], self.runner.logits(f))
+                    tokens.append(t[0])
+                    lps.append(lp[0])
+                except Exception as e:  # noqa: BLE001
+                    self._fail(seq, e, events)
+                    tokens.append(None)
+                    lps.append(None)
+        now = time.perf_counter()
+        for seq, tok, lp in zip(seqs, tokens, lps, strict=True):
+            if tok is not None:
+                self._accept(seq, tok, lp, now, events)
+
+    def _sample(self, seqs: list[Seq], logits: Tensor) -> tuple[list[int], list[Any]]:
+        """Tokens and (when asked for) logprobs for rows of raw ``logits`` (B, V)."""
+        logits = logits.float()
+        want = [s.request.logprobs is not None for s in seqs]
+        raw_lp = torch.log_softmax(logits, dim=-1) if any(want) else None  # (B, V)
+        processed = apply_processors(
+            [s.request.processors for s in seqs],
+            [SequenceView(s.tokens[: s.num_prompt], s.generated) for s in seqs],
+            logits,
+        )
+        params = SamplingParams.from_configs([s.request.config for s in seqs])
+        tokens = sample(
+            processed, params, [s.generator for s in seqs], histories=[s.tokens for s in seqs]
+        ).tolist()
+        lps: list[Any] = []
+        for row, (seq, tok) in enumerate(zip(seqs, tokens, strict=True)):
+            if raw_lp is None or not want[row]:
+                lps.append(None)
+            else:
+                lps.append(_token_logprobs(raw_lp[row : row + 1], [tok], seq.request.logprobs)[0])
+        return tokens, lps
+
+    def _accept(
+        self, seq: Seq, tok: int, lp: TokenLogprob | None, now: float, events: list[StreamEvent]
+    ) -> None:
+        """Stop rules and detokenisation for one sampled token."""
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+        entry = lp if lp is not None else TokenLogprob(tok, math.nan)
+        if tok in self.stop_token_ids:
+            self._finish(seq, "stop", events)
+            return
+        seq.append(tok)
+        if lp is not None:
+            seq.logprobs.append(lp)
+        text = seq.stream.push(tok)
+        reason = None
+        if seq.stream.stopped:
+            reason = "stop"
+        elif len(seq.generated) >= seq.budget:
+            reason = "length"
+        if reason is None:
+            self._emit(seq, StreamEvent(seq.id, text, None, [entry]), events)
+        else:
+            self._finish(seq, reason, events, text, [entry])
+
+    def _finish(
+        self,
+        seq: Seq,
+        reason: str,
+        events: list[StreamEvent],
+        text: str = "",
+        tokens: list[TokenLogprob] | None = None,
+        error: str | None = None,
+    ) -> None:
+        now = time.perf_counter()
+        if reason != "error" and seq.generated:
+            text += seq.stream.flush()  # the last piece goes out with the completion
+        req = seq.request
+        completion = Completion(
+            text=seq.stream.text,
+            token_ids=list(seq.generated),
+            finish_reason=reason,
+            prompt_tokens=seq.num_prompt,
+            completion_tokens=len(seq.generated),
+            seconds=now - seq.added_at,
+            first_token_seconds=(
+                None if seq.first_token_at is None else seq.first_token_at - seq.added_at
+            ),
+            cached_tokens=seq.cached_tokens,
+            logprobs=list(seq.logprobs) if req.logprobs is not None else None,
+            prompt_logprobs=list(seq.prompt_logprobs) if req.prompt_logprobs is not None else None,
+            error=error,
+        )
+        self._emit(seq, StreamEvent(seq.id, text, completion, tokens or []), events)
+        self.scheduler.remove(seq)
+        self.runner.release(seq)
+        self._seqs.pop(seq.id, None)
+        if seq.on_event is None:
+            self._done[seq.id] = seq  # its buffer is read after it finished
+
+    def _fail(self, seq: Seq, exc: BaseException, events: list[StreamEvent]) -> None:
+        log.warning("request %s failed: %s: %s", seq.id, type(exc).__name__, exc)
+        self._finish(seq, "error", events, error=f"{type(exc).__name__}: {exc}")
+
+    def _emit(self, seq: Seq, event: StreamEvent, events: list[StreamEvent]) -> None:
+        events.append(event)
+        self._emitters[seq.id] = seq
+
+    def _dispatch(self, events: list[StreamEvent]) -> None:
+        emitters, self._emitters = self._emitters, {}
+        for ev in events:
+            seq = emitters[ev.index]
+            if seq.on_event is not None:
+                try:
+                    seq.on_event(ev)
+                except Exception:  # noqa: BLE001 - a listener's fault is not the engine's
+                    log.exception("event listener of request %s failed", seq.id)
+            else:
+                seq.buffer.append(ev)
+
+    # -- conveniences -------------------------------------------------------------------
 
     def stream(
         self, requests: Sequence[Request], max_batch: int | None = None
     ) -> Iterator[StreamEvent]:
-        """Decode the requests with continuous batching, yielding text as it becomes final.
+        """Decode the requests, yielding text as it becomes final.
 
         Event ``index`` is the request's position in ``requests``. Every request is
-        checked against the context before any generation starts.
+        validated before any generation starts. ``max_batch`` caps how many of these
+        requests run at once. Stopping early (closing the iterator) aborts the rest.
         """
-        sched = self.new_scheduler(max_batch)
-        for i, req in enumerate(requests):
-            sched.add(req, key=i)
+        for req in requests:
+            self.budget_for(req)
+        limit = max_batch or len(requests)
+        inbox: deque[StreamEvent] = deque()
+        index: dict[int, int] = {}
+        next_req = 0
+        live: set[int] = set()
         try:
-            while sched.has_work:
-                yield from sched.step()
-        finally:  # the caller stopped early (Ctrl-C, closed stream): free the batch
-            if sched.has_work:
-                sched.reset()
+            while next_req < len(requests) or live:
+                while next_req < len(requests) and len(live) < limit:
+                    h = self.add(requests[next_req], on_event=inbox.append)
+                    index[h] = next_req
+                    live.add(h)
+                    next_req += 1
+                if not inbox:
+                    self.step()
+                while inbox:
+                    ev = inbox.popleft()
+                    if ev.completion is not None:
+                        live.discard(ev.index)
+                    yield StreamEvent(index[ev.index], ev.text, ev.completion, ev.tokens)
+        finally:  # the caller stopped early (Ctrl-C, closed stream): free their places
+            for h in live:
+                self.abort(h)
 
     def generate(
         self, requests: Sequence[Request], max_batch: int | None = None
     ) -> list[Completion]:
-        """Complete all requests; results in input order."""
-        done: dict[Any, Completion] = {}
+        """Complete all requests; results in input order (a failed one has
+        ``finish_reason="error"`` and its ``error``)."""
+        done: dict[int, Completion] = {}
         for ev in self.stream(requests, max_batch):
             if ev.completion is not None:
                 done[ev.index] = ev.completion
         return [done[i] for i in range(len(requests))]
+
+    def score(self, prompt_ids: list[int], top: int = 0) -> list[TokenLogprob | None]:
+        """The logprob of every prompt token given the ones before it, from one prefill
+        (the first token has none); ``top`` alternatives per position (0..20).
+
+        Logprobs are of the model's own distribution (no temperature or filters).
+        """
+        req = Request(list(prompt_ids), max_new_tokens=0, prompt_logprobs=top)
+        (c,) = self.generate([req])
+        if c.finish_reason == "error":
+            raise ChatforgeError(f"scoring failed: {c.error}")
+        assert c.prompt_logprobs is not None
+        return c.prompt_logprobs
+
+
+def _token_logprobs(lp: Tensor, targets: Sequence[int], k: int) -> list[TokenLogprob]:
+    """Rows of log-probabilities (n, V), the token each row chose, and the top ``k``."""
+    idx = torch.tensor(list(targets), dtype=torch.long)
+    chosen = lp.gather(1, idx[:, None])[:, 0].tolist()
+    tops: list[list[tuple[int, float]]] = [[] for _ in targets]
+    if k > 0:
+        values, ids = torch.topk(lp, k, dim=-1)
+        tops = [
+            list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)
+        ]
+    return [
+        TokenLogprob(int(t), float(c), top) for t, c, top in zip(targets, chosen, tops, strict=True)
+    ]

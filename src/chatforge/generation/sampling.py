@@ -102,8 +102,9 @@ class SamplingParams:
             temperature=floats(
                 [0.0 if g else c.temperature for c, g in zip(configs, greedy, strict=True)]
             ),
+            # top_k beyond the vocabulary means "off" either way; clamp so any int fits.
             top_k=torch.tensor(
-                [0 if g else c.top_k for c, g in zip(configs, greedy, strict=True)],
+                [0 if g else min(c.top_k, 2**31) for c, g in zip(configs, greedy, strict=True)],
                 dtype=torch.long,
                 device=device,
             ),
@@ -112,20 +113,6 @@ class SamplingParams:
             repetition_penalty=floats([c.repetition_penalty for c in configs]),
             no_repeat_ngram_size=[c.no_repeat_ngram_size for c in configs],
             greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
-        )
-
-    def select(self, rows: Tensor | Sequence[int]) -> SamplingParams:
-        """Keep only ``rows`` (in that order), e.g. when finished sequences leave a batch."""
-        idx_list = rows.tolist() if isinstance(rows, Tensor) else [int(r) for r in rows]
-        idx = torch.tensor(idx_list, dtype=torch.long, device=self.greedy.device)
-        return SamplingParams(
-            temperature=self.temperature[idx],
-            top_k=self.top_k[idx],
-            top_p=self.top_p[idx],
-            min_p=self.min_p[idx],
-            repetition_penalty=self.repetition_penalty[idx],
-            no_repeat_ngram_size=[self.no_repeat_ngram_size[i] for i in idx_list],
-            greedy=self.greedy[idx],
         )
 
 
@@ -278,17 +265,6 @@ def apply_min_p(logits: Tensor, min_p: Tensor) -> Tensor:
 # ---------------------------------------------------------------------- pipeline
 
 
-def _histories_from(
-    history: Tensor | None, history_mask: Tensor | None, batch: int
-) -> list[list[int]]:
-    """Per-row token lists from a padded (B, L) history."""
-    if history is None:
-        return [[] for _ in range(batch)]
-    rows = history.cpu()
-    mask = history_mask.cpu() if history_mask is not None else None
-    return [(rows[i][mask[i]] if mask is not None else rows[i]).tolist() for i in range(batch)]
-
-
 def _padded_from(histories: Sequence[Sequence[int] | Tensor], device: torch.device) -> Tensor:
     """A (B, L) history padded with -1 (ignored by the repetition penalty)."""
     rows = [torch.as_tensor(h, dtype=torch.long).reshape(-1).cpu() for h in histories]
@@ -300,30 +276,16 @@ def _padded_from(histories: Sequence[Sequence[int] | Tensor], device: torch.devi
 
 
 def apply_penalties(
-    logits: Tensor,
-    params: SamplingParams,
-    history: Tensor | None = None,
-    history_mask: Tensor | None = None,
-    histories: Sequence[Sequence[int] | Tensor] | None = None,
+    logits: Tensor, params: SamplingParams, histories: Sequence[Sequence[int] | Tensor]
 ) -> Tensor:
-    """Repetition penalty then n-gram blocking; the history may be given either way.
-
-    history/history_mask: (B, L) padded ids and mask; histories: per-row id lists.
-    Whichever is missing is derived from the other when a step needs it.
-    """
+    """Repetition penalty then n-gram blocking; ``histories``: per row, the ids so far."""
     batch = logits.shape[0]
     if params.batch_size != batch:
         raise ValueError(f"params are for {params.batch_size} rows but logits have {batch}")
     if bool((params.repetition_penalty != 1.0).any()):
-        if history is None and histories is not None:
-            history, history_mask = _padded_from(histories, logits.device), None
-        if history is not None:
-            logits = apply_repetition_penalty(
-                logits, history, history_mask, params.repetition_penalty
-            )
+        history = _padded_from(histories, logits.device)
+        logits = apply_repetition_penalty(logits, history, None, params.repetition_penalty)
     if any(params.no_repeat_ngram_size):
-        if histories is None:
-            histories = _histories_from(history, history_mask, batch)
         logits = apply_no_repeat_ngram(logits, histories, params.no_repeat_ngram_size)
     return logits
 
@@ -336,25 +298,10 @@ def apply_warpers(logits: Tensor, params: SamplingParams) -> Tensor:
     return apply_min_p(logits, params.min_p)
 
 
-def process_logits(
-    logits: Tensor,
-    params: SamplingParams,
-    history: Tensor | None = None,
-    history_mask: Tensor | None = None,
-    histories: Sequence[Sequence[int] | Tensor] | None = None,
-) -> Tensor:
-    """All steps in the documented order: penalties, then warpers. (B, V) -> (B, V)."""
-    penalised = apply_penalties(logits, params, history, history_mask, histories)
-    return apply_warpers(penalised, params)
-
-
 def sample(
     logits: Tensor,
     params: SamplingParams,
     generators: Sequence[torch.Generator | None],
-    *,
-    history: Tensor | None = None,
-    history_mask: Tensor | None = None,
     histories: Sequence[Sequence[int] | Tensor] | None = None,
 ) -> Tensor:
     """Pick the next token of every row: (B, V) raw logits -> (B,) long.
@@ -362,13 +309,15 @@ def sample(
     Greedy rows take the argmax of the penalised logits; the others draw from the
     processed distribution with one uniform from their own generator (``None`` = the
     global RNG), so a seeded row draws the same tokens whatever else is in the batch.
-    A token with probability 0 is never returned. Pass the history (prompt + generated
-    ids) either padded (``history``/``history_mask``) or as per-row lists (``histories``).
+    A token with probability 0 is never returned. ``histories``: per row, the ids so
+    far (prompt + generated), for the penalties.
     """
     batch = logits.shape[0]
     if len(generators) != batch:
         raise ValueError(f"sample got {len(generators)} generators for {batch} rows")
-    penalised = apply_penalties(logits, params, history, history_mask, histories)  # (B, V)
+    if histories is None:
+        histories = [[] for _ in range(batch)]
+    penalised = apply_penalties(logits, params, histories)  # (B, V)
     dead = torch.isneginf(penalised).all(dim=-1)  # (B,) rows with every token banned
     if bool(dead.any()):
         row = int(dead.nonzero()[0])

@@ -1,39 +1,39 @@
-"""Continuous batching: a waiting queue, a running batch, one token per step.
+"""Which sequences run this step, and how many of their tokens: admission and preemption.
 
-Each :meth:`Scheduler.step` decodes one token for every running sequence,
-then admits waiting requests (prefilled together, within a prompt-token
-budget) which join the running batch; finished sequences leave it at once, so
-a short reply never waits for a long one and a new request never waits for
-the batch to drain. The engine's ``generate``/``stream`` and the HTTP server
-both drive this class.
+Each step every running sequence that has a token to feed gets it (decode),
+sequences still prefilling get a chunk, and waiting requests are admitted
+while there is room: a place in the batch (``max_batch``), prompt tokens
+left in this step's budget (``prefill_tokens``; a long prompt is prefilled
+in chunks across steps, so it never stalls the streams already running) and
+KV blocks. A new request first takes whatever prefix of its prompt the prefix
+cache holds.
+
+When a running sequence needs a block and none is left, the most recently
+admitted sequence is preempted: its blocks go back (they stay in the prefix
+cache) and it waits at the head of the queue to be recomputed. Because every
+row is computed the same way whatever else runs (see ``kernels/decode.c``),
+recomputing changes nothing in its output.
+
+Nothing here touches tensors, samples, or decodes text.
 """
 
 from __future__ import annotations
 
-import itertools
-import time
 from collections import deque
-from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Any
 
-import torch
-from torch import Tensor
-
-from chatforge.generation.runner import Runner
-from chatforge.generation.sampling import SamplingParams, make_generator, sample
-from chatforge.generation.stream import TextStream
-from chatforge.generation.types import Completion, Request, StreamEvent
+from chatforge.generation.kv import BlockManager, block_hashes
+from chatforge.generation.sequence import Sequence, Status
 
 
 @dataclass
 class SchedulerConfig:
-    """Limits of one scheduler."""
+    """Limits of the engine's scheduler."""
 
     max_batch: int = 32
-    """Most sequences decoded together; more requests wait for a free place."""
+    """Most sequences running together; more requests wait for a free place."""
     prefill_tokens: int = 2048
-    """Prompt tokens prefilled in one step (one prompt is always admitted, however long)."""
+    """Prompt tokens fed per step (decode tokens not counted); longer prompts are chunked."""
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -42,197 +42,166 @@ class SchedulerConfig:
             raise ValueError(f"prefill_tokens must be >= 1 (got {self.prefill_tokens})")
 
 
-class Sequence:
-    """Book-keeping for one request while it is waiting or running."""
-
-    def __init__(self, key: Hashable, req: Request, budget: int, tokenizer: Any) -> None:
-        self.key = key
-        self.req = req
-        self.budget = budget  # reply tokens allowed
-        self.stream = TextStream(tokenizer, req.config.stop)
-        self.generator = None if req.config.greedy else make_generator(req.config.seed)
-        self.history: list[int] = list(req.prompt_ids)  # prompt + reply, for penalties
-        self.generated: list[int] = []
-        self.next_token: int | None = None  # sampled, not yet fed to the model
-        self.added_at = time.perf_counter()
-        self.first_token_at: float | None = None
-
-
 class Scheduler:
-    """Runs requests to completion with continuous batching over a :class:`Runner`."""
+    """A waiting queue and a running list over a :class:`BlockManager` (None: no paging)."""
 
     def __init__(
-        self,
-        runner: Runner,
-        tokenizer: Any,
-        stop_token_ids: set[int],
-        context_length: int,
-        pad_token_id: int = 0,
-        config: SchedulerConfig | None = None,
+        self, config: SchedulerConfig, blocks: BlockManager | None, prefix_cache: bool = True
     ) -> None:
-        self.runner = runner
-        self.tokenizer = tokenizer
-        self.stop_token_ids = set(stop_token_ids)
-        self.context_length = context_length
-        self.pad_token_id = pad_token_id
-        self.config = config or SchedulerConfig()
+        self.config = config
+        self.blocks = blocks
+        self.prefix_cache = prefix_cache
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # row i of the runner state is running[i]
-        self.state: Any = None
-        self._keys = itertools.count()
-
-    # -- queue -------------------------------------------------------------------
-
-    def budget_for(self, req: Request) -> int:
-        """Reply tokens allowed for ``req``; raises ContextOverflowError when none fit."""
-        n = len(req.prompt_ids)
-        if n < 1:
-            raise ValueError("a prompt must have at least one token")
-        budget = req.config.reply_budget(n, self.context_length)
-        if req.max_new_tokens is not None:
-            budget = min(budget, req.max_new_tokens)
-        return budget
-
-    def add(self, req: Request, key: Hashable | None = None) -> Hashable:
-        """Queue a request; returns the key its events carry. Validates the budget now."""
-        key = next(self._keys) if key is None else key
-        self.waiting.append(Sequence(key, req, self.budget_for(req), self.tokenizer))
-        return key
-
-    def cancel(self, key: Hashable) -> bool:
-        """Drop a waiting or running request (a client went away); True if it was found."""
-        for seq in list(self.waiting):
-            if seq.key == key:
-                self.waiting.remove(seq)
-                return True
-        for row, seq in enumerate(self.running):
-            if seq.key == key:
-                self._remove_rows([row])
-                return True
-        return False
+        self.running: list[Sequence] = []
+        self.preemptions = 0  # sequences sent back to wait for memory (for metrics)
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    # -- stepping ------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
 
-    def step(self) -> list[StreamEvent]:
-        """Decode one token for the running batch, then admit waiting requests."""
-        events: list[StreamEvent] = []
-        if self.running:
-            tokens = torch.tensor([s.next_token for s in self.running], dtype=torch.long)
-            logits = self.runner.decode(self.state, tokens, self._reply_types(self.running))
-            finished = self._accept(self.running, logits, events)
-            self._remove_rows(finished)
-        admitted = self._admit()
-        if admitted:
-            logits, state = self._prefill(admitted)
-            finished = self._accept(admitted, logits, events)
-            keep = [i for i in range(len(admitted)) if i not in set(finished)]
-            if len(keep) < len(admitted):  # also frees what the runner holds for them
-                state = self.runner.select(state, torch.tensor(keep, dtype=torch.long))
-            if keep:
-                survivors = [admitted[i] for i in keep]
-                if self.running:
-                    self.state = self.runner.merge(self.state, state)
-                    self.running.extend(survivors)
-                else:
-                    self.state, self.running = state, survivors
-        return events
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out (finished, aborted or failed) and give its blocks back."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._free(seq)
+        seq.status = Status.FINISHED
 
-    def _admit(self) -> list[Sequence]:
-        out: list[Sequence] = []
-        tokens = 0
-        while self.waiting and len(self.running) + len(out) < self.config.max_batch:
-            n = len(self.waiting[0].req.prompt_ids)
-            if out and tokens + n > self.config.prefill_tokens:
+    # -- one step ---------------------------------------------------------------------
+
+    def schedule(self, max_batch: int | None = None) -> list[tuple[Sequence, int]]:
+        """This step's work: ``(sequence, tokens to feed)``, running ones first."""
+        limit = max_batch or self.config.max_batch
+        budget = self.config.prefill_tokens
+        work: list[tuple[Sequence, int]] = []
+        for seq in list(self.running):
+            if seq.status is not Status.RUNNING:  # preempted earlier in this loop
+                continue
+            n = seq.pending
+            if n > 1:  # still prefilling: a chunk of what is left of the budget
+                n = min(n, budget)
+                if n == 0:
+                    continue
+            if not self._grow(seq, n, work):
+                continue  # seq itself was preempted
+            work.append((seq, n))
+            if seq.pending > 1:
+                budget -= n
+        # Admit in arrival order while there is a place, budget and memory.
+        pending_hashes = self._pending_hashes(work)
+        skipped: list[Sequence] = []
+        while self.waiting and len(self.running) < limit and budget > 0:
+            seq = self.waiting.popleft()
+            if self._shares_pending_prefix(seq, pending_hashes):
+                skipped.append(seq)  # next step its prefix is cached: compute it once
+                continue
+            self._take_cached_prefix(seq)
+            n = min(seq.pending, budget)
+            if not self._reserve(seq, seq.num_computed + n):
+                self._free(seq)
+                self.waiting.appendleft(seq)
                 break
-            out.append(self.waiting.popleft())
-            tokens += n
+            seq.status = Status.RUNNING
+            seq.admitted_once = True
+            self.running.append(seq)
+            work.append((seq, n))
+            budget -= n
+            if self.blocks is not None and seq.block_hashes:
+                pending_hashes.update(
+                    seq.block_hashes[seq.num_computed // self.blocks.block_size :]
+                )
+        for seq in reversed(skipped):
+            self.waiting.appendleft(seq)
+        return work
+
+    # -- KV blocks ----------------------------------------------------------------------
+
+    def _grow(self, seq: Sequence, n: int, work: list[tuple[Sequence, int]]) -> bool:
+        """Blocks for ``seq``'s next ``n`` tokens, preempting newer sequences if needed."""
+        while not self._reserve(seq, seq.num_computed + n):
+            victim = next((s for s in reversed(self.running) if s.status is Status.RUNNING), None)
+            assert victim is not None
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _reserve(self, seq: Sequence, tokens: int) -> bool:
+        if self.blocks is None:
+            return True
+        need = self.blocks.blocks_for(tokens) - len(seq.block_table)
+        if need <= 0:
+            return True
+        got = self.blocks.allocate(need)
+        if got is None:
+            return False
+        seq.block_table.extend(got)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.preemptions += 1
+        self.running.remove(seq)
+        self._free(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+
+    def _free(self, seq: Sequence) -> None:
+        if self.blocks is not None and seq.block_table:
+            self.blocks.release(seq.block_table)
+        seq.block_table = []
+        seq.num_computed = 0
+        seq.registered = 0
+
+    def _take_cached_prefix(self, seq: Sequence) -> None:
+        """Start ``seq`` after the longest prefix of its tokens the cache holds."""
+        bm = self.blocks
+        if bm is None or not self.prefix_cache or seq.wants_prompt_logprobs:
+            return
+        # At least one token is always fed: its logits are what gets sampled.
+        full = (len(seq.tokens) - 1) // bm.block_size
+        seq.block_hashes = block_hashes(
+            seq.tokens, seq.types, bm.block_size, full, seq.block_hashes
+        )
+        hit = bm.match(seq.block_hashes[:full])
+        bm.take(hit)
+        seq.block_table = list(hit)
+        seq.num_computed = len(hit) * bm.block_size
+        if not seq.admitted_once:
+            seq.cached_tokens = seq.num_computed
+            bm.lookups += seq.num_prompt
+            bm.hits += seq.num_computed
+
+    def _pending_hashes(self, work: list[tuple[Sequence, int]]) -> set[bytes]:
+        """Prefix blocks being computed now (by sequences still prefilling)."""
+        out: set[bytes] = set()
+        if self.blocks is None:
+            return out
+        bs = self.blocks.block_size
+        for seq, n in work:
+            if seq.block_hashes and seq.num_computed + n < seq.num_prompt:
+                out.update(seq.block_hashes[seq.num_computed // bs :])
         return out
 
-    def _prefill(self, seqs: list[Sequence]) -> tuple[Tensor, Any]:
-        lengths = [len(s.req.prompt_ids) for s in seqs]
-        t, b = max(lengths), len(seqs)
-        ids = torch.full((b, t), self.pad_token_id, dtype=torch.long)  # (B, T) left-padded
-        mask = torch.zeros((b, t), dtype=torch.long)
-        has_types = any(s.req.token_type_ids is not None for s in seqs)
-        types = torch.zeros((b, t), dtype=torch.long) if has_types else None
-        for i, s in enumerate(seqs):
-            n = lengths[i]
-            ids[i, t - n :] = torch.tensor(s.req.prompt_ids, dtype=torch.long)
-            mask[i, t - n :] = 1
-            if types is not None and s.req.token_type_ids is not None:
-                types[i, t - n :] = torch.tensor(s.req.token_type_ids, dtype=torch.long)
-        return self.runner.prefill(ids, mask, types)
-
-    def _accept(self, seqs: list[Sequence], logits: Tensor, events: list[StreamEvent]) -> list[int]:
-        """Sample a token per row of ``logits`` (B, V); return the rows that finished."""
-        params = SamplingParams.from_configs([s.req.config for s in seqs])
-        tokens = sample(
-            logits, params, [s.generator for s in seqs], histories=[s.history for s in seqs]
-        ).tolist()
-        now = time.perf_counter()
-        finished: list[int] = []
-        for row, (seq, tok) in enumerate(zip(seqs, tokens, strict=True)):
-            if seq.first_token_at is None:
-                seq.first_token_at = now
-            reason, text = None, ""
-            if tok in self.stop_token_ids:
-                reason = "stop"
-            else:
-                seq.generated.append(tok)
-                seq.history.append(tok)
-                text = seq.stream.push(tok)
-                if seq.stream.stopped:
-                    reason = "stop"
-                elif len(seq.generated) >= seq.budget:
-                    reason = "length"
-            if reason is None:
-                seq.next_token = tok
-                if text:
-                    events.append(StreamEvent(seq.key, text))
-                continue
-            text += seq.stream.flush()  # the last piece goes out with the completion
-            events.append(StreamEvent(seq.key, text, self._complete(seq, reason, now)))
-            finished.append(row)
-        return finished
-
-    def _remove_rows(self, rows: list[int]) -> None:
-        if not rows:
-            return
-        gone = set(rows)
-        keep = [i for i in range(len(self.running)) if i not in gone]
-        self.running = [self.running[i] for i in keep]
-        self.state = self.runner.select(self.state, torch.tensor(keep, dtype=torch.long))
-        if not keep:
-            self.state = None
-
-    def reset(self) -> list[Sequence]:
-        """Drop every request (after a failed step); returns them so callers can report."""
-        dropped = [*self.running, *self.waiting]
-        if self.running:
-            self._remove_rows(list(range(len(self.running))))
-        self.waiting.clear()
-        return dropped
-
-    @staticmethod
-    def _reply_types(seqs: list[Sequence]) -> Tensor | None:
-        if all(s.req.reply_token_type is None for s in seqs):
-            return None
-        return torch.tensor([s.req.reply_token_type or 0 for s in seqs], dtype=torch.long)
-
-    @staticmethod
-    def _complete(seq: Sequence, reason: str, now: float) -> Completion:
-        return Completion(
-            text=seq.stream.text,
-            token_ids=list(seq.generated),
-            finish_reason=reason,
-            prompt_tokens=len(seq.req.prompt_ids),
-            completion_tokens=len(seq.generated),
-            seconds=now - seq.added_at,
-            first_token_seconds=(
-                None if seq.first_token_at is None else seq.first_token_at - seq.added_at
-            ),
+    def _shares_pending_prefix(self, seq: Sequence, pending: set[bytes]) -> bool:
+        """True when at least half of ``seq``'s prompt is being computed by another
+        sequence right now: waiting one step lets it take those blocks from the cache."""
+        bm = self.blocks
+        if bm is None or not self.prefix_cache or not pending or seq.wants_prompt_logprobs:
+            return False
+        full = (len(seq.tokens) - 1) // bm.block_size
+        if full == 0:
+            return False
+        seq.block_hashes = block_hashes(
+            seq.tokens, seq.types, bm.block_size, full, seq.block_hashes
         )
+        shared = 0
+        for h in seq.block_hashes[:full]:
+            if h not in pending and h not in bm.cached:
+                break
+            shared += 1
+        pending_part = sum(1 for h in seq.block_hashes[:shared] if h not in bm.cached)
+        return pending_part > 0 and shared * bm.block_size * 2 >= seq.num_prompt

@@ -1,4 +1,4 @@
-"""The engine as a service: a scheduler stepping in a background thread.
+"""The engine as a service: its steps run in a background thread.
 
 The HTTP server (and anything else with many concurrent callers) submits
 requests from any thread or event loop; each request's events come back on
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -21,6 +22,8 @@ import torch
 from chatforge.errors import ChatforgeError
 from chatforge.generation.engine import Engine
 from chatforge.generation.types import Request, StreamEvent
+
+log = logging.getLogger(__name__)
 
 
 class QueueFullError(ChatforgeError):
@@ -34,6 +37,7 @@ class Handle:
         self.service = service
         self.key = key
         self.loop = loop
+        self.engine_id: int | None = None  # the engine's handle, once added
         self._q: Any = asyncio.Queue() if loop is not None else queue.Queue()
         self.done = False
 
@@ -79,12 +83,17 @@ class Handle:
 
 
 class EngineService:
-    """Runs an engine's scheduler on a background thread."""
+    """Runs an engine's steps on a background thread.
+
+    ``fatal`` is set (and the thread ends) if the engine itself cannot go on;
+    a failure of one request only fails that request.
+    """
 
     def __init__(self, engine: Engine, max_batch: int = 32, max_queue: int = 256) -> None:
         self.engine = engine
-        self.scheduler = engine.new_scheduler(max_batch)
+        self.max_batch = max_batch
         self.max_queue = max_queue
+        self.fatal: str | None = None
         self._handles: dict[int, Handle] = {}
         self._inbox: list[tuple[str, Any]] = []
         self._lock = threading.Lock()
@@ -98,17 +107,20 @@ class EngineService:
     @property
     def load(self) -> tuple[int, int]:
         """(running, waiting) sequence counts."""
+        running, waiting = self.engine.load
         with self._lock:
-            waiting = len(self.scheduler.waiting) + sum(1 for k, _ in self._inbox if k == "add")
-            return len(self.scheduler.running), waiting
+            return running, waiting + sum(1 for k, _ in self._inbox if k == "add")
 
     def submit(self, request: Request, loop: asyncio.AbstractEventLoop | None = None) -> Handle:
-        """Queue a request. Raises ContextOverflowError (too long) or QueueFullError now."""
-        self.scheduler.budget_for(request)  # validate in the caller's thread, before queueing
+        """Queue a request. Raises ContextOverflowError (too long), ValueError (a field out
+        of range) or QueueFullError now."""
+        self.engine.budget_for(request)  # validate in the caller's thread, before queueing
         with self._lock:
+            if self.fatal is not None:
+                raise ChatforgeError(f"the engine stopped: {self.fatal}")
             if self._stop:
                 raise ChatforgeError("the engine is shutting down")
-            waiting = len(self.scheduler.waiting)
+            _, waiting = self.engine.load
             pending = sum(1 for k, _ in self._inbox if k == "add")
             if waiting + pending >= self.max_queue:
                 raise QueueFullError(
@@ -140,14 +152,31 @@ class EngineService:
         for kind, arg in inbox:
             if kind == "add":
                 key, req = arg
+                handle = self._handles.get(key)
+                if handle is None:  # cancelled before it was added
+                    continue
                 try:
-                    self.scheduler.add(req, key=key)
+                    handle.engine_id = self.engine.add(req, on_event=self._forward(key))
                 except Exception as e:  # validated at submit; report anything else
                     self._finish(key, e)
             else:
-                self.scheduler.cancel(arg)
                 with self._lock:
-                    self._handles.pop(arg, None)
+                    handle = self._handles.pop(arg, None)
+                if handle is not None and handle.engine_id is not None:
+                    self.engine.abort(handle.engine_id)
+
+    def _forward(self, key: int):
+        def deliver(ev: StreamEvent) -> None:
+            event = StreamEvent(key, ev.text, ev.completion, ev.tokens)
+            if ev.completion is not None:
+                self._finish(key, event)
+            else:
+                with self._lock:
+                    handle = self._handles.get(key)
+                if handle is not None:
+                    handle._put(event)
+
+        return deliver
 
     def _finish(self, key: int, item: StreamEvent | BaseException) -> None:
         with self._lock:
@@ -159,26 +188,21 @@ class EngineService:
         # OpenMP settings are per thread: give this one the creator's thread count
         # explicitly (the server saw 4-5x slower decoding without a live creator).
         torch.set_num_threads(self._threads)
-        while True:
-            self._drain_inbox()
-            if not self.scheduler.has_work:
-                with self._lock:
-                    if self._stop and not self._inbox:
-                        return
-                self._wake.wait(0.5)
-                self._wake.clear()
-                continue
-            try:
-                events = self.scheduler.step()
-            except Exception as e:  # a model error fails the running requests, not the thread
-                for seq in self.scheduler.reset():
-                    self._finish(seq.key, e)
-                continue
-            for ev in events:
-                if ev.completion is not None:
-                    self._finish(ev.index, ev)
-                else:
+        try:
+            while True:
+                self._drain_inbox()
+                if not self.engine.has_work:
                     with self._lock:
-                        handle = self._handles.get(ev.index)
-                    if handle is not None:
-                        handle._put(ev)
+                        if self._stop and not self._inbox:
+                            return
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+                    continue
+                self.engine.step()  # a failing request is failed inside; events go out
+        except BaseException as e:  # noqa: BLE001 - the engine itself broke
+            self.fatal = f"{type(e).__name__}: {e}"
+            log.critical("the engine stopped and cannot serve more requests: %s", self.fatal)
+            with self._lock:
+                handles, self._handles = dict(self._handles), {}
+            for handle in handles.values():
+                handle._put(ChatforgeError(f"the engine stopped: {self.fatal}"))

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 from chatforge.generation.config import GenerationConfig
+
+MAX_TOP_LOGPROBS = 20
+"""Most alternatives a request may ask for per token (OpenAI's limit)."""
 
 
 @dataclass
@@ -21,7 +25,27 @@ class Request:
     reply_token_type: int | None = None
     """Token type id that generated tokens take (sep format only)."""
     max_new_tokens: int | None = None
-    """A resolved reply budget (e.g. from the history budget); also capped by the config."""
+    """A resolved reply budget (e.g. from the history budget); also capped by the config.
+    ``0`` scores the prompt without generating (with ``prompt_logprobs``)."""
+    logprobs: int | None = None
+    """Report each generated token's logprob and this many most likely alternatives
+    (0..20); None: no logprobs."""
+    prompt_logprobs: int | None = None
+    """Report every prompt token's logprob (and this many alternatives, 0..20) from the
+    prefill; None: none. Such a request computes its whole prompt (no prefix reuse)."""
+    processors: list[Any] = field(default_factory=list)
+    """Per-sequence logits processors (:class:`~chatforge.generation.processors.LogitsProcessor`)
+    applied to this request's logits before sampling."""
+
+
+@dataclass
+class TokenLogprob:
+    """One token and its log-probability under the model (before temperature or filters)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+    """The most likely tokens at that position, ``(token_id, logprob)``, best first."""
 
 
 @dataclass
@@ -30,11 +54,17 @@ class Completion:
 
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (EOS, separator or stop string) | "length" | "interrupted"
+    finish_reason: (
+        str  # "stop" (EOS, separator or stop string) | "length" | "interrupted" | "error"
+    )
     prompt_tokens: int
     completion_tokens: int
     seconds: float  # from the request being queued to its end
     first_token_seconds: float | None = None  # time to first token, from being queued
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    logprobs: list[TokenLogprob] | None = None  # per generated token (Request.logprobs)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token; first None
+    error: str | None = None  # why the request failed (finish_reason "error")
 
     def to_dict(self) -> dict:
         """The numbers a transcript or an output row records."""
@@ -42,6 +72,7 @@ class Completion:
             "finish_reason": self.finish_reason,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
+            "cached_tokens": self.cached_tokens,
             "seconds": round(self.seconds, 4),
             "first_token_seconds": (
                 None if self.first_token_seconds is None else round(self.first_token_seconds, 4)
@@ -56,3 +87,6 @@ class StreamEvent:
     index: Hashable
     text: str
     completion: Completion | None = None
+    tokens: list[TokenLogprob] = field(default_factory=list)
+    """Tokens generated since the previous event (with logprobs when asked for;
+    ``logprob`` is NaN otherwise). Text may lag tokens (UTF-8, stop strings)."""

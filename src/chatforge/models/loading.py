@@ -62,6 +62,7 @@ class LoadedModel:
     format: Any = field(default=None)  # chatforge.conversation.PromptFormat
     fast: Any = field(default=None)  # chatforge.models.fast.FastDecoder, when supported
     fast_reason: str | None = None  # why there is no fast path (None when there is)
+    eos_token_id: Any = None  # the model's generation EOS (an id or a list of ids)
 
     @property
     def context_length(self) -> int:
@@ -295,4 +296,5 @@ def load_model(
         format=fmt,
         fast=fast_model,
         fast_reason=fast_reason,
+        eos_token_id=model.generation_config.eos_token_id,
     )

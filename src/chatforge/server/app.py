@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import secrets
@@ -34,7 +35,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from chatforge.conversation import Message
 from chatforge.errors import ChatforgeError, ContextOverflowError
 from chatforge.generation.config import GenerationConfig
-from chatforge.generation.engine import Engine
+from chatforge.generation.engine import Engine, EngineConfig
+from chatforge.generation.plan import plan_request
 from chatforge.generation.service import EngineService, Handle, QueueFullError
 from chatforge.generation.types import Completion
 from chatforge.generation.types import Request as EngineRequest
@@ -108,7 +110,8 @@ def create_app(
 
     def build() -> tuple[Any, Engine]:  # on a worker thread: slow, must not block the loop
         loaded = loaded_or_loader() if callable(loaded_or_loader) else loaded_or_loader
-        return loaded, Engine.from_loaded(loaded)
+        engine = Engine.shared(loaded, EngineConfig(max_batch=max_batch))
+        return loaded, engine
 
     async def load() -> None:
         try:
@@ -165,6 +168,9 @@ def create_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        fatal = state.service.fatal if state.service is not None else None
+        if fatal is not None:  # the engine thread died: say so, and why
+            return JSONResponse({"status": "error", "error": fatal}, status_code=503)
         if state.status == "ready" and not state.draining:
             running, waiting = state.service.load if state.service else (0, 0)
             body = {"status": "ok", "model": state.model_id, "running": running}
@@ -209,15 +215,19 @@ def create_app(
         config = generation_config(req, limits)
         try:
             messages = [Message(m.chat_role(), m.text()) for m in req.messages]
-            encoded = loaded.format.encode(messages)
+            plan = plan_request(
+                loaded.format,
+                messages,
+                loaded.info.context_length,
+                config,
+                drop_history=False,
+            )
+        except ContextOverflowError as e:
+            raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
         except (ValueError, TypeError) as e:  # e.g. a template that rejects the role order
             raise APIError(400, f"cannot render these messages: {e}", param="messages") from None
-        base = EngineRequest(
-            prompt_ids=encoded.input_ids,
-            config=config,
-            token_type_ids=encoded.token_type_ids,
-            reply_token_type=encoded.reply_token_type,
-        )
+        # The engine resolves the reply budget itself (max_tokens, the context).
+        base = dataclasses.replace(plan.request, max_new_tokens=None)
         return await respond(request, req, service, [base], "messages", _CHAT)
 
     @app.post("/v1/completions")
@@ -387,14 +397,17 @@ class _Meta:
         self.id = f"{self.prefix}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
 
-    def usage(self, done: list[Completion]) -> dict[str, int]:
-        # As OpenAI counts it: each prompt once, every choice's completion tokens.
+    def usage(self, done: list[Completion]) -> dict[str, Any]:
+        # As OpenAI counts it: each prompt once, every choice's completion tokens;
+        # cached tokens are those of the first choice of each prompt.
         prompt = sum(self.prompt_lengths)
         completion = sum(c.completion_tokens for c in done)
+        cached = sum(c.cached_tokens for c in done[:: self.n])
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
         }
 
 
@@ -404,6 +417,8 @@ async def _collect(handles: list[Handle], request: Request) -> list[Completion]:
     async def one(h: Handle) -> Completion:
         async for ev in h.aevents():
             if ev.completion is not None:
+                if ev.completion.finish_reason == "error":
+                    raise APIError(500, f"generation failed: {ev.completion.error}")
                 return ev.completion
         raise RuntimeError("the engine ended a request without a completion")
 
@@ -440,6 +455,8 @@ async def _merged(handles: list[Handle]) -> AsyncIterator[tuple[int, Any]]:
             i, ev = await q.get()
             if isinstance(ev, Exception):
                 raise ev
+            if ev.completion is not None and ev.completion.finish_reason == "error":
+                raise RuntimeError(ev.completion.error)
             yield i, ev
             if ev.completion is not None:
                 left -= 1

@@ -99,29 +99,30 @@ def generate_replies(
     seed: int | None = None,
     batch_size: int = 8,
 ) -> list[Any]:
-    """Completions (chatforge Engine) for each prompt; old turns dropped to fit the context."""
-    from chatforge import Engine, GenerationConfig, Request
+    """Completions (the model's engine) for each prompt; old turns dropped to fit the context."""
+    from chatforge.conversation import BudgetConfig
+    from chatforge.generation.config import GenerationConfig
+    from chatforge.generation.engine import Engine
+    from chatforge.generation.plan import plan_request
 
     if seed is None:
         cfg = GenerationConfig(temperature=0, max_new_tokens=max_new_tokens)
     else:
         cfg = GenerationConfig(temperature=0.7, top_p=0.9, max_new_tokens=max_new_tokens, seed=seed)
-    engine = Engine.from_loaded(loaded)
-    budget = loaded.info.context_length - max_new_tokens
+    engine = Engine.shared(loaded)
     requests = []
     for msgs in prompts:
-        msgs = list(msgs)
-        enc = loaded.format.encode(msgs)
-        while len(enc) > budget and len(msgs) > 1:
-            msgs = msgs[2:] if len(msgs) > 2 else msgs[1:]  # drop the oldest exchange
-            enc = loaded.format.encode(msgs)
-        ids = enc.input_ids[-budget:]
-        types = enc.token_type_ids[-budget:] if enc.token_type_ids is not None else None
-        requests.append(Request(ids, cfg, types, enc.reply_token_type))
-    out = []
-    for i in range(0, len(requests), batch_size):
-        out += engine.generate(requests[i : i + batch_size])
-    return out
+        if msgs[-1].role != "user":  # a reply to whatever came last: treat it as the user's
+            msgs = [*msgs[:-1], Message("user", msgs[-1].content)]
+        plan = plan_request(
+            loaded.format,
+            msgs,
+            loaded.info.context_length,
+            cfg,
+            budget=BudgetConfig(min_reply_tokens=min(16, max_new_tokens)),
+        )
+        requests.append(plan.request)
+    return engine.generate(requests, max_batch=batch_size)
 
 
 def reply_stats(texts: Sequence[str]) -> dict[str, float | None]:

@@ -1,14 +1,14 @@
-"""The fast path: compact decoder code with a slot KV cache and quantised weights."""
+"""The fast path: compact decoder code with a paged KV cache and quantised weights."""
 
 from chatforge.models.fast.convert import build_fast_model, unsupported_reason
 from chatforge.models.fast.linear import QUANT_MODES
-from chatforge.models.fast.model import FastConfig, FastDecoder, KVCache
+from chatforge.models.fast.model import FastConfig, FastDecoder, PagedKV
 
 __all__ = [
     "QUANT_MODES",
     "FastConfig",
     "FastDecoder",
-    "KVCache",
+    "PagedKV",
     "build_fast_model",
     "unsupported_reason",
 ]

@@ -61,8 +61,14 @@ def build_fast_model(
     if reason:
         raise ValueError(reason)
     if model.config.model_type == "gpt2":
-        return _from_gpt2(model, dtype, quantize, group_size)
-    return _from_llama(model, dtype, quantize, group_size)
+        dec = _from_gpt2(model, dtype, quantize, group_size)
+    else:
+        dec = _from_llama(model, dtype, quantize, group_size)
+    # The forward path (one C call per step, or torch ops) is chosen once, here.
+    from chatforge.models.fast.native_decode import NativeDecode
+
+    dec.native = NativeDecode.build(dec)
+    return dec
 
 
 def _interleave(t: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:

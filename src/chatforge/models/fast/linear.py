@@ -41,6 +41,16 @@ class DenseLinear:
     def __call__(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
 
+    def rows(self, x: Tensor) -> Tensor:
+        """``self(x)`` with each row computed alone, in a fixed order (batch-invariant).
+
+        fp32 weights run on our C kernel (one reduction order whatever the number of
+        rows); elsewhere this is the torch matmul.
+        """
+        if self.weight.dtype == torch.float32 and _native_ok(self.in_features):
+            return native.qlinear(32, x.float().contiguous(), self.weight, self.weight, self.bias)
+        return self(x)
+
     @property
     def nbytes(self) -> int:
         n = self.weight.numel() * self.weight.element_size()
@@ -78,6 +88,14 @@ class _QuantLinear:
             if self.bias is not None:
                 y = y + self.bias.to(dtype)
         return y.view(*shape[:-1], self.out_features)
+
+    def rows(self, x: Tensor) -> Tensor:
+        """``self(x)`` with each row computed alone, in a fixed order (batch-invariant):
+        our integer kernel whatever the number of rows (no dequantised matmul)."""
+        if not self.native:
+            return self(x)
+        y = native.qlinear(self.kind, x.float().contiguous(), self.weight_q, self.scales, self.bias)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def dequantize(self, out: Tensor | None = None) -> Tensor:
         """The fp32 (N, K) weight these integers stand for (into ``out`` when given)."""

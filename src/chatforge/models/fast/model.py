@@ -4,20 +4,20 @@ SiLU MLP) and GPT-2 (LayerNorm, learned positions, GELU MLP) on one code path.
 What makes it fast on a CPU, next to transformers' modules:
 
 * fused projections: one matmul for Q, K and V, one for gate and up;
-* a preallocated KV cache per layer, (slots, kv_heads, capacity, head_dim),
-  written in place at each sequence's own position (never grown per token);
+* a paged KV cache (blocks of positions, shared between sequences with a
+  common prefix), written in place at each row's own position;
 * attention over the filled length only, GQA without repeating K/V (the
   query heads of a group become the "length" dimension of one attention call);
 * the LM head only on the last position of each sequence;
 * weight-only int8/int4 linears (see ``linear.py``).
 
-Row ``i`` of a decode batch is cache slot ``i``; the runner keeps the running
-sequences in slots ``0..B-1`` (see ``generation/fast_runner.py``).
+One :meth:`FastDecoder.forward` runs any set of rows (a decode step, prefill
+chunks, or both); with fp32 activations it is one C call (``kernels/decode.c``)
+whose per-row results do not depend on the other rows.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,60 +81,51 @@ class Layer:
 
 
 @dataclass
-class KVCache:
-    """Per-layer K and V, (slots, kv_heads, capacity, head_dim), plus filled lengths."""
+class PagedKV:
+    """The KV cache as a pool of blocks: per layer K and V, (n_blocks, kv_heads, block, head_dim).
+
+    A sequence's positions live in the blocks of its block table (position p in
+    block ``table[p // block]`` at offset ``p % block``), so sequences share
+    blocks of a common prefix without copying (the engine's prefix cache) and
+    memory is taken a block at a time. The pool grows (doubling) as the engine
+    needs blocks, up to its memory budget; growing copies the filled blocks.
+    """
 
     k: list[Tensor]
     v: list[Tensor]
-    lens: Tensor  # (slots,) long: positions filled per slot
-    # Where the C decode step finds these tensors (native_decode.py).
+    block_size: int
+    # Where the C forward step finds these tensors (native_decode.py).
     native: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def empty(cls, cfg: FastConfig, slots: int = 1, capacity: int = 256) -> KVCache:
-        shape = (slots, cfg.n_kv_heads, min(capacity, cfg.max_positions), cfg.head_dim)
+    def empty(cls, cfg: FastConfig, n_blocks: int, block_size: int) -> PagedKV:
+        shape = (n_blocks, cfg.n_kv_heads, block_size, cfg.head_dim)
         return cls(
             k=[torch.zeros(shape, dtype=cfg.dtype) for _ in range(cfg.n_layers)],
             v=[torch.zeros(shape, dtype=cfg.dtype) for _ in range(cfg.n_layers)],
-            lens=torch.zeros(slots, dtype=torch.long),
+            block_size=block_size,
         )
 
+    @staticmethod
+    def bytes_per_block(cfg: FastConfig, block_size: int) -> int:
+        """Bytes one block takes over all layers (K and V)."""
+        elem = torch.empty((), dtype=cfg.dtype).element_size()
+        return 2 * cfg.n_layers * cfg.n_kv_heads * block_size * cfg.head_dim * elem
+
     @property
-    def slots(self) -> int:
+    def n_blocks(self) -> int:
         return self.k[0].shape[0]
 
-    @property
-    def capacity(self) -> int:
-        return self.k[0].shape[2]
-
     @torch.inference_mode()
-    def ensure(self, slots: int, capacity: int, limit: int) -> None:
-        """Grow (doubling, so rarely) to hold ``slots`` sequences of ``capacity`` positions."""
-        if slots <= self.slots and capacity <= self.capacity:
+    def grow(self, n_blocks: int) -> None:
+        """Hold at least ``n_blocks`` blocks (block ids and contents are kept)."""
+        if n_blocks <= self.n_blocks:
             return
-        new_slots = self.slots if slots <= self.slots else max(slots, 2 * self.slots)
-        new_cap = self.capacity
-        if capacity > new_cap:
-            new_cap = max(capacity, min(2 * new_cap, limit))
         for store in (self.k, self.v):
             for i, t in enumerate(store):
-                s, h, c, d = t.shape
-                grown = torch.zeros((new_slots, h, new_cap, d), dtype=t.dtype)
-                grown[:s, :, :c] = t
+                grown = torch.zeros((n_blocks, *t.shape[1:]), dtype=t.dtype)  # finite everywhere
+                grown[: t.shape[0]] = t
                 store[i] = grown
-        lens = torch.zeros(new_slots, dtype=torch.long)
-        lens[: self.lens.shape[0]] = self.lens
-        self.lens = lens
-
-    @torch.inference_mode()
-    def move(self, src: int, dst: int) -> None:
-        """Copy slot ``src`` into slot ``dst`` (filled positions only)."""
-        n = int(self.lens[src])
-        for store in (self.k, self.v):
-            for t in store:
-                t[dst, :, :n] = t[src, :, :n]
-        self.lens[dst] = n
-        self.lens[src] = 0
 
     @property
     def nbytes(self) -> int:
@@ -143,7 +134,7 @@ class KVCache:
 
 @dataclass
 class FastDecoder:
-    """The forward pass of a supported architecture, over a slot KV cache."""
+    """The forward pass of a supported architecture, over a paged KV cache."""
 
     cfg: FastConfig
     embed: Tensor  # (V, hidden) token embeddings
@@ -155,13 +146,18 @@ class FastDecoder:
     # The converter permutes each head's Q/K rows so that the pairs transformers
     # rotates together, (i, i + D/2), are adjacent; Q.K is unchanged by that.
     rope: Tensor | None = None
-    # The C decode step (native_decode.py): None until first asked, False where
-    # it does not apply.
+    # The C forward step (native_decode.py), chosen once when the model is built;
+    # None where it does not apply (bf16, no C compiler): the torch path runs.
     native: Any = field(default=None, repr=False)
 
-    def new_cache(self) -> KVCache:
-        """An empty cache for this model (grows as sequences need)."""
-        return KVCache.empty(self.cfg)
+    def new_cache(self, n_blocks: int = 16, block_size: int = 16) -> PagedKV:
+        """An empty paged KV cache for this model (the engine grows it as it needs)."""
+        return PagedKV.empty(self.cfg, n_blocks, block_size)
+
+    @property
+    def kernel_path(self) -> str:
+        """Which code runs the layers: ``c`` (one C call per step) or ``torch``."""
+        return "c" if self.native else "torch"
 
     # -- pieces ---------------------------------------------------------------------
 
@@ -197,122 +193,83 @@ class FastDecoder:
             u = F.gelu(u, approximate="tanh")
         return layer.down(u).to(self.cfg.dtype)
 
-    def _logits(self, x: Tensor) -> Tensor:
-        return self.head(self.norm(x)).float()  # (B, V)
-
     # -- passes ---------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(
+    def forward(
         self,
         tokens: Tensor,
-        slot: int,
-        cache: KVCache,
-        types: Tensor | None = None,
-        all_logits: bool = False,
-    ) -> Tensor:
-        """Run one prompt (T,) into ``slot`` from position 0; return its last logits (V,).
-
-        With ``all_logits`` the logits of every position, (T, V), for scoring text.
-        """
-        cfg = self.cfg
-        n = tokens.shape[0]
-        cache.ensure(slot + 1, n + 1, cfg.max_positions)
-        positions = torch.arange(n).unsqueeze(0)  # (1, T)
-        x = self._embed(tokens.unsqueeze(0), positions, None if types is None else types[None])
-        freqs = None if self.rope is None else self.rope[positions]  # (1, T, D/2)
-        for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, layer.norm1(x), freqs)
-            cache.k[i][slot, :, :n] = k[0]
-            cache.v[i][slot, :, :n] = v[0]
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=cfg.group > 1)
-            x = x + layer.out(a.transpose(1, 2).reshape(1, n, -1)).to(cfg.dtype)
-            x = x + self._mlp(layer, layer.norm2(x))
-        cache.lens[slot] = n
-        if all_logits:
-            return self._logits(x[0])
-        return self._logits(x[0, -1:])[0]
-
-    @torch.inference_mode()
-    def prefill_batch(
-        self,
-        tokens: Tensor,
-        lengths: Tensor,
-        first_slot: int,
-        cache: KVCache,
+        positions: Tensor,
+        seq_index: Tensor,
+        tables: Tensor,
+        kv: PagedKV,
         types: Tensor | None = None,
     ) -> Tensor:
-        """Prompts (B, T), right-padded to T, into slots ``first_slot..+B``; last logits (B, V).
+        """Run rows through every layer, writing their K/V into ``kv``; (R, hidden) out.
 
-        Right padding keeps every real token at its own position 0..n-1, and causal
-        attention never lets a real token see the padding after it; the cache rows
-        past each length hold junk that ``lens`` excludes and decoding overwrites.
-        One pass reads the weights once for all prompts.
+        tokens, positions, seq_index: (R,) long; row r is token ``tokens[r]`` at
+        position ``positions[r]`` of sequence ``seq_index[r]``, whose block table is
+        ``tables[seq_index[r]]`` ((S, max_blocks) int32). Rows of one sequence are
+        consecutive and in position order (a prefill chunk); a decode step is one
+        row per sequence. The result is the last layer's output, before the final
+        norm (see :meth:`logits`). Positions below a row's own must already be in
+        the cache (written by an earlier call, or by an earlier row of this one).
         """
-        cfg = self.cfg
-        b, t = tokens.shape
-        cache.ensure(first_slot + b, t + 1, cfg.max_positions)
-        positions = torch.arange(t).unsqueeze(0).expand(b, t)  # (B, T)
-        x = self._embed(tokens, positions, types)
-        freqs = None if self.rope is None else self.rope[:t].unsqueeze(0)  # (1, T, D/2)
-        rows = slice(first_slot, first_slot + b)
-        for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, layer.norm1(x), freqs)
-            cache.k[i][rows, :, :t] = k
-            cache.v[i][rows, :, :t] = v
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=cfg.group > 1)
-            x = x + layer.out(a.transpose(1, 2).reshape(b, t, -1)).to(cfg.dtype)
-            x = x + self._mlp(layer, layer.norm2(x))
-        cache.lens[rows] = lengths
-        last = x[torch.arange(b), lengths - 1]  # (B, hidden): each prompt's last real token
-        return self._logits(last)
-
-    @torch.inference_mode()
-    def decode(self, tokens: Tensor, cache: KVCache, types: Tensor | None = None) -> Tensor:
-        """One token for each of slots 0..B-1 (B = len(tokens)); returns logits (B, V)."""
-        cfg = self.cfg
-        b = tokens.shape[0]
-        pos = cache.lens[:b].clone()  # (B,) position of the new token per slot
-        length = int(pos.max()) + 1  # attend over the filled length only
-        cache.ensure(b, length, cfg.max_positions)
-        x = self._embed(
-            tokens.view(b, 1), pos.view(b, 1), None if types is None else types.view(b, 1)
-        )
-        if self.native is None:
-            from chatforge.models.fast.native_decode import NativeDecode
-
-            self.native = NativeDecode.build(self) or False
+        x = self._embed(tokens, positions, types)  # (R, hidden)
         if self.native:
-            x = x.view(b, cfg.hidden).contiguous()
-            self.native.run(x, pos, cache)
-            cache.lens[:b] = pos + 1
-            return self._logits(x)
-        rows = torch.arange(b)
-        if b == 1:
-            mask = None
-        else:  # (B, 1, 1, L): each row sees its own filled positions
-            mask = (torch.arange(length).unsqueeze(0) <= pos.unsqueeze(1)).view(b, 1, 1, length)
-        g, hkv, d = cfg.group, cfg.n_kv_heads, cfg.head_dim
-        freqs = None if self.rope is None else self.rope[pos].view(b, 1, -1)  # (B, 1, D/2)
+            x = x.float().contiguous()
+            self.native.run(x, positions, seq_index, tables, kv)
+            return x
+        return self._torch_forward(x, positions, seq_index, tables, kv)
+
+    @torch.inference_mode()
+    def logits(self, h: Tensor) -> Tensor:
+        """Final norm and LM head over rows of :meth:`forward`'s output: (n, hidden) -> (n, V).
+
+        On the C path both are per-row kernels, so a row's logits do not depend
+        on the other rows.
+        """
+        if self.native:
+            return self.head.rows(self.native.norm(h, self.norm)).float()
+        return self.head(self.norm(h)).float()
+
+    def _torch_forward(
+        self, x: Tensor, positions: Tensor, seq_index: Tensor, tables: Tensor, kv: PagedKV
+    ) -> Tensor:
+        """The same pass with torch ops (bf16, or no C compiler): sequences padded to a batch."""
+        cfg = self.cfg
+        bs = kv.block_size
+        # Split rows into sequences (consecutive runs of one seq_index), pad on the right.
+        seqs, counts = torch.unique_consecutive(seq_index, return_counts=True)
+        b, t = len(seqs), int(counts.max())
+        starts = torch.cumsum(counts, 0) - counts
+        col = torch.arange(t)
+        valid = col[None, :] < counts[:, None]  # (B, T)
+        rows = (starts[:, None] + col[None, :]).clamp(max=x.shape[0] - 1)  # (B, T) row index
+        xb = x[rows] * valid[..., None]  # (B, T, hidden)
+        pos = torch.where(valid, positions[rows], 0)  # (B, T); padding looks at position 0
+        tab = tables[seqs].long()  # (B, max_blocks)
+        length = int(pos.max()) + 1
+        nbl = (length + bs - 1) // bs
+        # Where each valid row's K/V goes: block and offset.
+        vb, vt = valid.nonzero(as_tuple=True)
+        wblk = tab[vb, pos[vb, vt] // bs]
+        woff = pos[vb, vt] % bs
+        mask = (torch.arange(length)[None, None, :] <= pos[:, :, None]).unsqueeze(1)  # (B,1,T,L)
+        freqs = None if self.rope is None else self.rope[pos]  # (B, T, D/2)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, layer.norm1(x), freqs)
-            if b == 1:
-                p = int(pos[0])
-                cache.k[i][0, :, p] = k[0, :, 0]
-                cache.v[i][0, :, p] = v[0, :, 0]
-            else:
-                cache.k[i][rows, :, pos] = k[:, :, 0]  # (B, Hkv, D) written in place
-                cache.v[i][rows, :, pos] = v[:, :, 0]
-            kk = cache.k[i][:b, :, :length]  # (B, Hkv, L, D) views, no copy
-            vv = cache.v[i][:b, :, :length]
-            # GQA: the G query heads of a KV head act as G query positions.
+            q, k, v = self._qkv(layer, layer.norm1(xb), freqs)  # (B, H|Hkv, T, D)
+            kv.k[i][wblk, :, woff] = k[vb, :, vt]  # (N, Hkv, D) written in place
+            kv.v[i][wblk, :, woff] = v[vb, :, vt]
+            # (B, nbl, Hkv, BS, D) -> (B, Hkv, L, D): this batch's cache, gathered.
+            kk = kv.k[i][tab[:, :nbl]].permute(0, 2, 1, 3, 4).flatten(2, 3)[:, :, :length]
+            vv = kv.v[i][tab[:, :nbl]].permute(0, 2, 1, 3, 4).flatten(2, 3)[:, :, :length]
             a = F.scaled_dot_product_attention(
-                q.reshape(b, hkv, g, d), kk, vv, attn_mask=mask, scale=1.0 / math.sqrt(d)
-            )  # (B, Hkv, G, D)
-            x = x + layer.out(a.reshape(b, 1, hkv * g * d)).to(cfg.dtype)
-            x = x + self._mlp(layer, layer.norm2(x))
-        cache.lens[:b] = pos + 1
-        return self._logits(x[:, -1])
+                q, kk, vv, attn_mask=mask, enable_gqa=cfg.group > 1
+            )  # (B, H, T, D)
+            xb = xb + layer.out(a.transpose(1, 2).reshape(b, t, -1)).to(cfg.dtype)
+            xb = xb + self._mlp(layer, layer.norm2(xb))
+        return xb[valid]  # (R, hidden), rows in their original order
 
     @property
     def weight_bytes(self) -> int:

@@ -1,7 +1,8 @@
 """Our CPU kernels (``kernels/*.c``), built once per machine.
 
 ``qlinear.c``: weight-only int8/int4 (and fp32) linear layers for few rows;
-``decode.c``: a Llama-family decode step through all layers in one call.
+``decode.c``: the forward pass of a Llama-family or GPT-2 model through all
+layers in one call, for any rows (decode steps and prefill chunks alike).
 
 torch's int8/int4 CPU kernels run at a third of this machine's memory
 bandwidth at batch 1 (measured: ~9 GB/s of ~29 GB/s); decoding is bound by
@@ -112,6 +113,8 @@ class CLayer(ctypes.Structure):
     _fields_ = [
         ("norm1", ctypes.c_void_p),
         ("norm2", ctypes.c_void_p),
+        ("norm1_b", ctypes.c_void_p),
+        ("norm2_b", ctypes.c_void_p),
         ("qkv", CLin),
         ("out", CLin),
         ("up", CLin),
@@ -130,8 +133,8 @@ class CModel(ctypes.Structure):
         ("head_dim", ctypes.c_int32),
         ("inter", ctypes.c_int32),
         ("eps", ctypes.c_float),
-        ("pad", ctypes.c_int32),
-        ("capacity", ctypes.c_int64),
+        ("arch", ctypes.c_int32),
+        ("block", ctypes.c_int64),
         ("layers", ctypes.POINTER(CLayer)),
         ("k_cache", ctypes.POINTER(ctypes.c_void_p)),
         ("v_cache", ctypes.POINTER(ctypes.c_void_p)),
@@ -166,8 +169,10 @@ def kernels() -> ctypes.CDLL | None:
     lib.cf_qlinear.restype = ctypes.c_int
     lib.cf_dequantize.argtypes = [ctypes.c_int, p, p, i64, i64, p, ctypes.c_int]
     lib.cf_dequantize.restype = None
-    lib.cf_decode_layers.argtypes = [ctypes.POINTER(CModel), p, i64, p, ctypes.c_int]
-    lib.cf_decode_layers.restype = ctypes.c_int
+    lib.cf_forward.argtypes = [ctypes.POINTER(CModel), p, i64, p, p, p, i64, ctypes.c_int]
+    lib.cf_forward.restype = ctypes.c_int
+    lib.cf_norm.argtypes = [p, p, p, ctypes.c_float, i64, i64, p]
+    lib.cf_norm.restype = None
     return lib
 
 
@@ -218,12 +223,41 @@ def dequantize(kind: int, w: Tensor, scales: Tensor, k: int, out: Tensor | None 
     return out
 
 
-def decode_layers(model: CModel, x: Tensor, pos: Tensor) -> None:
-    """Run ``x`` (B, hidden) fp32, in place, through every layer at positions ``pos`` (B,)."""
+def forward(model: CModel, x: Tensor, pos: Tensor, seq: Tensor, tables: Tensor) -> None:
+    """Run rows ``x`` (R, hidden) fp32, in place, through every layer (see decode.c).
+
+    pos (R,) int64: each row's position; seq (R,) int32: its sequence, whose block
+    table is row ``seq[r]`` of ``tables`` (S, max_blocks) int32. All contiguous.
+    """
     lib = kernels()
     assert lib is not None
-    rc = lib.cf_decode_layers(
-        ctypes.byref(model), x.data_ptr(), x.shape[0], pos.data_ptr(), torch.get_num_threads()
+    rc = lib.cf_forward(
+        ctypes.byref(model),
+        x.data_ptr(),
+        x.shape[0],
+        pos.data_ptr(),
+        seq.data_ptr(),
+        tables.data_ptr(),
+        tables.shape[1],
+        torch.get_num_threads(),
     )
     if rc:
-        raise MemoryError("out of memory in the decode kernel")
+        raise MemoryError("out of memory in the forward kernel")
+
+
+def norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float) -> Tensor:
+    """RMSNorm (``bias`` None) or LayerNorm of the rows of ``x`` (R, H) fp32, per row in C."""
+    lib = kernels()
+    assert lib is not None
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    lib.cf_norm(
+        x.data_ptr(),
+        weight.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        eps,
+        x.shape[0],
+        x.shape[1],
+        y.data_ptr(),
+    )
+    return y

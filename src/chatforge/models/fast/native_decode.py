@@ -1,10 +1,10 @@
-"""Binding a :class:`FastDecoder`'s weights and KV cache to the C decode step.
+"""Binding a :class:`FastDecoder`'s weights and KV pool to the C forward step.
 
-``kernels/decode.c`` runs all layers of a Llama-family decode step in one call
-(see there for why). It reads the decoder's own tensors through pointers, so
-nothing is copied; the structures below only say where they are. It applies
-to fp32 activations with dense fp32 or native int8/int4 linears; anything else
-(GPT-2, bf16, torch's quantised kernels) keeps the torch path.
+``kernels/decode.c`` runs all layers of a Llama-family or GPT-2 model in one
+call, for any rows (see there for why). It reads the decoder's own tensors
+through pointers, so nothing is copied; the structures below only say where
+they are. It applies to fp32 activations with dense fp32 or native int8/int4
+linears; anything else (bf16, torch's quantised kernels) keeps the torch path.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from chatforge.models.fast import native
 from chatforge.models.fast.linear import DenseLinear, _QuantLinear
 
 if TYPE_CHECKING:
-    from chatforge.models.fast.model import FastDecoder, KVCache
+    from chatforge.models.fast.model import FastDecoder, Norm, PagedKV
 
 
 def _c_lin(lin: Any) -> native.CLin | None:
@@ -48,24 +48,25 @@ def _c_lin(lin: Any) -> native.CLin | None:
     return None
 
 
-class NativeDecode:
-    """The C decode step for one decoder (build with :meth:`build`)."""
+def _fp32(t: Tensor | None) -> bool:
+    return t is None or t.dtype == torch.float32
 
-    def __init__(self, model: native.CModel, keep: list[Tensor]) -> None:
+
+class NativeDecode:
+    """The C forward step for one decoder (build with :meth:`build`)."""
+
+    def __init__(self, model: native.CModel, layers: Any, keep: list[Tensor]) -> None:
         self.model = model
-        self._keep = keep  # tensors the structure points into
+        self._layers = layers  # the ctypes array the model points into
+        self._keep = keep  # tensors the structures point into
 
     @classmethod
     def build(cls, dec: FastDecoder) -> NativeDecode | None:
         """The C step for ``dec``, or None where it does not apply."""
         cfg = dec.cfg
-        if (
-            cfg.arch != "llama"
-            or cfg.dtype != torch.float32
-            or dec.rope is None
-            or cfg.head_dim % 2
-            or not native.available()
-        ):
+        if cfg.dtype != torch.float32 or not native.available():
+            return None
+        if cfg.arch == "llama" and (dec.rope is None or cfg.head_dim % 2):
             return None
         layers = (native.CLayer * cfg.n_layers)()
         keep: list[Tensor] = []
@@ -73,38 +74,53 @@ class NativeDecode:
             lins = [_c_lin(getattr(layer, name)) for name in ("qkv", "out", "up", "down")]
             norms = (layer.norm1, layer.norm2)
             if any(lin is None for lin in lins) or any(
-                not n.rms or n.weight.dtype != torch.float32 for n in norms
+                n.rms != (cfg.arch == "llama") or not (_fp32(n.weight) and _fp32(n.bias))
+                for n in norms
             ):
                 return None
             c.norm1, c.norm2 = (n.weight.data_ptr() for n in norms)
+            c.norm1_b, c.norm2_b = (None if n.bias is None else n.bias.data_ptr() for n in norms)
             c.qkv, c.out, c.up, c.down = lins
-            keep += [n.weight for n in norms]
-        rope = torch.view_as_real(dec.rope).contiguous()  # (P, D/2, 2) cos, sin
-        keep.append(rope)
+            keep += [n.weight for n in norms] + [n.bias for n in norms if n.bias is not None]
+        rope = None
+        if dec.rope is not None:
+            rope = torch.view_as_real(dec.rope).contiguous()  # (P, D/2, 2) cos, sin
+            keep.append(rope)
+        up = dec.layers[0].up.out_features
         model = native.CModel(
             n_layers=cfg.n_layers,
             hidden=cfg.hidden,
             n_heads=cfg.n_heads,
             n_kv_heads=cfg.n_kv_heads,
             head_dim=cfg.head_dim,
-            inter=dec.layers[0].up.out_features // 2,
+            inter=up // 2 if cfg.arch == "llama" else up,
             eps=cfg.eps,
+            arch=0 if cfg.arch == "llama" else 1,
             layers=layers,
-            rope=rope.data_ptr(),
+            rope=None if rope is None else rope.data_ptr(),
         )
-        out = cls(model, keep)
-        out._layers = layers  # keep the ctypes array alive
-        return out
+        return cls(model, layers, keep)
 
-    def run(self, x: Tensor, pos: Tensor, cache: KVCache) -> None:
-        """``x`` (B, hidden) fp32 contiguous through all layers in place; writes the cache."""
-        key = (id(self), cache.k[0].data_ptr(), cache.capacity)
-        bound = cache.native
-        if bound is None or bound[0] != key:  # a new cache, or its tensors were regrown
-            n = len(cache.k)
-            model = native.CModel.from_buffer_copy(self.model)  # per cache: thread-safe
-            model.k_cache = (ctypes.c_void_p * n)(*[t.data_ptr() for t in cache.k])
-            model.v_cache = (ctypes.c_void_p * n)(*[t.data_ptr() for t in cache.v])
-            model.capacity = cache.capacity
-            bound = cache.native = (key, model, model.k_cache, model.v_cache)
-        native.decode_layers(bound[1], x, pos)
+    def run(self, x: Tensor, pos: Tensor, seq: Tensor, tables: Tensor, kv: PagedKV) -> None:
+        """Rows ``x`` (R, hidden) fp32 contiguous through all layers in place; writes ``kv``."""
+        key = (id(self), kv.k[0].data_ptr(), kv.n_blocks)
+        bound = kv.native
+        if bound is None or bound[0] != key:  # a new pool, or its tensors were regrown
+            n = len(kv.k)
+            model = native.CModel.from_buffer_copy(self.model)  # per pool: thread-safe
+            model.k_cache = (ctypes.c_void_p * n)(*[t.data_ptr() for t in kv.k])
+            model.v_cache = (ctypes.c_void_p * n)(*[t.data_ptr() for t in kv.v])
+            model.block = kv.block_size
+            bound = kv.native = (key, model, model.k_cache, model.v_cache)
+        native.forward(
+            bound[1],
+            x,
+            pos.to(torch.int64).contiguous(),
+            seq.to(torch.int32).contiguous(),
+            tables.to(torch.int32).contiguous(),
+        )
+
+    @staticmethod
+    def norm(h: Tensor, n: Norm) -> Tensor:
+        """The final norm of rows ``h`` (R, hidden), per row in C."""
+        return native.norm(h.float(), n.weight, n.bias, n.eps)

@@ -1,23 +1,41 @@
-/* The decode step of a Llama-family model through all its layers, in one call.
+/* The forward pass of a Llama-family or GPT-2 model through all its layers, in
+ * one call, for any set of rows: each row is one token of one sequence at its
+ * own position. A decode step is one row per sequence; a prefill (or a chunk
+ * of one) is many rows of one sequence at consecutive positions; one call may
+ * mix both.
  *
  * Why in C: at batch 1 a layer is ~30 small torch ops (norms, RoPE, cache
  * writes, attention, residuals) of 5-10 us dispatch each, ~9 ms a token for
- * SmolLM2's 30 layers: as long as reading all the int4 weights. Here each is a
- * loop over a few hundred floats. The maths is FastDecoder.decode's, step for
- * step (tests compare the two with dense fp32 weights to 1e-4):
+ * SmolLM2's 30 layers: as long as reading all the int4 weights.
  *
- *   h = rmsnorm(x) * norm1;  q,k,v = h Wqkv^T;  rotate q,k;  cache[pos] = k,v
- *   x += attention(q, cache[0..pos]) Wo^T
- *   h = rmsnorm(x) * norm2;  g,u = h Wgu^T;  x += (silu(g) * u) Wdown^T
+ * Why one kernel for prefill and decode: every row is computed the same way
+ * whatever else is in the call. The linears (qlinear.c) reduce each output in
+ * a fixed order per row; attention is per (row, head) over the cache in
+ * position order; norms are per row. So a token's logits do not depend on the
+ * batch, on how a prompt was split into chunks, or on whether its prefix came
+ * from the prefix cache: greedy output is batch-invariant.
  *
- * x is (B, hidden) fp32, row b is cache slot b at position pos[b]. The caches
- * are fp32 (slots, kv_heads, capacity, head_dim). Q/K rows are stored with
- * each rotated pair adjacent (see convert.py), so RoPE is a complex multiply
- * by rope[pos] = (cos, sin) pairs.
+ *   llama: h = rmsnorm(x) * n1;  q,k,v = h Wqkv^T;  rotate q,k;  cache[pos] = k,v
+ *          x += attention(q, cache[0..pos]) Wo^T
+ *          h = rmsnorm(x) * n2;  g,u = h Wgu^T;  x += (silu(g) * u) Wdown^T
+ *   gpt2:  the same with LayerNorm (weight + bias), no rotation, and
+ *          x += gelu_tanh(h Wup^T + b) Wdown^T
+ *
+ * x is (R, hidden) fp32. The KV cache is paged: per layer a pool of blocks
+ * (n_blocks, kv_heads, block, head_dim) fp32; row r belongs to sequence
+ * seq[r], whose block table is tables[seq[r] * max_blocks ...]: position p
+ * lives in block table[p / block] at offset p % block. Within a layer every
+ * row's K/V is written before any row attends, so rows of one sequence at
+ * consecutive positions see each other causally.
+ * Q/K rows are stored with each rotated pair adjacent (see convert.py), so RoPE
+ * is a complex multiply by rope[pos] = (cos, sin) pairs.
  */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "kernels.h"
 
@@ -62,30 +80,66 @@ static void silu_mul(const float *g, const float *u, int64_t n, float *act) {
     for (; i < n; i++) act[i] = g[i] / (1.f + expf(-g[i])) * u[i];
 }
 
+/* v (n) = gelu_tanh(v) = 0.5 v (1 + tanh(sqrt(2/pi) (v + 0.044715 v^3))), in place;
+ * tanh(y) = 1 - 2 / (exp(2y) + 1). */
+static void gelu_tanh(float *v, int64_t n) {
+    const float c = 0.7978845608028654f;
+    int64_t i = 0;
+#ifdef CF_AVX2
+    const __m256 one = _mm256_set1_ps(1.f), two = _mm256_set1_ps(2.f), half = _mm256_set1_ps(.5f);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(v + i);
+        const __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+        const __m256 y = _mm256_mul_ps(_mm256_set1_ps(c),
+                                       _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), x3, x));
+        const __m256 e = exp8(_mm256_mul_ps(two, y));
+        const __m256 t = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(e, one)));
+        _mm256_storeu_ps(v + i, _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, t)));
+    }
+#endif
+    for (; i < n; i++) {
+        const float x = v[i];
+        v[i] = 0.5f * x * (1.f + tanhf(c * (x + 0.044715f * x * x * x)));
+    }
+}
+
 typedef struct {
-    const float *norm1, *norm2; /* RMSNorm weights (hidden,) */
-    cf_lin qkv, out, up, down;  /* up: gate rows then up rows */
+    const float *norm1, *norm2;     /* norm weights (hidden,) */
+    const float *norm1_b, *norm2_b; /* LayerNorm biases (gpt2), NULL for RMSNorm */
+    cf_lin qkv, out, up, down;      /* llama up: gate rows then up rows */
 } cf_layer;
 
 /* Mirrored by ctypes in native.py. */
 typedef struct {
     int32_t n_layers, hidden, n_heads, n_kv_heads, head_dim, inter;
     float eps;
-    int32_t pad;
-    int64_t capacity; /* cache positions per slot */
+    int32_t arch;       /* 0: llama (RMSNorm, RoPE, gated SiLU); 1: gpt2 (LayerNorm, GELU) */
+    int64_t block;      /* cache positions per block */
     const cf_layer *layers;
-    float *const *k_cache; /* per layer (slots, kv_heads, capacity, head_dim) */
+    float *const *k_cache; /* per layer (n_blocks, kv_heads, block, head_dim) */
     float *const *v_cache;
-    const float *rope; /* (max_positions, head_dim / 2, 2): cos, sin */
+    const float *rope; /* (max_positions, head_dim / 2, 2): cos, sin; NULL for gpt2 */
 } cf_model;
 
-static void rmsnorm(const float *x, const float *w, float eps, int64_t B, int64_t H, float *y) {
-    for (int64_t b = 0; b < B; b++) {
-        const float *v = x + b * H;
-        float ss = 0.f;
-        for (int64_t i = 0; i < H; i++) ss += v[i] * v[i];
-        const float r = 1.f / sqrtf(ss / (float)H + eps);
-        for (int64_t i = 0; i < H; i++) y[b * H + i] = v[i] * r * w[i];
+/* y (R, H) = norm(x) * w (+ b): RMSNorm when b is NULL, else LayerNorm. */
+void cf_norm(const float *x, const float *w, const float *b, float eps, int64_t R, int64_t H,
+             float *y) {
+    for (int64_t r = 0; r < R; r++) {
+        const float *v = x + r * H;
+        float *o = y + r * H;
+        if (b == NULL) {
+            float ss = 0.f;
+            for (int64_t i = 0; i < H; i++) ss += v[i] * v[i];
+            const float s = 1.f / sqrtf(ss / (float)H + eps);
+            for (int64_t i = 0; i < H; i++) o[i] = v[i] * s * w[i];
+        } else {
+            float mean = 0.f, var = 0.f;
+            for (int64_t i = 0; i < H; i++) mean += v[i];
+            mean /= (float)H;
+            for (int64_t i = 0; i < H; i++) var += (v[i] - mean) * (v[i] - mean);
+            const float s = 1.f / sqrtf(var / (float)H + eps);
+            for (int64_t i = 0; i < H; i++) o[i] = (v[i] - mean) * s * w[i] + b[i];
+        }
     }
 }
 
@@ -97,21 +151,29 @@ static void rotate(float *v, const float *cs, int64_t pairs) {
     }
 }
 
-/* One query head over positions 0..len-1 of its KV head; scores is scratch (len,). */
-static void attend(const float *q, const float *k, const float *v, int64_t len, int64_t D,
-                   float *scores, float *out) {
+/* One query head q (D,) over positions 0..len-1 of its KV head j, whose block
+ * t / BS of the sequence is table[t / BS]; scores is scratch (len,). */
+static void attend(const float *q, const float *kc, const float *vc, const int32_t *table,
+                   int64_t Hkv, int64_t j, int64_t BS, int64_t len, int64_t D, float *scores,
+                   float *out) {
     const float scale = 1.f / sqrtf((float)D);
     float mx = -INFINITY, sum = 0.f;
+    const int64_t nblk = (len + BS - 1) / BS;
 #ifdef CF_AVX2
     if (D % 8 == 0 && D <= 256) {
         __m256 qv[32], acc[32];
         for (int64_t d = 0; d < D / 8; d++) qv[d] = _mm256_loadu_ps(q + 8 * d);
-        for (int64_t t = 0; t < len; t++) {
-            __m256 s = _mm256_setzero_ps();
-            for (int64_t d = 0; d < D / 8; d++)
-                s = _mm256_fmadd_ps(qv[d], _mm256_loadu_ps(k + t * D + 8 * d), s);
-            scores[t] = hsum(s) * scale;
-            mx = fmaxf(mx, scores[t]);
+        for (int64_t bi = 0; bi < nblk; bi++) {
+            const float *k = kc + ((int64_t)table[bi] * Hkv + j) * BS * D;
+            const int64_t n = len - bi * BS < BS ? len - bi * BS : BS;
+            for (int64_t t = 0; t < n; t++) {
+                __m256 s = _mm256_setzero_ps();
+                for (int64_t d = 0; d < D / 8; d++)
+                    s = _mm256_fmadd_ps(qv[d], _mm256_loadu_ps(k + t * D + 8 * d), s);
+                const float sc = hsum(s) * scale;
+                scores[bi * BS + t] = sc;
+                mx = fmaxf(mx, sc);
+            }
         }
         int64_t t = 0;
         __m256 sv = _mm256_setzero_ps();
@@ -126,10 +188,14 @@ static void attend(const float *q, const float *k, const float *v, int64_t len, 
             sum += scores[t];
         }
         for (int64_t d = 0; d < D / 8; d++) acc[d] = _mm256_setzero_ps();
-        for (t = 0; t < len; t++) {
-            const __m256 p = _mm256_set1_ps(scores[t]);
-            for (int64_t d = 0; d < D / 8; d++)
-                acc[d] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + t * D + 8 * d), acc[d]);
+        for (int64_t bi = 0; bi < nblk; bi++) {
+            const float *v = vc + ((int64_t)table[bi] * Hkv + j) * BS * D;
+            const int64_t n = len - bi * BS < BS ? len - bi * BS : BS;
+            for (int64_t tt = 0; tt < n; tt++) {
+                const __m256 p = _mm256_set1_ps(scores[bi * BS + tt]);
+                for (int64_t d = 0; d < D / 8; d++)
+                    acc[d] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + tt * D + 8 * d), acc[d]);
+            }
         }
         const __m256 inv = _mm256_set1_ps(1.f / sum);
         for (int64_t d = 0; d < D / 8; d++) _mm256_storeu_ps(out + 8 * d, _mm256_mul_ps(acc[d], inv));
@@ -137,8 +203,9 @@ static void attend(const float *q, const float *k, const float *v, int64_t len, 
     }
 #endif
     for (int64_t t = 0; t < len; t++) {
+        const float *k = kc + (((int64_t)table[t / BS] * Hkv + j) * BS + t % BS) * D;
         float s = 0.f;
-        for (int64_t d = 0; d < D; d++) s += q[d] * k[t * D + d];
+        for (int64_t d = 0; d < D; d++) s += q[d] * k[d];
         scores[t] = s * scale;
         mx = fmaxf(mx, scores[t]);
     }
@@ -148,54 +215,74 @@ static void attend(const float *q, const float *k, const float *v, int64_t len, 
     }
     for (int64_t d = 0; d < D; d++) out[d] = 0.f;
     for (int64_t t = 0; t < len; t++) {
+        const float *v = vc + (((int64_t)table[t / BS] * Hkv + j) * BS + t % BS) * D;
         const float p = scores[t] / sum;
-        for (int64_t d = 0; d < D; d++) out[d] += p * v[t * D + d];
+        for (int64_t d = 0; d < D; d++) out[d] += p * v[d];
     }
 }
 
-/* x (B, hidden) in: the tokens' embeddings; out: the last layer's output (before
- * the final norm). Returns 0, or -1 when out of memory. */
-int cf_decode_layers(const cf_model *m, float *x, int64_t B, const int64_t *pos, int threads) {
+/* x (R, hidden) in: the tokens' embeddings; out: the last layer's output (before
+ * the final norm). Row r is position pos[r] of sequence seq[r]; see the top of
+ * this file. Returns 0, or -1 when out of memory. */
+int cf_forward(const cf_model *m, float *x, int64_t R, const int64_t *pos, const int32_t *seq,
+               const int32_t *tables, int64_t max_blocks, int threads) {
     const int64_t H = m->hidden, Hq = m->n_heads, Hkv = m->n_kv_heads, D = m->head_dim;
-    const int64_t I = m->inter, group = Hq / Hkv, cap = m->capacity, nqkv = (Hq + 2 * Hkv) * D;
+    const int64_t I = m->inter, group = Hq / Hkv, BS = m->block, nqkv = (Hq + 2 * Hkv) * D;
+    const int gpt2 = m->arch == 1;
+    const int64_t up_n = gpt2 ? I : 2 * I;
     int64_t longest = 0;
-    for (int64_t b = 0; b < B; b++) longest = pos[b] + 1 > longest ? pos[b] + 1 : longest;
-    const int64_t floats = B * (H + nqkv + Hq * D + H + 2 * I + I) + B * Hq * longest;
+    for (int64_t r = 0; r < R; r++) longest = pos[r] + 1 > longest ? pos[r] + 1 : longest;
+    int nthreads = threads > 0 ? threads : 1;
+    const int64_t floats = R * (H + nqkv + Hq * D + H + up_n + I) + (int64_t)nthreads * longest;
     float *buf = malloc((size_t)floats * sizeof(float));
     if (!buf) return -1;
-    float *h = buf, *qkv = h + B * H, *att = qkv + B * nqkv, *tmp = att + B * Hq * D;
-    float *gu = tmp + B * H, *act = gu + B * 2 * I, *scores = act + B * I;
+    float *h = buf, *qkv = h + R * H, *att = qkv + R * nqkv, *tmp = att + R * Hq * D;
+    float *gu = tmp + R * H, *act = gu + R * up_n, *scores = act + R * I;
     int rc = 0;
     for (int32_t li = 0; li < m->n_layers && rc == 0; li++) {
         const cf_layer *L = &m->layers[li];
         float *kc = m->k_cache[li], *vc = m->v_cache[li];
-        rmsnorm(x, L->norm1, m->eps, B, H, h);
-        if ((rc = cf_linear(&L->qkv, h, B, qkv, threads))) break;
-        for (int64_t b = 0; b < B; b++) {
-            float *row = qkv + b * nqkv;
-            const float *cs = m->rope + pos[b] * D; /* D/2 (cos, sin) pairs */
-            for (int64_t hh = 0; hh < Hq + Hkv; hh++) rotate(row + hh * D, cs, D / 2);
-            for (int64_t j = 0; j < Hkv; j++) { /* k then v into slot b at pos[b] */
-                const int64_t at = ((b * Hkv + j) * cap + pos[b]) * D;
+        cf_norm(x, L->norm1, L->norm1_b, m->eps, R, H, h);
+        if ((rc = cf_linear(&L->qkv, h, R, qkv, threads))) break;
+        for (int64_t r = 0; r < R; r++) {
+            float *row = qkv + r * nqkv;
+            if (m->rope) {
+                const float *cs = m->rope + pos[r] * D; /* D/2 (cos, sin) pairs */
+                for (int64_t hh = 0; hh < Hq + Hkv; hh++) rotate(row + hh * D, cs, D / 2);
+            }
+            const int32_t *table = tables + (int64_t)seq[r] * max_blocks;
+            const int64_t blk = table[pos[r] / BS], off = pos[r] % BS;
+            for (int64_t j = 0; j < Hkv; j++) { /* k then v at the row's position */
+                const int64_t at = ((blk * Hkv + j) * BS + off) * D;
                 memcpy(kc + at, row + (Hq + j) * D, (size_t)D * sizeof(float));
                 memcpy(vc + at, row + (Hq + Hkv + j) * D, (size_t)D * sizeof(float));
             }
         }
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t bh = 0; bh < B * Hq; bh++) {
-            const int64_t b = bh / Hq, hh = bh % Hq, j = hh / group;
-            const int64_t base = (b * Hkv + j) * cap * D;
-            attend(qkv + b * nqkv + hh * D, kc + base, vc + base, pos[b] + 1, D,
-                   scores + bh * longest, att + (b * Hq + hh) * D);
+#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads)
+        for (int64_t rh = 0; rh < R * Hq; rh++) {
+            const int64_t r = rh / Hq, hh = rh % Hq;
+            int tid = 0;
+#ifdef _OPENMP
+            tid = omp_get_thread_num();
+#endif
+            attend(qkv + r * nqkv + hh * D, kc, vc, tables + (int64_t)seq[r] * max_blocks, Hkv,
+                   hh / group, BS, pos[r] + 1, D, scores + (int64_t)tid * longest,
+                   att + (r * Hq + hh) * D);
         }
-        if ((rc = cf_linear(&L->out, att, B, tmp, threads))) break;
-        for (int64_t i = 0; i < B * H; i++) x[i] += tmp[i];
-        rmsnorm(x, L->norm2, m->eps, B, H, h);
-        if ((rc = cf_linear(&L->up, h, B, gu, threads))) break;
-#pragma omp parallel for schedule(static) num_threads(threads) if (B > 1)
-        for (int64_t b = 0; b < B; b++) silu_mul(gu + b * 2 * I, gu + b * 2 * I + I, I, act + b * I);
-        if ((rc = cf_linear(&L->down, act, B, tmp, threads))) break;
-        for (int64_t i = 0; i < B * H; i++) x[i] += tmp[i];
+        if ((rc = cf_linear(&L->out, att, R, tmp, threads))) break;
+        for (int64_t i = 0; i < R * H; i++) x[i] += tmp[i];
+        cf_norm(x, L->norm2, L->norm2_b, m->eps, R, H, h);
+        if ((rc = cf_linear(&L->up, h, R, gu, threads))) break;
+        if (gpt2) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (R > 1)
+            for (int64_t r = 0; r < R; r++) gelu_tanh(gu + r * I, I);
+            if ((rc = cf_linear(&L->down, gu, R, tmp, threads))) break;
+        } else {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (R > 1)
+            for (int64_t r = 0; r < R; r++) silu_mul(gu + r * 2 * I, gu + r * 2 * I + I, I, act + r * I);
+            if ((rc = cf_linear(&L->down, act, R, tmp, threads))) break;
+        }
+        for (int64_t i = 0; i < R * H; i++) x[i] += tmp[i];
     }
     free(buf);
     return rc;

@@ -3,11 +3,15 @@
  * Why our own: decoding reads every weight once per step, so the speed limit is
  * memory bandwidth (~29 GB/s on our 2-core machines). torch's CPU kernels
  * (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) reach ~9 GB/s and ~5 GB/s
- * there at batch 1; these reach the bandwidth. The method is llama.cpp's: the
- * activations are quantised to int8 in blocks of 32 (one fp32 scale per
- * block), and each block's dot product is done in integers with AVX2
- * (vpmaddubsw + vpmaddwd: 32 multiply-adds in two instructions), then scaled
- * and accumulated in fp32.
+ * there at batch 1; these stream the weights at the bandwidth, expanding each
+ * to fp32 in registers and multiplying fp32 activations (AVX2 FMA).
+ *
+ * Why fp32 activations (not llama.cpp's int8-quantised ones): quantising the
+ * activations of a 135M model per block of 32 flipped its greedy answers
+ * ("capital of France" -> "L'Etoile ..."); with fp32 activations the only
+ * error is the weights' (int8 +0.01 % perplexity). And every output is
+ * reduced in one fixed order per row, so a row's result never depends on
+ * the other rows (batch-invariant greedy decoding; see decode.c).
  *
  * Weight layouts (row-major, one row per output feature, K % 32 == 0):
  *   int8: q (N, K) int8 and one fp32 scale per row:        w = q * s[n]
@@ -25,6 +29,11 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define CF_AVX2 1
+#endif
+/* AVX-512 where the compiler targets it: 16 lanes, 32 registers (the weights'
+ * expansion to fp32 is what bounds the speed at batch 1 with AVX2). */
+#if defined(CF_AVX2) && defined(__AVX512F__)
+#define CF_AVX512 1
 #endif
 
 #include "kernels.h"
@@ -55,41 +64,7 @@ static float fp16_to_fp32(uint16_t h) {
 #endif
 }
 
-/* x (M, K) fp32 -> xq (M, K) int8, xd (M, K/32) scales, xs (M, K/32) = d * sum(q). */
-static void quantize_rows(const float *x, int64_t blocks, int8_t *xq, float *xd, float *xs) {
-    for (int64_t b = 0; b < blocks; b++) {
-        const float *v = x + b * QK;
-        int8_t *q = xq + b * QK;
-        float amax = 0.f;
-        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(v[j]));
-        const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
-        int sum = 0;
-        for (int j = 0; j < QK; j++) {
-            const int r = (int)nearbyintf(v[j] * id);
-            q[j] = (int8_t)r;
-            sum += r;
-        }
-        xd[b] = d;
-        xs[b] = d * (float)sum;
-    }
-}
-
 #ifdef CF_AVX2
-
-/* Sum of 32 products of signed bytes, as 8 int32 lanes converted to fp32. */
-static inline __m256 dot_s8(__m256i w, __m256i x) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    /* vpmaddubsw needs one unsigned operand: |w| times x with w's sign. */
-    __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
-}
-
-/* Same for unsigned 4-bit weights (0..15) already unpacked to bytes. */
-static inline __m256 dot_u4(__m256i w, __m256i x) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones));
-}
-
 /* The weight rows are read once, in short runs (a tile is a few KiB), too
  * short for the hardware prefetcher to ramp up: ask for the bytes two tiles
  * ahead while this tile computes (tile_bytes per tile, step bytes per block).
@@ -99,37 +74,60 @@ static inline void prefetch_ahead(const void *p, int64_t tile_bytes, int step) {
     for (int off = 0; off < step; off += 64) _mm_prefetch(a + off, _MM_HINT_T0);
 }
 
-static inline __m256i unpack_u4(const uint8_t *p) {
-    const __m128i lo = _mm_loadu_si128((const __m128i *)p);
-    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(lo, 4), lo);
-    return _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
+/* 8 int8 weights -> 8 floats. */
+static inline __m256 load_w8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+/* 8 bytes of 0..15 values (the low 8 bytes of v) -> 8 floats. */
+static inline __m256 u8_to_ps(__m128i v) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
 }
 #endif
 
 /* A tile of RN weight rows against RM activation rows. RN and RM are literals
- * at every call (see cf_qlinear), so after inlining the RN * RM accumulators
- * live in registers and the blocks of one row do not wait on each other's
- * fused multiply-adds. Results go to out[r * RM + m]. */
+ * at every call (see cf_linear), so after inlining the RN * RM accumulators
+ * live in registers. Activations stay fp32 and each weight is expanded to fp32
+ * in registers (w = q * s, or q * d + m), so the result is the dequantised
+ * weight's product, up to fp32 rounding. Every output is reduced in one fixed
+ * order (lane k % 8 in k order, then the lanes), whatever RN, RM, the number
+ * of rows or threads: a row's result does not depend on the other rows.
+ * Results go to out[r * RM + m]. */
 #define INLINE static inline __attribute__((always_inline))
 
-INLINE void tile_w8(const int8_t *w, const float *s, int64_t K, const int8_t *xq, const float *xd,
-                    int RN, int RM, float *out) {
-    const int64_t nb = K / QK;
-#ifdef CF_AVX2
+INLINE void tile_w8(const int8_t *w, const float *s, int64_t K, const float *x, int RN, int RM,
+                    float *out) {
+#if defined(CF_AVX512)
+    __m512 acc[4][4];
+    for (int r = 0; r < RN; r++)
+        for (int m = 0; m < RM; m++) acc[r][m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < K / QK; b++) {
+        prefetch_ahead(w + b * RN * QK, RN * K, RN * QK);
+        for (int64_t k = b * QK; k < (b + 1) * QK; k += 16) {
+            __m512 xv[4];
+            for (int m = 0; m < RM; m++) xv[m] = _mm512_loadu_ps(x + m * K + k);
+            for (int r = 0; r < RN; r++) {
+                const __m512 wv = _mm512_cvtepi32_ps(
+                    _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + r * K + k))));
+                for (int m = 0; m < RM; m++) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+            }
+        }
+    }
+    for (int r = 0; r < RN; r++)
+        for (int m = 0; m < RM; m++) out[r * RM + m] = _mm512_reduce_add_ps(acc[r][m]) * s[r];
+#elif defined(CF_AVX2)
     __m256 acc[4][4];
     for (int r = 0; r < RN; r++)
         for (int m = 0; m < RM; m++) acc[r][m] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
+    for (int64_t b = 0; b < K / QK; b++) {
         prefetch_ahead(w + b * RN * QK, RN * K, RN * QK);
-        __m256i xv[4];
-        __m256 dx[4];
-        for (int m = 0; m < RM; m++) {
-            xv[m] = _mm256_loadu_si256((const __m256i *)(xq + m * K + b * QK));
-            dx[m] = _mm256_set1_ps(xd[m * nb + b]);
-        }
-        for (int r = 0; r < RN; r++) {
-            const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + r * K + b * QK));
-            for (int m = 0; m < RM; m++) acc[r][m] = _mm256_fmadd_ps(dot_s8(wv, xv[m]), dx[m], acc[r][m]);
+        for (int64_t k = b * QK; k < (b + 1) * QK; k += 8) {
+            __m256 xv[4];
+            for (int m = 0; m < RM; m++) xv[m] = _mm256_loadu_ps(x + m * K + k);
+            for (int r = 0; r < RN; r++) {
+                const __m256 wv = load_w8(w + r * K + k);
+                for (int m = 0; m < RM; m++) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
+            }
         }
     }
     for (int r = 0; r < RN; r++)
@@ -138,59 +136,67 @@ INLINE void tile_w8(const int8_t *w, const float *s, int64_t K, const int8_t *xq
     for (int r = 0; r < RN; r++)
         for (int m = 0; m < RM; m++) {
             float acc = 0.f;
-            for (int64_t b = 0; b < nb; b++) {
-                int sum = 0;
-                for (int j = 0; j < QK; j++)
-                    sum += (int)w[r * K + b * QK + j] * (int)xq[m * K + b * QK + j];
-                acc += (float)sum * xd[m * nb + b];
-            }
+            for (int64_t k = 0; k < K; k++) acc += (float)w[r * K + k] * x[m * K + k];
             out[r * RM + m] = acc * s[r];
         }
 #endif
 }
 
 /* dm: per weight row, nb fp16 scales d then nb fp16 offsets m. */
-INLINE void tile_w4(const uint8_t *w, const uint16_t *dm, int64_t K, const int8_t *xq,
-                    const float *xd, const float *xs, int RN, int RM, float *out) {
+INLINE void tile_w4(const uint8_t *w, const uint16_t *dm, int64_t K, const float *x, int RN,
+                    int RM, float *out) {
     const int64_t nb = K / QK;
-#ifdef CF_AVX2
-    /* Scales to fp32 once per row (8 at a time), and the offsets' share,
-     * sum_b m_b * xs_b, as a separate dot product: the block loop then does
-     * only the integer dot and one fused multiply-add. */
-    float d[4][NB_MAX], mins[4][4];
-    for (int r = 0; r < RN; r++) {
-        const uint16_t *p = dm + r * nb * 2;
-        __m256 macc[4];
-        for (int m = 0; m < RM; m++) macc[m] = _mm256_setzero_ps();
-        int64_t b = 0;
-        for (; b + 8 <= nb; b += 8) {
-            _mm256_storeu_ps(d[r] + b, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + b))));
-            const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + nb + b)));
-            for (int m = 0; m < RM; m++)
-                macc[m] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(xs + m * nb + b), macc[m]);
-        }
-        for (int m = 0; m < RM; m++) mins[r][m] = hsum(macc[m]);
-        for (; b < nb; b++) {
-            d[r][b] = fp16_to_fp32(p[b]);
-            for (int m = 0; m < RM; m++) mins[r][m] += fp16_to_fp32(p[nb + b]) * xs[m * nb + b];
+#if defined(CF_AVX512)
+    __m512 acc[4][4];
+    for (int r = 0; r < RN; r++)
+        for (int m = 0; m < RM; m++) acc[r][m] = _mm512_setzero_ps();
+    const __m128i low = _mm_set1_epi8(0x0f);
+    for (int64_t b = 0; b < nb; b++) {
+        prefetch_ahead(w + b * RN * QK / 2, RN * K / 2, RN * QK / 2);
+        __m512 xv[4][2];
+        for (int m = 0; m < RM; m++)
+            for (int j = 0; j < 2; j++) xv[m][j] = _mm512_loadu_ps(x + m * K + b * QK + 16 * j);
+        for (int r = 0; r < RN; r++) {
+            const uint16_t *p = dm + r * nb * 2;
+            const __m512 d = _mm512_set1_ps(fp16_to_fp32(p[b])), mn = _mm512_set1_ps(fp16_to_fp32(p[nb + b]));
+            const __m128i q = _mm_loadu_si128((const __m128i *)(w + r * K / 2 + b * QK / 2));
+            const __m128i qa = _mm_and_si128(q, low), qb = _mm_and_si128(_mm_srli_epi16(q, 4), low);
+            const __m512 w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(qa)), d, mn);
+            const __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(qb)), d, mn);
+            for (int m = 0; m < RM; m++) {
+                acc[r][m] = _mm512_fmadd_ps(w0, xv[m][0], acc[r][m]);
+                acc[r][m] = _mm512_fmadd_ps(w1, xv[m][1], acc[r][m]);
+            }
         }
     }
+    for (int r = 0; r < RN; r++)
+        for (int m = 0; m < RM; m++) out[r * RM + m] = _mm512_reduce_add_ps(acc[r][m]);
+#elif defined(CF_AVX2)
     __m256 acc[4][4];
     for (int r = 0; r < RN; r++)
         for (int m = 0; m < RM; m++) acc[r][m] = _mm256_setzero_ps();
+    const __m128i low = _mm_set1_epi8(0x0f);
     for (int64_t b = 0; b < nb; b++) {
         prefetch_ahead(w + b * RN * QK / 2, RN * K / 2, RN * QK / 2);
-        __m256i xv[4];
-        for (int m = 0; m < RM; m++) xv[m] = _mm256_loadu_si256((const __m256i *)(xq + m * K + b * QK));
+        __m256 xv[4][4];
+        for (int m = 0; m < RM; m++)
+            for (int j = 0; j < 4; j++) xv[m][j] = _mm256_loadu_ps(x + m * K + b * QK + 8 * j);
         for (int r = 0; r < RN; r++) {
-            const __m256i wv = unpack_u4(w + r * K / 2 + b * QK / 2);
-            for (int m = 0; m < RM; m++)
-                acc[r][m] = _mm256_fmadd_ps(dot_u4(wv, xv[m]), _mm256_set1_ps(d[r][b] * xd[m * nb + b]),
-                                            acc[r][m]);
+            const uint16_t *p = dm + r * nb * 2;
+            const __m256 d = _mm256_set1_ps(fp16_to_fp32(p[b])), mn = _mm256_set1_ps(fp16_to_fp32(p[nb + b]));
+            const __m128i q = _mm_loadu_si128((const __m128i *)(w + r * K / 2 + b * QK / 2));
+            const __m128i qa = _mm_and_si128(q, low), qb = _mm_and_si128(_mm_srli_epi16(q, 4), low);
+            __m256 wv[4];
+            wv[0] = _mm256_fmadd_ps(u8_to_ps(qa), d, mn);
+            wv[1] = _mm256_fmadd_ps(u8_to_ps(_mm_srli_si128(qa, 8)), d, mn);
+            wv[2] = _mm256_fmadd_ps(u8_to_ps(qb), d, mn);
+            wv[3] = _mm256_fmadd_ps(u8_to_ps(_mm_srli_si128(qb, 8)), d, mn);
+            for (int j = 0; j < 4; j++)
+                for (int m = 0; m < RM; m++) acc[r][m] = _mm256_fmadd_ps(wv[j], xv[m][j], acc[r][m]);
         }
     }
     for (int r = 0; r < RN; r++)
-        for (int m = 0; m < RM; m++) out[r * RM + m] = hsum(acc[r][m]) + mins[r][m];
+        for (int m = 0; m < RM; m++) out[r * RM + m] = hsum(acc[r][m]);
 #else
     for (int r = 0; r < RN; r++)
         for (int m = 0; m < RM; m++) {
@@ -198,13 +204,11 @@ INLINE void tile_w4(const uint8_t *w, const uint16_t *dm, int64_t K, const int8_
             const uint16_t *p = dm + r * nb * 2;
             for (int64_t b = 0; b < nb; b++) {
                 const uint8_t *q = w + r * K / 2 + b * QK / 2;
-                int sum = 0;
+                const float d = fp16_to_fp32(p[b]), mn = fp16_to_fp32(p[nb + b]);
                 for (int j = 0; j < QK / 2; j++) {
-                    sum += (q[j] & 0x0f) * (int)xq[m * K + b * QK + j];
-                    sum += (q[j] >> 4) * (int)xq[m * K + b * QK + j + QK / 2];
+                    acc += ((float)(q[j] & 0x0f) * d + mn) * x[m * K + b * QK + j];
+                    acc += ((float)(q[j] >> 4) * d + mn) * x[m * K + b * QK + j + QK / 2];
                 }
-                acc += fp16_to_fp32(p[b]) * xd[m * nb + b] * (float)sum +
-                       fp16_to_fp32(p[nb + b]) * xs[m * nb + b];
             }
             out[r * RM + m] = acc;
         }
@@ -213,7 +217,21 @@ INLINE void tile_w4(const uint8_t *w, const uint16_t *dm, int64_t K, const int8_
 
 /* Dense fp32 weights (kind 32): the decode step of an unquantised model. */
 INLINE void tile_f32(const float *w, int64_t K, const float *x, int RN, int RM, float *out) {
-#ifdef CF_AVX2
+#if defined(CF_AVX512)
+    __m512 acc[4][8];
+    for (int r = 0; r < RN; r++)
+        for (int m = 0; m < RM; m++) acc[r][m] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+        __m512 xv[8];
+        for (int m = 0; m < RM; m++) xv[m] = _mm512_loadu_ps(x + m * K + k);
+        for (int r = 0; r < RN; r++) {
+            const __m512 wv = _mm512_loadu_ps(w + r * K + k);
+            for (int m = 0; m < RM; m++) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+        }
+    }
+    for (int r = 0; r < RN; r++)
+        for (int m = 0; m < RM; m++) out[r * RM + m] = _mm512_reduce_add_ps(acc[r][m]);
+#elif defined(CF_AVX2)
     __m256 acc[4][4];
     for (int r = 0; r < RN; r++)
         for (int m = 0; m < RM; m++) acc[r][m] = _mm256_setzero_ps();
@@ -239,56 +257,141 @@ INLINE void tile_f32(const float *w, int64_t K, const float *x, int RN, int RM, 
 
 /* Rows n..n+RN of y for activation rows m0..m0+RM. */
 INLINE void tile(int kind, const void *w, const void *scales, const float *bias, int64_t K,
-                 int64_t N, const int8_t *xq, const float *xd, const float *xs, const float *x,
-                 int64_t n, int64_t m0, int RN, int RM, float *y) {
+                 int64_t N, const float *x, int64_t n, int64_t m0, int RN, int RM, float *y) {
     const int64_t nb = K / QK;
     float out[16];
     if (kind == 32)
         tile_f32((const float *)w + n * K, K, x + m0 * K, RN, RM, out);
     else if (kind == 8)
-        tile_w8((const int8_t *)w + n * K, (const float *)scales + n, K, xq + m0 * K, xd + m0 * nb,
-                RN, RM, out);
+        tile_w8((const int8_t *)w + n * K, (const float *)scales + n, K, x + m0 * K, RN, RM, out);
     else
         tile_w4((const uint8_t *)w + n * K / 2, (const uint16_t *)scales + n * nb * 2, K,
-                xq + m0 * K, xd + m0 * nb, xs + m0 * nb, RN, RM, out);
+                x + m0 * K, RN, RM, out);
     for (int r = 0; r < RN; r++)
         for (int m = 0; m < RM; m++)
             y[(m0 + m) * N + n + r] = out[r * RM + m] + (bias ? bias[n + r] : 0.f);
 }
 
-#define TILES(RN)                                                                  \
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {                                        \
-        switch (M - m0 < 4 ? M - m0 : 4) {                                         \
-        case 1: tile(kind, w, scales, bias, K, N, xq, xd, xs, x, n, m0, RN, 1, y); break; \
-        case 2: tile(kind, w, scales, bias, K, N, xq, xd, xs, x, n, m0, RN, 2, y); break; \
-        case 3: tile(kind, w, scales, bias, K, N, xq, xd, xs, x, n, m0, RN, 3, y); break; \
-        default: tile(kind, w, scales, bias, K, N, xq, xd, xs, x, n, m0, RN, 4, y); break; \
-        }                                                                          \
+#define TILES(RN)                                                           \
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {                                 \
+        switch (M - m0 < 4 ? M - m0 : 4) {                                  \
+        case 1: tile(kind, w, scales, bias, K, N, x, n, m0, RN, 1, y); break; \
+        case 2: tile(kind, w, scales, bias, K, N, x, n, m0, RN, 2, y); break; \
+        case 3: tile(kind, w, scales, bias, K, N, x, n, m0, RN, 3, y); break; \
+        default: tile(kind, w, scales, bias, K, N, x, n, m0, RN, 4, y); break; \
+        }                                                                   \
     }
 
-/* y (M, N) = x (M, K) W^T (+ bias); see cf_lin. Returns 0, or -1 when out of
- * memory. */
+/* Row n of a quantised weight as the floats tile_w8 / tile_w4 expand it to
+ * (int8: q itself, the scale is applied after the sum; int4: fma(q, d, m)), so
+ * that tile_f32 over this row computes bit for bit what they compute. */
+static void expand_row(int kind, const void *w, const void *scales, int64_t K, int64_t n,
+                       float *out) {
+    if (kind == 8) {
+        const int8_t *q = (const int8_t *)w + n * K;
+        for (int64_t k = 0; k < K; k++) out[k] = (float)q[k];
+        return;
+    }
+    const int64_t nb = K / QK;
+    const uint8_t *q = (const uint8_t *)w + n * K / 2;
+    const uint16_t *dm = (const uint16_t *)scales + n * nb * 2;
+    for (int64_t b = 0; b < nb; b++) {
+        const float d = fp16_to_fp32(dm[b]), mn = fp16_to_fp32(dm[nb + b]);
+        for (int j = 0; j < QK / 2; j++) {
+            out[b * QK + j] = fmaf((float)(q[b * QK / 2 + j] & 0x0f), d, mn);
+            out[b * QK + j + QK / 2] = fmaf((float)(q[b * QK / 2 + j] >> 4), d, mn);
+        }
+    }
+}
+
+/* Rows n..n+RN of y for activation rows m0..m0+RM from expanded weights. */
+INLINE void tile_expanded(int kind, const float *wf, const void *scales, const float *bias,
+                          int64_t K, int64_t N, const float *x, int64_t n, int64_t m0, int RN,
+                          int RM, float *y) {
+    float out[32];
+    tile_f32(wf, K, x + m0 * K, RN, RM, out);
+    for (int r = 0; r < RN; r++) {
+        const float s = kind == 8 ? ((const float *)scales)[n + r] : 1.f;
+        for (int m = 0; m < RM; m++)
+            y[(m0 + m) * N + n + r] = (kind == 8 ? out[r * RM + m] * s : out[r * RM + m]) +
+                                      (bias ? bias[n + r] : 0.f);
+    }
+}
+
+/* With AVX-512's 32 registers, 6 activation rows a tile: 24 accumulators. */
+#ifdef CF_AVX512
+#define XRM 6
+#else
+#define XRM 4
+#endif
+#define XTILES(RN)                                                                    \
+    for (int64_t m0 = 0; m0 < M; m0 += XRM) {                                         \
+        switch (M - m0 < XRM ? M - m0 : XRM) {                                        \
+        case 1: tile_expanded(kind, wf, scales, bias, K, N, x, n, m0, RN, 1, y); break; \
+        case 2: tile_expanded(kind, wf, scales, bias, K, N, x, n, m0, RN, 2, y); break; \
+        case 3: tile_expanded(kind, wf, scales, bias, K, N, x, n, m0, RN, 3, y); break; \
+        case 4: tile_expanded(kind, wf, scales, bias, K, N, x, n, m0, RN, 4, y); break; \
+        case 5: tile_expanded(kind, wf, scales, bias, K, N, x, n, m0, RN, 5, y); break; \
+        default: tile_expanded(kind, wf, scales, bias, K, N, x, n, m0, RN, XRM, y); break; \
+        }                                                                             \
+    }
+
+/* Many rows (a batch, a prompt): expand each group of weight rows to fp32 once,
+ * in a per-thread scratch, and run the dense tiles over all activation rows.
+ * The same numbers as the direct tiles (see expand_row). */
+static int linear_expanded(const cf_lin *l, const float *x, int64_t M, float *y, int threads,
+                           int64_t rn) {
+    const int kind = l->kind;
+    const void *w = l->w, *scales = l->scales;
+    const float *bias = l->bias;
+    const int64_t N = l->n, K = l->k, groups = N / rn;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *wf = malloc((size_t)(rn * K) * sizeof(float));
+        if (!wf) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t g = 0; g < groups; g++) {
+            if (!wf) continue;
+            const int64_t n = g * rn;
+            for (int64_t r = 0; r < rn; r++) expand_row(kind, w, scales, K, n + r, wf + r * K);
+            if (rn == 4) {
+                XTILES(4)
+            } else {
+                XTILES(2)
+            }
+        }
+        free(wf);
+    }
+    if (failed) return -1;
+    float *wf = malloc((size_t)K * sizeof(float));
+    if (!wf) return -1;
+    for (int64_t n = groups * rn; n < N; n++) {
+        expand_row(kind, w, scales, K, n, wf);
+        XTILES(1)
+    }
+    free(wf);
+    return 0;
+}
+
+/* y (M, N) = x (M, K) W^T (+ bias); see cf_lin. Returns 0, or -1 when out of memory. */
 int cf_linear(const cf_lin *l, const float *x, int64_t M, float *y, int threads) {
     const int kind = l->kind;
     const void *w = l->w, *scales = l->scales;
     const float *bias = l->bias;
-    const int64_t N = l->n, K = l->k, nb = K / QK;
-    int8_t *xq = NULL;
-    float *xd = NULL, *xs = NULL;
-    if (kind != 32) { /* quantise the activations once for all weight rows */
-        xq = malloc((size_t)(M * K));
-        xd = malloc((size_t)(M * nb) * sizeof(float) * 2);
-        if (!xq || !xd) {
-            free(xq);
-            free(xd);
-            return -1;
-        }
-        xs = xd + M * nb;
-        quantize_rows(x, M * nb, xq, xd, xs);
-    }
-    /* Groups of 4 weight rows (2 when 4 activation rows: 8 accumulators plus
-     * the loaded vectors fit AVX2's 16 registers); a leftover row alone. */
+    const int64_t N = l->n, K = l->k;
+    /* Groups of 4 weight rows (with AVX2, 2 when 4 activation rows: 8
+     * accumulators plus the loaded vectors fit its 16 registers; AVX-512 has
+     * 32); a leftover row alone. */
+#ifdef CF_AVX512
+    const int64_t rn = 4, groups = N / rn;
+#else
     const int64_t rn = M >= 4 ? 2 : 4, groups = N / rn;
+#endif
+    if (kind != 32 && M > 4) return linear_expanded(l, x, M, y, threads, rn);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t g = 0; g < groups; g++) {
         const int64_t n = g * rn;
@@ -301,8 +404,6 @@ int cf_linear(const cf_lin *l, const float *x, int64_t M, float *y, int threads)
     for (int64_t n = groups * rn; n < N; n++) {
         TILES(1)
     }
-    free(xq);
-    free(xd);
     return 0;
 }
 

@@ -1,0 +1,78 @@
+"""One request's state inside the engine, from queued to finished."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from chatforge.generation.sampling import make_generator
+from chatforge.generation.stream import TextStream
+from chatforge.generation.types import Request, StreamEvent, TokenLogprob
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # queued, or preempted (its KV given back; recomputed when readmitted)
+    RUNNING = "running"  # holds KV blocks; fed tokens every step until finished
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    """A request being served: its tokens so far and where its KV lives.
+
+    ``tokens`` is the prompt then the generated tokens; the first ``num_computed``
+    of them are in the KV cache. A step feeds ``tokens[num_computed:]`` (or a
+    chunk of it): a whole prompt, the rest of a prompt whose start came from the
+    prefix cache, or the one token sampled last step; all are the same operation.
+    """
+
+    id: int
+    request: Request
+    budget: int  # most tokens to generate (0: score the prompt only)
+    tokenizer: Any
+    on_event: Callable[[StreamEvent], None] | None = None
+    tokens: list[int] = field(default_factory=list)
+    types: list[int] | None = None  # token types (sep format), one per token
+    num_prompt: int = 0
+    num_computed: int = 0
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] | None = None  # of its full blocks, as far as known (prefix cache)
+    registered: int = 0  # blocks of the table already offered to the prefix cache
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
+    status: Status = Status.WAITING
+    admitted_once: bool = False
+    generated: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    buffer: deque[StreamEvent] = field(default_factory=deque)  # events without on_event
+    added_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+
+    def __post_init__(self) -> None:
+        req = self.request
+        self.tokens = list(req.prompt_ids)
+        self.num_prompt = len(self.tokens)
+        if req.token_type_ids is not None:
+            self.types = list(req.token_type_ids)
+        self.stream = TextStream(self.tokenizer, req.config.stop)
+        self.generator = None if req.config.greedy else make_generator(req.config.seed)
+
+    @property
+    def pending(self) -> int:
+        """Tokens not yet in the KV cache."""
+        return len(self.tokens) - self.num_computed
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.request.prompt_logprobs is not None
+
+    def append(self, token: int) -> None:
+        """A sampled token joins the sequence (fed to the model next step)."""
+        self.tokens.append(token)
+        self.generated.append(token)
+        if self.types is not None:
+            self.types.append(self.request.reply_token_type or 0)
