@@ -63,7 +63,7 @@ def test_quality_check_rows(tiny_llama_dir):
     from chatforge.bench.quality import quality_check
     from chatforge.models import load_model
 
-    rows = quality_check(load_model(str(tiny_llama_dir)), conversations=2)
+    rows = quality_check(load_model(str(tiny_llama_dir), fast=False), conversations=2)  # as the CLI
     assert [(r["dtype"], r["quantize"]) for r in rows][:4] == [
         ("fp32", "none"),
         ("bf16", "none"),

@@ -106,8 +106,10 @@ def test_prompt_file_conversation_with_jsonl_transcript(capsys, tmp_path, tiny_l
     assert reply["completion_tokens"] <= 5
     assert reply["finish_reason"] in ("stop", "length")
     assert reply["prompt_tokens"] > 0 and reply["seconds"] >= 0
-    # The second prompt is the next turn of the same conversation: its prompt is longer.
+    # The second prompt is the next turn of the same conversation: its prompt is longer,
+    # and the first turn's KV is reused (whole blocks of it).
     assert rows[4]["prompt_tokens"] > reply["prompt_tokens"]
+    assert reply["cached_tokens"] == 0 and 0 < rows[4]["cached_tokens"] <= reply["prompt_tokens"]
     assert out.count("\n") == 2
 
 

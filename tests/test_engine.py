@@ -15,7 +15,9 @@ PROMPTS = ["Hello there", "What is the capital of France? Tell me a story", "Tha
 def loaded(request, tiny_gpt2_dir, tiny_llama_dir):
     """Each tiny model through our fast decoder and through transformers' modules."""
     arch, runner = request.param.split("-")
-    lm = load_model(str(tiny_gpt2_dir if arch == "gpt2" else tiny_llama_dir))
+    lm = load_model(
+        str(tiny_gpt2_dir if arch == "gpt2" else tiny_llama_dir), dtype="fp32", quantize="none"
+    )
     assert lm.info.engine == "fast"
     lm.use_fast = runner == "fast"
     return lm

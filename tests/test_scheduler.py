@@ -150,3 +150,16 @@ def test_scheduler_config_validation():
         SchedulerConfig(max_batch=0)
     with pytest.raises(ValueError, match="kv_cache_mb must be >= 1"):
         EngineConfig(kv_cache_mb=0)
+
+
+def test_events_of_a_request_without_a_callback_are_kept_for_it(lm):
+    eng = _engine(lm)
+    h = eng.add(_req(lm, TEXTS[0], 6))
+    other = eng.add(_req(lm, TEXTS[2], 3), on_event=lambda ev: None)
+    while eng.has_work:
+        eng.step()
+    events = eng.events(h)
+    assert events[-1].completion is not None and events[-1].completion.completion_tokens == 6
+    assert "".join(e.text for e in events) == events[-1].completion.text
+    assert sum(len(e.tokens) for e in events) == 6
+    assert eng.events(h) == [] and eng.events(other) == []

@@ -446,3 +446,43 @@ def test_32_concurrent_streams_are_batched_and_framed(server):
     assert len(results) == 32
     assert peak[0] > 1, "concurrent requests should share the batch"
     assert svc.load == (0, 0)
+
+
+def test_a_repeated_prefix_is_reused_and_reported(client):
+    system = "You are a careful assistant who answers about ships, harbours and the sea. " * 2
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": "Hi"}]
+    first = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=4)
+    msgs[-1]["content"] = "Hello again"
+    second = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=4)
+    assert second.usage.prompt_tokens_details.cached_tokens > 0
+    assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+    assert (
+        first.usage.prompt_tokens_details.cached_tokens
+        <= second.usage.prompt_tokens_details.cached_tokens
+    )
+
+
+def test_a_huge_top_k_neither_fails_nor_breaks_later_requests(server):
+    url = server.url + "/v1/chat/completions"
+    r = httpx.post(url, json=chat_body(max_tokens=3, top_k=2**63 - 1, temperature=0.5), timeout=30)
+    assert r.status_code in (200, 400), r.text
+    ok = httpx.post(url, json=chat_body(max_tokens=3, temperature=0), timeout=30)
+    assert ok.status_code == 200
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_health_is_503_and_says_why_when_the_engine_stopped(tiny):
+    with ServerThread(create_app(tiny, model_id="tiny")) as srv:
+        engine = srv.state.service.engine
+
+        def broken():
+            raise SystemError("engine bookkeeping is corrupt")
+
+        engine.step = broken
+        r = httpx.post(srv.url + "/v1/chat/completions", json=chat_body(max_tokens=3), timeout=30)
+        assert r.status_code >= 500
+        health = httpx.get(srv.url + "/health")
+        assert health.status_code == 503
+        assert "engine bookkeeping is corrupt" in health.json()["error"]
+        again = httpx.post(srv.url + "/v1/chat/completions", json=chat_body(max_tokens=3))
+        assert again.status_code == 503

@@ -72,7 +72,7 @@ def test_greedy_equals_transformers_generate(smollm2):
 
 
 def test_bf16_answers_too():
-    lm = load_model("smollm2", dtype="bf16")
+    lm = load_model("smollm2", dtype="bf16", quantize="none")
     assert lm.info.dtype == "bf16"
     assert next(lm.model.parameters()).dtype == torch.bfloat16
     reply = ChatSession(lm, GenerationConfig(temperature=0, max_new_tokens=30)).send(QUESTION)
@@ -125,3 +125,33 @@ def test_prompt_and_reply_logprobs_match_transformers(smollm2):
         assert lp.token_id == c.token_ids[j] == int(row.argmax())
         assert abs(lp.logprob - float(row[lp.token_id])) < 1e-3
         assert [t for t, _ in lp.top] == row.topk(5).indices.tolist()
+
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Tell me a story about a dragon.",
+    "Write a haiku about the sea.",
+    "How do I bake bread?",
+    "Why is the sky blue?",
+    "What should I cook tonight?",
+    "Explain gravity to a child.",
+    "Name three planets.",
+]
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_32_concurrent_greedy_requests_equal_each_sent_alone(smollm2, quantize):
+    """Batch-invariant greedy decoding: fp32 and the default quantised setting."""
+    from chatforge.generation.engine import EngineConfig
+
+    lm = smollm2 if quantize == "none" else load_model("smollm2", dtype="fp32", quantize="int8")
+    assert lm.fast.native, "the C step is what makes the output batch-invariant"
+    prompts = [
+        lm.format.encode([Message("user", f"{QUESTIONS[i % 8]} ({i})")]).input_ids
+        for i in range(32)
+    ]
+    cfg = GenerationConfig(temperature=0, max_new_tokens=16)
+    alone = Engine.from_loaded(lm, EngineConfig(prefix_cache=False))
+    singles = [alone.generate([Request(p, cfg)])[0].token_ids for p in prompts]
+    crowd = Engine.from_loaded(lm).generate([Request(p, cfg) for p in prompts])
+    assert [c.token_ids for c in crowd] == singles

@@ -101,7 +101,7 @@ def generate_batch(
     batch_size: int = 16,
     fail_fast: bool = False,
     progress: bool | ProgressFn = True,
-    dtype: str = "fp32",
+    dtype: str = "auto",
 ) -> BatchSummary:
     """Generate a reply for every input record and append one row per record to ``output``.
 
@@ -121,7 +121,8 @@ def generate_batch(
             writing an error row for it.
         progress: show a progress bar on stderr (``True``), nothing (``False``), or
             call a function ``progress(records, tokens)``.
-        dtype: weights dtype when ``model`` is a reference.
+        dtype: ``fp32``, ``bf16`` or ``auto`` when ``model`` is a reference (``auto``:
+            as ``load_model``'s default and the CLI's, the fast path's best setting).
 
     Returns:
         A :class:`BatchSummary`.

@@ -136,7 +136,10 @@ class _ChatforgeRun:
         from chatforge.generation.engine import Engine, EngineConfig
 
         # No prefix cache: every measurement computes its prompts, as transformers does.
-        self.engine = Engine.from_loaded(loaded, EngineConfig(prefix_cache=False))
+        # Threads pinned to torch's count (not the busy-machine policy), so a setting's
+        # figure does not depend on what else ran on the machine meanwhile.
+        cfg = EngineConfig(prefix_cache=False, threads=torch.get_num_threads())
+        self.engine = Engine.from_loaded(loaded, cfg)
         self.engine.stop_token_ids = set()  # same token count for every setting
 
     def prefill(self, ids: list[int]) -> None:

@@ -25,8 +25,11 @@ from chatforge.cli.options import (
     StopOpt,
     SystemOpt,
     TemperatureOpt,
+    ThreadsOpt,
     TopKOpt,
     TopPOpt,
+    check_threads,
+    use_threads,
 )
 from chatforge.errors import ChatforgeError
 
@@ -95,6 +98,7 @@ def chat_command(
     no_log: Annotated[
         bool, typer.Option("--no-log", help="Do not write this chat to the conversation log.")
     ] = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Chat with a model: interactively, or over prompts from a file or stdin."""
     from chatforge.chat import ChatSession
@@ -108,6 +112,7 @@ def chat_command(
     parse_dtype(dtype)
     quantize = parse_quantize(quantize or "auto")
     budget = BudgetConfig(max_history_share=max_history_share)
+    check_threads(threads)
     prompts: Iterator[str] | None = None
     if prompt_file is not None:
         prompts = _read_prompts(prompt_file)
@@ -125,6 +130,7 @@ def chat_command(
     else:
         with err.status(f"Loading {model} ...", spinner="dots") if interactive else _nullctx():
             loaded = load_model(model, dtype=dtype, quantize=quantize)
+        use_threads(loaded, threads)  # before the session makes the model's engine
         session = ChatSession(loaded, config, system=system, budget=budget)
         if interactive:
             info = loaded.info
@@ -240,6 +246,7 @@ def _reply_extra(session) -> dict:
         "model": getattr(session, "model_name", None) or session.loaded.info.name,
         "params": reply.config.to_dict(),
         "prompt_tokens": reply.prompt_tokens,
+        "cached_tokens": getattr(reply, "cached_tokens", 0),
         "completion_tokens": reply.completion_tokens,
         "finish_reason": reply.finish_reason,
         "seconds": round(reply.seconds, 3),

@@ -51,7 +51,7 @@ def inspect_command(
     if model is not None:
         from chatforge.models import load_model
 
-        lm = load_model(model)
+        lm = load_model(model, fast=False)  # only the tokenizer and format are used
         tok, fmt_name, limit = lm.tokenizer, format or lm.info.prompt_format, lm.context_length
     else:
         from transformers import AutoTokenizer

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from chatforge.cli.options import ThreadsOpt, check_threads, use_threads
+
 
 def eval_command(
     model: Annotated[str, typer.Option("--model", "-m", help="Model to evaluate.")],
@@ -31,6 +33,7 @@ def eval_command(
     ] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="fp32 or bf16.")] = "fp32",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Perplexity on held-out assistant turns, distinct-1/2, repetition, reply length."""
     from rich.console import Console
@@ -46,6 +49,11 @@ def eval_command(
         raise ValueError("--replies must be >= 0")
     if max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be >= 1")
+    check_threads(threads)
+    if threads is not None:  # perplexity runs the model outside the engine
+        import torch
+
+        torch.set_num_threads(threads)
     err = Console(stderr=True)
     bad: list[str] = []
     ds = load_data(data, data_format, "skip", bad.append)
@@ -59,6 +67,7 @@ def eval_command(
     results = []
     for ref in [model, *(compare or [])]:
         loaded = load_model(ref, dtype)
+        use_threads(loaded, threads)  # before evaluate makes the model's engine
         if not as_json:
             err.print(f"evaluating {ref} on {len(convs)} conversations ...")
         results.append(evaluate(loaded, convs, ref, replies, max_new_tokens, seed))

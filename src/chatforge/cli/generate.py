@@ -23,8 +23,11 @@ from chatforge.cli.options import (
     StopOpt,
     SystemOpt,
     TemperatureOpt,
+    ThreadsOpt,
     TopKOpt,
     TopPOpt,
+    check_threads,
+    use_threads,
 )
 
 
@@ -76,6 +79,7 @@ def generate_command(
     max_length: MaxLenOpt = None,
     stop: StopOpt = None,
     seed: SeedOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Generate a reply for every record of INPUT, one row each in --output."""
     from chatforge.batch import PromptTemplate, generate_batch
@@ -91,6 +95,7 @@ def generate_command(
         raise ChatforgeError(f"--n must be >= 1 (got {n})")
     if batch_size < 1:
         raise ChatforgeError(f"--batch-size must be >= 1 (got {batch_size})")
+    check_threads(threads)
     tmpl = PromptTemplate.from_options(template, template_file)
     check_input(input)
     check_output(output)
@@ -100,6 +105,7 @@ def generate_command(
     err = Console(stderr=True)
     with err.status(f"Loading {model} ...", spinner="dots") if progress else _nullctx():
         loaded = load_model(model, dtype=dtype, quantize=quantize)
+    use_threads(loaded, threads)  # before generate_batch makes the model's engine
     summary = generate_batch(
         loaded,
         input,

@@ -64,6 +64,32 @@ StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="Stop string (
 SeedOpt = Annotated[
     int | None, typer.Option("--seed", help="Random seed for reproducible sampling.")
 ]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        help="CPU threads for the model (default: auto, the cores other processes leave free).",
+        show_default=False,
+    ),
+]
+
+
+def check_threads(threads: int | None) -> None:
+    """``--threads`` must be >= 1 when given (checked before the slow model load)."""
+    from chatforge.errors import ChatforgeError
+
+    if threads is not None and threads < 1:
+        raise ChatforgeError(f"--threads must be >= 1 (got {threads})")
+
+
+def use_threads(loaded: Any, threads: int | None) -> None:
+    """Make ``loaded``'s shared engine (which chat, generate, eval and serve use) run
+    with ``threads``; None keeps the default (auto). Call before anything makes it."""
+    if threads is None:
+        return
+    from chatforge.generation.engine import Engine, EngineConfig
+
+    Engine.shared(loaded, EngineConfig(threads=threads))
 
 
 def flag_for(param: str) -> str:

@@ -6,13 +6,13 @@ from typing import Annotated
 
 import typer
 
-from chatforge.cli.options import DtypeOpt, ModelOpt, QuantizeOpt
+from chatforge.cli.options import DtypeOpt, ModelOpt, QuantizeOpt, ThreadsOpt, check_threads
 from chatforge.errors import ChatforgeError
 
 
 def serve_command(
     model: ModelOpt = "smollm2",
-    dtype: DtypeOpt = "fp32",
+    dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = None,
     host: Annotated[
         str, typer.Option("--host", help="Address to bind; 0.0.0.0 exposes it to the network.")
@@ -38,6 +38,7 @@ def serve_command(
     max_body: Annotated[int, typer.Option("--max-body", help="Largest request body, in bytes.")] = 1
     << 20,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
+    threads: ThreadsOpt = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a web chat page at /."""
     import uvicorn
@@ -58,6 +59,7 @@ def serve_command(
     ):
         if value < (0 if name in ("--port", "--max-queue") else 1):
             raise ChatforgeError(f"{name} is out of range")
+    check_threads(threads)
     load_errors: list[BaseException] = []
 
     def failed(e: BaseException) -> None:
@@ -69,6 +71,7 @@ def serve_command(
         api_key=api_key or None,
         max_queue=max_queue,
         max_batch=max_batch,
+        threads=threads,
         limits=Limits(max_tokens=max_tokens, max_n=max_n, max_body_bytes=max_body),
         model_id=model,
         on_load_error=failed,

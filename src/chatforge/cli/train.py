@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from chatforge.cli.options import flag_for
+from chatforge.cli.options import check_threads, flag_for
 
 Opt = typer.Option
 
@@ -73,11 +73,16 @@ def train_command(
     overwrite: Annotated[bool, Opt("--overwrite", help="Replace a previous run.")] = False,
     seed: Annotated[int, Opt("--seed", help="Random seed.")] = 0,
     quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress bar.")] = False,
+    threads: Annotated[
+        int | None,
+        Opt("--threads", help="CPU threads (default: torch's, one per core).", show_default=False),
+    ] = None,
 ) -> None:
     """Fine-tune a model (--model) or train a new GPT-2 (--init gpt2) on your data."""
     from chatforge.training.config import TrainConfig
     from chatforge.training.trainer import TrainingInterrupted, train
 
+    check_threads(threads)
     try:
         cfg = TrainConfig(
             data=data,
@@ -118,6 +123,10 @@ def train_command(
         )
     except ValueError as e:
         raise config_error(e) from None
+    if threads is not None:  # training runs torch directly, in this thread
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         train(cfg)
     except TrainingInterrupted as e:

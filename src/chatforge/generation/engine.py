@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from chatforge.errors import ChatforgeError
+from chatforge.errors import ChatforgeError, ContextOverflowError
 from chatforge.generation.fast_runner import FastRunner
 from chatforge.generation.kv import BlockManager, block_hashes
 from chatforge.generation.processors import SequenceView, apply_processors
@@ -53,6 +53,7 @@ from chatforge.generation.types import (
     StreamEvent,
     TokenLogprob,
 )
+from chatforge.threads import ThreadPolicy
 
 __all__ = ["Completion", "Engine", "EngineConfig", "Request", "StreamEvent", "TokenLogprob"]
 
@@ -75,11 +76,16 @@ class EngineConfig:
     first), then the newest sequences wait (preemption)."""
     prefix_cache: bool = True
     """Reuse the KV of earlier requests whose tokens a new prompt starts with."""
+    threads: int | None = None
+    """Threads for the forward pass; None: as many cores as other processes leave free
+    (re-checked every half second)."""
 
     def __post_init__(self) -> None:
         SchedulerConfig(self.max_batch, self.prefill_tokens)  # validates both
         if self.kv_cache_mb < 1:
             raise ValueError(f"kv_cache_mb must be >= 1 (got {self.kv_cache_mb})")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 or None (got {self.threads})")
 
 
 class Engine:
@@ -120,6 +126,7 @@ class Engine:
         self._emitters: dict[int, Seq] = {}  # sequences with events in the current step
         self._next_id = 0
         self._lock = threading.RLock()
+        self.threads = ThreadPolicy(self.config.threads)
 
     @classmethod
     def from_loaded(
@@ -181,6 +188,13 @@ class Engine:
         for proc in req.processors:
             proc.validate(self.vocab_size)
         if req.max_new_tokens == 0:  # score the prompt only
+            if n > self.context_length:
+                raise ContextOverflowError(
+                    f"the prompt is {n} tokens but the model's context is "
+                    f"{self.context_length} tokens; shorten it",
+                    prompt_tokens=n,
+                    limit=self.context_length,
+                )
             budget = 0
         else:
             budget = req.config.reply_budget(n, self.context_length)
@@ -259,6 +273,7 @@ class Engine:
     def step(self) -> list[StreamEvent]:
         """Run one step for every scheduled sequence; returns the events it produced."""
         with self._lock:
+            self.threads.apply()  # the thread count for this step (cheap; measures twice a second)
             events: list[StreamEvent] = []
             scheduled = self.scheduler.schedule()
             if not scheduled:
@@ -333,10 +348,9 @@ class Engine:
         seq.registered = full
 
     def _prompt_logprobs(self, seq: Seq, w: Work, features: Tensor) -> None:
-        """Logprobs of prompt tokens ``w.start + 1 .. min(w.end, num_prompt - 1)``."""
+        """Logprobs of the prompt tokens this chunk's rows predict (row p predicts p + 1)."""
         k = seq.request.prompt_logprobs or 0
-        last = min(w.end, seq.num_prompt) - 1  # rows predicting a prompt token
-        rows = last - w.start
+        rows = min(w.end, seq.num_prompt - 1) - w.start
         # After a preemption the prompt is computed again: skip what was scored.
         first = max(0, len(seq.prompt_logprobs) - w.start - 1)
         for lo in range(first, rows, _LOGIT_CHUNK):

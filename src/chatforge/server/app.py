@@ -91,6 +91,7 @@ def create_app(
     api_key: str | None = None,
     max_queue: int = 64,
     max_batch: int = 32,
+    threads: int | None = None,
     limits: Limits | None = None,
     model_id: str | None = None,
     retry_after: int = 1,
@@ -102,6 +103,8 @@ def create_app(
     ``api_key``: when set, every route but ``/health`` (and the static page) needs
     ``Authorization: Bearer <key>``. ``max_queue``: requests waiting for a batch
     place beyond which new ones get 429. ``max_batch``: sequences decoded together.
+    ``threads``: CPU threads for the forward pass (None: the cores other processes
+    leave free, see :class:`~chatforge.threads.ThreadPolicy`).
     ``limits``: per-request limits (``max_tokens``, ``n``, body size).
     ``on_load_error`` is called (on the loader thread) when loading fails.
     """
@@ -110,7 +113,10 @@ def create_app(
 
     def build() -> tuple[Any, Engine]:  # on a worker thread: slow, must not block the loop
         loaded = loaded_or_loader() if callable(loaded_or_loader) else loaded_or_loader
-        engine = Engine.shared(loaded, EngineConfig(max_batch=max_batch))
+        # The server's own engine (its --max-batch and --threads), and the model's shared
+        # one from now on: whatever else uses this model shares its prefix cache.
+        engine = Engine.from_loaded(loaded, EngineConfig(max_batch=max_batch, threads=threads))
+        loaded._engine = engine
         return loaded, engine
 
     async def load() -> None:

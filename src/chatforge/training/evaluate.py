@@ -60,20 +60,46 @@ class EvalResult:
 
 @torch.no_grad()
 def perplexity(loaded: Any, conversations: Sequence[list[Message]], batch_size: int = 8):
-    """``(loss, tokens)``: mean next-token loss over assistant tokens of ``conversations``."""
+    """``(loss, tokens)``: mean next-token loss over assistant tokens of ``conversations``.
+
+    Scored by the model's engine where it has a fast path (the decoder that
+    serves requests; transformers' released copy is not loaded again), else by
+    transformers' model on packed rows.
+    """
     from chatforge.training.data import Dataset
 
-    model = loaded.model
     context = min(loaded.info.context_length, 1024)
     examples, _ = build_examples(
         loaded.format, Dataset("convmodel", list(conversations)), context, "assistant"
     )
     if not examples:
         return None, 0
+    total, n = 0.0, 0
+    if getattr(loaded, "fast", None) is not None:
+        from chatforge.errors import ChatforgeError
+        from chatforge.generation.engine import Engine, Request
+
+        # One scoring request per example: examples never see each other, as the
+        # packed rows' block mask guarantees below.
+        requests = [
+            Request(list(ex.ids), token_type_ids=ex.types, max_new_tokens=0, prompt_logprobs=0)
+            for ex in examples
+        ]
+        scored = Engine.shared(loaded).generate(requests, max_batch=batch_size)
+        for ex, c in zip(examples, scored, strict=True):
+            if c.finish_reason == "error" or c.prompt_logprobs is None:
+                raise ChatforgeError(f"scoring failed: {c.error}")
+            # Entry t: token t given the ones before it (entry 0: None); the mask
+            # marks learned tokens, as the packed route's targets do.
+            for lp, keep in zip(c.prompt_logprobs[1:], ex.mask[1:], strict=True):
+                if keep:
+                    total -= lp.logprob
+                    n += 1
+        return total / max(1, n), n
+    model = loaded.model
     isolated = packing_isolates(model, len(loaded.tokenizer), loaded.info.prompt_format == "sep")
     rows = pack(examples, context, enabled=isolated)
     dev = next(model.parameters()).device
-    total, n = 0.0, 0
     for i in range(0, len(rows), batch_size):
         batch = {k: v.to(dev) for k, v in collate(rows[i : i + batch_size], 0).items()}
         logits = model(**model_inputs(batch)).logits  # (B, T, V)
@@ -152,7 +178,6 @@ def evaluate(
 ) -> EvalResult:
     """Perplexity on all ``conversations``; reply metrics on the first ``replies`` of them."""
     t0 = time.perf_counter()
-    loaded.model.eval()
     loss, n = perplexity(loaded, conversations)
     stats: dict[str, float | None] = {
         "distinct_1": None,

@@ -49,7 +49,8 @@ def build_model(cfg: TrainConfig) -> Built:
 def _pretrained(cfg: TrainConfig) -> Built:
     from chatforge.models import load_model
 
-    lm = load_model(str(cfg.model), "fp32")
+    # fp32 trainable weights, no fast decoder: training runs transformers' modules.
+    lm = load_model(str(cfg.model), "fp32", "none", fast=False)
     model, tok = lm.model, lm.tokenizer
     fmt = cfg.format or lm.info.prompt_format
     n_vocab = model.get_input_embeddings().num_embeddings

@@ -7,11 +7,17 @@ sliding window; SmolLM2 is a Llama) and ``gpt2``. Anything else returns
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import mmap
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from chatforge.models.fast.linear import QUANT_MODES, make_linear
+from chatforge.models.fast.linear import QUANT_MODES, DenseLinear, _QuantLinear, make_linear
 from chatforge.models.fast.model import FastConfig, FastDecoder, Layer, Norm
 
 LLAMA_TYPES = ("llama", "qwen2", "mistral")
@@ -47,23 +53,155 @@ def unsupported_reason(model: Any) -> str | None:
     return None
 
 
+class _Source:
+    """The transformers model being converted, part by part.
+
+    With ``release``, :meth:`done` frees a part's weights as soon as it is
+    converted, after making sure the fast decoder holds its own copy of any
+    tensor it shares with them (a same-dtype norm, a dense weight). transformers
+    reads safetensors weights as views of one memory-mapped file, which stays
+    mapped (and its touched pages resident) until its last weight is gone, so
+    dropping a tensor is not enough: its pages are given back explicitly. The
+    conversion's temporaries, freed, can stay in malloc's heap between long-lived
+    allocations (measured: +350 MB in one run out of three on SmolLM2); that free
+    space is given back too.
+    """
+
+    def __init__(self, release: bool) -> None:
+        self.release = release
+        self._maps = _weight_file_maps() if release else []
+
+    def owned(self, t: Tensor, module: Any) -> Tensor:
+        """``t`` (converted from ``module``), copied where it shares ``module``'s storage."""
+        if self.release and _storage(t) in _storages(module):
+            return t.clone()
+        return t
+
+    def done(self, module: Any, *kept: Any) -> None:
+        """``module`` is converted into ``kept`` (layers, norms, linears): free its weights."""
+        if not self.release:
+            return
+        shared = _storages(module)
+        for obj in kept:
+            _own(obj, shared)
+        for m in module.modules():
+            for p in m._parameters.values():
+                if p is not None:
+                    _drop_pages(p, self._maps)
+                    p.data = torch.empty(0, dtype=p.dtype)
+            for name, buf in m._buffers.items():
+                if buf is not None:
+                    _drop_pages(buf, self._maps)
+                    m._buffers[name] = torch.empty(0, dtype=buf.dtype)
+        _trim_heap()
+
+
+def _storage(t: Tensor) -> int:
+    return t.untyped_storage().data_ptr() if t.numel() else 0
+
+
+def _storages(module: Any) -> set[int]:
+    ts = [*module.parameters(), *module.buffers()]
+    return {_storage(t) for t in ts if t.numel()}
+
+
+def _own(obj: Any, shared: set[int]) -> None:
+    """Replace tensors of ``obj`` (a decoder, layer, norm or linear, recursively) that live in
+    ``shared`` storage by copies."""
+    for name, v in list(vars(obj).items()):
+        if isinstance(v, Tensor):
+            if v.numel() and _storage(v) in shared:
+                setattr(obj, name, v.clone())
+        elif isinstance(v, FastDecoder | Layer | Norm | DenseLinear | _QuantLinear):
+            _own(v, shared)
+        elif isinstance(v, list):
+            for x in v:
+                _own(x, shared)
+
+
+_MADV_DONTNEED = 4  # Linux
+
+
+def _weight_file_maps() -> list[tuple[int, int]]:
+    """Address ranges where safetensors files are memory-mapped in this process (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].endswith(".safetensors"):
+            lo, hi = parts[0].split("-")
+            out.append((int(lo, 16), int(hi, 16)))
+    return out
+
+
+def _drop_pages(t: Tensor, maps: list[tuple[int, int]]) -> None:
+    """Give back the whole pages of ``t`` that lie in a mapped weight file.
+
+    The mapping is private and these pages unmodified (or no longer needed), so
+    the kernel drops them; nothing reads them again. Pages shared with a
+    neighbouring tensor are kept.
+    """
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    if end == start or not any(lo <= start and end <= hi for lo, hi in maps):
+        return
+    lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    hi = end // mmap.PAGESIZE * mmap.PAGESIZE
+    if hi > lo:
+        _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+
+
+def _trim_heap() -> None:
+    """Return malloc's free heap pages to the system (glibc; elsewhere nothing)."""
+    trim = getattr(_libc(), "malloc_trim", None) if sys.platform.startswith("linux") else None
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _libc() -> Any:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.madvise.restype = ctypes.c_int
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.malloc_trim.restype = ctypes.c_int
+    return libc
+
+
 def _w(t: torch.Tensor) -> torch.Tensor:
     return t.detach().float()
 
 
 def build_fast_model(
-    model: Any, dtype: torch.dtype = torch.float32, quantize: str = "none", group_size: int = 32
+    model: Any,
+    dtype: torch.dtype = torch.float32,
+    quantize: str = "none",
+    group_size: int = 32,
+    release: bool = False,
 ) -> FastDecoder:
-    """Copy (and optionally quantise) a transformers model's weights into a FastDecoder."""
+    """Copy (and optionally quantise) a transformers model's weights into a FastDecoder.
+
+    With ``release``, each part of ``model`` (embeddings, each layer, ...) is
+    freed as soon as it is converted, so memory peaks near one model instead of
+    two; ``model`` is unusable afterwards (also when the build fails part way).
+    """
     if quantize not in QUANT_MODES:
         raise ValueError(f"unknown quantization {quantize!r}; use one of {', '.join(QUANT_MODES)}")
     reason = unsupported_reason(model)
     if reason:
         raise ValueError(reason)
+    src = _Source(release)
     if model.config.model_type == "gpt2":
-        dec = _from_gpt2(model, dtype, quantize, group_size)
+        dec = _from_gpt2(model, dtype, quantize, group_size, src)
     else:
-        dec = _from_llama(model, dtype, quantize, group_size)
+        dec = _from_llama(model, dtype, quantize, group_size, src)
+    src.done(model, dec)  # whatever was not freed part by part
     # The forward path (one C call per step, or torch ops) is chosen once, here.
     from chatforge.models.fast.native_decode import NativeDecode
 
@@ -87,7 +225,7 @@ def _lin(weight, bias, dtype, quantize, group_size):
     return make_linear(_w(weight), None if bias is None else _w(bias), dtype, quantize, group_size)
 
 
-def _from_llama(model: Any, dtype, quantize: str, group_size: int) -> FastDecoder:
+def _from_llama(model: Any, dtype, quantize: str, group_size: int, src: _Source) -> FastDecoder:
     cfg = model.config
     inner = model.model
     n_heads = cfg.num_attention_heads
@@ -106,6 +244,9 @@ def _from_llama(model: Any, dtype, quantize: str, group_size: int) -> FastDecode
         dtype=dtype,
         quantize=quantize,
     )
+    # Embeddings and LM head first: they are the largest tensors, and converting them
+    # while no layer has been touched yet keeps the peak low (see _Source).
+    embed, head = _embed_and_head(model, inner.embed_tokens, dtype, quantize, group_size, src)
     layers = []
     for blk in inner.layers:
         at, mlp = blk.self_attn, blk.mlp
@@ -123,41 +264,63 @@ def _from_llama(model: Any, dtype, quantize: str, group_size: int) -> FastDecode
                 _w(at.v_proj.weight),
             ]
         )
-        layers.append(
-            Layer(
-                norm1=Norm(blk.input_layernorm.weight.detach().to(dtype), None, fc.eps, rms=True),
-                qkv=_lin(qkv_w, qkv_b, dtype, quantize, group_size),
-                out=_lin(at.o_proj.weight, at.o_proj.bias, dtype, quantize, group_size),
-                norm2=Norm(
-                    blk.post_attention_layernorm.weight.detach().to(dtype), None, fc.eps, rms=True
-                ),
-                up=_lin(
-                    torch.cat([_w(mlp.gate_proj.weight), _w(mlp.up_proj.weight)]),
-                    None,
-                    dtype,
-                    quantize,
-                    group_size,
-                ),
-                down=_lin(mlp.down_proj.weight, None, dtype, quantize, group_size),
-            )
+        layer = Layer(
+            norm1=Norm(blk.input_layernorm.weight.detach().to(dtype), None, fc.eps, rms=True),
+            qkv=_lin(qkv_w, qkv_b, dtype, quantize, group_size),
+            out=_lin(at.o_proj.weight, at.o_proj.bias, dtype, quantize, group_size),
+            norm2=Norm(
+                blk.post_attention_layernorm.weight.detach().to(dtype), None, fc.eps, rms=True
+            ),
+            up=_lin(
+                torch.cat([_w(mlp.gate_proj.weight), _w(mlp.up_proj.weight)]),
+                None,
+                dtype,
+                quantize,
+                group_size,
+            ),
+            down=_lin(mlp.down_proj.weight, None, dtype, quantize, group_size),
         )
+        src.done(blk, layer)
+        layers.append(layer)
     # Rotary tables from the model's own inverse frequencies (covers scaled variants).
     rot = inner.rotary_emb
     inv_freq = rot.inv_freq.detach().float()  # (D/2,)
     scaling = float(getattr(rot, "attention_scaling", 1.0))
     freqs = torch.outer(torch.arange(fc.max_positions, dtype=torch.float32), inv_freq)  # (P, D/2)
-    head = model.get_output_embeddings().weight
     return FastDecoder(
         cfg=fc,
-        embed=inner.embed_tokens.weight.detach().to(dtype),
+        embed=embed,
         layers=layers,
         norm=Norm(inner.norm.weight.detach().to(dtype), None, fc.eps, rms=True),
-        head=_lin(head, None, dtype, quantize, group_size),
+        head=head,
         rope=torch.polar(torch.full_like(freqs, scaling), freqs),  # (P, D/2) complex64
     )
 
 
-def _from_gpt2(model: Any, dtype, quantize: str, group_size: int) -> FastDecoder:
+def _embed_and_head(
+    model: Any, embedding: Any, dtype, quantize: str, group_size: int, src: _Source
+) -> tuple[Tensor, Any]:
+    """The token embeddings (``dtype``) and the LM head (a linear), in that order.
+
+    A tied head (one tensor for both) is quantised from our copy of the
+    embeddings when that copy has the model's values (same dtype), so the
+    model's tensor is freed before the quantisation's temporaries exist.
+    """
+    weight = embedding.weight
+    head_w = model.get_output_embeddings().weight
+    tied = head_w.data_ptr() == weight.data_ptr() and head_w.shape == weight.shape
+    embed = src.owned(weight.detach().to(dtype), embedding)
+    if not tied or embed.dtype == head_w.dtype:
+        if tied:
+            head_w = embed
+        src.done(embedding)
+    head = _lin(head_w, None, dtype, quantize, group_size)
+    src.done(model.get_output_embeddings(), head)
+    src.done(embedding)  # a tied head quantised from the model's own values: only now
+    return embed, head
+
+
+def _from_gpt2(model: Any, dtype, quantize: str, group_size: int, src: _Source) -> FastDecoder:
     cfg = model.config
     tr = model.transformer
     head_dim = cfg.n_embd // cfg.n_head
@@ -181,8 +344,12 @@ def _from_gpt2(model: Any, dtype, quantize: str, group_size: int) -> FastDecoder
     def conv(m):  # transformers' Conv1D stores (in, out): transpose to (out, in)
         return _lin(m.weight.t(), m.bias, dtype, quantize, group_size)
 
-    layers = [
-        Layer(
+    embed, head = _embed_and_head(model, tr.wte, dtype, quantize, group_size, src)
+    pos_embed = src.owned(tr.wpe.weight.detach().to(dtype), tr.wpe)
+    src.done(tr.wpe)
+    layers = []
+    for b in tr.h:
+        layer = Layer(
             norm1=ln(b.ln_1),
             qkv=conv(b.attn.c_attn),
             out=conv(b.attn.c_proj),
@@ -190,13 +357,13 @@ def _from_gpt2(model: Any, dtype, quantize: str, group_size: int) -> FastDecoder
             up=conv(b.mlp.c_fc),
             down=conv(b.mlp.c_proj),
         )
-        for b in tr.h
-    ]
+        src.done(b, layer)
+        layers.append(layer)
     return FastDecoder(
         cfg=fc,
-        embed=tr.wte.weight.detach().to(dtype),
+        embed=embed,
         layers=layers,
         norm=ln(tr.ln_f),
-        head=_lin(model.get_output_embeddings().weight, None, dtype, quantize, group_size),
-        pos_embed=tr.wpe.weight.detach().to(dtype),
+        head=head,
+        pos_embed=pos_embed,
     )
