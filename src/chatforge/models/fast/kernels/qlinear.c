@@ -98,13 +98,13 @@ static inline __m256 u8_to_ps(__m128i v) {
 INLINE void tile_w8(const int8_t *w, const float *s, int64_t K, const float *x, int RN, int RM,
                     float *out) {
 #if defined(CF_AVX512)
-    __m512 acc[4][4];
+    __m512 acc[4][8];
     for (int r = 0; r < RN; r++)
         for (int m = 0; m < RM; m++) acc[r][m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < K / QK; b++) {
         prefetch_ahead(w + b * RN * QK, RN * K, RN * QK);
         for (int64_t k = b * QK; k < (b + 1) * QK; k += 16) {
-            __m512 xv[4];
+            __m512 xv[8];
             for (int m = 0; m < RM; m++) xv[m] = _mm512_loadu_ps(x + m * K + k);
             for (int r = 0; r < RN; r++) {
                 const __m512 wv = _mm512_cvtepi32_ps(
@@ -147,13 +147,13 @@ INLINE void tile_w4(const uint8_t *w, const uint16_t *dm, int64_t K, const float
                     int RM, float *out) {
     const int64_t nb = K / QK;
 #if defined(CF_AVX512)
-    __m512 acc[4][4];
+    __m512 acc[4][8];
     for (int r = 0; r < RN; r++)
         for (int m = 0; m < RM; m++) acc[r][m] = _mm512_setzero_ps();
     const __m128i low = _mm_set1_epi8(0x0f);
     for (int64_t b = 0; b < nb; b++) {
         prefetch_ahead(w + b * RN * QK / 2, RN * K / 2, RN * QK / 2);
-        __m512 xv[4][2];
+        __m512 xv[8][2];
         for (int m = 0; m < RM; m++)
             for (int j = 0; j < 2; j++) xv[m][j] = _mm512_loadu_ps(x + m * K + b * QK + 16 * j);
         for (int r = 0; r < RN; r++) {
@@ -259,7 +259,7 @@ INLINE void tile_f32(const float *w, int64_t K, const float *x, int RN, int RM, 
 INLINE void tile(int kind, const void *w, const void *scales, const float *bias, int64_t K,
                  int64_t N, const float *x, int64_t n, int64_t m0, int RN, int RM, float *y) {
     const int64_t nb = K / QK;
-    float out[16];
+    float out[32];
     if (kind == 32)
         tile_f32((const float *)w + n * K, K, x + m0 * K, RN, RM, out);
     else if (kind == 8)
@@ -280,6 +280,16 @@ INLINE void tile(int kind, const void *w, const void *scales, const float *bias,
         case 3: tile(kind, w, scales, bias, K, N, x, n, m0, RN, 3, y); break; \
         default: tile(kind, w, scales, bias, K, N, x, n, m0, RN, 4, y); break; \
         }                                                                   \
+    }
+
+/* 5 to 8 activation rows in one tile of 2 weight rows (AVX-512: 16 accumulators),
+ * so each weight is expanded once for all of them. */
+#define TILES8(RN)                                                          \
+    switch (M) {                                                            \
+    case 5: tile(kind, w, scales, bias, K, N, x, n, 0, RN, 5, y); break;    \
+    case 6: tile(kind, w, scales, bias, K, N, x, n, 0, RN, 6, y); break;    \
+    case 7: tile(kind, w, scales, bias, K, N, x, n, 0, RN, 7, y); break;    \
+    default: tile(kind, w, scales, bias, K, N, x, n, 0, RN, 8, y); break;   \
     }
 
 /* Row n of a quantised weight as the floats tile_w8 / tile_w4 expand it to
@@ -390,6 +400,19 @@ int cf_linear(const cf_lin *l, const float *x, int64_t M, float *y, int threads)
     const int64_t rn = 4, groups = N / rn;
 #else
     const int64_t rn = M >= 4 ? 2 : 4, groups = N / rn;
+#endif
+#ifdef CF_AVX512
+    if (kind != 32 && M > 4 && M <= 8) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t g = 0; g < N / 2; g++) {
+            const int64_t n = g * 2;
+            TILES8(2)
+        }
+        for (int64_t n = N / 2 * 2; n < N; n++) {
+            TILES8(1)
+        }
+        return 0;
+    }
 #endif
     if (kind != 32 && M > 4) return linear_expanded(l, x, M, y, threads, rn);
 #pragma omp parallel for schedule(static) num_threads(threads)
