@@ -285,3 +285,103 @@ def test_cli_fail_fast_exit_2(tmp_path, capsys, tiny_llama_dir):
     assert code == 2
     assert "in.jsonl:2: not valid JSON" in err and "--fail-fast" in err
     assert len(rows(out)) == 1
+
+
+# -- ids that must not collide, storage faults (regressions) -----------------------
+
+
+def test_index_ids_never_collide_with_explicit_ids(tmp_path, llama):
+    # Record 0 has no id (id 0 by index); record 2 says "id": 0, record 3 says "#1".
+    inp = write(
+        tmp_path / "in.jsonl",
+        '{"text": "a"}\n{"text": "b"}\n{"id": 0, "text": "c"}\n{"id": "#1", "text": "d"}\n',
+    )
+    out = tmp_path / "out.jsonl"
+    s = generate_batch(llama, inp, out, config=GREEDY, progress=False)
+    assert (s.done, s.errors) == (4, 0)  # nothing skipped, nothing taken for a duplicate
+    got = rows(out)
+    assert [r["id"] for r in got] == [0, 1, 0, "#1"]  # the id shown is still the index
+    assert len({r["key"] for r in got}) == 4
+    # A rerun after a crash that kept only record 2 (explicit id 0) redoes records 0, 1, 3.
+    out.write_text(json.dumps(got[2]) + "\n")
+    s = generate_batch(llama, inp, out, config=GREEDY, progress=False)
+    assert (s.done, s.skipped) == (3, 1)
+    assert sorted(r["source"].rsplit(":", 1)[1] for r in rows(out)) == ["1", "2", "3", "4"]
+
+
+def test_csv_index_ids_never_collide_and_old_csv_files_resume(tmp_path, llama):
+    from chatforge.batch.output import LEGACY_CSV_COLUMNS
+
+    inp = write(tmp_path / "in.csv", "id,text\n,first\n0,second\n")
+    out = tmp_path / "out.csv"
+    s = generate_batch(llama, inp, out, config=GREEDY, progress=False)
+    assert (s.done, s.errors, s.skipped) == (2, 0, 0)
+    assert [r["key"] for r in rows(out)] == ["#0", "0"]
+    # A file written before the key column: resumed by its bare ids, as before.
+    old = tmp_path / "old.csv"
+    with open(old, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(LEGACY_CSV_COLUMNS)
+        w.writerow(["0"] + [""] * (len(LEGACY_CSV_COLUMNS) - 1))
+    s = generate_batch(llama, inp, old, config=GREEDY, progress=False)
+    assert s.skipped == 2 and s.done == 0
+
+
+def _fail_writes_to(path: Path, monkeypatch, after: int) -> None:
+    """Make ``os.write`` to ``path`` write half its bytes, then fail with ENOSPC,
+    from the ``after``-th write on (other files are written normally)."""
+    import errno
+    import os
+
+    from chatforge.batch import output as output_mod
+
+    real_write, calls = os.write, [0]
+
+    def write(fd: int, data) -> int:
+        try:
+            ours = os.path.samestat(os.fstat(fd), os.stat(path))
+        except OSError:
+            ours = False
+        if not ours:
+            return real_write(fd, data)
+        calls[0] += 1
+        if calls[0] <= after:
+            return real_write(fd, data)
+        real_write(fd, bytes(data[: len(data) // 2]))  # a torn row on the disk
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(output_mod.os, "write", write)
+
+
+def test_cli_disk_full_is_one_line_keeps_rows_and_resumes(
+    tmp_path, capsys, monkeypatch, tiny_llama_dir
+):
+    inp = write(tmp_path / "in.txt", "".join(f"prompt {i}\n" for i in range(6)))
+    out = tmp_path / "out.jsonl"
+    out.write_text("")
+    argv = ["generate", str(inp), "-o", str(out), "--model", str(tiny_llama_dir)]
+    argv += ["--max-new-tokens", "3", "-t", "0", "--no-progress", "--batch-size", "1"]
+    _fail_writes_to(out, monkeypatch, after=2)
+    code, _, err = cli(argv, capsys)
+    assert code != 0
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "the disk is full" in err and "2 rows written so far are kept" in err
+    assert "rerun" in err
+    assert len(rows(out)) == 2  # the torn third row was cut; every line parses
+    assert out.read_text().endswith("\n")
+    monkeypatch.undo()
+    code, _, err = cli(argv, capsys)
+    assert code == 0 and "4 done, 0 errors, 2 skipped" in err
+    assert [r["id"] for r in rows(out)] == list(range(6))
+
+
+def test_disk_full_writing_the_csv_header_closes_the_file(tmp_path, monkeypatch):
+    out = tmp_path / "out.csv"
+    out.write_text("")
+    _fail_writes_to(out, monkeypatch, after=0)
+    with pytest.raises(Exception, match="the disk is full; the 0 rows"):
+        RowWriter(out)
+    monkeypatch.undo()
+    assert out.read_bytes() == b""
+    with RowWriter(out):  # not left locked by a leaked handle
+        pass

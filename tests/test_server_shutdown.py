@@ -92,6 +92,10 @@ def test_sigterm_to_chatforge_serve(tiny_llama_dir, tmp_path):
             str(port),
             "--log-level",
             "warning",
+            "--allowed-host",
+            "bot.lan",
+            "--cors-origin",
+            "http://app.example",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -100,6 +104,13 @@ def test_sigterm_to_chatforge_serve(tiny_llama_dir, tmp_path):
     base = f"http://127.0.0.1:{port}"
     try:
         assert wait_until(lambda: _healthy(base), timeout=60), "server did not start"
+        # --allowed-host and --cors-origin reach the app.
+        assert httpx.get(base + "/v1/models", headers={"Host": "bot.lan"}).status_code == 200
+        assert httpx.get(base + "/v1/models", headers={"Host": "evil.example"}).status_code == 403
+        r = httpx.get(base + "/v1/models", headers={"Origin": "http://app.example"})
+        assert r.headers.get("access-control-allow-origin") == "http://app.example"
+        r = httpx.get(base + "/v1/models", headers={"Origin": "http://other.example"})
+        assert "access-control-allow-origin" not in r.headers
         body = {
             "model": str(tiny_llama_dir),
             "messages": [{"role": "user", "content": "hi"}],

@@ -5,15 +5,22 @@ rows, hands them to the OS in a single ``write``, then flushes and fsyncs. A
 crash or SIGKILL can therefore tear at most the last line being written; every
 row before it is finished and stays.
 
-Opening an existing file reads back the ids it already holds, so a rerun skips
-them. A torn last row (no final newline, or one that does not parse) is cut
-off, and only it: rows in the middle that do not parse are left alone (they
-are someone's data) and merely ignored.
+Opening an existing file reads back the resume keys it already holds (each
+row's ``key``, see :attr:`~chatforge.batch.records.Record.key`), so a rerun
+skips them. Rows from files written before rows had a ``key`` are matched by
+their bare ``id``, as they were then. A torn last row (no final newline, or
+one that does not parse) is cut off, and only it: rows in the middle that do
+not parse are left alone (they are someone's data) and merely ignored.
+
+A write that fails (a full disk) is undone, so no torn row is left, and
+becomes a one-line :class:`~chatforge.errors.ChatforgeError` saying that the
+rows written so far are kept and a rerun resumes.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -41,8 +48,12 @@ CSV_COLUMNS = (
     "error",
     "params",
     "model",
+    "key",
 )
 """The CSV header; nested values (lists, dicts) are stored as JSON text in their cell."""
+
+LEGACY_CSV_COLUMNS = CSV_COLUMNS[:-1]
+"""The header before rows had a ``key``; such files are still resumed (by ``id``)."""
 
 
 def check_output(path: str | Path) -> Path:
@@ -65,10 +76,15 @@ def check_output(path: str | Path) -> Path:
 class Existing:
     """What an output file already held when it was opened."""
 
-    ids: set[str] = field(default_factory=set)  # id keys of finished rows (see id_key)
+    ids: set[str] = field(default_factory=set)  # resume keys of finished rows (Record.key)
+    legacy_ids: set[str] = field(default_factory=set)  # id_key of finished rows without a key
     rows: int = 0  # finished rows, including those without an id
     torn_bytes: int = 0  # bytes of a torn last row that were cut off
     bad_rows: int = 0  # unreadable rows in the middle (kept, ignored)
+
+    def has(self, key: str, legacy_key: str) -> bool:
+        """Whether the record with these keys (Record.key, Record.legacy_key) is done."""
+        return key in self.ids or legacy_key in self.legacy_ids
 
 
 class RowWriter:
@@ -77,14 +93,20 @@ class RowWriter:
     def __init__(self, path: str | Path) -> None:
         self.path = check_output(path)
         self.csv = self.path.suffix.lower() == ".csv"
+        self.columns = CSV_COLUMNS  # an old file keeps its own header (see _scan_csv)
         try:
             self._f: IO[bytes] = open(self.path, "a+b")  # noqa: SIM115 - closed in close()
         except OSError as e:
             raise ChatforgeError(f"cannot write {self.path}: {e.strerror}") from e
         self._lock()
-        self.existing = self._scan_csv() if self.csv else self._scan_jsonl()
-        if self.csv and self._f.tell() == 0:
-            self._write_bytes(self._csv_line(list(CSV_COLUMNS)))
+        self.written = 0  # rows appended by this writer
+        try:
+            self.existing = self._scan_csv() if self.csv else self._scan_jsonl()
+            if self.csv and os.fstat(self._f.fileno()).st_size == 0:
+                self._write_bytes(self._csv_line(list(CSV_COLUMNS)))
+        except BaseException:
+            self._f.close()
+            raise
 
     # -- writing -----------------------------------------------------------------
 
@@ -93,10 +115,12 @@ class RowWriter:
         if not rows:
             return
         if self.csv:
-            data = b"".join(self._csv_line([_cell(r.get(c)) for c in CSV_COLUMNS]) for r in rows)
+            cols = self.columns
+            data = b"".join(self._csv_line([_cell(r.get(c)) for c in cols]) for r in rows)
         else:
             data = b"".join(json.dumps(r, ensure_ascii=False).encode("utf-8") + b"\n" for r in rows)
         self._write_bytes(data)
+        self.written += len(rows)
 
     def close(self) -> None:
         self._f.close()
@@ -108,9 +132,33 @@ class RowWriter:
         self.close()
 
     def _write_bytes(self, data: bytes) -> None:
-        self._f.write(data)
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        """Append ``data`` and fsync; on failure, cut what got written and say so in one line.
+
+        Written with ``os.write`` on the descriptor, not through the buffered file:
+        a buffer left holding the failed bytes would be flushed again, and fail
+        again, when the file is closed.
+        """
+        fd = self._f.fileno()
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except OSError as e:
+            try:
+                os.ftruncate(fd, start)  # no torn row left behind (a rerun would cut it anyway)
+            except OSError:
+                pass
+            raise ChatforgeError(self._write_failure(e)) from e
+
+    def _write_failure(self, e: OSError) -> str:
+        kept = getattr(self, "existing", Existing()).rows + getattr(self, "written", 0)
+        why = "the disk is full" if e.errno in _DISK_FULL else e.strerror
+        return (
+            f"cannot write {self.path}: {why}; the {kept} rows written so far are kept, "
+            "free some space and rerun the same command to resume"
+        )
 
     @staticmethod
     def _csv_line(cells: list[str]) -> bytes:
@@ -165,8 +213,10 @@ class RowWriter:
                 existing.bad_rows += 1
             elif row is not None:
                 existing.rows += 1
-                if "id" in row:
-                    existing.ids.add(id_key(row["id"]))
+                if isinstance(row.get("key"), str):
+                    existing.ids.add(row["key"])
+                elif "id" in row:
+                    existing.legacy_ids.add(id_key(row["id"]))
             if last:
                 keep = len(data)
                 break
@@ -204,7 +254,9 @@ class RowWriter:
             header = next(reader)
         except (StopIteration, csv.Error):
             header = []
-        if tuple(header) != CSV_COLUMNS:
+        if tuple(header) == LEGACY_CSV_COLUMNS:
+            self.columns = LEGACY_CSV_COLUMNS
+        elif tuple(header) != CSV_COLUMNS:
             if consumed == len(lines) and not data.endswith(b"\n"):
                 header = []  # our own header, torn: start over
                 self._cut(0, existing, len(data))
@@ -228,7 +280,7 @@ class RowWriter:
                 keep = offsets[consumed - 1]
                 continue
             at_end = consumed >= len(lines)
-            whole = len(row) == len(CSV_COLUMNS)
+            whole = len(row) == len(self.columns)
             if at_end and (not whole or not data.endswith(b"\n")):
                 break  # torn last row
             keep = offsets[consumed - 1]
@@ -236,9 +288,15 @@ class RowWriter:
                 existing.bad_rows += 1
                 continue
             existing.rows += 1
-            existing.ids.add(row[0])
+            if self.columns == CSV_COLUMNS and row[-1] != "":
+                existing.ids.add(row[-1])
+            else:
+                existing.legacy_ids.add(row[0])
         self._cut(keep, existing, len(data))
         return existing
+
+
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # no space, or quota
 
 
 def _parse_json_row(line: bytes) -> dict | None:

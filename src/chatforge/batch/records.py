@@ -9,7 +9,10 @@ on instead of losing the whole file to one bad line.
 Record ids: the record's own ``id`` field when it has one, else its index (the
 0-based position among the file's records; blank lines are not records). The
 id is what makes a rerun resumable, so it must be stable across runs of the
-same input.
+same input, and unique: the resume key (:attr:`Record.key`) of a record without
+an id is ``"#<index>"``, and an explicit id that itself starts with ``#`` gets
+one more ``#`` in its key, so record 0 without an id and another record with
+``"id": 0`` (or ``"id": "#0"``) can never be taken for each other.
 """
 
 from __future__ import annotations
@@ -36,10 +39,20 @@ class Record:
     fields: dict[str, Any]  # values a template can use; empty when ``error`` is set
     source: str  # "file:line" where the record starts, for messages
     error: str | None = None  # set when the record could not be read
+    explicit: bool = False  # ``id`` is the record's own field, not its index
 
     @property
     def key(self) -> str:
-        """The id as text: how ids are compared with those already in an output file."""
+        """The resume key: unique per record, compared with those in an output file."""
+        if not self.explicit:
+            return f"#{self.index}"
+        text = id_key(self.id)
+        # Escaping a leading "#" keeps explicit keys out of the "#<index>" space.
+        return "#" + text if text.startswith("#") else text
+
+    @property
+    def legacy_key(self) -> str:
+        """The key output files written before :attr:`key` existed used (the bare id)."""
         return id_key(self.id)
 
 
@@ -84,10 +97,16 @@ def records_from(
             yield Record(i, i, {"text": item}, source)
         elif isinstance(item, Mapping):
             fields = dict(item)
-            yield Record(i, fields.get("id", i), fields, source)
+            yield _with_id(i, fields, source, "id" in fields)
         else:
             msg = f"{source}: a record must be a string or a mapping (got {type(item).__name__})"
             yield Record(i, i, {}, source, msg)
+
+
+def _with_id(index: int, fields: dict[str, Any], source: str, explicit: bool) -> Record:
+    """A readable record: its own ``id`` when ``explicit``, else its index."""
+    rid = fields["id"] if explicit else index
+    return Record(index, rid, fields, source, explicit=explicit)
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
@@ -134,7 +153,7 @@ def _read_jsonl(path: Path) -> Iterator[Record]:
                 if isinstance(value, str):
                     value = {"text": value}
                 if isinstance(value, dict):
-                    yield Record(index, value.get("id", index), value, source)
+                    yield _with_id(index, value, source, "id" in value)
                     index += 1
                     continue
                 err = f"a JSONL line must be an object or a string (got {type(value).__name__})"
@@ -199,6 +218,5 @@ def _read_csv(path: Path) -> Iterator[Record]:
                 yield Record(index, index, {}, source, msg)
             else:
                 fields = dict(zip(header, row, strict=True))
-                rid = fields["id"] if fields.get("id", "") != "" else index
-                yield Record(index, rid, fields, source)
+                yield _with_id(index, fields, source, fields.get("id", "") != "")
             index += 1

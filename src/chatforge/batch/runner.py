@@ -159,7 +159,7 @@ def generate_batch(
         total = todo = 0
         for record in open_records():
             total += 1
-            todo += record.key not in writer.existing.ids
+            todo += not writer.existing.has(record.key, record.legacy_key)
         run = _Run(model, writer, tmpl, system, config, n, batch_size, fail_fast)
         run.summary.total = total
         run.summary.torn_bytes = writer.existing.torn_bytes
@@ -239,7 +239,7 @@ class _Run:
                     if record is None:
                         exhausted = True
                         break
-                    if record.key in self.writer.existing.ids:
+                    if self.writer.existing.has(record.key, record.legacy_key):
                         self.summary.skipped += 1
                         continue
                     job = self._prepare(record)
@@ -367,6 +367,8 @@ class _Run:
         if self.n > 1:
             row["n"] = self.n
         row["model"] = self.model_info
+        # The resume key, unlike "id", is unique even when a record has no id of its own.
+        row["key"] = rec.key
         return row
 
 

@@ -304,6 +304,7 @@ def _interactive(session, writer, err: Console) -> None:
     from prompt_toolkit.key_binding import KeyBindings
 
     from chatforge.paths import data_dir
+    from chatforge.store.log import LogError
 
     try:
         data_dir().mkdir(parents=True, exist_ok=True)
@@ -332,6 +333,11 @@ def _interactive(session, writer, err: Console) -> None:
                 continue
         try:
             _say(session, text, writer, err)
+        except LogError:
+            # The log failed (disk full, damaged file): stop rather than chat on
+            # unlogged while the user believes every turn is kept. The message says
+            # how to go on (--no-log, or --continue once there is room).
+            raise
         except ChatforgeError as e:
             err.print(f"[red]error:[/] {e}", highlight=False)
         except ValueError as e:

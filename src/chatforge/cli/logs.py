@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,12 @@ def _open():
     from chatforge.store import ConversationLog
 
     return ConversationLog()
+
+
+def _remove(path: Path) -> None:
+    """Delete a partial export, quietly: the error being reported matters more."""
+    with contextlib.suppress(OSError):
+        path.unlink()
 
 
 def _when(t: float) -> str:
@@ -106,5 +113,9 @@ def export_command(
                 n = log.export_training(f)
             tmp.replace(target)  # never a half-written file under the user's name
         except OSError as e:
+            _remove(tmp)
             raise ChatforgeError(f"cannot write {output}: {e.strerror}") from e
+        except ChatforgeError:  # the log failed part way: leave no partial export behind
+            _remove(tmp)
+            raise
     typer.echo(f"exported {n} conversations", err=True)

@@ -39,6 +39,21 @@ def serve_command(
     << 20,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
     threads: ThreadsOpt = None,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host",
+            help="Also accept requests whose Host header is this name (repeatable; '*' = any). "
+            "Default: localhost names and the bound address (against DNS rebinding).",
+        ),
+    ] = None,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--cors-origin",
+            help="Let web pages from this origin call the API (repeatable). Default: none.",
+        ),
+    ] = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a web chat page at /."""
     import uvicorn
@@ -60,6 +75,7 @@ def serve_command(
         if value < (0 if name in ("--port", "--max-queue") else 1):
             raise ChatforgeError(f"{name} is out of range")
     check_threads(threads)
+    _check_address(host, port)  # before the model load, which can take a while
     load_errors: list[BaseException] = []
 
     def failed(e: BaseException) -> None:
@@ -74,6 +90,8 @@ def serve_command(
         threads=threads,
         limits=Limits(max_tokens=max_tokens, max_n=max_n, max_body_bytes=max_body),
         model_id=model,
+        allowed_hosts=[host, *(allowed_host or [])],
+        cors_origins=list(cors_origin) if cors_origin else None,
         on_load_error=failed,
     )
     config = uvicorn.Config(
@@ -91,6 +109,39 @@ def serve_command(
     if load_errors:
         e = load_errors[0]
         raise e if isinstance(e, ChatforgeError) else ChatforgeError(f"could not load {model}: {e}")
+
+
+def _check_address(host: str, port: int) -> None:
+    """Bind ``host:port`` and let it go at once: a port in use (or a bad host) is then
+    one line now, not a uvicorn traceback after the model has loaded.
+
+    SO_REUSEADDR as uvicorn sets it, so a port whose last server left only
+    TIME_WAIT connections behind is not mistaken for one in use. (Another program
+    could still take the port between this check and uvicorn's bind; uvicorn
+    then reports it.)
+    """
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ChatforgeError(f"cannot listen on --host {host}: no such address ({e})") from e
+    family, kind, proto, _, address = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(address)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            why = "the port is already in use (another server?); stop it or pick another --port"
+        elif e.errno == errno.EACCES:
+            why = "permission denied (ports below 1024 need privileges); pick another --port"
+        elif e.errno == errno.EADDRNOTAVAIL:
+            why = f"{host} is not an address of this machine; check --host"
+        else:
+            why = e.strerror or str(e)
+        raise ChatforgeError(f"cannot listen on {host}:{port}: {why}") from e
 
 
 def _draining_server(config, state):

@@ -69,7 +69,9 @@ def train_command(
     merge: Annotated[bool, Opt("--merge", help="Write merged LoRA weights.")] = False,
     precision: Annotated[str, Opt("--precision", help="auto, fp32 or bf16.")] = "auto",
     no_packing: Annotated[bool, Opt("--no-packing", help="One example per row.")] = False,
-    resume: Annotated[bool, Opt("--resume", help="Continue from the last checkpoint.")] = False,
+    resume: Annotated[
+        bool, Opt("--resume", help="Continue from the newest intact checkpoint (error if none).")
+    ] = False,
     overwrite: Annotated[bool, Opt("--overwrite", help="Replace a previous run.")] = False,
     seed: Annotated[int, Opt("--seed", help="Random seed.")] = 0,
     quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress bar.")] = False,

@@ -24,13 +24,15 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 
 from chatforge.conversation import Message
 from chatforge.errors import ChatforgeError, ContextOverflowError
@@ -42,6 +44,7 @@ from chatforge.generation.types import Completion
 from chatforge.generation.types import Request as EngineRequest
 from chatforge.server import errors
 from chatforge.server.errors import APIError
+from chatforge.server.guard import HostGuard, check_json_content_type
 from chatforge.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -97,6 +100,9 @@ def create_app(
     retry_after: int = 1,
     on_load_error: Callable[[BaseException], None] | None = None,
     drain_timeout: float = 60.0,
+    allowed_hosts: Iterable[str] = (),
+    cors_origins: Iterable[str] | None = None,
+    body_timeout: float = 30.0,
 ) -> FastAPI:
     """An app serving ``loaded_or_loader`` (a LoadedModel, or a callable returning one).
 
@@ -107,6 +113,11 @@ def create_app(
     leave free, see :class:`~chatforge.threads.ThreadPolicy`).
     ``limits``: per-request limits (``max_tokens``, ``n``, body size).
     ``on_load_error`` is called (on the loader thread) when loading fails.
+    ``allowed_hosts``: ``Host`` names served besides localhost, 127.0.0.1, [::1] and
+    the address a connection came in on (``"*"``: any); others get 403, which stops
+    DNS rebinding (see :mod:`chatforge.server.guard`). ``cors_origins``: browser
+    origins allowed to call the API cross-origin (none by default). ``body_timeout``:
+    seconds a client has to send its whole request body before it gets 408.
     """
     limits = limits or Limits()
     state = ServerState(model_id=model_id)
@@ -149,8 +160,18 @@ def create_app(
     app.state.chatforge = state
     errors.install(app)
 
+    # Added innermost first: host check -> CORS (preflights carry no key) -> key check.
     if api_key:
         app.add_middleware(_BearerAuth, api_key=api_key)
+    origins = list(cors_origins or [])
+    if origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.add_middleware(HostGuard, allowed_hosts=list(allowed_hosts))
 
     def ready() -> tuple[Any, EngineService]:
         if state.draining:
@@ -216,12 +237,15 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         loaded, service = ready()
-        req: ChatCompletionRequest = parse(ChatCompletionRequest, await _read_json(request, limits))
+        body = await _read_json(request, limits, body_timeout)
+        req: ChatCompletionRequest = parse(ChatCompletionRequest, body)
         check_model(req.model)
         config = generation_config(req, limits)
         try:
             messages = [Message(m.chat_role(), m.text()) for m in req.messages]
-            plan = plan_request(
+            # Templating and tokenising a long prompt takes a while: not on the loop.
+            plan = await asyncio.to_thread(
+                plan_request,
                 loaded.format,
                 messages,
                 loaded.info.context_length,
@@ -239,7 +263,8 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         loaded, service = ready()
-        req: CompletionRequest = parse(CompletionRequest, await _read_json(request, limits))
+        body = await _read_json(request, limits, body_timeout)
+        req: CompletionRequest = parse(CompletionRequest, body)
         check_model(req.model)
         config = generation_config(req, limits)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
@@ -251,12 +276,15 @@ def create_app(
                 f"len(prompt) x n must be <= {limits.max_n} (got {len(prompts) * req.n})",
                 param="prompt",
             )
-        bases = []
-        for text in prompts:
-            ids = list(loaded.tokenizer.encode(text))
-            if not ids:
-                raise APIError(400, "prompt must not be empty", param="prompt")
-            bases.append(EngineRequest(prompt_ids=ids, config=config))
+        try:  # tokenising a long prompt takes a while: not on the loop
+            encoded = await asyncio.to_thread(
+                lambda: [list(loaded.tokenizer.encode(text)) for text in prompts]
+            )
+        except (ValueError, TypeError) as e:
+            raise APIError(400, f"cannot tokenise the prompt: {e}", param="prompt") from None
+        if not all(encoded):
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        bases = [EngineRequest(prompt_ids=ids, config=config) for ids in encoded]
         return await respond(request, req, service, bases, "prompt", _COMPLETION)
 
     async def respond(
@@ -365,8 +393,10 @@ def _finish(c: Completion) -> str:
     return "length" if c.finish_reason == "length" else "stop"
 
 
-async def _read_json(request: Request, limits: Limits) -> Any:
-    """The body as JSON: 413 when it is over the limit, 400 when it is not JSON."""
+async def _read_json(request: Request, limits: Limits, timeout: float) -> Any:
+    """The body as JSON: 415 when it is not sent as JSON, 413 when it is over the limit,
+    408 when it takes longer than ``timeout`` seconds to arrive, 400 when it is not JSON."""
+    check_json_content_type(request.headers.get("content-type"))
     too_big = APIError(
         413, f"the request body is larger than {limits.max_body_bytes} bytes", code="body_too_large"
     )
@@ -374,12 +404,28 @@ async def _read_json(request: Request, limits: Limits) -> Any:
     if declared.isdigit() and int(declared) > limits.max_body_bytes:
         raise too_big
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limits.max_body_bytes:
-            raise too_big
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limits.max_body_bytes:
+                    raise too_big
+    except TimeoutError:
+        raise APIError(
+            408, f"the request body did not arrive within {timeout:g} s", code="body_timeout"
+        ) from None
+    except ClientDisconnect:
+        client = request.client
+        log.info(
+            "client %s went away mid-body (%s)",
+            f"{client.host}:{client.port}" if client else "?",
+            request.url.path,
+        )
+        raise APIError(499, "the client closed the request") from None
     try:
         return json.loads(body)
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
     except UnicodeDecodeError:
         raise APIError(400, "the request body is not UTF-8", code="invalid_json") from None
     except ValueError as e:
@@ -428,19 +474,26 @@ async def _collect(handles: list[Handle], request: Request) -> list[Completion]:
                 return ev.completion
         raise RuntimeError("the engine ended a request without a completion")
 
-    task = asyncio.ensure_future(asyncio.gather(*(one(h) for h in handles)))
+    # One task per choice rather than gather(): the first failure ends them all, and
+    # every task is awaited, so no exception is left unretrieved.
+    tasks = [asyncio.ensure_future(one(h)) for h in handles]
     try:
-        while not task.done():
-            await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
-            if not task.done() and await request.is_disconnected():
-                task.cancel()
-                _cancel(handles)
+        while True:
+            done, pending = await asyncio.wait(
+                tasks, timeout=_DISCONNECT_POLL_S, return_when=asyncio.FIRST_EXCEPTION
+            )
+            for t in done:
+                if t.exception() is not None:
+                    raise t.exception()
+            if not pending:
+                return [t.result() for t in tasks]
+            if await request.is_disconnected():
                 raise APIError(499, "the client closed the request")
-        return task.result()
     finally:
-        if not task.done():
-            task.cancel()
-            _cancel(handles)
+        _cancel([h for h, t in zip(handles, tasks, strict=True) if not t.done()])
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _merged(handles: list[Handle]) -> AsyncIterator[tuple[int, Any]]:

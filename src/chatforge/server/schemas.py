@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from chatforge.generation.config import GenerationConfig
 from chatforge.server.errors import APIError, from_validation_errors
+from chatforge.server.guard import find_lone_surrogate
 
 MAX_STOP = 4
 """Most stop sequences per request (OpenAI's limit)."""
@@ -101,10 +102,20 @@ def parse(model: type[BaseModel], data: Any) -> Any:
     """Validate ``data`` (decoded JSON) as ``model``; a 400 naming the param on failure."""
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
+    bad = find_lone_surrogate(data)  # the tokenizer cannot encode one
+    if bad is not None:
+        param, char = bad
+        raise APIError(
+            400,
+            f"invalid value for {param!r}: a lone surrogate ({char}) is not valid Unicode",
+            param=param,
+        )
     try:
         return model.model_validate(data)
     except ValidationError as e:
         raise from_validation_errors(list(e.errors())) from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply") from None
 
 
 # GenerationConfig names the parameter first in its messages ("top_p must be ...").

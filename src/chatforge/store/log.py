@@ -10,14 +10,21 @@ chat writes. The schema carries a version so later changes can migrate it.
     cid = log.new_conversation(model="smollm2")
     log.add_message(cid, "user", "hi")
     log.export_training(open("chats.jsonl", "w"))   # {"messages": [...]} per line
+
+Every SQLite failure (a damaged file, a full disk) comes out of this class as
+a :class:`LogError` whose one-line message names the file and says how to go
+on: chat without the log (``--no-log``) or move the file aside.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import shlex
 import sqlite3
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -56,6 +63,34 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, id);
 """
+
+
+class LogError(ChatforgeError):
+    """The conversation log cannot be read or written (damaged file, full disk, ...)."""
+
+
+# SQLite result codes (sqlite3.Error.sqlite_errorcode, Python >= 3.11).
+_SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_NOTADB = 11, 13, 26
+
+
+def _log_error(path: Path, e: Exception) -> LogError:
+    """One line naming the file, what is wrong with it, and how to keep chatting."""
+    code = getattr(e, "sqlite_errorcode", None)
+    text = str(e) if isinstance(e, sqlite3.Error) else (getattr(e, "strerror", None) or str(e))
+    q = shlex.quote(str(path))
+    if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB) or "malformed" in text or "not a database" in text:
+        bad = shlex.quote(str(path) + ".bad")
+        return LogError(
+            f"the conversation log {path} is damaged ({text}); chat without it with "
+            f"--no-log, or move it aside (mv {q} {bad}) and a new log is started "
+            f"(`sqlite3 {bad} .recover` may save its conversations)"
+        )
+    if code == _SQLITE_FULL or "disk is full" in text or getattr(e, "errno", None) == errno.ENOSPC:
+        return LogError(
+            f"cannot write the conversation log {path}: the disk is full; free some space "
+            "(the conversation so far is logged; `--continue` picks it up) or chat with --no-log"
+        )
+    return LogError(f"the conversation log {path} failed ({text}); chat with --no-log to skip it")
 
 
 @dataclass
@@ -120,15 +155,26 @@ class ConversationLog:
         self.path = Path(path) if path is not None else default_path()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            # check_same_thread off: a chat may write from a worker thread; we serialise.
-            self.db = sqlite3.connect(self.path, timeout=10, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA foreign_keys=ON")
-            self._migrate()
-        except sqlite3.DatabaseError as e:
-            raise ChatforgeError(f"cannot open the conversation log {self.path}: {e}") from e
         except OSError as e:
             raise ChatforgeError(f"cannot create the conversation log {self.path}: {e}") from e
+        with self._guard():
+            # check_same_thread off: a chat may write from a worker thread; we serialise.
+            self.db = sqlite3.connect(self.path, timeout=10, check_same_thread=False)
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA foreign_keys=ON")
+                self._migrate()
+            except BaseException:
+                self.db.close()
+                raise
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Turn SQLite's (and the disk's) failures into one-line :class:`LogError`s."""
+        try:
+            yield
+        except (sqlite3.Error, OSError) as e:
+            raise _log_error(self.path, e) from e
 
     def _migrate(self) -> None:
         with self.db:
@@ -136,6 +182,8 @@ class ConversationLog:
             row = self.db.execute("SELECT version FROM schema_version").fetchone()
             if row is None:
                 self.db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+            elif not isinstance(row[0], int):  # a damaged page can read as anything
+                raise sqlite3.DatabaseError("database disk image is malformed")
             elif row[0] > SCHEMA_VERSION:
                 raise ChatforgeError(
                     f"the conversation log {self.path} has schema {row[0]}, newer than this "
@@ -155,7 +203,7 @@ class ConversationLog:
         system: str | None = None,
     ) -> int:
         now = time.time()
-        with self.db:
+        with self._guard(), self.db:
             cur = self.db.execute(
                 "INSERT INTO conversations (created, updated, model, backend, api_base, system) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
@@ -164,7 +212,7 @@ class ConversationLog:
         return int(cur.lastrowid)
 
     def set_system(self, cid: int, system: str | None) -> None:
-        with self.db:
+        with self._guard(), self.db:
             self.db.execute(
                 "UPDATE conversations SET system = ?, updated = ? WHERE id = ?",
                 (system, time.time(), cid),
@@ -174,7 +222,7 @@ class ConversationLog:
         """Append a message; ``stats`` are the LoggedMessage fields of a reply."""
         params = stats.get("params")
         now = time.time()
-        with self.db:
+        with self._guard(), self.db:
             self.db.execute(
                 "INSERT INTO messages (conversation_id, created, role, content, model, params, "
                 "prompt_tokens, completion_tokens, finish_reason, seconds, first_token_seconds) "
@@ -222,7 +270,8 @@ class ConversationLog:
         if limit is not None:
             sql += " LIMIT ?"
             args = (limit,)
-        return [self._conv(r) for r in self.db.execute(sql, args)]
+        with self._guard():
+            return [self._conv(r) for r in self.db.execute(sql, args)]
 
     def latest(self) -> LoggedConversation | None:
         found = self.list(limit=1)
@@ -230,6 +279,10 @@ class ConversationLog:
 
     def get(self, cid: int) -> LoggedConversation:
         """A conversation with its messages; ChatforgeError when there is none."""
+        with self._guard():
+            return self._get(cid)
+
+    def _get(self, cid: int) -> LoggedConversation:
         row = self.db.execute(self._LIST + " WHERE c.id = ?", (cid,)).fetchone()
         if row is None:
             raise ChatforgeError(f"no conversation {cid} in the log; see `chatforge logs list`")
@@ -257,11 +310,13 @@ class ConversationLog:
         if limit is not None:
             sql += " LIMIT ?"
             args = (*args, limit)
-        return [self._conv(r) for r in self.db.execute(sql, args)]
+        with self._guard():
+            return [self._conv(r) for r in self.db.execute(sql, args)]
 
     def conversations(self) -> Iterator[LoggedConversation]:
         """Every conversation with its messages, oldest first."""
-        ids = [r[0] for r in self.db.execute("SELECT id FROM conversations ORDER BY id")]
+        with self._guard():
+            ids = [r[0] for r in self.db.execute("SELECT id FROM conversations ORDER BY id")]
         for cid in ids:
             yield self.get(cid)
 

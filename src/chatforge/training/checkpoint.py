@@ -13,7 +13,9 @@ A checkpoint is written into ``.tmp-step-...`` (each file fsynced), the
 place and the parent fsynced, so a crash at any moment leaves either the old
 set of checkpoints or the new one. On resume a checkpoint without a marker, or
 whose files do not match it, is skipped with a message and the next older one
-is tried.
+is tried. Pruning checks the checksums too: a corrupt checkpoint never counts
+as one of the ``keep`` newest, so the newest *intact* one is never deleted (a
+corrupt newer one is left in place, for the user to inspect).
 """
 
 from __future__ import annotations
@@ -76,6 +78,12 @@ def load_trainable(model: Any, state: dict[str, torch.Tensor]) -> None:
     missing = sorted(set(params) - set(state))
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} parameters, e.g. {missing[0]}")
+    for n, p in params.items():  # a clear message instead of copy_'s size-mismatch traceback
+        if tuple(state[n].shape) != tuple(p.shape):
+            raise ValueError(
+                f"checkpoint parameter {n} has shape {tuple(state[n].shape)}, the model's is "
+                f"{tuple(p.shape)}: the checkpoint is from a model of another size"
+            )
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(state[n].to(p.device, p.dtype))
@@ -165,8 +173,35 @@ def finish(
     return final
 
 
+# Checkpoints already hashed in this process, keyed by folder, with the (name, size,
+# mtime) of each file then: pruning verifies at every save, and re-hashing gigabytes of
+# unchanged weights each time would cost more than the save itself.
+_VERIFIED: dict[Path, tuple] = {}
+
+
+def _signature(path: Path) -> tuple:
+    return tuple(
+        sorted((p.name, st.st_size, st.st_mtime_ns) for p in path.iterdir() for st in [p.stat()])
+    )
+
+
 def verify(path: Path) -> str | None:
     """None when the checkpoint is complete and intact, else why it is not."""
+    try:
+        sig = _signature(path)
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    if _VERIFIED.get(path) == sig:
+        return None
+    why = _verify(path)
+    if why is None:
+        _VERIFIED[path] = sig
+    else:
+        _VERIFIED.pop(path, None)
+    return why
+
+
+def _verify(path: Path) -> str | None:
     marker = path / MARKER
     if not marker.exists():
         return "no completion marker (the write was interrupted)"
@@ -192,14 +227,24 @@ def step_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name, reverse=True)
 
 
-def latest(root: Path, say: Callable[[str], None] = print) -> Path | None:
-    """The newest complete, intact checkpoint; broken ones are reported and skipped."""
+def candidates(root: Path) -> tuple[Path | None, list[str]]:
+    """``(newest intact step checkpoint or None, "name: why" for each newer one rejected)``."""
+    rejected = []
     for path in step_checkpoints(root):
         why = verify(path)
         if why is None:
-            return path
-        say(f"skipping checkpoint {path.name}: {why}")
-    return None
+            return path, rejected
+        rejected.append(f"{path.name}: {why}")
+    return None, rejected
+
+
+def latest(root: Path, say: Callable[[str], None] = print) -> Path | None:
+    """The newest complete, intact checkpoint; broken ones are reported and skipped."""
+    found, rejected = candidates(root)
+    for r in rejected:
+        name, why = r.split(": ", 1)
+        say(f"skipping checkpoint {name}: {why}")
+    return found
 
 
 def load(path: Path, rank: int = 0) -> dict:
@@ -220,11 +265,28 @@ def load(path: Path, rank: int = 0) -> dict:
     return out
 
 
-def prune(root: Path, keep: int) -> None:
-    """Delete all but the ``keep`` newest complete step checkpoints (and stale temp folders)."""
-    complete = [p for p in step_checkpoints(root) if (p / MARKER).exists()]
-    for p in complete[keep:]:
-        shutil.rmtree(p, ignore_errors=True)
+def prune(root: Path, keep: int, say: Callable[[str], None] | None = None) -> list[Path]:
+    """Delete step checkpoints older than the ``keep`` newest *intact* ones; return them.
+
+    Only verified checkpoints count towards ``keep``, so a corrupt newest one can
+    never push the last good one out. Corrupt or unfinished folders newer than the
+    kept ones are left alone (and reported through ``say``); older ones go.
+    Stale ``.old-*`` folders from replacing ``best`` are removed too.
+    """
+    kept, removed = 0, []
+    for p in step_checkpoints(root):
+        if kept >= keep:
+            if (p / MARKER).exists():  # an unfinished one may still be being written
+                shutil.rmtree(p, ignore_errors=True)
+                _VERIFIED.pop(p, None)
+                removed.append(p)
+            continue
+        why = verify(p)
+        if why is None:
+            kept += 1
+        elif say is not None:
+            say(f"[yellow]checkpoint {p.name} is not usable ({why}); kept, not counted")
     d = root / CKPT_DIR
     for p in d.glob(".old-*") if d.is_dir() else []:
         shutil.rmtree(p, ignore_errors=True)
+    return removed

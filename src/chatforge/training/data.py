@@ -166,8 +166,9 @@ def _load_one(
         path = Path(source).expanduser()
         if not path.is_file():
             raise DataError(f"data file {source} does not exist")
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                line = _decode_line(raw, source, lineno)
                 if not line.strip():
                     continue
                 try:
@@ -198,10 +199,45 @@ def _read_texts(source: str) -> list[str]:
         raise DataError(f"folder {source} has no .txt files")
     texts = []
     for f in files:
-        text = f.read_text(encoding="utf-8", errors="replace")
+        text = _decode(f.read_bytes(), str(f) if path.is_dir() else source)
         if text.strip():
             texts.append(text)
     return texts
+
+
+def _not_text(source: str, lineno: int, what: str) -> DataError:
+    return DataError(
+        f"{source}:{lineno}: {what}: this is not UTF-8 text (a binary file?); "
+        "training data must be UTF-8 text or JSONL"
+    )
+
+
+def _decode_line(raw: bytes, source: str, lineno: int) -> str:
+    """One line as text; bytes that are not UTF-8 (or a NUL) reject the whole file.
+
+    Decoding with ``errors="replace"`` would train the model on the garbage of a
+    binary file renamed ``.jsonl``/``.txt``; it is a wrong file, not a bad line,
+    so ``--on-error skip`` does not apply.
+    """
+    return _decode(raw, source, lineno)
+
+
+def _decode(raw: bytes, source: str, first_line: int = 1) -> str:
+    """``raw`` as text, else a :class:`DataError` naming the line and column (in bytes)
+    of the first sign of a binary file: a byte that is not UTF-8, or a NUL."""
+    text: str | None
+    try:
+        text, bad = raw.decode("utf-8"), len(raw)
+    except UnicodeDecodeError as e:
+        text, bad = None, e.start
+    nul = raw.find(b"\x00", 0, bad)  # valid UTF-8, but no text file holds a NUL
+    if text is not None and nul < 0:
+        return text
+    at = nul if nul >= 0 else bad
+    what = "NUL byte" if nul >= 0 else f"byte 0x{raw[at]:02x}"
+    lineno = first_line + raw.count(b"\n", 0, at)
+    col = at - (raw.rfind(b"\n", 0, at) + 1) + 1
+    raise _not_text(source, lineno, f"{what} at column {col}")
 
 
 def _check_turns(msgs: list[Message]) -> list[Message]:

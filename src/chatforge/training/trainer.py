@@ -42,6 +42,10 @@ from chatforge.training.progress import TrainProgress
 METRICS = "metrics.jsonl"
 LOSS_PNG = "loss.png"
 _OURS = (METRICS, LOSS_PNG, "train_config.json", ckpt.CKPT_DIR)
+# Flags that fix the shape of the model (or what it is): a resumed run must repeat them.
+# The n_* and tokenizer flags only matter for a new model (--init gpt2).
+_SAME_RUN = ("model", "init", "lora", "lora_r", "format", "context")
+_SAME_NEW_MODEL = ("tokenizer", "n_layer", "n_embd", "n_head")
 
 
 class TrainingInterrupted(ChatforgeError):
@@ -91,6 +95,7 @@ class Trainer:
         self.out = Path(cfg.output).expanduser()
         self.dev = self.acc.device
         self.skipped: list[str] = []
+        self.created: list[Path] = []  # folders this run made for its output, deepest first
 
     def say(self, msg: str) -> None:
         if self.main:
@@ -118,8 +123,70 @@ class Trainer:
                 elif p.exists():
                     p.unlink()
         if self.main:
+            missing = [p for p in (out, *out.parents) if not p.exists()]
             out.mkdir(parents=True, exist_ok=True)
+            self.created = missing
         self.acc.wait_for_everyone()
+
+    def _remove_if_unused(self) -> None:
+        """After a failure: remove the output folders this run made, if it wrote nothing.
+
+        Only folders this run created are candidates, and only while they are empty
+        (``train_config.json``, written at the start, does not count as output), so a
+        folder that existed before, or that holds anything else, is never touched.
+        """
+        if not self.main or not self.created:
+            return
+        try:
+            left = list(self.out.iterdir())
+            if [p.name for p in left] == ["train_config.json"]:
+                left[0].unlink()
+            for d in self.created:
+                d.rmdir()  # OSError when not empty: stop there
+        except OSError:
+            pass
+
+    def _resume_point(self) -> Path:
+        """The newest intact checkpoint, checked against this run's flags; else a clear error."""
+        found, rejected = ckpt.candidates(self.out)
+        where = self.out / ckpt.CKPT_DIR
+        if found is None:
+            if not rejected:
+                afresh = "--overwrite" if any(self.out.iterdir()) else "no --resume"
+                why = f"none was written (start afresh with {afresh})"
+            else:
+                more = f"; and {len(rejected) - 3} more" if len(rejected) > 3 else ""
+                why = "; ".join(rejected[:3]) + more
+            raise ChatforgeError(f"--resume: no usable checkpoint in {where}: {why}")
+        for r in rejected:
+            self.say(f"skipping checkpoint {r}")
+        state = json.loads((found / "state.json").read_text(encoding="utf-8"))
+        saved = state.get("config")
+        if saved is None and (self.out / "train_config.json").is_file():
+            try:  # checkpoints from before "config" was stored: the run's own record
+                saved = json.loads((self.out / "train_config.json").read_text(encoding="utf-8"))
+            except ValueError:
+                saved = None
+        if isinstance(saved, dict):
+            self._check_same_run(saved, found.name)
+        return found
+
+    def _check_same_run(self, saved: dict, name: str) -> None:
+        now = self.cfg.to_dict()
+        keys = _SAME_RUN + (_SAME_NEW_MODEL if now.get("init") else ())
+        for key in keys:
+            if key not in saved:
+                continue
+            a, b = saved[key], now[key]
+            if key in ("model", "tokenizer"):
+                a, b = _where(a), _where(b)
+            if a != b:
+                flag = "--" + key.replace("_", "-")
+                raise ChatforgeError(
+                    f"--resume: {flag} is {_shown(now[key])} but checkpoint {name} was trained "
+                    f"with {_shown(saved[key])}; repeat the run's {flag} (or train into "
+                    "a new --output)"
+                )
 
     def _read(self):
         cfg = self.cfg
@@ -190,8 +257,18 @@ class Trainer:
     # -- the run ---------------------------------------------------------------
 
     def run(self) -> TrainResult:
+        try:
+            return self._run()
+        except BaseException:
+            self._remove_if_unused()  # a failed run leaves no empty output folder behind
+            raise
+
+    def _run(self) -> TrainResult:
         cfg, acc = self.cfg, self.acc
         self._check_output()
+        # Before the slow parts, and before train_config.json is rewritten: a --resume
+        # with nothing to resume from, or with other model flags, fails at once.
+        found = self._resume_point() if cfg.resume else None
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed)  # python, numpy, torch: weights (new model), dropout
@@ -231,28 +308,24 @@ class Trainer:
             optimizer, lambda s: self._lr_factor(s, horizon, time_only)
         )
         resumed_from = None
-        if cfg.resume:
-            found = ckpt.latest(self.out, self.say)
-            if found is None:
-                self.say(f"no complete checkpoint in {self.out}: starting at step 0")
-            else:
-                data = ckpt.load(found, rank)
-                ckpt.load_trainable(model, data["weights"])
-                optimizer.load_state_dict(data["optimizer"])
-                state.update(data["state"]["trainer"])
-                sched.load_state_dict(data["state"]["scheduler"])
-                if data["rng"] is not None:
-                    ckpt.set_rng_state(data["rng"])
-                ckpt.set_host_rng_state(data["state"]["host_rng"])
-                if data["state"].get("world") != world:
-                    self.say("[yellow]the number of processes changed: the data order differs")
-                resumed_from = state["step"]
-                self.say(
-                    f"resuming from {found.relative_to(self.out)} (step {state['step']}, "
-                    f"epoch {state['step'] // spe}): model, optimizer, scheduler, data position "
-                    "and RNG states restored"
-                )
-                self._trim_metrics(state["step"])
+        if found is not None:
+            data = ckpt.load(found, rank)
+            ckpt.load_trainable(model, data["weights"])
+            optimizer.load_state_dict(data["optimizer"])
+            state.update(data["state"]["trainer"])
+            sched.load_state_dict(data["state"]["scheduler"])
+            if data["rng"] is not None:
+                ckpt.set_rng_state(data["rng"])
+            ckpt.set_host_rng_state(data["state"]["host_rng"])
+            if data["state"].get("world") != world:
+                self.say("[yellow]the number of processes changed: the data order differs")
+            resumed_from = state["step"]
+            self.say(
+                f"resuming from {found.relative_to(self.out)} (step {state['step']}, "
+                f"epoch {state['step'] // spe}): model, optimizer, scheduler, data position "
+                "and RNG states restored"
+            )
+            self._trim_metrics(state["step"])
         precision = state["precision"] or self._precision()
         state["precision"] = precision
         model = acc.prepare_model(model)
@@ -442,6 +515,7 @@ class Trainer:
                 "scheduler": sched.state_dict(),
                 "host_rng": ckpt.host_rng_state(),
                 "world": world,
+                "config": self.cfg.to_dict(),  # a resume checks its flags against these
             }
             ckpt.finish(
                 self.out,
@@ -450,7 +524,7 @@ class Trainer:
                 full,
                 optimizer.state_dict(),
             )
-            ckpt.prune(self.out, self.cfg.keep_checkpoints)
+            ckpt.prune(self.out, self.cfg.keep_checkpoints, self.say)
             self._plot()
         self.acc.wait_for_everyone()
         return self.out / ckpt.CKPT_DIR / name
@@ -510,3 +584,14 @@ class Trainer:
                 plot_losses(self.out / METRICS, self.out / LOSS_PNG, title=self.out.name)
             except Exception as e:  # a plotting problem must never stop training
                 self.say(f"[yellow]could not draw {LOSS_PNG}: {e}")
+
+
+def _where(ref: Any) -> Any:
+    """A model/tokenizer reference as a resolved path when it is one, so ./m equals m."""
+    if isinstance(ref, str) and Path(ref).expanduser().exists():
+        return str(Path(ref).expanduser().resolve())
+    return ref
+
+
+def _shown(value: Any) -> str:
+    return "not given" if value is None else str(value)
