@@ -30,7 +30,27 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from chatforge import __version__
+
+        print(f"chatforge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Train, fine-tune, chat with, batch-run and serve conversational language models."""
+
+
 app.command("chat")(chat_command)
 app.command("generate")(generate_command)
 app.command("serve")(serve_command)

@@ -81,20 +81,25 @@ def _dir_size(path: Path) -> int:
 
 
 def _params_from_safetensors(directory: Path) -> int | None:
-    """Parameter count read from safetensors headers (no weights loaded)."""
-    from safetensors import safe_open
+    """Parameter count read from safetensors headers (no weights loaded, no torch import:
+    the header is 8 bytes of length then JSON with each tensor's shape)."""
+    import struct
 
     total = 0
     files = list(directory.glob("*.safetensors"))
     if not files:
         return None
     for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            for key in sf.keys():
-                n = 1
-                for d in sf.get_slice(key).get_shape():
-                    n *= d
-                total += n
+        with open(f, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            n = 1
+            for d in entry["shape"]:
+                n *= d
+            total += n
     return total
 
 
