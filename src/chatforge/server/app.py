@@ -45,11 +45,13 @@ from chatforge.generation.types import Request as EngineRequest
 from chatforge.server import errors
 from chatforge.server.errors import APIError
 from chatforge.server.guard import HostGuard, check_json_content_type
+from chatforge.server.logprobs import chat_logprobs, legacy_logprobs
 from chatforge.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     Limits,
     generation_config,
+    logprob_settings,
     parse,
 )
 
@@ -257,8 +259,10 @@ def create_app(
         except (ValueError, TypeError) as e:  # e.g. a template that rejects the role order
             raise APIError(400, f"cannot render these messages: {e}", param="messages") from None
         # The engine resolves the reply budget itself (max_tokens, the context).
-        base = dataclasses.replace(plan.request, max_new_tokens=None)
-        return await respond(request, req, service, [base], "messages", _CHAT)
+        k = logprob_settings(req)
+        base = dataclasses.replace(plan.request, max_new_tokens=None, logprobs=k)
+        render = _Render(loaded.tokenizer, k)
+        return await respond(request, req, service, [base], "messages", _CHAT, render)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -267,7 +271,12 @@ def create_app(
         req: CompletionRequest = parse(CompletionRequest, body)
         check_model(req.model)
         config = generation_config(req, limits)
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        k = logprob_settings(req)
+        prompt = req.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompts: list = [prompt]
+        else:
+            prompts = list(prompt)
         if not prompts:
             raise APIError(400, "prompt must not be an empty list", param="prompt")
         if len(prompts) * req.n > limits.max_n:
@@ -276,16 +285,35 @@ def create_app(
                 f"len(prompt) x n must be <= {limits.max_n} (got {len(prompts) * req.n})",
                 param="prompt",
             )
+        if req.stream and req.echo and k is not None:
+            raise APIError(400, "echo with logprobs is not supported when streaming", param="echo")
+        score_only = req.echo and req.max_tokens == 0
+
+        def encode() -> tuple[list[list[int]], list[str]]:
+            ids = [
+                list(loaded.tokenizer.encode(p)) if isinstance(p, str) else list(p) for p in prompts
+            ]
+            texts = [p if isinstance(p, str) else loaded.tokenizer.decode(p) for p in prompts]
+            return ids, texts
+
         try:  # tokenising a long prompt takes a while: not on the loop
-            encoded = await asyncio.to_thread(
-                lambda: [list(loaded.tokenizer.encode(text)) for text in prompts]
-            )
-        except (ValueError, TypeError) as e:
+            encoded, texts = await asyncio.to_thread(encode)
+        except (ValueError, TypeError, OverflowError) as e:
             raise APIError(400, f"cannot tokenise the prompt: {e}", param="prompt") from None
         if not all(encoded):
             raise APIError(400, "prompt must not be empty", param="prompt")
-        bases = [EngineRequest(prompt_ids=ids, config=config) for ids in encoded]
-        return await respond(request, req, service, bases, "prompt", _COMPLETION)
+        bases = [
+            EngineRequest(
+                prompt_ids=ids,
+                config=config,
+                logprobs=k,
+                prompt_logprobs=k if req.echo and k is not None else None,
+                max_new_tokens=0 if score_only else None,
+            )
+            for ids in encoded
+        ]
+        render = _Render(loaded.tokenizer, k, texts if req.echo else None, encoded)
+        return await respond(request, req, service, bases, "prompt", _COMPLETION, render)
 
     async def respond(
         request: Request,
@@ -294,6 +322,7 @@ def create_app(
         bases: list[EngineRequest],
         param: str,
         shape: _Shape,
+        render: _Render,
     ) -> Response:
         """Submit ``req.n`` choices per prompt in ``bases``; answer with an SSE stream of
         ``shape``'s chunks, or (not streaming) once all are done, with one JSON body.
@@ -301,7 +330,9 @@ def create_app(
         ``param`` names the request field that errors on submission point at.
         """
         handles = _submit(service, bases, req.n, request, param)
-        meta = _Meta(shape.prefix, state.model_id, [len(b.prompt_ids) for b in bases], req.n)
+        meta = _Meta(
+            shape.prefix, state.model_id, [len(b.prompt_ids) for b in bases], req.n, render
+        )
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.stream:
             return _sse(shape.chunks(handles, meta, include_usage))
@@ -312,7 +343,7 @@ def create_app(
                 "object": shape.object,
                 "created": meta.created,
                 "model": meta.model,
-                "choices": [{"index": i, **shape.choice(c)} for i, c in enumerate(done)],
+                "choices": [{"index": i, **shape.choice(c, meta, i)} for i, c in enumerate(done)],
                 "usage": meta.usage(done),
             }
         )
@@ -435,6 +466,36 @@ async def _read_json(request: Request, limits: Limits, timeout: float) -> Any:
 
 
 @dataclass
+class _Render:
+    """What the answer shapes need beyond the completions: logprobs and echo."""
+
+    tokenizer: Any
+    logprobs: int | None = None  # alternatives per token; None: no logprobs
+    echo: list[str] | None = None  # per prompt, its text (completions with echo)
+    prompt_ids: list[list[int]] | None = None  # per prompt (echoed tokens)
+
+    def legacy(self, c: Completion, prompt: int, tokens: list | None = None) -> dict | None:
+        """Completions ``logprobs`` of a whole choice (or of ``tokens``, a stream chunk's)."""
+        if self.logprobs is None:
+            return None
+        if tokens is not None:
+            return legacy_logprobs(self.tokenizer, [(t.token_id, t) for t in tokens])
+        entries: list = []
+        if self.echo is not None and self.prompt_ids is not None:
+            ids = self.prompt_ids[prompt]
+            scored = c.prompt_logprobs or [None] * len(ids)
+            entries += list(zip(ids, scored, strict=True))
+        entries += [(t.token_id, t) for t in c.logprobs or []]
+        return legacy_logprobs(self.tokenizer, entries)
+
+    def chat(self, tokens: list) -> dict | None:
+        """Chat ``logprobs`` of generated tokens."""
+        if self.logprobs is None:
+            return None
+        return {"content": chat_logprobs(self.tokenizer, tokens, self.logprobs), "refusal": None}
+
+
+@dataclass
 class _Meta:
     """Identity and usage accounting of one API response."""
 
@@ -442,6 +503,7 @@ class _Meta:
     model: str | None
     prompt_lengths: list[int]  # per prompt (each prompt has n choices)
     n: int
+    render: _Render
     id: str = ""
     created: int = 0
 
@@ -560,9 +622,13 @@ async def _chat_chunks(handles: list[Handle], meta: _Meta, include_usage: bool) 
             [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
         )
     done: dict[int, Completion] = {}
+    want = meta.render.logprobs is not None
     async for i, ev in _merged(handles):
-        if ev.text:
-            yield chunk([{"index": i, "delta": {"content": ev.text}, "finish_reason": None}])
+        if ev.text or (want and ev.tokens):
+            piece: dict = {"index": i, "delta": {"content": ev.text}, "finish_reason": None}
+            if want:
+                piece["logprobs"] = meta.render.chat(ev.tokens)
+            yield chunk([piece])
         if ev.completion is not None:
             done[i] = ev.completion
             yield chunk([{"index": i, "delta": {}, "finish_reason": _finish(ev.completion)}])
@@ -586,9 +652,15 @@ async def _completion_chunks(
         return out
 
     done: dict[int, Completion] = {}
+    render = meta.render
+    if render.echo is not None:  # each choice starts with its prompt
+        for i in range(len(handles)):
+            text = render.echo[i // meta.n]
+            yield chunk([{"index": i, "text": text, "logprobs": None, "finish_reason": None}])
     async for i, ev in _merged(handles):
-        if ev.text:
-            yield chunk([{"index": i, "text": ev.text, "logprobs": None, "finish_reason": None}])
+        if ev.text or (render.logprobs is not None and ev.tokens):
+            lp = render.legacy(None, i // meta.n, ev.tokens)  # type: ignore[arg-type]
+            yield chunk([{"index": i, "text": ev.text, "logprobs": lp, "finish_reason": None}])
         if ev.completion is not None:
             done[i] = ev.completion
             reason = _finish(ev.completion)
@@ -605,7 +677,7 @@ class _Shape:
     """Of the response id (``chatcmpl-...``)."""
     object: str
     """The ``object`` of a non-streamed response."""
-    choice: Callable[[Completion], dict]
+    choice: Callable[[Completion, _Meta, int], dict]
     """A finished choice of a non-streamed response, less its ``index``."""
     chunks: Callable[[list[Handle], _Meta, bool], AsyncIterator[dict]]
     """The streamed chunks: ``(handles, meta, include_usage)``."""
@@ -614,9 +686,9 @@ class _Shape:
 _CHAT = _Shape(
     prefix="chatcmpl",
     object="chat.completion",
-    choice=lambda c: {
+    choice=lambda c, meta, i: {
         "message": {"role": "assistant", "content": c.text},
-        "logprobs": None,
+        "logprobs": meta.render.chat(c.logprobs or []),
         "finish_reason": _finish(c),
     },
     chunks=_chat_chunks,
@@ -624,6 +696,10 @@ _CHAT = _Shape(
 _COMPLETION = _Shape(
     prefix="cmpl",
     object="text_completion",
-    choice=lambda c: {"text": c.text, "logprobs": None, "finish_reason": _finish(c)},
+    choice=lambda c, meta, i: {
+        "text": (meta.render.echo[i // meta.n] if meta.render.echo is not None else "") + c.text,
+        "logprobs": meta.render.legacy(c, i // meta.n),
+        "finish_reason": _finish(c),
+    },
     chunks=_completion_chunks,
 )

@@ -89,13 +89,46 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
+    top_logprobs: int | None = None
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    # A string, strings, token ids, or lists of token ids (what lm-eval sends).
+    prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     logprobs: int | None = None
     max_tokens: int | None = 16  # OpenAI's default for /v1/completions
+
+
+MAX_COMPLETION_LOGPROBS = 5
+"""Most alternatives ``/v1/completions`` returns per token (OpenAI's limit)."""
+MAX_CHAT_LOGPROBS = 20
+"""Most alternatives ``/v1/chat/completions`` returns per token (OpenAI's limit)."""
+
+
+def logprob_settings(req: ChatCompletionRequest | CompletionRequest) -> int | None:
+    """How many alternatives per token the request wants (None: no logprobs); 400 if invalid."""
+    if isinstance(req, CompletionRequest):
+        k = req.logprobs
+        if k is not None and not 0 <= k <= MAX_COMPLETION_LOGPROBS:
+            raise APIError(
+                400,
+                f"logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS} (got {k})",
+                param="logprobs",
+            )
+        return k
+    top = req.top_logprobs
+    if top is not None and not 0 <= top <= MAX_CHAT_LOGPROBS:
+        raise APIError(
+            400,
+            f"top_logprobs must be between 0 and {MAX_CHAT_LOGPROBS} (got {top})",
+            param="top_logprobs",
+        )
+    if not req.logprobs:
+        if top:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return None
+    return top or 0
 
 
 def parse(model: type[BaseModel], data: Any) -> Any:
@@ -129,8 +162,12 @@ def generation_config(req: _Sampling, limits: Limits) -> GenerationConfig:
     param = "max_tokens"
     if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
         max_tokens, param = req.max_completion_tokens, "max_completion_tokens"
+    score_only = isinstance(req, CompletionRequest) and req.echo and max_tokens == 0
+    if score_only:
+        max_tokens = 1  # the config needs a reply length; the request generates nothing
     if max_tokens is not None and max_tokens < 1:
-        raise APIError(400, f"{param} must be >= 1 (got {max_tokens})", param=param)
+        hint = " (0 is allowed together with echo, to score the prompt)" if max_tokens == 0 else ""
+        raise APIError(400, f"{param} must be >= 1 (got {max_tokens}){hint}", param=param)
     if max_tokens is not None and max_tokens > limits.max_tokens:
         raise APIError(
             400, f"{param} must be <= {limits.max_tokens} (got {max_tokens})", param=param
@@ -146,10 +183,6 @@ def generation_config(req: _Sampling, limits: Limits) -> GenerationConfig:
             raise APIError(
                 400, f"{name} is not supported; use repetition_penalty instead", param=name
             )
-    if getattr(req, "logprobs", None) not in (None, False):
-        raise APIError(400, "logprobs are not supported", param="logprobs")
-    if getattr(req, "echo", False):
-        raise APIError(400, "echo is not supported", param="echo")
 
     values: dict[str, Any] = {
         "temperature": 1.0 if req.temperature is None else req.temperature,  # OpenAI's default

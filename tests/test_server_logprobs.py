@@ -1,0 +1,151 @@
+"""Logprobs, echo and token-id prompts through the API (what eval harnesses send)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+import torch
+
+from chatforge import load_model
+from chatforge.server import create_app
+from serverkit import ServerThread
+
+
+@pytest.fixture(scope="module")
+def fp32(tiny_llama_dir):
+    return load_model(str(tiny_llama_dir), dtype="fp32", quantize="none")
+
+
+@pytest.fixture(scope="module")
+def server(fp32):
+    with ServerThread(create_app(fp32, model_id="tiny")) as srv:
+        yield srv
+
+
+def _post(server, route: str, **body) -> httpx.Response:
+    return httpx.post(server.url + route, json={"model": "tiny", **body}, timeout=60)
+
+
+def _ref_logprobs(lm, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.log_softmax(lm.model(torch.tensor([ids])).logits[0].float(), -1)
+
+
+def test_scoring_a_continuation_like_lm_eval(server, fp32):
+    """echo + max_tokens 0 + logprobs on token ids: lm-eval's loglikelihood request."""
+    context = fp32.tokenizer.encode("The capital of France is")
+    choices = [fp32.tokenizer.encode(" Paris"), fp32.tokenizer.encode(" a big dog")]
+    prompts = [context + c for c in choices]
+    r = _post(server, "/v1/completions", prompt=prompts, max_tokens=0, echo=True, logprobs=1)
+    assert r.status_code == 200, r.text
+    for choice, ids, cont in zip(r.json()["choices"], prompts, choices, strict=True):
+        lp = choice["logprobs"]
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert len(lp["tokens"]) == len(ids) == len(lp["text_offset"])
+        assert choice["text"] == fp32.tokenizer.decode(ids)
+        ref = _ref_logprobs(fp32, ids)
+        ours = sum(lp["token_logprobs"][len(context) :])
+        theirs = sum(float(ref[i - 1, ids[i]]) for i in range(len(context), len(ids)))
+        assert abs(ours - theirs) < 1e-3
+        for i in range(1, len(ids)):  # the greedy check lm-eval does with top_logprobs
+            ((best, best_lp),) = lp["top_logprobs"][i].items()
+            assert abs(best_lp - float(ref[i - 1].max())) < 1e-3
+
+
+def test_generated_tokens_logprobs_and_echo(server, fp32):
+    r = _post(
+        server, "/v1/completions", prompt="Hello there", max_tokens=5, temperature=0, logprobs=2
+    )
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == r.json()["usage"]["completion_tokens"] == 5
+    assert all(len(t) <= 2 for t in lp["top_logprobs"])
+    assert "".join(lp["tokens"]) == choice["text"]
+    echoed = _post(
+        server, "/v1/completions", prompt="Hello there", max_tokens=5, temperature=0, echo=True
+    ).json()["choices"][0]
+    assert echoed["text"] == "Hello there" + choice["text"] and echoed["logprobs"] is None
+
+
+def test_chat_logprobs_with_the_openai_sdk(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x")
+    msgs = [{"role": "user", "content": "Hello there"}]
+    r = client.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert "".join(c.token for c in content) == r.choices[0].message.content
+    for c in content:
+        assert len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob
+        assert c.logprob <= 0 and bytes(c.bytes).decode() == c.token
+    streamed = client.chat.completions.create(
+        model="tiny",
+        messages=msgs,
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        stream=True,
+    )
+    pieces = [
+        e
+        for ch in streamed
+        if ch.choices and ch.choices[0].logprobs
+        for e in ch.choices[0].logprobs.content
+    ]
+    assert [(p.token, round(p.logprob, 5)) for p in pieces] == [
+        (c.token, round(c.logprob, 5)) for c in content
+    ]
+    plain = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=3)
+    assert plain.choices[0].logprobs is None
+
+
+def test_streamed_completion_logprobs_and_echo(server):
+    body = {
+        "model": "tiny",
+        "prompt": "Hello there",
+        "max_tokens": 4,
+        "temperature": 0,
+        "logprobs": 1,
+        "stream": True,
+    }
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    tokens = [
+        t for e in events for c in e["choices"] if c["logprobs"] for t in c["logprobs"]["tokens"]
+    ]
+    assert len(tokens) == 4
+    body.update(echo=True, logprobs=None)
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        first = next(json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data:"))
+    assert first["choices"][0]["text"] == "Hello there"
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "param"),
+    [
+        ("/v1/completions", {"prompt": "hi", "logprobs": 6}, "logprobs"),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ("/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 1, "stream": True}, "echo"),
+        ("/v1/completions", {"prompt": [1, 2, 10**7]}, "prompt"),
+        ("/v1/completions", {"prompt": []}, "prompt"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
+            "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+            "top_logprobs",
+        ),
+    ],
+)
+def test_bad_logprob_requests_are_400s_naming_the_field(server, route, body, param):
+    r = _post(server, route, **body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
