@@ -312,6 +312,9 @@ def test_completion_errors_and_unknown_route(server):
     url = server.url + "/v1/completions"
     r = httpx.post(url, json={"model": "tiny", "prompt": "hello " * 300})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert r.json()["error"]["message"].startswith(
+        "This model's maximum context length is 128 tokens. However, you requested "
+    )
     r = httpx.post(url, json={"model": "tiny", "prompt": 5})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
     r = httpx.get(server.url + "/v1/nothing")

@@ -149,3 +149,22 @@ def test_bad_logprob_requests_are_400s_naming_the_field(server, route, body, par
     r = _post(server, route, **body)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_tokenizer_routes(server, fp32):
+    r = _post(server, "/tokenize", prompt="Hello there")
+    assert r.status_code == 200
+    ids = fp32.tokenizer.encode("Hello there")
+    assert r.json() == {"tokens": ids, "count": len(ids), "max_model_len": 128}
+    msgs = [{"role": "user", "content": "Hello there"}]
+    r = _post(server, "/tokenize", messages=msgs)
+    from chatforge import Message
+
+    assert r.json()["tokens"] == fp32.format.encode([Message("user", "Hello there")]).input_ids
+    back = _post(server, "/detokenize", tokens=ids).json()["prompt"]
+    assert back == fp32.tokenizer.decode(ids)
+    info = httpx.get(server.url + "/tokenizer_info").json()
+    assert info["max_model_len"] == 128 and info["vocab_size"] >= len(fp32.tokenizer)
+    assert _post(server, "/detokenize", tokens=[10**7]).json()["error"]["param"] == "tokens"
+    assert _post(server, "/tokenize", prompt="a", messages=msgs).status_code == 400
+    assert _post(server, "/tokenize", model="other", prompt="a").status_code == 404

@@ -49,7 +49,9 @@ from chatforge.server.logprobs import chat_logprobs, legacy_logprobs
 from chatforge.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     Limits,
+    TokenizeRequest,
     generation_config,
     logprob_settings,
     parse,
@@ -236,6 +238,66 @@ def create_app(
         check_model(name)
         return model_card()
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        """vLLM's tokenizer route: ``prompt`` or ``messages`` -> ``tokens``, ``count``."""
+        loaded, _ = ready()
+        req: TokenizeRequest = parse(
+            TokenizeRequest, await _read_json(request, limits, body_timeout)
+        )
+        if req.model is not None:
+            check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give either prompt or messages", param="prompt")
+
+        def encode() -> list[int]:
+            if req.messages is not None:
+                msgs = [Message(m.chat_role(), m.text()) for m in req.messages]
+                enc = loaded.format.encode(msgs, add_generation_prompt=req.add_generation_prompt)
+                return list(enc.input_ids)
+            return list(
+                loaded.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            )
+
+        try:
+            ids = await asyncio.to_thread(encode)
+        except (ValueError, TypeError) as e:
+            param = "messages" if req.messages is not None else "prompt"
+            raise APIError(400, f"cannot tokenise: {e}", param=param) from None
+        return {"tokens": ids, "count": len(ids), "max_model_len": loaded.info.context_length}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict:
+        """vLLM's detokenizer route: ``tokens`` -> ``prompt``."""
+        loaded, service = ready()
+        body = await _read_json(request, limits, body_timeout)
+        req: DetokenizeRequest = parse(DetokenizeRequest, body)
+        if req.model is not None:
+            check_model(req.model)
+        vocab = service.engine.vocab_size
+        bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(
+                400, f"token {bad} is outside the vocabulary (0..{vocab - 1})", param="tokens"
+            )
+        return {"prompt": loaded.tokenizer.decode(req.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict:
+        """What a client needs to tokenise as the server does."""
+        loaded, service = ready()
+        tok = loaded.tokenizer
+        return {
+            "tokenizer_class": type(tok).__name__,
+            "vocab_size": service.engine.vocab_size,
+            "max_model_len": loaded.info.context_length,
+            "prompt_format": loaded.info.prompt_format,
+            "bos_token": tok.bos_token,
+            "eos_token": tok.eos_token,
+            "pad_token": tok.pad_token,
+            "chat_template": getattr(tok, "chat_template", None),
+        }
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         loaded, service = ready()
@@ -255,7 +317,7 @@ def create_app(
                 drop_history=False,
             )
         except ContextOverflowError as e:
-            raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
+            raise _context_error(e, "messages") from None
         except (ValueError, TypeError) as e:  # e.g. a template that rejects the role order
             raise APIError(400, f"cannot render these messages: {e}", param="messages") from None
         # The engine resolves the reply budget itself (max_tokens, the context).
@@ -364,7 +426,7 @@ def create_app(
                     handles.append(service.submit(req, loop=loop))
         except ContextOverflowError as e:
             _cancel(handles)
-            raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
+            raise _context_error(e, param) from None
         except QueueFullError as e:
             _cancel(handles)
             raise APIError(
@@ -408,6 +470,20 @@ class _BearerAuth:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _context_error(e: ContextOverflowError, param: str) -> APIError:
+    """OpenAI's wording (clients such as litellm match it to raise their own
+    context-window error), then ours, which says what to do."""
+    where = "messages" if param == "messages" else "prompt"
+    return APIError(
+        400,
+        f"This model's maximum context length is {e.limit} tokens. However, you requested "
+        f"{e.prompt_tokens + 1} tokens ({e.prompt_tokens} in the {where}, at least 1 in the "
+        f"completion). Please reduce the length of the {where}. ({e})",
+        param=param,
+        code="context_length_exceeded",
+    )
 
 
 def _reseed(config: GenerationConfig, seed: int) -> GenerationConfig:

@@ -100,6 +100,21 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = 16  # OpenAI's default for /v1/completions
 
 
+class TokenizeRequest(_Strict):
+    """vLLM's ``/tokenize``: a prompt, or chat messages rendered with the model's format."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessageIn] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
+
+
 MAX_COMPLETION_LOGPROBS = 5
 """Most alternatives ``/v1/completions`` returns per token (OpenAI's limit)."""
 MAX_CHAT_LOGPROBS = 20
