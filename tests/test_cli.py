@@ -239,3 +239,31 @@ def test_console_script_and_module_entry_points(tiny_llama_dir):
             bad.stderr.strip().splitlines() == ["error: --top-p must be in (0, 1] (got 1.5)"]
             or "--top-p must be in (0, 1]" in bad.stderr
         )
+
+
+def test_logit_bias_and_penalty_flags(capsys, tmp_path, tiny_llama_dir):
+    out_file = tmp_path / "t.jsonl"
+    argv = ["chat", "--model", str(tiny_llama_dir), "--prompt-file", "-", "-t", "0"]
+    code, _, err = run(
+        [
+            *argv,
+            "--max-new-tokens",
+            "3",
+            "--logit-bias",
+            "9:100",
+            "--presence-penalty",
+            "0.5",
+            "--output-file",
+            str(out_file),
+        ],
+        capsys,
+        "Hello there\n",
+    )
+    assert code == 0, err
+    reply = [json.loads(line) for line in out_file.read_text().splitlines()][-1]
+    assert reply["params"]["logit_bias"] == {"9": 100.0}
+    assert reply["params"]["presence_penalty"] == 0.5
+    code, _, err = run([*argv, "--logit-bias", "nine"], capsys, "hi\n")
+    assert code == 2 and "--logit-bias takes ID:BIAS" in err and len(err.splitlines()) == 1
+    code, _, err = run([*argv, "--frequency-penalty", "3"], capsys, "hi\n")
+    assert code == 2 and "--frequency-penalty must be in [-2, 2]" in err

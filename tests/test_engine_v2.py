@@ -225,3 +225,44 @@ def test_greedy_is_the_same_alone_and_in_a_crowd(tiny_llama_dir, quantize):
     alone = [_engine(lm).generate([Request(p, cfg)])[0].token_ids for p in prompts]
     crowd = _engine(lm).generate([Request(p, cfg) for p in prompts])
     assert [c.token_ids for c in crowd] == alone
+
+
+# ------------------------------------------------------------------ OpenAI's penalties and bias
+
+
+def test_presence_and_frequency_penalties_follow_openais_definition():
+    from chatforge.generation.processors import PresenceFrequencyPenalty, SequenceView
+
+    logits = torch.randn(2, 10)
+    views = [SequenceView([1, 2], [3, 3, 5]), SequenceView([3], [])]
+    procs = [PresenceFrequencyPenalty(0.5, 0.25), PresenceFrequencyPenalty(1.0, 1.0)]
+    out = PresenceFrequencyPenalty.process(procs, views, logits)
+    expected = logits.clone()
+    expected[0, 3] -= 0.25 * 2 + 0.5  # counted twice in the reply
+    expected[0, 5] -= 0.25 * 1 + 0.5
+    assert torch.allclose(out, expected)  # the prompt's tokens are not counted; row 1 untouched
+
+
+def test_generation_config_bias_and_penalties_reach_the_engine(lm):
+    eng = _engine(lm)
+    ids = _ids(lm, "Hello there")
+    forced = eng.generate([Request(ids, GREEDY.replace(logit_bias={9: 100}))])[0]
+    assert forced.token_ids == [9] * 12
+    # A frequency penalty of 2 makes a greedy reply that repeated itself repeat less.
+    plain = eng.generate([Request(ids, GREEDY)])[0].token_ids
+    penalised = eng.generate([Request(ids, GREEDY.replace(frequency_penalty=2.0))])[0].token_ids
+    assert len(set(penalised)) >= len(set(plain))
+    with pytest.raises(ValueError, match="logit_bias names token"):
+        eng.add(Request(ids, GREEDY.replace(logit_bias={10**6: 1})))
+
+
+def test_penalty_and_bias_validation():
+    with pytest.raises(ValueError, match="presence_penalty must be in"):
+        GenerationConfig(presence_penalty=2.5)
+    with pytest.raises(ValueError, match=r"logit_bias\[3\] must be in"):
+        GenerationConfig(logit_bias={3: 101})
+    with pytest.raises(ValueError, match="logit_bias keys must be token ids"):
+        GenerationConfig(logit_bias={"x": 1})
+    cfg = GenerationConfig(logit_bias={"7": -100}).set_param("logit_bias", "1:5, 2:-3")
+    assert cfg.logit_bias == {1: 5.0, 2: -3.0}
+    assert GenerationConfig().set_param("frequency-penalty", "0.5").frequency_penalty == 0.5

@@ -42,6 +42,7 @@ def test_scoring_a_continuation_like_lm_eval(server, fp32):
     r = _post(server, "/v1/completions", prompt=prompts, max_tokens=0, echo=True, logprobs=1)
     assert r.status_code == 200, r.text
     for choice, ids, cont in zip(r.json()["choices"], prompts, choices, strict=True):
+        assert ids[len(context) :] == cont
         lp = choice["logprobs"]
         assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
         assert len(lp["tokens"]) == len(ids) == len(lp["text_offset"])
@@ -168,3 +169,37 @@ def test_tokenizer_routes(server, fp32):
     assert _post(server, "/detokenize", tokens=[10**7]).json()["error"]["param"] == "tokens"
     assert _post(server, "/tokenize", prompt="a", messages=msgs).status_code == 400
     assert _post(server, "/tokenize", model="other", prompt="a").status_code == 404
+
+
+def test_logit_bias_and_penalties_through_the_api(server):
+    msgs = [{"role": "user", "content": "Hello there"}]
+    r = _post(
+        server,
+        "/v1/chat/completions",
+        messages=msgs,
+        max_tokens=4,
+        temperature=0,
+        logit_bias={"9": 100},
+        logprobs=True,
+    )
+    assert [c["token"] for c in r.json()["choices"][0]["logprobs"]["content"]] == [
+        httpx.post(server.url + "/detokenize", json={"tokens": [9]}).json()["prompt"]
+    ] * 4
+    ok = _post(
+        server,
+        "/v1/chat/completions",
+        messages=msgs,
+        max_tokens=4,
+        presence_penalty=1.5,
+        frequency_penalty=-0.5,
+    )
+    assert ok.status_code == 200
+    for body, param in [
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+        ({"logit_bias": {"9": 150}}, "logit_bias"),
+        ({"logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+    ]:
+        r = _post(server, "/v1/chat/completions", messages=msgs, max_tokens=2, **body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)

@@ -53,6 +53,24 @@ MinPOpt = Annotated[
 RepPenOpt = Annotated[
     float | None, typer.Option("--repetition-penalty", help="> 1 discourages repeats (1 = off).")
 ]
+PresenceOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--presence-penalty", help="OpenAI's: penalise tokens already in the reply (-2..2)."
+    ),
+]
+FrequencyOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--frequency-penalty", help="OpenAI's: penalise tokens by their count in the reply (-2..2)."
+    ),
+]
+LogitBiasOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--logit-bias", help="ID:BIAS, added to that token's logit (-100 bans it; repeatable)."
+    ),
+]
 NoRepeatOpt = Annotated[
     int | None, typer.Option("--no-repeat-ngram-size", help="Never repeat an n-gram of this size.")
 ]
@@ -100,6 +118,7 @@ def flagify(message: str) -> str:
     """Rewrite parameter names in a validation message as the flags a CLI user typed."""
     names = (
         "temperature|top_k|top_p|min_p|repetition_penalty|no_repeat_ngram_size|"
+        "presence_penalty|frequency_penalty|logit_bias|"
         "max_new_tokens|max_length|stop|seed|do_sample"
     )
     return re.sub(rf"^({names})\b(?= must)", lambda m: flag_for(m.group(1)), message)
@@ -122,6 +141,9 @@ class GenerationFlags:
     min_p: float | None = None
     repetition_penalty: float | None = None
     no_repeat_ngram_size: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: list[str] | None = None
     max_new_tokens: int | None = None
     max_length: int | None = None
     stop: list[str] | None = None
@@ -138,8 +160,23 @@ class GenerationFlags:
 
         given = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "preset"}
         given["stop"] = tuple(self.stop) if self.stop else None
+        given["logit_bias"] = _parse_logit_bias(self.logit_bias) if self.logit_bias else None
         overrides = {k: v for k, v in given.items() if v is not None}
         preset = self.preset or default_preset
         if preset:
             return GenerationConfig.from_preset(preset, **overrides)
         return GenerationConfig(**overrides)
+
+
+def _parse_logit_bias(items: list[str]) -> dict[int, float]:
+    """``["42:-100", "7:5"]`` -> ``{42: -100.0, 7: 5.0}``; a clear error otherwise."""
+    out: dict[int, float] = {}
+    for item in items:
+        tok, sep, val = item.partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            out[int(tok)] = float(val)
+        except ValueError:
+            raise ValueError(f"--logit-bias takes ID:BIAS, e.g. 42:-100 (got {item!r})") from None
+    return out

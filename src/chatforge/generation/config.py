@@ -48,13 +48,23 @@ _OFF_VALUES: dict[str, Any] = {
     "min_p": 0.0,
     "repetition_penalty": 1.0,
     "no_repeat_ngram_size": 0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "logit_bias": None,
     "max_new_tokens": None,
     "max_length": None,
     "seed": None,
     "stop": (),
     "do_sample": None,
 }
-_FLOAT_PARAMS = ("temperature", "top_p", "min_p", "repetition_penalty")
+_FLOAT_PARAMS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
 _INT_PARAMS = ("top_k", "no_repeat_ngram_size", "max_new_tokens", "max_length", "seed")
 _TRUE_WORDS = frozenset({"true", "yes", "on", "1"})
 _FALSE_WORDS = frozenset({"false", "no", "0"})
@@ -136,6 +146,13 @@ class GenerationConfig:
     reply (Hugging Face semantics). ``> 0``; ``1`` turns it off."""
     no_repeat_ngram_size: int = 0
     """Never repeat an n-gram of this size (prompt included). ``0`` turns it off."""
+    presence_penalty: float = 0.0
+    """OpenAI's: subtract this from the logit of every token already in the reply.
+    In ``[-2, 2]``; ``0`` turns it off."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: subtract this times the token's count in the reply so far. In ``[-2, 2]``."""
+    logit_bias: dict[int, float] | None = None
+    """Token id -> a bias added to its logit, in ``[-100, 100]`` (-100 bans, 100 forces)."""
     max_new_tokens: int | None = None
     """Most tokens in the reply. ``None`` means :data:`DEFAULT_MAX_NEW_TOKENS`, unless
     ``max_length`` is given, which then alone limits the reply."""
@@ -181,6 +198,31 @@ class GenerationConfig:
                 f"no_repeat_ngram_size must be >= 0 (got {self.no_repeat_ngram_size}); "
                 "use 0 to disable it"
             )
+
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = _check_float(name, getattr(self, name))
+            if not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2] (got {value}); 0 disables it")
+            setattr(self, name, value)
+
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(
+                    f"logit_bias must map token ids to biases (got {self.logit_bias!r})"
+                )
+            bias: dict[int, float] = {}
+            for tok, value in self.logit_bias.items():
+                try:
+                    tid = int(tok)
+                except (TypeError, ValueError):
+                    raise ValueError(f"logit_bias keys must be token ids (got {tok!r})") from None
+                if isinstance(tok, bool) or tid < 0 or (isinstance(tok, float) and tok != tid):
+                    raise ValueError(f"logit_bias keys must be token ids (got {tok!r})")
+                v = _check_float(f"logit_bias[{tid}]", value)
+                if not -100.0 <= v <= 100.0:
+                    raise ValueError(f"logit_bias[{tid}] must be in [-100, 100] (got {v})")
+                bias[tid] = v
+            self.logit_bias = bias or None
 
         for name in ("max_new_tokens", "max_length"):
             value = _check_int(name, getattr(self, name), optional=True)
@@ -309,6 +351,19 @@ class GenerationConfig:
             parsed = _OFF_VALUES[key]
         elif key == "stop":
             parsed = tuple(_unescape(part) for part in value.split("|"))
+        elif key == "logit_bias":  # "ID:BIAS,ID:BIAS"
+            bias: dict[int, float] = {}
+            for part in filter(None, (p.strip() for p in text.split(","))):
+                tok, sep, val = part.partition(":")
+                try:
+                    bias[int(tok)] = float(val)
+                except ValueError:
+                    raise ValueError(
+                        f"logit_bias takes ID:BIAS pairs separated by commas (got {part!r})"
+                    ) from None
+                if not sep:
+                    raise ValueError(f"logit_bias takes ID:BIAS pairs (got {part!r})")
+            parsed = bias or None
         elif key == "do_sample":
             if word in _TRUE_WORDS:
                 parsed = True

@@ -40,7 +40,7 @@ from torch import Tensor
 from chatforge.errors import ChatforgeError, ContextOverflowError
 from chatforge.generation.fast_runner import FastRunner
 from chatforge.generation.kv import BlockManager, block_hashes
-from chatforge.generation.processors import SequenceView, apply_processors
+from chatforge.generation.processors import SequenceView, apply_processors, config_processors
 from chatforge.generation.runner import HFRunner, ModelRunner, Work
 from chatforge.generation.sampling import SamplingParams, sample
 from chatforge.generation.scheduler import Scheduler, SchedulerConfig
@@ -185,7 +185,7 @@ class Engine:
             k = getattr(req, name)
             if k is not None and not (isinstance(k, int) and 0 <= k <= MAX_TOP_LOGPROBS):
                 raise ValueError(f"{name} must be an integer in 0..{MAX_TOP_LOGPROBS} (got {k!r})")
-        for proc in req.processors:
+        for proc in [*req.processors, *config_processors(req.config)]:
             proc.validate(self.vocab_size)
         if req.max_new_tokens == 0:  # score the prompt only
             if n > self.context_length:
@@ -221,6 +221,7 @@ class Engine:
             handle = self._next_id
             self._next_id += 1
             seq = Seq(handle, request, budget, self.tokenizer, on_event)
+            seq.processors = [*request.processors, *config_processors(request.config)]
             if request.prompt_logprobs is not None:
                 seq.prompt_logprobs.append(None)  # the first token has no context
             self._seqs[handle] = seq
@@ -386,7 +387,7 @@ class Engine:
         want = [s.request.logprobs is not None for s in seqs]
         raw_lp = torch.log_softmax(logits, dim=-1) if any(want) else None  # (B, V)
         processed = apply_processors(
-            [s.request.processors for s in seqs],
+            [s.processors for s in seqs],
             [SequenceView(s.tokens[: s.num_prompt], s.generated) for s in seqs],
             logits,
         )

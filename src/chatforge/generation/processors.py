@@ -83,6 +83,40 @@ class LogitBias(LogitsProcessor):
         return logits + bias
 
 
+class PresenceFrequencyPenalty(LogitsProcessor):
+    """OpenAI's penalties over the reply so far: ``logit - frequency * count - presence *
+    (count > 0)``, for every token generated (the prompt is not counted)."""
+
+    def __init__(self, presence: float, frequency: float) -> None:
+        self.presence = float(presence)
+        self.frequency = float(frequency)
+
+    @classmethod
+    def process(
+        cls, procs: Sequence[LogitsProcessor], views: Sequence[SequenceView], logits: Tensor
+    ) -> Tensor:
+        b, v = logits.shape
+        counts = torch.zeros(b, v, dtype=logits.dtype)  # (B, V) token counts of each reply
+        for i, view in enumerate(views):
+            if view.generated_ids:
+                ids = torch.tensor(list(view.generated_ids), dtype=torch.long)
+                counts[i].index_add_(0, ids, torch.ones(len(ids), dtype=logits.dtype))
+        presence = torch.tensor([p.presence for p in procs], dtype=logits.dtype)[:, None]
+        frequency = torch.tensor([p.frequency for p in procs], dtype=logits.dtype)[:, None]
+        return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
+def config_processors(config: Any) -> list[LogitsProcessor]:
+    """The processors a :class:`~chatforge.generation.config.GenerationConfig` asks for
+    (``logit_bias``, ``presence_penalty``, ``frequency_penalty``)."""
+    out: list[LogitsProcessor] = []
+    if config.logit_bias:
+        out.append(LogitBias(config.logit_bias))
+    if config.presence_penalty or config.frequency_penalty:
+        out.append(PresenceFrequencyPenalty(config.presence_penalty, config.frequency_penalty))
+    return out
+
+
 def apply_processors(
     per_row: Sequence[Sequence[LogitsProcessor]], views: Sequence[SequenceView], logits: Tensor
 ) -> Tensor:

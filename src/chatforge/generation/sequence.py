@@ -49,6 +49,7 @@ class Sequence:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     buffer: deque[StreamEvent] = field(default_factory=deque)  # events without on_event
+    processors: list[Any] = field(default_factory=list)  # the request's and its config's
     added_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
 

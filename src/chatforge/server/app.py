@@ -437,7 +437,10 @@ def create_app(
             raise APIError(503, str(e), retry_after=retry_after) from None
         except ValueError as e:
             _cancel(handles)
-            raise APIError(400, str(e), param=param) from None
+            # "logit_bias names token ..." points at its own field, not the prompt.
+            field = str(e).split(" ", 1)[0]
+            named = field if field in GenerationConfig.param_names() else param
+            raise APIError(400, str(e), param=named) from None
         return handles
 
     return app

@@ -79,6 +79,7 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
     # chatforge extras (also accepted by OpenRouter and vLLM)
     top_k: int | None = None
     min_p: float | None = None
@@ -192,12 +193,6 @@ def generation_config(req: _Sampling, limits: Limits) -> GenerationConfig:
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > MAX_STOP:
         raise APIError(400, f"at most {MAX_STOP} stop sequences (got {len(stop)})", param="stop")
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = getattr(req, name)
-        if value not in (None, 0, 0.0):
-            raise APIError(
-                400, f"{name} is not supported; use repetition_penalty instead", param=name
-            )
 
     values: dict[str, Any] = {
         "temperature": 1.0 if req.temperature is None else req.temperature,  # OpenAI's default
@@ -205,6 +200,9 @@ def generation_config(req: _Sampling, limits: Limits) -> GenerationConfig:
         "top_k": req.top_k,
         "min_p": req.min_p,
         "repetition_penalty": req.repetition_penalty,
+        "presence_penalty": req.presence_penalty,
+        "frequency_penalty": req.frequency_penalty,
+        "logit_bias": req.logit_bias,
         "stop": tuple(stop),
         "seed": req.seed,
         # No max_tokens: the server's limit, capped by the context at submit time.
