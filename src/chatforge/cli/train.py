@@ -68,6 +68,17 @@ def train_command(
     lora_alpha: Annotated[float, Opt("--lora-alpha", help="LoRA alpha.")] = 16.0,
     merge: Annotated[bool, Opt("--merge", help="Write merged LoRA weights.")] = False,
     precision: Annotated[str, Opt("--precision", help="auto, fp32 or bf16.")] = "auto",
+    grad_checkpointing: Annotated[
+        bool | None,
+        Opt(
+            "--grad-checkpointing/--no-grad-checkpointing",
+            help="Recompute layers in backward to save memory (default: when it saves > 1 GB).",
+            show_default=False,
+        ),
+    ] = None,
+    force: Annotated[
+        bool, Opt("--force", help="Train even when the memory estimate exceeds free memory.")
+    ] = False,
     no_packing: Annotated[bool, Opt("--no-packing", help="One example per row.")] = False,
     resume: Annotated[
         bool, Opt("--resume", help="Continue from the newest intact checkpoint (error if none).")
@@ -118,6 +129,8 @@ def train_command(
             merge=merge,
             precision=precision,
             packing=not no_packing,
+            grad_checkpointing=grad_checkpointing,
+            force=force,
             resume=resume,
             overwrite=overwrite,
             seed=seed,

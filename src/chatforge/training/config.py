@@ -57,6 +57,8 @@ class TrainConfig:
     merge: bool = False  # with lora: write merged weights instead of adapter + base reference
     final: str = "best"  # weights written to `output`: "best" validation loss, or "last"
     packing: bool = True  # pack several examples per row (isolated); False: one per row
+    grad_checkpointing: bool | None = None  # recompute layers in backward; None: if it saves 1 GB
+    force: bool = False  # train even when the memory estimate exceeds the available memory
     precision: str = "auto"  # "bf16" autocast, "fp32", or "auto" (bf16 where it is faster)
     resume: bool = False  # continue from the newest complete checkpoint in `output`
     overwrite: bool = False  # allow a non-empty `output` without resume (its files are replaced)

@@ -35,6 +35,7 @@ from chatforge.training.examples import (
     pack,
     packing_isolates,
 )
+from chatforge.training.loss import forward_loss, head_gives_logits
 from chatforge.training.model import Built, build_model, save_model_dir, unwrap
 from chatforge.training.plot import plot_losses
 from chatforge.training.progress import TrainProgress
@@ -237,6 +238,35 @@ class Trainer:
         )
         return rows, vrows, isolated
 
+    def _plan_memory(self, model: Any, context: int) -> None:
+        """Chunked loss where the model allows it, gradient checkpointing, and the memory check."""
+        from chatforge.training import memory
+
+        cfg = self.cfg
+        self.head_ok = head_gives_logits(model, model.get_input_embeddings().num_embeddings)
+        est = memory.estimate(model, cfg.batch_size, context, False, self.head_ok)
+        lean = memory.estimate(model, cfg.batch_size, context, True, self.head_ok)
+        ckpt_on = cfg.grad_checkpointing
+        if ckpt_on is None:  # auto: when it saves more than a gigabyte
+            ckpt_on = est.activations - lean.activations > memory.CHECKPOINT_ABOVE
+        bare = unwrap(model)
+        if ckpt_on and getattr(bare, "supports_gradient_checkpointing", False):
+            kw = {"use_reentrant": False}
+            if hasattr(bare, "activation_checkpointing_enable"):  # transformers >= 5.x
+                bare.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+            else:
+                bare.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+            est = lean
+        memory.limit_heap_growth()
+        avail = memory.available_bytes() if self.dev.type == "cpu" else None
+        if avail is not None and est.total > avail and not cfg.force:
+            raise ChatforgeError(memory.refusal(est, avail, cfg.batch_size, context))
+        self.say(
+            f"memory: about {est.total / memory.GB:.1f} GB estimated"
+            + (f" of {avail / memory.GB:.1f} GB available" if avail is not None else "")
+            + ("; gradient checkpointing on" if est.checkpointing else "")
+        )
+
     def _precision(self) -> str:
         if self.cfg.precision != "auto":
             return self.cfg.precision
@@ -291,6 +321,7 @@ class Trainer:
             (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
         model = built.model.to(self.dev)
+        self._plan_memory(model, built.context)
         params = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
@@ -359,8 +390,7 @@ class Trainer:
                     sync = m == len(micro) - 1
                     with nullcontext() if sync else acc.no_sync(model):
                         with self._autocast(precision):
-                            logits = model(**model_inputs(batch)).logits  # (B, T, V)
-                        loss = loss_sum(logits, batch["targets"]) / max(1, n_tok)
+                            loss = self._loss_sum(model, batch) / max(1, n_tok)
                         acc.backward(loss)
                     step_loss += float(loss.detach())
                 if cfg.clip:
@@ -427,6 +457,13 @@ class Trainer:
 
     # -- pieces of the loop ----------------------------------------------------
 
+    def _loss_sum(self, model: Any, batch: dict) -> torch.Tensor:
+        """Summed loss of a batch: head + cross-entropy at loss positions only, in chunks."""
+        if self.head_ok:
+            return forward_loss(model, batch)
+        logits = model(**model_inputs(batch)).logits  # (B, T, V)
+        return loss_sum(logits, batch["targets"])
+
     def _lr_factor(self, step: int, horizon: int, time_only: bool) -> float:
         cfg = self.cfg
         if time_only:
@@ -479,8 +516,7 @@ class Trainer:
         for i in range(0, len(vrows), bs):
             batch = self._to_dev(collate(vrows[i : i + bs], self.pad_id))
             with self._autocast(precision):
-                logits = model(**model_inputs(batch)).logits
-            total += float(loss_sum(logits, batch["targets"]))
+                total += float(self._loss_sum(model, batch))
             n += int((batch["targets"] != IGNORE).sum())
         model.train()
         val = total / max(1, n)

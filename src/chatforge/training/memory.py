@@ -1,0 +1,126 @@
+"""How much memory a training run will take, checked before it starts.
+
+The estimate (bytes, host memory, fp32) adds up:
+
+* the weights, and for each trainable weight its gradient and AdamW's two moments;
+* the activations kept for backward: per token and layer about
+  ``16 * hidden + 6 * intermediate`` floats (residual stream, norms, attention
+  projections, MLP, LoRA dropout copies), plus ``3 * heads * context`` floats
+  with eager attention (the T x T scores); with gradient checkpointing only each
+  layer's input is kept and one layer is recomputed at a time;
+* the loss: one chunk of logits (``training.loss``), or with full logits about
+  six (tokens x vocab) fp32 copies;
+
+times 1.25 for allocator slack (with :func:`limit_heap_growth`; without it, glibc's heap
+can keep several GB more), plus a fixed 0.5 GB for the interpreter and
+libraries. Calibrated on SmolLM2-135M with LoRA (``bench/bench_train_memory.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from chatforge.training.loss import CHUNK
+
+GB = 2**30
+BASE = 0.5 * GB  # interpreter, torch, tokenizer, data
+SLACK = 1.25  # allocator fragmentation and short-lived copies
+CHECKPOINT_ABOVE = 1 * GB  # auto gradient checkpointing when it saves more than this
+
+
+@dataclass
+class Estimate:
+    """Estimated peak bytes of a run, and its parts."""
+
+    weights: int  # parameters, gradients, optimizer states
+    activations: int  # kept for backward (with the run's checkpointing setting)
+    activations_full: int  # ... without gradient checkpointing
+    loss: int  # logits and cross-entropy buffers
+    checkpointing: bool
+
+    @property
+    def total(self) -> int:
+        return int(BASE + SLACK * (self.weights + self.activations + self.loss))
+
+
+def available_bytes() -> int | None:
+    """``MemAvailable`` from /proc/meminfo, or None where there is no such file."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def limit_heap_growth(threshold: int = 1 << 20) -> bool:
+    """Serve allocations above ``threshold`` bytes with mmap, so freed activations go back.
+
+    glibc raises its mmap threshold each time a large block is freed, after which
+    activation-sized tensors (a few MB) come from the heap, and a heap fragmented
+    by forward/backward keeps its peak: with gradient checkpointing, SmolLM2 at
+    batch 4 x context 1024 stayed at 8.7 GB resident for 1.1 GB of live tensors.
+    Fixing the threshold (``mallopt(M_MMAP_THRESHOLD)``, which also stops the
+    adjustment) costs a few percent of step time. Process-wide; False where the C
+    library has no ``mallopt`` (not glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def _shape(model: Any) -> tuple[int, int, int, int, int, str]:
+    from chatforge.training.model import unwrap
+
+    cfg = unwrap(model).config
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+
+    def get(*names: str, default: int = 0) -> int:
+        for n in names:
+            v = getattr(cfg, n, None)
+            if isinstance(v, int) and v > 0:
+                return v
+        return default
+
+    hidden = get("hidden_size", "n_embd", "d_model", default=768)
+    layers = get("num_hidden_layers", "n_layer", default=12)
+    heads = get("num_attention_heads", "n_head", default=12)
+    inter = get("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)
+    vocab = get("vocab_size", default=50_000)
+    attn = str(getattr(cfg, "_attn_implementation", "") or "")
+    return hidden, layers, heads, inter, vocab, attn
+
+
+def estimate(
+    model: Any, batch_size: int, context: int, checkpointing: bool, chunked_loss: bool = True
+) -> Estimate:
+    """The estimated peak memory of training ``model`` on (batch_size, context) rows."""
+    hidden, layers, heads, inter, vocab, attn = _shape(model)
+    params = list(model.parameters())
+    n_all = sum(p.numel() for p in params)
+    n_train = sum(p.numel() for p in params if p.requires_grad)
+    weights = 4 * n_all + 12 * n_train
+    tokens = batch_size * context
+    per_layer = 16 * hidden + 6 * inter + (3 * heads * context if attn == "eager" else 0)
+    full = 4 * tokens * layers * per_layer
+    kept = 4 * tokens * (layers * hidden + per_layer) if checkpointing else full
+    loss = 3 * 4 * min(CHUNK, tokens) * vocab if chunked_loss else 6 * 4 * tokens * vocab
+    return Estimate(weights, kept, full, loss, checkpointing)
+
+
+def refusal(est: Estimate, available: int, batch_size: int, context: int) -> str:
+    """The one-line message for a run that would not fit."""
+    return (
+        f"training needs about {est.total / GB:.1f} GB but only {available / GB:.1f} GB "
+        f"is available (batch {batch_size} x context {context}); lower --batch-size "
+        "(raise --grad-accum to keep the effective batch) or --context, "
+        "or pass --force to try anyway"
+    )
