@@ -122,24 +122,18 @@ MAX_CHAT_LOGPROBS = 20
 """Most alternatives ``/v1/chat/completions`` returns per token (OpenAI's limit)."""
 
 
+def _check_range(name: str, value: int | None, most: int) -> None:
+    if value is not None and not 0 <= value <= most:
+        raise APIError(400, f"{name} must be between 0 and {most} (got {value})", param=name)
+
+
 def logprob_settings(req: ChatCompletionRequest | CompletionRequest) -> int | None:
     """How many alternatives per token the request wants (None: no logprobs); 400 if invalid."""
     if isinstance(req, CompletionRequest):
-        k = req.logprobs
-        if k is not None and not 0 <= k <= MAX_COMPLETION_LOGPROBS:
-            raise APIError(
-                400,
-                f"logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS} (got {k})",
-                param="logprobs",
-            )
-        return k
+        _check_range("logprobs", req.logprobs, MAX_COMPLETION_LOGPROBS)
+        return req.logprobs
     top = req.top_logprobs
-    if top is not None and not 0 <= top <= MAX_CHAT_LOGPROBS:
-        raise APIError(
-            400,
-            f"top_logprobs must be between 0 and {MAX_CHAT_LOGPROBS} (got {top})",
-            param="top_logprobs",
-        )
+    _check_range("top_logprobs", top, MAX_CHAT_LOGPROBS)
     if not req.logprobs:
         if top:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
