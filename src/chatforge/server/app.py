@@ -85,10 +85,23 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     """Unix time the server started (the model's ``created``)."""
 
+    reference: str | None = None
+    """The reference the server was started with, when served names replace it as the id."""
+    served_names: list[str] = field(default_factory=list)
+    """``--served-model-name`` values: the names listed by /v1/models (the first is the id)."""
+
     def model_names(self) -> set[str]:
-        names = {self.model_id} if self.model_id else set()
+        """Every name a request may use: the served names, the reference the server was
+        started with, the model's own name, and a bundled model's hub id."""
+        names = set(self.served_names)
+        names |= {n for n in (self.model_id, self.reference) if n}
         if self.loaded is not None:
+            from chatforge.models.registry import ALIASES
+
             names |= {self.loaded.info.name, self.loaded.info.ref}
+            alias = ALIASES.get(self.loaded.info.ref)
+            if alias is not None and alias.hub_id:
+                names.add(alias.hub_id)
         return names
 
 
@@ -107,6 +120,7 @@ def create_app(
     allowed_hosts: Iterable[str] = (),
     cors_origins: Iterable[str] | None = None,
     body_timeout: float = 30.0,
+    served_model_names: Iterable[str] = (),
 ) -> FastAPI:
     """An app serving ``loaded_or_loader`` (a LoadedModel, or a callable returning one).
 
@@ -124,7 +138,10 @@ def create_app(
     seconds a client has to send its whole request body before it gets 408.
     """
     limits = limits or Limits()
-    state = ServerState(model_id=model_id)
+    served = list(served_model_names)
+    state = ServerState(model_id=served[0] if served else model_id, served_names=served)
+    if served and model_id:
+        state.reference = model_id  # the --model reference stays a valid name
 
     def build() -> tuple[Any, Engine]:  # on a worker thread: slow, must not block the loop
         loaded = loaded_or_loader() if callable(loaded_or_loader) else loaded_or_loader
@@ -218,9 +235,9 @@ def create_app(
         html = resources.files("chatforge.server").joinpath("static/index.html").read_text("utf-8")
         return HTMLResponse(html)
 
-    def model_card() -> dict:
+    def model_card(name: str | None = None) -> dict:
         return {
-            "id": state.model_id,
+            "id": name or state.model_id,
             "object": "model",
             "created": state.created,
             "owned_by": "chatforge",
@@ -230,13 +247,14 @@ def create_app(
     @app.get("/v1/models")
     async def models() -> dict:
         ready()
-        return {"object": "list", "data": [model_card()]}
+        names = state.served_names or [state.model_id]
+        return {"object": "list", "data": [model_card(n) for n in names]}
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str) -> dict:
         ready()
         check_model(name)
-        return model_card()
+        return model_card(name)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict:
