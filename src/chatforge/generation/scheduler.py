@@ -161,12 +161,7 @@ class Scheduler:
         bm = self.blocks
         if bm is None or not self.prefix_cache or seq.wants_prompt_logprobs:
             return
-        # At least one token is always fed: its logits are what gets sampled.
-        full = (len(seq.tokens) - 1) // bm.block_size
-        seq.block_hashes = block_hashes(
-            seq.tokens, seq.types, bm.block_size, full, seq.block_hashes
-        )
-        hit = bm.match(seq.block_hashes[:full])
+        hit = bm.match(self._reusable_hashes(seq, bm))
         bm.take(hit)
         seq.block_table = list(hit)
         seq.num_computed = len(hit) * bm.block_size
@@ -174,6 +169,16 @@ class Scheduler:
             seq.cached_tokens = seq.num_computed
             bm.lookups += seq.num_prompt
             bm.hits += seq.num_computed
+
+    @staticmethod
+    def _reusable_hashes(seq: Sequence, bm: BlockManager) -> list[bytes]:
+        """Hashes of the full blocks of ``seq`` a cache hit may cover: all but the last
+        token, which is always fed (its logits are what gets sampled)."""
+        full = (len(seq.tokens) - 1) // bm.block_size
+        seq.block_hashes = block_hashes(
+            seq.tokens, seq.types, bm.block_size, full, seq.block_hashes
+        )
+        return seq.block_hashes[:full]
 
     def _pending_hashes(self, work: list[tuple[Sequence, int]]) -> set[bytes]:
         """Prefix blocks being computed now (by sequences still prefilling)."""
@@ -192,14 +197,11 @@ class Scheduler:
         bm = self.blocks
         if bm is None or not self.prefix_cache or not pending or seq.wants_prompt_logprobs:
             return False
-        full = (len(seq.tokens) - 1) // bm.block_size
-        if full == 0:
+        reusable = self._reusable_hashes(seq, bm)
+        if not reusable:
             return False
-        seq.block_hashes = block_hashes(
-            seq.tokens, seq.types, bm.block_size, full, seq.block_hashes
-        )
         shared = 0
-        for h in seq.block_hashes[:full]:
+        for h in reusable:
             if h not in pending and h not in bm.cached:
                 break
             shared += 1
