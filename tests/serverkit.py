@@ -61,9 +61,9 @@ def slow_steps(state, seconds: float) -> None:
     engine = state.service.engine
     step = engine.step
 
-    def slow():
+    def slow(*args, **kwargs):
         time.sleep(seconds)
-        return step()
+        return step(*args, **kwargs)
 
     engine.step = slow
 

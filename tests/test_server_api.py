@@ -478,7 +478,7 @@ def test_health_is_503_and_says_why_when_the_engine_stopped(tiny):
     with ServerThread(create_app(tiny, model_id="tiny")) as srv:
         engine = srv.state.service.engine
 
-        def broken():
+        def broken(*args):
             raise SystemError("engine bookkeeping is corrupt")
 
         engine.step = broken

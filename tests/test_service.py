@@ -86,6 +86,11 @@ def test_queue_limit(engine):
             break
         time.sleep(0.01)
     b = svc.submit(_req(engine, "Thanks", 2))  # waits for the one place
+    for _ in range(100):  # the service's max_batch holds even where the engine's is larger
+        if svc.engine.load == (1, 1):
+            break
+        time.sleep(0.01)
+    assert svc.engine.load == (1, 1)
     with pytest.raises(QueueFullError, match="retry later"):
         svc.submit(_req(engine, "Hello", 3))
     assert [e for e in b.events()][-1].completion.completion_tokens == 2

@@ -271,12 +271,21 @@ class Engine:
 
     # -- one step -----------------------------------------------------------------------
 
-    def step(self) -> list[StreamEvent]:
-        """Run one step for every scheduled sequence; returns the events it produced."""
+    def step(self, max_batch: int | None = None) -> list[StreamEvent]:
+        """Run one step for every scheduled sequence; returns the events it produced.
+
+        ``max_batch`` lowers the number of running sequences for this step (a service's
+        own limit); None: the engine's ``max_batch``.
+        """
         with self._lock:
             self.threads.apply()  # the thread count for this step (cheap; measures twice a second)
             events: list[StreamEvent] = []
-            scheduled = self.scheduler.schedule()
+            limit = (
+                self.config.max_batch
+                if max_batch is None
+                else min(max_batch, self.config.max_batch)
+            )
+            scheduled = self.scheduler.schedule(limit)
             if not scheduled:
                 return events
             if self.blocks is not None:

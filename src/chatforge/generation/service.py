@@ -198,7 +198,8 @@ class EngineService:
                     self._wake.wait(0.5)
                     self._wake.clear()
                     continue
-                self.engine.step()  # a failing request is failed inside; events go out
+                # A failing request is failed inside; events go out to the handles.
+                self.engine.step(self.max_batch)
         except BaseException as e:  # noqa: BLE001 - the engine itself broke
             self.fatal = f"{type(e).__name__}: {e}"
             log.critical("the engine stopped and cannot serve more requests: %s", self.fatal)
