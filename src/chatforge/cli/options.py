@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -71,6 +72,14 @@ LogitBiasOpt = Annotated[
         "--logit-bias", help="ID:BIAS, added to that token's logit (-100 bans it; repeatable)."
     ),
 ]
+JsonSchemaOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--json-schema",
+        help="A JSON Schema file: every reply is JSON that follows it.",
+        show_default=False,
+    ),
+]
 NoRepeatOpt = Annotated[
     int | None, typer.Option("--no-repeat-ngram-size", help="Never repeat an n-gram of this size.")
 ]
@@ -118,10 +127,10 @@ def flagify(message: str) -> str:
     """Rewrite parameter names in a validation message as the flags a CLI user typed."""
     names = (
         "temperature|top_k|top_p|min_p|repetition_penalty|no_repeat_ngram_size|"
-        "presence_penalty|frequency_penalty|logit_bias|"
+        "presence_penalty|frequency_penalty|logit_bias|json_schema|"
         "max_new_tokens|max_length|stop|seed|do_sample"
     )
-    return re.sub(rf"^({names})\b(?= must)", lambda m: flag_for(m.group(1)), message)
+    return re.sub(rf"^({names})\b(?= must| is | cannot|:)", lambda m: flag_for(m.group(1)), message)
 
 
 @dataclass(frozen=True)
@@ -148,6 +157,7 @@ class GenerationFlags:
     max_length: int | None = None
     stop: list[str] | None = None
     seed: int | None = None
+    json_schema: Path | None = None
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> GenerationFlags:
@@ -161,6 +171,10 @@ class GenerationFlags:
         given = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "preset"}
         given["stop"] = tuple(self.stop) if self.stop else None
         given["logit_bias"] = _parse_logit_bias(self.logit_bias) if self.logit_bias else None
+        if self.json_schema is not None:
+            from chatforge.generation.config import load_json_schema
+
+            given["json_schema"] = load_json_schema(str(self.json_schema))
         overrides = {k: v for k, v in given.items() if v is not None}
         preset = self.preset or default_preset
         if preset:

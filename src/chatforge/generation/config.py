@@ -56,6 +56,7 @@ _OFF_VALUES: dict[str, Any] = {
     "seed": None,
     "stop": (),
     "do_sample": None,
+    "json_schema": None,
 }
 _FLOAT_PARAMS = (
     "temperature",
@@ -123,6 +124,26 @@ def _unescape(text: str) -> str:
     return "".join(out)
 
 
+def load_json_schema(text: str) -> dict[str, Any]:
+    """A JSON Schema given as JSON text or as the path of a file holding it."""
+    import json
+    from pathlib import Path
+
+    source = "the text"
+    if not text.lstrip().startswith("{"):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise ValueError(f"json_schema must be a JSON object or a schema file (got {text!r})")
+        source, text = str(path), path.read_text(encoding="utf-8")
+    try:
+        schema = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"json_schema: {source} is not valid JSON ({e})") from None
+    if not isinstance(schema, dict):
+        raise ValueError(f"json_schema: {source} must hold a JSON object")
+    return schema
+
+
 @dataclass
 class GenerationConfig:
     """How to pick reply tokens and when to stop. Validated on construction.
@@ -166,6 +187,10 @@ class GenerationConfig:
     do_sample: bool | None = None
     """``None``: sample when ``temperature > 0``. ``False``: greedy whatever the
     temperature. ``True`` with temperature ``0`` is still greedy."""
+    json_schema: dict[str, Any] | None = None
+    """A JSON Schema every reply follows: only tokens that keep the reply valid JSON
+    matching it are sampled, and the reply ends where the JSON does (see
+    :mod:`~chatforge.generation.grammar`). ``{"type": "object"}``: any JSON object."""
 
     def __post_init__(self) -> None:
         self.temperature = _check_float("temperature", self.temperature)
@@ -235,6 +260,11 @@ class GenerationConfig:
         self.seed = _check_int("seed", self.seed, optional=True)
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise ValueError(f"seed must be in [0, 2**64) (got {self.seed})")
+
+        if self.json_schema is not None:
+            from chatforge.generation.grammar import json_schema_grammar
+
+            json_schema_grammar(self.json_schema)  # fails here, naming json_schema
 
         if self.do_sample is not None and not isinstance(self.do_sample, bool):
             raise ValueError(f"do_sample must be True, False or None (got {self.do_sample!r})")
@@ -364,6 +394,8 @@ class GenerationConfig:
                 if not sep:
                     raise ValueError(f"logit_bias takes ID:BIAS pairs (got {part!r})")
             parsed = bias or None
+        elif key == "json_schema":  # inline JSON, or a file holding it
+            parsed = load_json_schema(text)
         elif key == "do_sample":
             if word in _TRUE_WORDS:
                 parsed = True

@@ -170,6 +170,10 @@ class Engine:
     def budget_for(self, req: Request) -> int:
         """Reply tokens allowed for ``req`` (validating it); raises ContextOverflowError
         when the prompt leaves no room, ValueError for anything else out of range."""
+        return self._check(req)[0]
+
+    def _check(self, req: Request) -> tuple[int, list[Any]]:
+        """(reply budget, the request's processors bound to a new sequence), validated."""
         n = len(req.prompt_ids)
         if n < 1:
             raise ValueError("a prompt must have at least one token")
@@ -185,8 +189,12 @@ class Engine:
             k = getattr(req, name)
             if k is not None and not (isinstance(k, int) and 0 <= k <= MAX_TOP_LOGPROBS):
                 raise ValueError(f"{name} must be an integer in 0..{MAX_TOP_LOGPROBS} (got {k!r})")
-        for proc in [*req.processors, *config_processors(req.config)]:
+        processors = [p.bind(self) for p in [*req.processors, *config_processors(req.config)]]
+        for proc in processors:
             proc.validate(self.vocab_size)
+        if req.embed and (req.max_new_tokens != 0 or req.prompt_logprobs is not None):
+            # An embedding request's features are hidden states, not logits (HFRunner).
+            raise ValueError("an embedding request needs max_new_tokens=0 and no prompt_logprobs")
         if req.max_new_tokens == 0:  # score the prompt only
             if n > self.context_length:
                 raise ContextOverflowError(
@@ -210,18 +218,18 @@ class Engine:
                     f"budget (kv_cache_mb={self.config.kv_cache_mb}) holds "
                     f"{self.blocks.max_blocks * self.blocks.block_size}; raise kv_cache_mb"
                 )
-        return budget
+        return budget, processors
 
     def add(self, request: Request, on_event: Callable[[StreamEvent], None] | None = None) -> int:
         """Queue a request; returns its handle. Validates it now (ValueError /
         ContextOverflowError). Its events go to ``on_event`` (called on the thread
         that runs :meth:`step`) or, without one, are kept for :meth:`events`."""
-        budget = self.budget_for(request)
+        budget, processors = self._check(request)
         with self._lock:
             handle = self._next_id
             self._next_id += 1
             seq = Seq(handle, request, budget, self.tokenizer, on_event)
-            seq.processors = [*request.processors, *config_processors(request.config)]
+            seq.processors = processors
             if request.prompt_logprobs is not None:
                 seq.prompt_logprobs.append(None)  # the first token has no context
             self._seqs[handle] = seq
@@ -295,7 +303,7 @@ class Engine:
                     seq,
                     seq.num_computed,
                     seq.num_computed + n,
-                    all_rows=seq.wants_prompt_logprobs and seq.num_computed < seq.num_prompt - 1,
+                    all_rows=_wants_rows(seq),
                 )
                 for seq, n in scheduled
             ]
@@ -308,8 +316,10 @@ class Engine:
                 seq.num_computed = w.end
                 self._offer_blocks(seq)
                 try:
-                    if w.all_rows and f is not None:
+                    if w.all_rows and f is not None and seq.wants_prompt_logprobs:
                         self._prompt_logprobs(seq, w, f)
+                    if w.all_rows and f is not None and seq.request.embed:
+                        self._embed_rows(seq, w, f)
                 except Exception as e:  # noqa: BLE001 - one request's fault
                     self._fail(seq, e, events)
                     continue
@@ -369,6 +379,18 @@ class Engine:
             targets = seq.tokens[w.start + lo + 1 : w.start + hi + 1]
             seq.prompt_logprobs += _token_logprobs(lp, targets, k)
 
+    def _embed_rows(self, seq: Seq, w: Work, features: Tensor) -> None:
+        """Add this chunk's final hidden states to the sequence's running sum (O(hidden)
+        memory however long the prompt); the mean is taken when it finishes."""
+        # After a preemption the prompt is computed again: skip what was summed.
+        first = max(0, seq.embed_rows - w.start)
+        rows = min(w.end, seq.num_prompt) - w.start
+        for lo in range(first, rows, _LOGIT_CHUNK):
+            hi = min(rows, lo + _LOGIT_CHUNK)
+            part = self.runner.hidden(features[lo:hi]).double().sum(0)  # (H,)
+            seq.embed_sum = part if seq.embed_sum is None else seq.embed_sum + part
+            seq.embed_rows = w.start + hi
+
     def _sample_and_accept(self, items: list[tuple[Seq, Tensor]], events: list[StreamEvent]):
         seqs = [s for s, _ in items]
         try:
@@ -397,7 +419,7 @@ class Engine:
         raw_lp = torch.log_softmax(logits, dim=-1) if any(want) else None  # (B, V)
         processed = apply_processors(
             [s.processors for s in seqs],
-            [SequenceView(s.tokens[: s.num_prompt], s.generated) for s in seqs],
+            [SequenceView(s.tokens[: s.num_prompt], s.generated, s.budget) for s in seqs],
             logits,
         )
         params = SamplingParams.from_configs([s.request.config for s in seqs])
@@ -464,6 +486,8 @@ class Engine:
             prompt_logprobs=list(seq.prompt_logprobs) if req.prompt_logprobs is not None else None,
             error=error,
         )
+        if req.embed and reason != "error":
+            completion.embedding = _mean_unit(seq)
         self._emit(seq, StreamEvent(seq.id, text, completion, tokens or []), events)
         self.scheduler.remove(seq)
         self.runner.release(seq)
@@ -550,6 +574,39 @@ class Engine:
             raise ChatforgeError(f"scoring failed: {c.error}")
         assert c.prompt_logprobs is not None
         return c.prompt_logprobs
+
+    def embed(self, token_lists: Sequence[Sequence[int]]) -> list[list[float]]:
+        """One embedding per prompt: the mean of its tokens' final hidden states (after
+        the final norm, transformers' ``last_hidden_state``), L2-normalised.
+
+        The prompts are batched with each other (and whatever else the engine runs);
+        each is computed whole, without the prefix cache. Raises ContextOverflowError
+        for a prompt longer than the context, ChatforgeError if computing one fails.
+        """
+        reqs = [Request(list(ids), max_new_tokens=0, embed=True) for ids in token_lists]
+        out: list[list[float]] = []
+        for c in self.generate(reqs):
+            if c.finish_reason == "error" or c.embedding is None:
+                raise ChatforgeError(f"embedding failed: {c.error}")
+            out.append(c.embedding)
+        return out
+
+
+def _wants_rows(seq: Seq) -> bool:
+    """Whether this step's work must return every fed row's features: the prompt rows
+    of a prompt-logprobs request that predict a prompt token, or any prompt row of an
+    embedding request."""
+    if seq.request.embed and seq.num_computed < seq.num_prompt:
+        return True
+    return seq.wants_prompt_logprobs and seq.num_computed < seq.num_prompt - 1
+
+
+def _mean_unit(seq: Seq) -> list[float] | None:
+    """The L2-normalised mean of a finished embedding request's summed rows."""
+    if seq.embed_sum is None or seq.embed_rows != seq.num_prompt:
+        return None
+    mean = seq.embed_sum / seq.num_prompt  # (H,) float64
+    return (mean / mean.norm().clamp_min(1e-12)).float().tolist()
 
 
 def _token_logprobs(lp: Tensor, targets: Sequence[int], k: int) -> list[TokenLogprob]:

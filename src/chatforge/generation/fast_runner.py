@@ -75,5 +75,8 @@ class FastRunner:
     def logits(self, features: Tensor) -> Tensor:
         return self.model.logits(features)
 
+    def hidden(self, features: Tensor) -> Tensor:
+        return self.model.final_norm(features)
+
     def release(self, seq: Sequence) -> None:
         pass  # everything it holds is in blocks the engine gives back

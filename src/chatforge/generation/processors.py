@@ -26,10 +26,12 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class SequenceView:
-    """What a processor may know of a sequence: its tokens so far."""
+    """What a processor may know of a sequence: its tokens so far and its reply budget."""
 
     prompt_ids: Sequence[int]
     generated_ids: Sequence[int]
+    budget: int | None = None
+    """Most tokens the reply may have (None: unknown)."""
 
 
 class LogitsProcessor:
@@ -53,6 +55,12 @@ class LogitsProcessor:
 
     def validate(self, vocab_size: int) -> None:
         """Raise ValueError (naming the setting) if this processor cannot apply to the model."""
+
+    def bind(self, engine: Any) -> LogitsProcessor:
+        """The processor one new sequence of ``engine`` uses (raising ValueError if it
+        cannot apply to that model). Stateless processors are shared (``self``); one
+        with per-sequence state (a grammar's parser) returns a fresh copy."""
+        return self
 
 
 class LogitBias(LogitsProcessor):
@@ -108,8 +116,12 @@ class PresenceFrequencyPenalty(LogitsProcessor):
 
 def config_processors(config: Any) -> list[LogitsProcessor]:
     """The processors a :class:`~chatforge.generation.config.GenerationConfig` asks for
-    (``logit_bias``, ``presence_penalty``, ``frequency_penalty``)."""
+    (``logit_bias``, ``presence_penalty``, ``frequency_penalty``, ``json_schema``)."""
     out: list[LogitsProcessor] = []
+    if config.json_schema is not None:  # first: the penalties only reorder allowed tokens
+        from chatforge.generation.grammar import GrammarConstraint
+
+        out.append(GrammarConstraint.from_json_schema(config.json_schema))
     if config.logit_bias:
         out.append(LogitBias(config.logit_bias))
     if config.presence_penalty or config.frequency_penalty:

@@ -59,6 +59,10 @@ class ModelRunner(Protocol):
     def logits(self, features: Tensor) -> Tensor:
         """Logits (rows, V) fp32 from features returned by :meth:`run`."""
 
+    def hidden(self, features: Tensor) -> Tensor:
+        """The final hidden states (rows, H), after the final norm, from features returned
+        by :meth:`run` for an embedding request (``Request.embed``)."""
+
     def release(self, seq: Sequence) -> None:
         """Forget what is held for ``seq`` outside the block pool."""
 
@@ -102,18 +106,25 @@ class HFRunner:
                 kw["token_type_ids"] = torch.tensor(
                     [seq.types[w.start : w.end]], device=self.device
                 )
-            logits = self.model(**kw, return_dict=True).logits[0]  # (T, V)
+            if seq.request.embed:  # features are hidden states, not logits
+                kw["output_hidden_states"] = True
+            result = self.model(**kw, return_dict=True)
+            # (T, V) logits, or (T, H) the last layer's output after the final norm
+            feats = result.hidden_states[-1][0] if seq.request.embed else result.logits[0]
             self.caches[seq.id] = (cache, w.end)
             if w.all_rows:
-                out.append(logits.float())
+                out.append(feats.float())
             elif w.samples:
-                out.append(logits[-1:].float())
+                out.append(feats[-1:].float())
             else:
                 out.append(None)
         return out
 
     def logits(self, features: Tensor) -> Tensor:
         return features  # transformers' forward already gives logits
+
+    def hidden(self, features: Tensor) -> Tensor:
+        return features  # run() gave the last hidden state for embedding requests
 
     def release(self, seq: Sequence) -> None:
         self.caches.pop(seq.id, None)

@@ -159,7 +159,7 @@ class Scheduler:
     def _take_cached_prefix(self, seq: Sequence) -> None:
         """Start ``seq`` after the longest prefix of its tokens the cache holds."""
         bm = self.blocks
-        if bm is None or not self.prefix_cache or seq.wants_prompt_logprobs:
+        if bm is None or not self.prefix_cache or seq.wants_all_rows:
             return
         hit = bm.match(self._reusable_hashes(seq, bm))
         bm.take(hit)
@@ -195,7 +195,7 @@ class Scheduler:
         """True when at least half of ``seq``'s prompt is being computed by another
         sequence right now: waiting one step lets it take those blocks from the cache."""
         bm = self.blocks
-        if bm is None or not self.prefix_cache or not pending or seq.wants_prompt_logprobs:
+        if bm is None or not self.prefix_cache or not pending or seq.wants_all_rows:
             return False
         reusable = self._reusable_hashes(seq, bm)
         if not reusable:

@@ -48,6 +48,8 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    embed_sum: Any = None  # (hidden,) float64 sum of final hidden states (Request.embed)
+    embed_rows: int = 0  # prompt rows summed into embed_sum (skipped when recomputed)
     buffer: deque[StreamEvent] = field(default_factory=deque)  # events without on_event
     processors: list[Any] = field(default_factory=list)  # the request's and its config's
     added_at: float = field(default_factory=time.perf_counter)
@@ -70,6 +72,12 @@ class Sequence:
     @property
     def wants_prompt_logprobs(self) -> bool:
         return self.request.prompt_logprobs is not None
+
+    @property
+    def wants_all_rows(self) -> bool:
+        """Every prompt row's features are needed (prompt logprobs, an embedding): the
+        whole prompt is computed, none of it taken from the prefix cache."""
+        return self.wants_prompt_logprobs or self.request.embed
 
     def append(self, token: int) -> None:
         """A sampled token joins the sequence (fed to the model next step)."""

@@ -5,6 +5,14 @@ requests from any thread or event loop; each request's events come back on
 its own queue. Requests submitted while others run join the running batch at
 the next step (continuous batching); a cancelled request (a client that went
 away) leaves the batch at the next step.
+
+Observers (``EngineService(..., observers=[fn])`` or ``service.observers``) see
+every request whoever submitted it, e.g. for metrics: ``fn(kind, key, event,
+now)`` is called on the service thread with ``time.perf_counter()`` ``now``;
+``kind`` is ``"add"`` (the engine took request ``key``), ``"event"`` (one of its
+:class:`StreamEvent`; the last has ``completion``) or ``"end"`` (it ended without
+a completion: cancelled, refused, or the engine stopped). An observer must be
+quick; its exceptions are logged and ignored.
 """
 
 from __future__ import annotations
@@ -14,7 +22,8 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import torch
@@ -24,6 +33,9 @@ from chatforge.generation.engine import Engine
 from chatforge.generation.types import Request, StreamEvent
 
 log = logging.getLogger(__name__)
+
+Observer = Callable[[str, int, "StreamEvent | None", float], None]
+"""``fn(kind, key, event, now)``: see the module docstring."""
 
 
 class QueueFullError(ChatforgeError):
@@ -89,8 +101,15 @@ class EngineService:
     a failure of one request only fails that request.
     """
 
-    def __init__(self, engine: Engine, max_batch: int = 32, max_queue: int = 256) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        max_batch: int = 32,
+        max_queue: int = 256,
+        observers: list[Observer] | None = None,
+    ) -> None:
         self.engine = engine
+        self.observers: list[Observer] = list(observers or [])
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.fatal: str | None = None
@@ -157,6 +176,7 @@ class EngineService:
                     continue
                 try:
                     handle.engine_id = self.engine.add(req, on_event=self._forward(key))
+                    self._notify("add", key)
                 except Exception as e:  # validated at submit; report anything else
                     self._finish(key, e)
             else:
@@ -164,10 +184,12 @@ class EngineService:
                     handle = self._handles.pop(arg, None)
                 if handle is not None and handle.engine_id is not None:
                     self.engine.abort(handle.engine_id)
+                    self._notify("end", arg)
 
     def _forward(self, key: int):
         def deliver(ev: StreamEvent) -> None:
             event = StreamEvent(key, ev.text, ev.completion, ev.tokens)
+            self._notify("event", key, event)
             if ev.completion is not None:
                 self._finish(key, event)
             else:
@@ -183,6 +205,19 @@ class EngineService:
             handle = self._handles.pop(key, None)
         if handle is not None:
             handle._put(item)
+        if isinstance(item, BaseException):
+            self._notify("end", key)
+
+    def _notify(self, kind: str, key: int, event: StreamEvent | None = None) -> None:
+        """Tell the observers (on the service thread); their faults are not the engine's."""
+        if not self.observers:
+            return
+        now = time.perf_counter()
+        for fn in self.observers:
+            try:
+                fn(kind, key, event, now)
+            except Exception:  # noqa: BLE001
+                log.exception("service observer %r failed", fn)
 
     def _run(self) -> None:
         # OpenMP settings are per thread: give this one the creator's thread count
@@ -205,5 +240,6 @@ class EngineService:
             log.critical("the engine stopped and cannot serve more requests: %s", self.fatal)
             with self._lock:
                 handles, self._handles = dict(self._handles), {}
-            for handle in handles.values():
+            for key, handle in handles.items():
                 handle._put(ChatforgeError(f"the engine stopped: {self.fatal}"))
+                self._notify("end", key)

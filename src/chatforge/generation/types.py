@@ -36,6 +36,10 @@ class Request:
     processors: list[Any] = field(default_factory=list)
     """Per-sequence logits processors (:class:`~chatforge.generation.processors.LogitsProcessor`)
     applied to this request's logits before sampling."""
+    embed: bool = False
+    """Compute an embedding of the prompt (the mean of its tokens' final hidden states,
+    L2-normalised) instead of generating: needs ``max_new_tokens=0``; like
+    ``prompt_logprobs``, the whole prompt is computed (no prefix reuse)."""
 
 
 @dataclass
@@ -65,6 +69,7 @@ class Completion:
     logprobs: list[TokenLogprob] | None = None  # per generated token (Request.logprobs)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token; first None
     error: str | None = None  # why the request failed (finish_reason "error")
+    embedding: list[float] | None = None  # (hidden,) unit vector, for Request.embed
 
     def to_dict(self) -> dict:
         """The numbers a transcript or an output row records."""

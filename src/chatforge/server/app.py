@@ -46,6 +46,7 @@ from chatforge.server import errors
 from chatforge.server.errors import APIError
 from chatforge.server.guard import HostGuard, check_json_content_type
 from chatforge.server.logprobs import chat_logprobs, legacy_logprobs
+from chatforge.server.metrics import register_metrics
 from chatforge.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -56,6 +57,7 @@ from chatforge.server.schemas import (
     logprob_settings,
     parse,
 )
+from chatforge.server.tools import CallStream, parse_calls, plan_tools, render_messages
 
 log = logging.getLogger("chatforge.server")
 
@@ -156,7 +158,9 @@ def create_app(
             loaded, engine = await asyncio.to_thread(build)
             # The engine thread is started here, from the long-lived event-loop thread:
             # started from a thread that then exits, it decodes 4-5x slower on CPU.
-            state.service = EngineService(engine, max_batch=max_batch, max_queue=max_queue)
+            state.service = EngineService(
+                engine, max_batch=max_batch, max_queue=max_queue, observers=[metrics.observe]
+            )
             state.loaded = loaded
             state.model_id = state.model_id or loaded.info.ref or loaded.info.name
             state.status = "ready"
@@ -193,6 +197,8 @@ def create_app(
             allow_headers=["Authorization", "Content-Type"],
         )
     app.add_middleware(HostGuard, allowed_hosts=list(allowed_hosts))
+    # Outermost: counts every answer, those of the middleware above included.
+    metrics = register_metrics(app, state)
 
     def ready() -> tuple[Any, EngineService]:
         if state.draining:
@@ -213,6 +219,10 @@ def create_app(
             )
 
     # ------------------------------------------------------------------ routes
+
+    from chatforge.server.embeddings import register_embeddings  # it imports this module
+
+    register_embeddings(app, state, ready, check_model, limits, body_timeout, retry_after)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -323,8 +333,16 @@ def create_app(
         req: ChatCompletionRequest = parse(ChatCompletionRequest, body)
         check_model(req.model)
         config = generation_config(req, limits)
+        tools = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
+        if tools is not None and tools.constraint is not None and config.json_schema is not None:
+            raise APIError(
+                400,
+                "response_format cannot be combined with tools (unless tool_choice is "
+                '"none"): a reply is either calls or one JSON document',
+                param="response_format",
+            )
         try:
-            messages = [Message(m.chat_role(), m.text()) for m in req.messages]
+            messages = render_messages(req.messages, tools)
             # Templating and tokenising a long prompt takes a while: not on the loop.
             plan = await asyncio.to_thread(
                 plan_request,
@@ -340,8 +358,11 @@ def create_app(
             raise APIError(400, f"cannot render these messages: {e}", param="messages") from None
         # The engine resolves the reply budget itself (max_tokens, the context).
         k = logprob_settings(req)
-        base = dataclasses.replace(plan.request, max_new_tokens=None, logprobs=k)
-        render = _Render(loaded.tokenizer, k)
+        constraint = [tools.constraint] if tools is not None and tools.constraint else []
+        base = dataclasses.replace(
+            plan.request, max_new_tokens=None, logprobs=k, processors=constraint
+        )
+        render = _Render(loaded.tokenizer, k, tools=bool(constraint))
         return await respond(request, req, service, [base], "messages", _CHAT, render)
 
     @app.post("/v1/completions")
@@ -516,9 +537,23 @@ def _cancel(handles: list[Handle]) -> None:
         h.cancel()
 
 
-def _finish(c: Completion) -> str:
+def _finish(c: Completion, calls: bool = False) -> str:
     # Our "interrupted" only happens to a client that went away; OpenAI has no such value.
-    return "length" if c.finish_reason == "length" else "stop"
+    if c.finish_reason == "length":
+        return "length"
+    return "tool_calls" if calls else "stop"
+
+
+def _chat_choice(c: Completion, meta: _Meta, i: int) -> dict:
+    message: dict[str, Any] = {"role": "assistant", "content": c.text}
+    calls = parse_calls(c.text) if meta.render.tools else None
+    if calls:
+        message = {"role": "assistant", "content": None, "tool_calls": calls}
+    return {
+        "message": message,
+        "logprobs": meta.render.chat(c.logprobs or []),
+        "finish_reason": _finish(c, bool(calls)),
+    }
 
 
 async def _read_json(request: Request, limits: Limits, timeout: float) -> Any:
@@ -570,6 +605,7 @@ class _Render:
     logprobs: int | None = None  # alternatives per token; None: no logprobs
     echo: list[str] | None = None  # per prompt, its text (completions with echo)
     prompt_ids: list[list[int]] | None = None  # per prompt (echoed tokens)
+    tools: bool = False  # replies may be tool calls (chat with tools)
 
     def legacy(self, c: Completion, prompt: int, tokens: list | None = None) -> dict | None:
         """Completions ``logprobs`` of a whole choice (or of ``tokens``, a stream chunk's)."""
@@ -720,15 +756,28 @@ async def _chat_chunks(handles: list[Handle], meta: _Meta, include_usage: bool) 
         )
     done: dict[int, Completion] = {}
     want = meta.render.logprobs is not None
+    # With tools, text that may be the start of a call is held back, and each call goes
+    # out whole as a tool_calls delta once its closing tag has arrived.
+    splits = {i: CallStream() for i in range(len(handles))} if meta.render.tools else {}
+    calls_sent: dict[int, int] = {}
     async for i, ev in _merged(handles):
-        if ev.text or (want and ev.tokens):
-            piece: dict = {"index": i, "delta": {"content": ev.text}, "finish_reason": None}
+        text, calls = splits[i].push(ev.text) if i in splits else (ev.text, [])
+        if ev.completion is not None and i in splits:
+            text += splits[i].finish()
+        if text or (want and ev.tokens):
+            piece: dict = {"index": i, "delta": {"content": text}, "finish_reason": None}
             if want:
                 piece["logprobs"] = meta.render.chat(ev.tokens)
             yield chunk([piece])
+        for call in calls:
+            n = calls_sent.get(i, 0)
+            calls_sent[i] = n + 1
+            delta = {"tool_calls": [{"index": n, **call}]}
+            yield chunk([{"index": i, "delta": delta, "finish_reason": None}])
         if ev.completion is not None:
             done[i] = ev.completion
-            yield chunk([{"index": i, "delta": {}, "finish_reason": _finish(ev.completion)}])
+            reason = _finish(ev.completion, calls_sent.get(i, 0) > 0)
+            yield chunk([{"index": i, "delta": {}, "finish_reason": reason}])
     if include_usage:
         yield chunk([], meta.usage([done[i] for i in sorted(done)]))
 
@@ -783,11 +832,7 @@ class _Shape:
 _CHAT = _Shape(
     prefix="chatcmpl",
     object="chat.completion",
-    choice=lambda c, meta, i: {
-        "message": {"role": "assistant", "content": c.text},
-        "logprobs": meta.render.chat(c.logprobs or []),
-        "finish_reason": _finish(c),
-    },
+    choice=_chat_choice,
     chunks=_chat_chunks,
 )
 _COMPLETION = _Shape(

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from chatforge.generation.config import GenerationConfig
 from chatforge.server.errors import APIError, from_validation_errors
 from chatforge.server.guard import find_lone_surrogate
 
-MAX_STOP = 4
-"""Most stop sequences per request (OpenAI's limit)."""
+MAX_STOP = 16
+"""Most stop sequences per request (OpenAI allows 4, but lm-eval adds the EOS text to a
+task's own four)."""
 
 
 @dataclass
@@ -40,6 +41,31 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
+class _Body(_Strict):
+    """A top-level request body: an unknown field is a 400 naming it (as OpenAI answers),
+    except those in :attr:`ignored`, which OpenAI accepts and which do not change what
+    the reply is (bookkeeping such as ``user`` or ``metadata``)."""
+
+    ignored: ClassVar[frozenset[str]] = frozenset(
+        {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"}
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = set(cls.model_fields) | cls.ignored
+            unknown = [k for k in data if k not in known]
+            if unknown:
+                raise APIError(
+                    400,
+                    f"unrecognized request argument supplied: {unknown[0]} (chatforge does not "
+                    "implement it; remove it from the request)",
+                    param=unknown[0],
+                )
+        return data
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
 
@@ -49,9 +75,40 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessageIn(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_parts_only(cls, data: Any) -> Any:
+        # An image or audio part sent to a text model must not be dropped in silence.
+        parts = data.get("content") if isinstance(data, dict) else None
+        if isinstance(parts, list):
+            for part in parts:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind not in (None, "text"):
+                    raise APIError(
+                        400,
+                        f"content parts of type {kind!r} are not supported: this is a text "
+                        "model; send text parts only",
+                        param="messages",
+                    )
+        return data
 
     def text(self) -> str:
         if self.content is None:
@@ -65,7 +122,38 @@ class ChatMessageIn(_Strict):
         return "system" if self.role == "developer" else self.role
 
 
-class _Sampling(_Strict):
+class JsonSchemaFormat(_Strict):
+    name: str
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's ``response_format``: free text, any JSON object, or a JSON Schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class FunctionDef(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: dict[str, str]
+
+
+class _Sampling(_Body):
     """Fields both endpoints share."""
 
     model: str
@@ -84,6 +172,7 @@ class _Sampling(_Strict):
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
+    response_format: ResponseFormat | None = None
 
 
 class ChatCompletionRequest(_Sampling):
@@ -91,6 +180,10 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    modalities: list[Literal["text"]] | None = None  # ["text"] is all a text model gives
 
 
 class CompletionRequest(_Sampling):
@@ -99,9 +192,10 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     logprobs: int | None = None
     max_tokens: int | None = 16  # OpenAI's default for /v1/completions
+    best_of: int | None = None  # only best_of == n (no server-side ranking)
 
 
-class TokenizeRequest(_Strict):
+class TokenizeRequest(_Body):
     """vLLM's ``/tokenize``: a prompt, or chat messages rendered with the model's format."""
 
     model: str | None = None
@@ -111,7 +205,7 @@ class TokenizeRequest(_Strict):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(_Strict):
+class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[int]
 
@@ -163,7 +257,28 @@ def parse(model: type[BaseModel], data: Any) -> Any:
 
 # GenerationConfig names the parameter first in its messages ("top_p must be ...").
 _PARAM_IN_MESSAGE = re.compile(r"^(\w+)")
-_API_NAMES = {"max_new_tokens": "max_tokens"}
+_API_NAMES = {"max_new_tokens": "max_tokens", "json_schema": "response_format"}
+
+
+def response_schema(req: _Sampling) -> dict[str, Any] | None:
+    """The JSON Schema ``response_format`` asks replies to follow (None: free text).
+
+    A non-strict schema is enforced too, but keywords the grammar engine does not
+    implement are then skipped (``lenient``) rather than refused.
+    """
+    rf = req.response_format
+    if rf is None or rf.type == "text":
+        return None
+    if rf.type == "json_object":
+        return {"type": "object"}
+    if rf.json_schema is None:
+        raise APIError(
+            400, "response_format of type json_schema needs json_schema", param="response_format"
+        )
+    schema = dict(rf.json_schema.schema_ or {})
+    if not rf.json_schema.strict:
+        schema["x-guidance"] = {**schema.get("x-guidance", {}), "lenient": True}
+    return schema
 
 
 def generation_config(req: _Sampling, limits: Limits) -> GenerationConfig:
@@ -182,6 +297,13 @@ def generation_config(req: _Sampling, limits: Limits) -> GenerationConfig:
         raise APIError(
             400, f"{param} must be <= {limits.max_tokens} (got {max_tokens})", param=param
         )
+    if isinstance(req, CompletionRequest) and req.best_of not in (None, req.n):
+        raise APIError(
+            400,
+            f"best_of must equal n (got best_of={req.best_of}, n={req.n}): chatforge does not "
+            "rank extra samples; ask for n choices and pick yourself",
+            param="best_of",
+        )
     if not 1 <= req.n <= limits.max_n:
         raise APIError(400, f"n must be between 1 and {limits.max_n} (got {req.n})", param="n")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -199,6 +321,7 @@ def generation_config(req: _Sampling, limits: Limits) -> GenerationConfig:
         "logit_bias": req.logit_bias,
         "stop": tuple(stop),
         "seed": req.seed,
+        "json_schema": response_schema(req),
         # No max_tokens: the server's limit, capped by the context at submit time.
         "max_new_tokens": max_tokens if max_tokens is not None else limits.max_tokens,
     }

@@ -233,6 +233,14 @@ class FastDecoder:
             return self.head.rows(self.native.norm(h, self.norm)).float()
         return self.head(self.norm(h)).float()
 
+    @torch.inference_mode()
+    def final_norm(self, h: Tensor) -> Tensor:
+        """The final norm over rows of :meth:`forward`'s output, (n, hidden) -> (n, hidden)
+        fp32: the last hidden state transformers reports (embeddings)."""
+        if self.native:
+            return self.native.norm(h, self.norm)
+        return self.norm(h).float()
+
     def _torch_forward(
         self, x: Tensor, positions: Tensor, seq_index: Tensor, tables: Tensor, kv: PagedKV
     ) -> Tensor:

@@ -1,0 +1,241 @@
+"""Function calling: OpenAI's ``tools`` rendered for the model, its calls constrained and parsed.
+
+How tools reach the model (documented in the README). Small chat models'
+templates (SmolLM2's included) have no tool syntax, so chatforge uses the
+Hermes/Qwen convention every recent tool-trained model knows, in plain text:
+
+* the tools are described at the end of the system prompt (:func:`tools_prompt`);
+* a call is ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``, one block
+  per call; an assistant message with ``tool_calls`` in the history is rendered so;
+* a ``role: "tool"`` message becomes a user turn ``<tool_response>\\n...\\n</tool_response>``
+  (consecutive results share one turn).
+
+What the model may write is a grammar (:func:`tool_grammar`): with
+``tool_choice: "required"`` or a named function only calls, each one's arguments
+constrained to the function's ``parameters`` schema; with ``"auto"`` either plain
+text (which may not begin with ``<tool_call>``) or calls, so a call is recognised
+and constrained from its first token; with ``"none"`` the tools are not shown.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from chatforge.conversation import Message
+from chatforge.generation.grammar import GrammarConstraint, lark_grammar
+from chatforge.server.errors import APIError
+from chatforge.server.schemas import ChatMessageIn, NamedToolChoice, ToolDef
+
+CALL_OPEN = "<tool_call>"
+CALL_CLOSE = "</tool_call>"
+MAX_PARALLEL_CALLS = 8
+"""Most calls one reply may make (``parallel_tool_calls``)."""
+
+
+@dataclass
+class ToolPlan:
+    """What a request's ``tools``/``tool_choice`` mean for this reply."""
+
+    tools: list[ToolDef]
+    choice: str  # "none" | "auto" | "required" | "function" (one named function)
+    parallel: bool
+    constraint: GrammarConstraint | None  # None: free text ("none")
+
+
+def plan_tools(
+    tools: list[ToolDef] | None,
+    tool_choice: str | NamedToolChoice | None,
+    parallel: bool | None,
+) -> ToolPlan | None:
+    """The request's tool settings checked (400 naming the field) and turned into a
+    grammar; None when the request has no tools."""
+    if not tools:
+        if tool_choice not in (None, "none"):
+            raise APIError(400, "tool_choice needs tools", param="tool_choice")
+        return None
+    names = [t.function.name for t in tools]
+    if len(set(names)) != len(names):
+        raise APIError(400, "tools must have distinct function names", param="tools")
+    choice = tool_choice or "auto"
+    allowed = tools
+    if isinstance(choice, NamedToolChoice):
+        wanted = choice.function.get("name")
+        allowed = [t for t in tools if t.function.name == wanted]
+        if not allowed:
+            raise APIError(
+                400, f"tool_choice names {wanted!r}, which is not in tools", param="tool_choice"
+            )
+        choice = "function"
+    plan = ToolPlan(tools, choice, parallel is not False and choice != "function", None)
+    if choice != "none":
+        plan.constraint = GrammarConstraint(
+            _grammar(allowed, free_text=choice == "auto", parallel=plan.parallel),
+            name="tools",
+        )
+    return plan
+
+
+def _call_schema(tool: ToolDef) -> dict[str, Any]:
+    params = tool.function.parameters or {"type": "object", "properties": {}}
+    return {
+        "type": "object",
+        "properties": {"name": {"const": tool.function.name}, "arguments": params},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
+
+
+def _grammar(tools: list[ToolDef], *, free_text: bool, parallel: bool) -> str:
+    """Lark (llguidance's dialect): calls whose JSON follows one of ``tools``' schemas,
+    or (``free_text``) any text that does not start a call."""
+    from chatforge.generation.grammar import JSON_OPTIONS
+
+    schemas = [_call_schema(t) for t in tools]
+    one = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+    one = {**one, "x-guidance": JSON_OPTIONS}
+    more = f'("\\n" call){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel else ""
+    rules = [
+        f"calls: call {more}",
+        f'call: "{CALL_OPEN}\\n" %json {json.dumps(one)} "\\n{CALL_CLOSE}"',
+    ]
+    if free_text:
+        # Text that is not a call: any characters, but not "<tool_call>" first.
+        rules.insert(0, f"start: TEXT | calls\nTEXT: /(?s:.+)/ & ~/{CALL_OPEN}(?s:.*)/")
+    else:
+        rules.insert(0, "start: calls")
+    try:
+        return lark_grammar("\n".join(rules), name="tools")
+    except ValueError as e:
+        raise APIError(400, str(e), param="tools") from None
+
+
+def tools_prompt(tools: list[ToolDef]) -> str:
+    """The system-prompt text that describes ``tools`` and how to call them."""
+    described = "\n".join(
+        json.dumps({"type": "function", "function": t.function.model_dump(exclude_none=True)})
+        for t in tools
+    )
+    return (
+        "You may call one or more functions to help with the user's request. "
+        "The functions are described in JSON within <tools></tools>:\n"
+        f"<tools>\n{described}\n</tools>\n"
+        "To call a function, reply with a JSON object holding its name and arguments "
+        f"within {CALL_OPEN}{CALL_CLOSE} tags:\n"
+        f'{CALL_OPEN}\n{{"name": <function-name>, "arguments": <args-json-object>}}\n{CALL_CLOSE}'
+    )
+
+
+def render_messages(messages: list[ChatMessageIn], plan: ToolPlan | None) -> list[Message]:
+    """The request's messages as the model's plain chat turns (tools in the system prompt,
+    earlier calls and their results as text)."""
+    out: list[Message] = []
+    for m in messages:
+        role = m.chat_role()
+        if role == "tool":
+            block = f"<tool_response>\n{m.text()}\n</tool_response>"
+            if out and out[-1].role == "user" and out[-1].content.startswith("<tool_response>"):
+                out[-1] = Message("user", out[-1].content + "\n" + block)
+            else:
+                out.append(Message("user", block))
+            continue
+        text = m.text()
+        if role == "assistant" and m.tool_calls:
+            calls = [
+                f'{CALL_OPEN}\n{{"name": {json.dumps(c.function.name)}, '
+                f'"arguments": {_arguments_json(c.function.arguments)}}}\n{CALL_CLOSE}'
+                for c in m.tool_calls
+            ]
+            text = "\n".join(([text] if text else []) + calls)
+        out.append(Message(role, text))
+    if plan is not None and plan.choice != "none":
+        prompt = tools_prompt(plan.tools)
+        if out and out[0].role == "system":
+            out[0] = Message("system", f"{out[0].content}\n\n{prompt}")
+        else:
+            out.insert(0, Message("system", prompt))
+    return out
+
+
+def _arguments_json(arguments: str) -> str:
+    try:
+        return json.dumps(json.loads(arguments), ensure_ascii=False)
+    except ValueError:
+        raise APIError(
+            400,
+            f"an assistant tool call's arguments are not JSON: {arguments[:80]!r}",
+            param="messages",
+        ) from None
+
+
+def parse_calls(text: str) -> list[dict[str, Any]] | None:
+    """The OpenAI ``tool_calls`` of a reply, or None when it is not a complete set of
+    calls (plain text, or calls cut short)."""
+    rest = text.strip()
+    if not rest.startswith(CALL_OPEN):
+        return None
+    calls: list[dict[str, Any]] = []
+    while rest:
+        if not rest.startswith(CALL_OPEN) or CALL_CLOSE not in rest:
+            return None
+        body, _, rest = rest[len(CALL_OPEN) :].partition(CALL_CLOSE)
+        rest = rest.lstrip("\n")
+        try:
+            call = json.loads(body)
+        except ValueError:
+            return None
+        if not isinstance(call, dict) or "name" not in call:
+            return None
+        calls.append(
+            {
+                "id": f"call_{secrets.token_hex(12)}",
+                "type": "function",
+                "function": {
+                    "name": call["name"],
+                    "arguments": json.dumps(call.get("arguments", {}), ensure_ascii=False),
+                },
+            }
+        )
+    return calls
+
+
+class CallStream:
+    """Splits a streamed reply into text deltas and complete calls.
+
+    Text is held back while it could still be the start of ``<tool_call>``; once a
+    reply is known to be calls, each call is released when its closing tag arrives.
+    """
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.mode: str | None = None  # None (undecided) | "text" | "calls"
+        self.sent_calls = 0
+
+    def push(self, piece: str) -> tuple[str, list[dict[str, Any]]]:
+        """(text to send now, calls completed now) after ``piece``."""
+        self.text += piece
+        if self.mode is None:
+            head = self.text.lstrip()
+            if head.startswith(CALL_OPEN):
+                self.mode = "calls"
+            elif CALL_OPEN.startswith(head):
+                return "", []  # still undecided
+            else:
+                self.mode = "text"
+                return self.text, []
+        if self.mode == "text":
+            return piece, []
+        done = self.text.count(CALL_CLOSE)
+        if done <= self.sent_calls:
+            return "", []
+        closed = self.text[: self.text.rindex(CALL_CLOSE) + len(CALL_CLOSE)]
+        calls = parse_calls(closed) or []
+        new = calls[self.sent_calls :]
+        self.sent_calls = len(calls)
+        return "", new
+
+    def finish(self) -> str:
+        """Text still held back when the reply ended (an undecided prefix)."""
+        return self.text if self.mode is None else ""
