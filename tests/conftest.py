@@ -66,8 +66,8 @@ def make_tiny_gpt2(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def make_tiny_llama(path: Path, seed: int = 0) -> Path:
-    """A 2-layer random Llama (GQA) with a ChatML chat template, 128 positions."""
+def make_tiny_llama(path: Path, seed: int = 0, positions: int = 128) -> Path:
+    """A 2-layer random Llama (GQA) with a ChatML chat template, ``positions`` long."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -80,7 +80,7 @@ def make_tiny_llama(path: Path, seed: int = 0) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=128,
+        max_position_embeddings=positions,
         bos_token_id=0,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.eos_token_id,

@@ -29,6 +29,15 @@ def _post(server, route: str, **body) -> httpx.Response:
     return httpx.post(server.url + route, json={"model": "tiny", **body}, timeout=60)
 
 
+def _join(tokens: list[str]) -> str:
+    """Legacy ``tokens`` back into text (``bytes:\\xNN`` labels are bytes, not UTF-8 alone)."""
+    raw = b"".join(
+        bytes.fromhex(t[6:].replace("\\x", "")) if t.startswith("bytes:") else t.encode()
+        for t in tokens
+    )
+    return raw.decode("utf-8", "replace")
+
+
 def _ref_logprobs(lm, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return torch.log_softmax(lm.model(torch.tensor([ids])).logits[0].float(), -1)
@@ -64,7 +73,7 @@ def test_generated_tokens_logprobs_and_echo(server, fp32):
     lp = choice["logprobs"]
     assert len(lp["tokens"]) == r.json()["usage"]["completion_tokens"] == 5
     assert all(len(t) <= 2 for t in lp["top_logprobs"])
-    assert "".join(lp["tokens"]) == choice["text"]
+    assert _join(lp["tokens"]) == choice["text"]
     echoed = _post(
         server, "/v1/completions", prompt="Hello there", max_tokens=5, temperature=0, echo=True
     ).json()["choices"][0]
@@ -215,3 +224,159 @@ def test_served_model_names(fp32):
             assert httpx.post(srv.url + "/v1/chat/completions", json=body).status_code == 200
         body["model"] = "bot-c"
         assert httpx.post(srv.url + "/v1/chat/completions", json=body).status_code == 404
+
+
+def _byte_label(raw: bytes) -> str:
+    return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def test_completion_alternatives_that_are_byte_tokens_stay_distinct(server, fp32):
+    """Byte tokens all decode alone to U+FFFD; they are labelled by bytes and not merged."""
+    r = _post(
+        server, "/v1/completions", prompt="Hello there", max_tokens=6, temperature=0, logprobs=3
+    )
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    # With this seed some step's alternatives hold two byte tokens (once merged into one).
+    assert any(sum(k.startswith("bytes:") for k in top) >= 2 for top in lp["top_logprobs"])
+    for top in lp["top_logprobs"]:
+        assert len(top) == 3 and "\ufffd" not in top
+        assert all(k.startswith("bytes:\\x") or "\ufffd" not in k for k in top)
+    assert "\ufffd" not in lp["tokens"]
+    ids = r.json()["usage"]["completion_tokens"]
+    assert len(lp["tokens"]) == ids == len(lp["text_offset"])
+    text = choice["text"]
+    for token, offset in zip(lp["tokens"], lp["text_offset"], strict=True):
+        assert 0 <= offset < len(text)
+        if not token.startswith("bytes:"):
+            assert text[offset:].startswith(token)
+    # A byte token forced by logit_bias: labelled with its byte (id 95 is byte 0xA1).
+    forced = _post(
+        server,
+        "/v1/completions",
+        prompt="Hello there",
+        max_tokens=2,
+        temperature=0,
+        logprobs=1,
+        logit_bias={"95": 100},
+    ).json()["choices"][0]["logprobs"]
+    assert forced["tokens"] == ["bytes:\\xa1"] * 2 and forced["text_offset"] == [0, 1]
+
+
+def test_text_offsets_of_characters_split_across_tokens(tiny_chat_tokenizer):
+    from chatforge.server.logprobs import legacy_logprobs
+
+    text = "héllo – wörld ✓<|im_end|>x"
+    ids = tiny_chat_tokenizer.encode(text)
+    lp = legacy_logprobs(tiny_chat_tokenizer, [(i, None) for i in ids], offset=3)
+    assert tiny_chat_tokenizer.decode(ids) == text
+    assert "bytes:\\xc3" in lp["tokens"] and "<|im_end|>" in lp["tokens"]
+    pieces = [tiny_chat_tokenizer.decode([i]) for i in ids]
+    for i, (token, piece, offset) in enumerate(
+        zip(lp["tokens"], pieces, lp["text_offset"], strict=True)
+    ):
+        char = text[offset - 3]  # the character this token starts (or continues)
+        if token.startswith("bytes:"):
+            assert char.encode().find(bytes.fromhex(token[6:].replace("\\x", ""))) >= 0, i
+        else:
+            assert token == piece and text[offset - 3 :].startswith(token), i
+    assert lp["text_offset"][-1] == 3 + len(text) - 1
+
+
+class _StubTokenizer:
+    """A SentencePiece-like vocabulary: byte tokens <0xNN>, and two tokens spelled "foo"."""
+
+    pieces = {1: "foo", 2: "foo", 3: "bar", 4: "<0xE2>", 5: "<0x41>"}
+    texts = {1: "foo", 2: "foo", 3: "bar", 4: "\ufffd", 5: "A"}
+
+    def decode(self, ids, **kw):
+        return "".join(self.texts[i] for i in ids)
+
+    def convert_ids_to_tokens(self, i):
+        return self.pieces[i]
+
+
+def test_same_label_alternatives_are_all_kept_and_sentencepiece_bytes():
+    from chatforge.generation.types import TokenLogprob
+    from chatforge.server.logprobs import chat_logprobs, legacy_logprobs
+
+    tok = _StubTokenizer()
+    lp = TokenLogprob(4, -0.5, top=[(4, -0.5), (1, -1.0), (2, -2.0), (3, -3.0)])
+    legacy = legacy_logprobs(tok, [(4, lp), (5, None)])
+    assert legacy["tokens"] == ["bytes:\\xe2", "A"]
+    # The better "foo" keeps its label; the worse one is not dropped but named by id.
+    assert legacy["top_logprobs"][0] == {
+        "bytes:\\xe2": -0.5,
+        "foo": -1.0,
+        "token_id:2": -2.0,
+        "bar": -3.0,
+    }
+    assert legacy["text_offset"] == [0, 1]  # the lone 0xE2 decodes as one U+FFFD
+    (chat,) = chat_logprobs(tok, [lp], top=3)
+    assert chat["token"] == "bytes:\\xe2" and chat["bytes"] == [0xE2]
+    assert [(t["token"], t["bytes"]) for t in chat["top_logprobs"]] == [
+        ("bytes:\\xe2", [0xE2]),
+        ("foo", list(b"foo")),
+        ("foo", list(b"foo")),
+    ]
+
+
+def _two_token_character(fp32, msgs) -> str:
+    """A two-byte character that greedy decoding writes as its two byte tokens when only
+    those two are boosted (the lead must win the first step, the continuation the next),
+    the one with the widest margins."""
+    from chatforge import Message
+
+    tok = fp32.tokenizer
+    prompt = fp32.format.encode([Message(m["role"], m["content"]) for m in msgs]).input_ids
+    first = _ref_logprobs(fp32, prompt)[-1]
+    best: tuple[float, str] | None = None
+    for char in map(chr, range(0x80, 0x800)):
+        ids = tok.encode(char, add_special_tokens=False)
+        if len(ids) != 2:
+            continue
+        lead, cont = ids
+        after = _ref_logprobs(fp32, [*prompt, lead])[-1]
+        margin = min(float(first[lead] - first[cont]), float(after[cont] - after[lead]))
+        if best is None or margin > best[0]:
+            best = (margin, char)
+    assert best is not None and best[0] > 1e-2, best
+    return best[1]
+
+
+def test_chat_bytes_are_the_tokens_real_bytes(server, fp32):
+    msgs = [{"role": "user", "content": "Hello there"}]
+    body = {"messages": msgs, "temperature": 0, "logprobs": True, "top_logprobs": 3}
+    forced = _post(server, "/v1/chat/completions", max_tokens=2, logit_bias={"95": 100}, **body)
+    content = forced.json()["choices"][0]["logprobs"]["content"]
+    assert fp32.tokenizer.convert_ids_to_tokens(95) == "\u00a1"  # byte 0xA1 in GPT-2's table
+    assert [(c["token"], c["bytes"]) for c in content] == [("bytes:\\xa1", [0xA1])] * 2
+    for c in content:
+        for alt in c["top_logprobs"]:
+            assert alt["token"] != "\ufffd" and alt["bytes"] != list("\ufffd".encode())
+            if alt["token"].startswith("bytes:"):
+                assert alt["token"] == _byte_label(bytes(alt["bytes"]))
+            else:
+                assert bytes(alt["bytes"]).decode() == alt["token"]
+    # One character split over two byte tokens: the tokens' bytes join into the reply's.
+    char = _two_token_character(fp32, msgs)
+    lead, cont = fp32.tokenizer.encode(char, add_special_tokens=False)
+    r = _post(
+        server,
+        "/v1/chat/completions",
+        max_tokens=2,
+        logit_bias={str(lead): 100, str(cont): 100},
+        **body,
+    )
+    choice = r.json()["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert choice["message"]["content"] == char
+    assert [c["token"] for c in content] == [
+        _byte_label(char.encode()[:1]),
+        _byte_label(char.encode()[1:]),
+    ]
+    assert b"".join(bytes(c["bytes"]) for c in content) == char.encode()
+    # And an ordinary reply: the joined bytes decode (lone bytes as U+FFFD) to the reply.
+    plain = _post(server, "/v1/chat/completions", max_tokens=8, **body).json()["choices"][0]
+    joined = b"".join(bytes(c["bytes"]) for c in plain["logprobs"]["content"])
+    assert joined.decode("utf-8", "replace") == plain["message"]["content"]

@@ -106,10 +106,48 @@ def _check(grammar: str, name: str) -> None:
 _TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _TOKENIZERS_LOCK = threading.Lock()
 
-# Token classes for closing a reply that is running out of budget, best first.
-_STOP, _CLOSER, _SEPARATOR, _OTHER = 0, 1, 2, 3
-_CLOSER_CHARS = frozenset('"]}')
-_SEPARATOR_CHARS = frozenset('"]}, \n')
+# Closing a reply that runs out of budget prefers, of the allowed tokens, the end token,
+# then tokens that finish what is open: inside a JSON string, a closing quote (possibly
+# with brackets: ``"]}``), then a quote with a separator (``",``); outside one, closing
+# brackets, then separators (``, "`` before a key that must come), then a bare quote
+# (a string value that must come). Anything else comes last.
+_STOP, _FIRST, _SECOND, _THIRD, _OTHER = 0, 1, 2, 3, 4
+_CLASSES = (_STOP, _FIRST, _SECOND, _THIRD)
+_CLOSERS = frozenset('"]}')
+_SEPARATORS = frozenset('"]}, \n')
+
+
+def _class_in_string(text: str) -> int:
+    if not text.startswith('"'):
+        return _OTHER
+    rest = set(text[1:])
+    return _FIRST if rest <= _CLOSERS else _SECOND if rest <= _SEPARATORS else _OTHER
+
+
+def _class_outside(text: str) -> int:
+    chars = set(text)
+    if not chars:
+        return _OTHER
+    if chars <= {"]", "}"}:
+        return _FIRST
+    if chars <= _SEPARATORS and text != '"':
+        return _SECOND
+    return _THIRD if text == '"' else _OTHER
+
+
+def _in_string_after(text: str, state: tuple[bool, bool]) -> tuple[bool, bool]:
+    """JSON lexical state ``(inside a string, after a backslash)`` after ``text``."""
+    inside, escaped = state
+    for ch in text:
+        if not inside:
+            inside = ch == '"'
+        elif escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == '"':
+            inside = False
+    return inside, escaped
 
 
 @dataclass(frozen=True)
@@ -118,11 +156,12 @@ class GrammarVocab:
 
     ll: Any
     """The ``llguidance.LLTokenizer``."""
-    classes: Tensor
-    """(V,) int8: :data:`_STOP`, :data:`_CLOSER` (only ``"]}``), :data:`_SEPARATOR`
-    (only ``"]}``, commas, spaces, newlines) or :data:`_OTHER`."""
+    texts: list[str]
+    """Each token's text (bytes that are not UTF-8 alone as U+FFFD)."""
+    classes: tuple[Tensor, Tensor]
+    """(V,) int8 closing classes of each token outside and inside a JSON string."""
     lengths: Tensor
-    """(V,) int32: bytes of each token (ties among others go to the shortest)."""
+    """(V,) int32: characters of each token (ties among others go to the shortest)."""
 
 
 def grammar_tokenizer(tokenizer: Any, vocab_size: int, stop_ids: Sequence[int]) -> GrammarVocab:
@@ -145,17 +184,15 @@ def grammar_tokenizer(tokenizer: Any, vocab_size: int, stop_ids: Sequence[int]) 
     ll = _llguidance().LLTokenizer(
         backend.to_str(), n_vocab=int(vocab_size), eos_token=sorted(stop_ids)
     )
-    classes = torch.full((vocab_size,), _OTHER, dtype=torch.int8)
-    lengths = torch.zeros(vocab_size, dtype=torch.int32)
-    for t in range(min(vocab_size, ll.vocab_size)):
-        text = ll.decode_bytes([t]).decode("utf-8", "replace")
-        lengths[t] = len(text)
-        if text and set(text) <= _CLOSER_CHARS:
-            classes[t] = _CLOSER
-        elif text and set(text) <= _SEPARATOR_CHARS:
-            classes[t] = _SEPARATOR
-    classes[list(stop_ids)] = _STOP
-    vocab = GrammarVocab(ll, classes, lengths)
+    n = min(vocab_size, ll.vocab_size)
+    texts = [ll.decode_bytes([t]).decode("utf-8", "replace") for t in range(n)]
+    texts += [""] * (vocab_size - n)
+    outside = torch.tensor([_class_outside(t) for t in texts], dtype=torch.int8)
+    inside = torch.tensor([_class_in_string(t) for t in texts], dtype=torch.int8)
+    stops = list(stop_ids)
+    outside[stops] = inside[stops] = _STOP
+    lengths = torch.tensor([len(t) for t in texts], dtype=torch.int32)
+    vocab = GrammarVocab(ll, texts, (outside, inside), lengths)
     with _TOKENIZERS_LOCK:
         _TOKENIZERS.setdefault(tokenizer, {})[key] = vocab
     return vocab
@@ -163,7 +200,7 @@ def grammar_tokenizer(tokenizer: Any, vocab_size: int, stop_ids: Sequence[int]) 
 
 CLOSING_WINDOW = 64
 """Reply tokens left at which a constrained reply starts checking it can still close."""
-CLOSING_MARGIN = 2
+CLOSING_MARGIN = 4
 """Tokens kept in hand beyond the estimated cost of closing."""
 
 
@@ -178,20 +215,29 @@ class GrammarConstraint(LogitsProcessor):
     :data:`CLOSING_WINDOW` tokens of its budget it estimates how many tokens the
     shortest way to finish takes (walking the grammar greedily on a copy of the
     parser), and once only that many are left it finishes: each step keeps, of the
-    allowed tokens, the best class (the end token, then closing quotes and brackets,
-    then separators, then the rest) and the model picks among those. A 135M model that
+    allowed tokens, the best class (the end token, then what closes the open string or
+    brackets, separators, the rest) and the model picks among those. A 135M model that
     lists ``"John", "John", ...`` forever still returns valid JSON.
     """
 
-    def __init__(self, grammar: str, *, name: str = "json_schema", close: bool = True) -> None:
+    def __init__(
+        self,
+        grammar: str,
+        *,
+        name: str = "json_schema",
+        close: bool = True,
+        close_after: str = "",
+    ) -> None:
         self.grammar = grammar
         self.name = name  # the setting to name in errors
         self.close = close
+        self.close_after = close_after  # close only replies that start so (a tool call)
+        self.head = ""  # the reply's first characters (for close_after)
         self.vocab: GrammarVocab | None = None
         self.matcher: Any = None  # this sequence's parser state, once bound
         self.consumed = 0  # generated tokens fed to the matcher so far
         self.closing = False  # finishing the reply within its budget
-        self.next_check = 0  # generated length at which to estimate closing again
+        self.lexer = (False, False)  # JSON (inside a string, after a backslash) so far
 
     @classmethod
     def from_json_schema(
@@ -202,7 +248,9 @@ class GrammarConstraint(LogitsProcessor):
 
     def bind(self, engine: Any) -> GrammarConstraint:
         vocab = grammar_tokenizer(engine.tokenizer, engine.vocab_size, engine.stop_token_ids)
-        bound = GrammarConstraint(self.grammar, name=self.name, close=self.close)
+        bound = GrammarConstraint(
+            self.grammar, name=self.name, close=self.close, close_after=self.close_after
+        )
         bound.vocab = vocab
         bound.matcher = _llguidance().LLMatcher(vocab.ll, self.grammar, log_level=0)
         if bound.matcher.is_error():
@@ -231,6 +279,11 @@ class GrammarConstraint(LogitsProcessor):
     def _catch_up(self, generated: Sequence[int]) -> None:
         """Feed the parser the tokens sampled since the last step."""
         new = list(generated[self.consumed :])
+        assert self.vocab is not None
+        for t in new:
+            self.lexer = _in_string_after(self.vocab.texts[t], self.lexer)
+            if len(self.head) < len(self.close_after):
+                self.head += self.vocab.texts[t]
         if new and not self.matcher.consume_tokens(new):
             raise RuntimeError(
                 f"the reply left the {self.name} grammar: {self.matcher.get_error()}"
@@ -243,11 +296,13 @@ class GrammarConstraint(LogitsProcessor):
         if m.is_error():
             raise RuntimeError(f"{self.name}: {m.get_error()}")
 
-    def _best_class(self, allowed: Tensor) -> Tensor:
-        """Of the allowed tokens (V,) bool, those of the best class present."""
+    def _best_class(self, allowed: Tensor, lexer: tuple[bool, bool] | None = None) -> Tensor:
+        """Of the allowed tokens (V,) bool, those of the best closing class present."""
         assert self.vocab is not None
-        for klass in (_STOP, _CLOSER, _SEPARATOR):
-            chosen = allowed & (self.vocab.classes == klass)
+        inside, escaped = lexer or self.lexer
+        classes = self.vocab.classes[1 if inside and not escaped else 0]
+        for klass in _CLASSES:
+            chosen = allowed & (classes == klass)
             if chosen.any():
                 return chosen
         return allowed
@@ -255,15 +310,14 @@ class GrammarConstraint(LogitsProcessor):
     def _must_close(self, view: SequenceView) -> bool:
         if not self.close or self.closing or view.budget is None:
             return self.closing
-        done = len(view.generated_ids)
-        left = view.budget - done
-        if left > CLOSING_WINDOW or done < self.next_check:
+        left = view.budget - len(view.generated_ids)
+        if left > CLOSING_WINDOW or not self.head.startswith(self.close_after):
             return False
+        # Every step: one token can raise the cost a lot (a key that opens a nested
+        # object), so an estimate is not reused. A reply that could end here does (cost
+        # 1): starting another call or item might not fit.
         cost = self._closing_cost(left)
-        if left <= cost + CLOSING_MARGIN:
-            self.closing = True
-        else:  # check again when it could first matter
-            self.next_check = done + max(1, (left - cost - CLOSING_MARGIN) // 2)
+        self.closing = cost == 1 or left <= cost + CLOSING_MARGIN
         return self.closing
 
     def _closing_cost(self, limit: int) -> int:
@@ -271,15 +325,18 @@ class GrammarConstraint(LogitsProcessor):
         closing policy run on a copy of the parser, ties going to the shortest token."""
         assert self.vocab is not None
         m = self.matcher.deep_copy()
-        v = self.vocab.classes.numel()
+        v = self.vocab.lengths.numel()
         row = torch.zeros(_words(v), dtype=torch.int32)
+        lexer = self.lexer
         for steps in range(1, limit + 1):
             self._fill(row, m)
-            allowed = self._best_class(unpack_bits(row[None], v)[0])
-            if (allowed & (self.vocab.classes == _STOP)).any():
+            allowed = self._best_class(unpack_bits(row[None], v)[0], lexer)
+            if (allowed & (self.vocab.classes[0] == _STOP)).any():
                 return steps
             lengths = torch.where(allowed, self.vocab.lengths, torch.iinfo(torch.int32).max)
-            if not m.consume_token(int(torch.argmin(lengths))):
+            tok = int(torch.argmin(lengths))
+            lexer = _in_string_after(self.vocab.texts[tok], lexer)
+            if not m.consume_token(tok):
                 return limit
         return limit
 

@@ -34,7 +34,6 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
-from chatforge.conversation import Message
 from chatforge.errors import ChatforgeError, ContextOverflowError
 from chatforge.generation.config import GenerationConfig
 from chatforge.generation.engine import Engine, EngineConfig
@@ -280,7 +279,7 @@ def create_app(
 
         def encode() -> list[int]:
             if req.messages is not None:
-                msgs = [Message(m.chat_role(), m.text()) for m in req.messages]
+                msgs = render_messages(req.messages, plan_tools(req.tools, None, None))
                 enc = loaded.format.encode(msgs, add_generation_prompt=req.add_generation_prompt)
                 return list(enc.input_ids)
             return list(

@@ -201,6 +201,7 @@ class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessageIn] | None = None
+    tools: list[ToolDef] | None = None  # described in the system prompt, as chat does
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 

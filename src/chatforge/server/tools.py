@@ -74,6 +74,7 @@ def plan_tools(
         plan.constraint = GrammarConstraint(
             _grammar(allowed, free_text=choice == "auto", parallel=plan.parallel),
             name="tools",
+            close_after=CALL_OPEN if choice == "auto" else "",  # text needs no closing
         )
     return plan
 

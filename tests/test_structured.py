@@ -1,0 +1,417 @@
+"""Structured output and tools on tiny random models: every reply follows its schema.
+
+A random model writes noise, so these tests show the constraint, not the model,
+makes the JSON valid: nested objects, arrays, enums, integers, required fields,
+while sampling at temperature 1, and within small reply budgets.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from chatforge import load_model
+from chatforge.generation.config import GenerationConfig
+from chatforge.generation.engine import Engine
+from chatforge.generation.grammar import GrammarConstraint
+from chatforge.generation.types import Request
+from chatforge.server import Limits, create_app
+from conftest import make_tiny_llama
+from serverkit import ServerThread
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "address": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "zip": {"type": "integer"}},
+            "required": ["city", "zip"],
+            "additionalProperties": False,
+        },
+        "tags": {"type": "array", "items": {"type": "string"}},
+    },
+    "required": ["name", "age", "role", "address", "tags"],
+    "additionalProperties": False,
+}
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+CLOCK = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string"}},
+            "required": ["zone"],
+        },
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    # 1024 positions: the tools' description alone is ~600 of the tiny tokenizer's tokens.
+    return load_model(str(make_tiny_llama(tmp_path_factory.mktemp("llama-1k"), positions=1024)))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    return Engine.shared(tiny)
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    app = create_app(tiny, model_id="tiny", limits=Limits(max_tokens=300, max_n=8))
+    with ServerThread(app) as srv:
+        yield srv
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+
+
+def _prompt(tiny, text="Describe a user."):
+    return list(tiny.tokenizer.encode(text))
+
+
+# -- the engine ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_new_tokens", [400, 100])
+def test_sampled_replies_of_a_random_model_follow_the_schema(tiny, engine, max_new_tokens):
+    reqs = [
+        Request(
+            _prompt(tiny),
+            GenerationConfig(
+                temperature=1.0, seed=seed, max_new_tokens=max_new_tokens, json_schema=SCHEMA
+            ),
+        )
+        for seed in range(8)
+    ]
+    for c in engine.generate(reqs):
+        assert c.finish_reason == "stop", c
+        assert c.completion_tokens <= max_new_tokens
+        jsonschema.validate(json.loads(c.text), SCHEMA)
+
+
+def test_a_budget_too_small_for_the_schema_ends_by_length(tiny, engine):
+    c = engine.generate(
+        [Request(_prompt(tiny), GenerationConfig(max_new_tokens=4, json_schema=SCHEMA))]
+    )[0]
+    assert c.finish_reason == "length"
+
+
+def test_one_constraint_serves_many_sequences(tiny, engine):
+    # n choices share the request's processors: each needs its own parser state.
+    constraint = GrammarConstraint.from_json_schema({"type": "array", "items": {"type": "integer"}})
+    reqs = [
+        Request(_prompt(tiny), GenerationConfig(temperature=1.0, seed=s), processors=[constraint])
+        for s in range(4)
+    ]
+    for c in engine.generate(reqs):
+        assert isinstance(json.loads(c.text), list)
+
+
+def test_an_invalid_schema_is_refused_where_the_config_is_built():
+    with pytest.raises(ValueError, match="json_schema"):
+        GenerationConfig(json_schema={"type": "objekt"})
+    with pytest.raises(ValueError, match="json_schema"):
+        GenerationConfig(json_schema=["not", "a", "schema"])  # type: ignore[arg-type]
+
+
+def test_set_json_schema_from_text_or_file(tmp_path):
+    cfg = GenerationConfig().set_param("json_schema", '{"type": "object"}')
+    assert cfg.json_schema == {"type": "object"}
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(SCHEMA))
+    assert GenerationConfig().set_param("json-schema", str(path)).json_schema == SCHEMA
+    assert cfg.set_param("json_schema", "off").json_schema is None
+    with pytest.raises(ValueError, match="json_schema"):
+        GenerationConfig().set_param("json_schema", str(tmp_path / "missing.json"))
+
+
+# -- the server: response_format ----------------------------------------------------------
+
+
+def test_chat_json_schema_strict_and_json_object(client):
+    for seed in range(3):
+        r = client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "Describe a user."}],
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "user", "schema": SCHEMA, "strict": True},
+            },
+            temperature=1.0,
+            seed=seed,
+            max_tokens=200,
+        )
+        jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+        assert r.choices[0].finish_reason == "stop"
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Hi"}],
+        response_format={"type": "json_object"},
+        max_tokens=100,
+        n=3,
+        seed=1,
+    )
+    for choice in r.choices:
+        assert isinstance(json.loads(choice.message.content), dict)
+
+
+def test_streamed_structured_reply_is_the_same_json(client):
+    kw = dict(
+        model="tiny",
+        messages=[{"role": "user", "content": "Describe a user."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "u", "schema": SCHEMA}},
+        temperature=0,
+        max_tokens=200,
+    )
+    whole = client.chat.completions.create(**kw).choices[0].message.content
+    parts = client.chat.completions.create(**kw, stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in parts if c.choices)
+    assert streamed == whole
+    jsonschema.validate(json.loads(streamed), SCHEMA)
+
+
+def test_completions_take_response_format_too(client):
+    r = client.completions.create(
+        model="tiny",
+        prompt="A user:",
+        max_tokens=200,
+        extra_body={
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "u", "schema": SCHEMA},
+            }
+        },
+    )
+    jsonschema.validate(json.loads(r.choices[0].text), SCHEMA)
+
+
+@pytest.mark.parametrize(
+    "response_format",
+    [
+        {"type": "json_schema", "json_schema": {"name": "u", "schema": {"type": "objekt"}}},
+        {"type": "json_schema"},
+        {"type": "xml"},
+    ],
+)
+def test_a_bad_response_format_is_a_400_naming_it(server, response_format):
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "response_format": response_format,
+    }
+    r = httpx.post(server.url + "/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"].startswith("response_format"), r.json()
+
+
+# -- the server: tools -----------------------------------------------------------------
+
+
+def _calls_valid(calls, tools):
+    by_name = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments), by_name[call.function.name])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_required_tool_choice_returns_valid_calls(client, seed):
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=[WEATHER, CLOCK],
+        tool_choice="required",
+        temperature=1.0,
+        seed=seed,
+        max_tokens=250,
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None and choice.message.tool_calls
+    _calls_valid(choice.message.tool_calls, [WEATHER, CLOCK])
+
+
+def test_named_function_and_no_parallel_calls(client):
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Time?"}],
+        tools=[WEATHER, CLOCK],
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+        temperature=1.0,
+        seed=3,
+        max_tokens=250,
+    )
+    calls = r.choices[0].message.tool_calls
+    assert len(calls) == 1 and calls[0].function.name == "get_time"
+    _calls_valid(calls, [CLOCK])
+
+
+def test_streamed_tool_calls_assemble_in_the_sdk(client):
+    kw = dict(
+        model="tiny",
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        temperature=0,
+        max_tokens=250,
+    )
+    whole = client.chat.completions.create(**kw).choices[0]
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert deltas, "no tool_calls delta"
+    call = deltas[0].tool_calls[0]
+    assert call.index == 0 and call.function.name == "get_weather"
+    assert call.function.arguments == whole.message.tool_calls[0].function.arguments
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert not any(c.choices[0].delta.content for c in chunks if c.choices)
+
+
+def test_auto_lets_the_model_answer_or_call(client):
+    seen = set()
+    for seed in range(6):
+        r = client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "Weather?"}],
+            tools=[WEATHER],
+            temperature=1.0,
+            seed=seed,
+            max_tokens=120,
+        )
+        choice = r.choices[0]
+        if choice.message.tool_calls:
+            _calls_valid(choice.message.tool_calls, [WEATHER])
+            assert choice.finish_reason == "tool_calls"
+            seen.add("call")
+        else:
+            assert "<tool_call>" not in (choice.message.content or "")[:11]
+            seen.add("text")
+    assert "text" in seen  # a random model mostly writes text
+
+
+def test_a_tool_result_in_the_history_is_accepted(client, server, tiny):
+    history = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {
+                        "name": "get_weather",
+                        "arguments": '{"city": "Paris", "unit": "c"}',
+                    },
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "21 C, sunny"},
+    ]
+    r = client.chat.completions.create(
+        model="tiny", messages=history, tools=[WEATHER], max_tokens=10
+    )
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    ids = httpx.post(server.url + "/tokenize", json={"model": "tiny", "messages": history}).json()
+    assert ids["count"] > 0
+    # The call and its result reach the model as text.
+    rendered = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"model": "tiny", "messages": history, "max_tokens": 1, "tools": [WEATHER]},
+    ).json()
+    assert rendered["usage"]["prompt_tokens"] > len(tiny.tokenizer.encode("21 C, sunny"))
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tool_choice": "required"}, "tool_choice"),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice",
+        ),
+        ({"tools": [WEATHER, WEATHER]}, "tools"),
+        (
+            {"tools": [WEATHER], "response_format": {"type": "json_object"}},
+            "response_format",
+        ),
+    ],
+)
+def test_bad_tool_settings_are_a_400_naming_them(server, extra, param):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], **extra}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+# -- fields we do not implement are never ignored in silence ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        ({"functions": [WEATHER["function"]]}, "functions"),
+        ({"web_search_options": {}}, "web_search_options"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"n": 99}, "n"),
+    ],
+)
+def test_unimplemented_fields_are_a_400_naming_them(server, extra, param):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], **extra}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"].startswith(param)
+
+
+def test_image_parts_to_a_text_model_are_a_400(server):
+    content = [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+    ]
+    body = {"model": "tiny", "messages": [{"role": "user", "content": content}]}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body)
+    assert r.status_code == 400 and "image_url" in r.json()["error"]["message"]
+
+
+def test_bookkeeping_fields_are_accepted(server):
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 2,
+        "user": "u1",
+        "metadata": {"k": "v"},
+        "store": False,
+        "modalities": ["text"],
+    }
+    assert httpx.post(server.url + "/v1/chat/completions", json=body).status_code == 200
+    body = {"model": "tiny", "prompt": "Hi", "max_tokens": 2, "best_of": 1, "user": "u"}
+    assert httpx.post(server.url + "/v1/completions", json=body).status_code == 200
+    body["best_of"] = 3
+    r = httpx.post(server.url + "/v1/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
