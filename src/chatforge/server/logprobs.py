@@ -20,8 +20,9 @@ import codecs
 import json
 import re
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from chatforge.generation.types import TokenLogprob
@@ -70,24 +71,26 @@ class _Token:
 
 @dataclass
 class _Vocab:
-    """One tokenizer's token labels and bytes, worked out per id on first use."""
+    """One tokenizer's token labels and bytes, worked out per id on first use.
 
-    tokenizer: Any
+    It holds no reference to the tokenizer (it is the value of a weak-keyed cache).
+    """
+
     byte_level: bool
     added: frozenset[int]
     cache: dict[int, _Token] = field(default_factory=dict)
 
-    def __getitem__(self, token_id: int) -> _Token:
+    def get(self, tokenizer: Any, token_id: int) -> _Token:
         token = self.cache.get(token_id)
         if token is None:
-            token = self.cache[token_id] = self._make(token_id)
+            token = self.cache[token_id] = self._make(tokenizer, token_id)
         return token
 
-    def _make(self, token_id: int) -> _Token:
-        text = self.tokenizer.decode(
+    def _make(self, tokenizer: Any, token_id: int) -> _Token:
+        text = tokenizer.decode(
             [token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False
         )
-        raw = _raw_bytes(self, token_id, text)
+        raw = _raw_bytes(tokenizer, self, token_id, text)
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -95,14 +98,14 @@ class _Vocab:
         return _Token(raw, text)
 
 
-def _raw_bytes(vocab: _Vocab, token_id: int, text: str) -> bytes:
+def _raw_bytes(tokenizer: Any, vocab: _Vocab, token_id: int, text: str) -> bytes:
     """A token's bytes: through the byte-level table, from ``<0xNN>``, else ``text``'s UTF-8.
 
     Added and special tokens (``<|im_end|>``) are stored as plain text, not in the
     byte-level alphabet, so they always take their text.
     """
     if token_id not in vocab.added:
-        piece = vocab.tokenizer.convert_ids_to_tokens(token_id)
+        piece = tokenizer.convert_ids_to_tokens(token_id)
         if isinstance(piece, str):
             if vocab.byte_level and piece and all(ch in _BYTE_DECODER for ch in piece):
                 return bytes(_BYTE_DECODER[ch] for ch in piece)
@@ -114,7 +117,8 @@ def _raw_bytes(vocab: _Vocab, token_id: int, text: str) -> bytes:
 _VOCABS: weakref.WeakKeyDictionary[Any, _Vocab] = weakref.WeakKeyDictionary()
 
 
-def _vocab(tokenizer: Any) -> _Vocab:
+def _tokens(tokenizer: Any) -> Callable[[int], _Token]:
+    """``token id -> _Token`` for ``tokenizer``, cached per tokenizer."""
     try:
         vocab = _VOCABS.get(tokenizer)
     except TypeError:  # not weak-referenceable or hashable: no cache across calls
@@ -122,12 +126,12 @@ def _vocab(tokenizer: Any) -> _Vocab:
     if vocab is None:
         added = set(getattr(tokenizer, "added_tokens_decoder", None) or ())
         added |= set(getattr(tokenizer, "all_special_ids", None) or ())
-        vocab = _Vocab(tokenizer, _is_byte_level(tokenizer), frozenset(added))
+        vocab = _Vocab(_is_byte_level(tokenizer), frozenset(added))
         try:
             _VOCABS[tokenizer] = vocab
         except TypeError:
             pass
-    return vocab
+    return partial(vocab.get, tokenizer)
 
 
 def legacy_logprobs(
@@ -145,14 +149,14 @@ def legacy_logprobs(
     long as it holds every token's text; generated text leaves special tokens out and
     ends at a stop string, which only moves offsets of tokens after those.
     """
-    vocab = _vocab(tokenizer)
+    vocab = _tokens(tokenizer)
     chars = codecs.getincrementaldecoder("utf-8")(errors="replace")
     tokens: list[str] = []
     token_logprobs: list[float | None] = []
     top: list[dict[str, float] | None] = []
     offsets: list[int] = []
     for token_id, lp in entries:
-        token = vocab[token_id]
+        token = vocab(token_id)
         tokens.append(token.label)
         # Where the token's first byte lands: decode it after what came before, as if the
         # text ended there; it is in the last character that gives (a byte that cannot
@@ -169,7 +173,7 @@ def legacy_logprobs(
         token_logprobs.append(lp.logprob)
         alternatives: dict[str, float] = {}
         for alt_id, alt_lp in lp.top:  # best first
-            key = vocab[alt_id].label
+            key = vocab(alt_id).label
             if key in alternatives:
                 # Two distinct tokens with one label (e.g. an added token spelled like a
                 # vocabulary token). Overwriting would show the worse logprob and merging
@@ -189,10 +193,10 @@ def legacy_logprobs(
 
 def chat_logprobs(tokenizer: Any, entries: Sequence[TokenLogprob], top: int) -> list[dict]:
     """Generated tokens' logprobs -> the chat ``logprobs.content`` list."""
-    vocab = _vocab(tokenizer)
+    vocab = _tokens(tokenizer)
 
     def entry(token_id: int, logprob: float) -> dict:
-        token = vocab[token_id]
+        token = vocab(token_id)
         return {"token": token.label, "logprob": logprob, "bytes": list(token.raw)}
 
     return [

@@ -80,7 +80,11 @@ def plan_tools(
 
 
 def _call_schema(tool: ToolDef) -> dict[str, Any]:
-    params = tool.function.parameters or {"type": "object", "properties": {}}
+    params = dict(tool.function.parameters or {"type": "object", "properties": {}})
+    # Arguments the function does not declare would fail the call (a Python function
+    # gets an unexpected keyword), so unless the schema allows them they are not written.
+    if "properties" in params and "additionalProperties" not in params:
+        params["additionalProperties"] = False
     return {
         "type": "object",
         "properties": {"name": {"const": tool.function.name}, "arguments": params},
