@@ -158,10 +158,28 @@ class GrammarVocab:
     """The ``llguidance.LLTokenizer``."""
     texts: list[str]
     """Each token's text (bytes that are not UTF-8 alone as U+FFFD)."""
-    classes: tuple[Tensor, Tensor]
-    """(V,) int8 closing classes of each token outside and inside a JSON string."""
-    lengths: Tensor
-    """(V,) int32: characters of each token (ties among others go to the shortest)."""
+    class_words: tuple[Tensor, Tensor]
+    """Outside and inside a JSON string: (len(_CLASSES), W) int32, the tokens of each
+    closing class as a packed bitmask like llguidance's (bit ``t % 32`` of word ``t // 32``)."""
+    class_ids: tuple[list[Tensor], list[Tensor]]
+    """Outside and inside a JSON string: per closing class, its token ids, shortest first."""
+    by_length: Tensor
+    """(V,) int64: token ids, shortest text first (ties among a class go to the shortest)."""
+    stop_words: Tensor
+    """(W,) int32: the stop tokens, packed."""
+
+
+def _pack(ids: Sequence[int] | Tensor, width: int) -> Tensor:
+    """Token ids -> a (W,) int32 bitmask."""
+    bits = torch.zeros(_words(width) * 32, dtype=torch.int64)
+    bits[torch.as_tensor(ids, dtype=torch.long)] = 1
+    words = (bits.view(-1, 32) << torch.arange(32)).sum(-1)  # (W,) in 0..2**32-1
+    return (words - (words >= 2**31).long() * 2**32).to(torch.int32)  # as signed int32
+
+
+def _has(words: Tensor, ids: Tensor) -> Tensor:
+    """Bits of ``ids`` (N,) in the packed mask ``words`` (W,) -> (N,) bool."""
+    return ((words[ids >> 5] >> (ids & 31).to(torch.int32)) & 1).bool()
 
 
 def grammar_tokenizer(tokenizer: Any, vocab_size: int, stop_ids: Sequence[int]) -> GrammarVocab:
@@ -187,12 +205,22 @@ def grammar_tokenizer(tokenizer: Any, vocab_size: int, stop_ids: Sequence[int]) 
     n = min(vocab_size, ll.vocab_size)
     texts = [ll.decode_bytes([t]).decode("utf-8", "replace") for t in range(n)]
     texts += [""] * (vocab_size - n)
-    outside = torch.tensor([_class_outside(t) for t in texts], dtype=torch.int8)
-    inside = torch.tensor([_class_in_string(t) for t in texts], dtype=torch.int8)
-    stops = list(stop_ids)
-    outside[stops] = inside[stops] = _STOP
-    lengths = torch.tensor([len(t) for t in texts], dtype=torch.int32)
-    vocab = GrammarVocab(ll, texts, (outside, inside), lengths)
+    stops = set(stop_ids)
+    by_length = sorted(range(vocab_size), key=lambda t: len(texts[t]))
+    packed, listed = [], []
+    for classify in (_class_outside, _class_in_string):
+        klass = [_STOP if t in stops else classify(text) for t, text in enumerate(texts)]
+        ids_of = [[t for t in by_length if klass[t] == c] for c in _CLASSES]
+        packed.append(torch.stack([_pack(ids, vocab_size) for ids in ids_of]))
+        listed.append([torch.tensor(ids, dtype=torch.long) for ids in ids_of])
+    vocab = GrammarVocab(
+        ll,
+        texts,
+        (packed[0], packed[1]),
+        (listed[0], listed[1]),
+        torch.tensor(by_length, dtype=torch.long),
+        _pack(sorted(stops), vocab_size),
+    )
     with _TOKENIZERS_LOCK:
         _TOKENIZERS.setdefault(tokenizer, {})[key] = vocab
     return vocab
@@ -267,12 +295,9 @@ class GrammarConstraint(LogitsProcessor):
             assert isinstance(p, GrammarConstraint) and p.matcher is not None, "not bound"
             p._catch_up(view.generated_ids)
             p._fill(mask[i])
-        allowed = unpack_bits(mask, v)  # (B, V) bool
-        for i, (p, view) in enumerate(zip(procs, views, strict=True)):
-            assert isinstance(p, GrammarConstraint)
             if p._must_close(view):
-                allowed[i] = p._best_class(allowed[i])
-        return logits.masked_fill(~allowed, float("-inf"))
+                mask[i] = p._best_class(mask[i], p.lexer)
+        return logits.masked_fill(~unpack_bits(mask, v), float("-inf"))
 
     # -- one sequence ----------------------------------------------------------------
 
@@ -296,16 +321,21 @@ class GrammarConstraint(LogitsProcessor):
         if m.is_error():
             raise RuntimeError(f"{self.name}: {m.get_error()}")
 
-    def _best_class(self, allowed: Tensor, lexer: tuple[bool, bool] | None = None) -> Tensor:
-        """Of the allowed tokens (V,) bool, those of the best closing class present."""
+    def _best_class(self, allowed: Tensor, lexer: tuple[bool, bool]) -> Tensor:
+        """Of the allowed tokens (packed (W,) int32), those of the best closing class
+        present (packed), for the JSON lexical state ``lexer``."""
+        return self._best(allowed, lexer)[0]
+
+    def _best(self, allowed: Tensor, lexer: tuple[bool, bool]) -> tuple[Tensor, Tensor]:
+        """(the allowed tokens of the best class present, packed; that class's token
+        ids shortest first, or all ids when no class is present)."""
         assert self.vocab is not None
-        inside, escaped = lexer or self.lexer
-        classes = self.vocab.classes[1 if inside and not escaped else 0]
-        for klass in _CLASSES:
-            chosen = allowed & (classes == klass)
-            if chosen.any():
-                return chosen
-        return allowed
+        ctx = 1 if lexer[0] and not lexer[1] else 0
+        for words, ids in zip(self.vocab.class_words[ctx], self.vocab.class_ids[ctx], strict=True):
+            chosen = allowed & words
+            if bool(chosen.any()):
+                return chosen, ids
+        return allowed, self.vocab.by_length
 
     def _must_close(self, view: SequenceView) -> bool:
         if not self.close or self.closing or view.budget is None:
@@ -324,21 +354,32 @@ class GrammarConstraint(LogitsProcessor):
         """Tokens the shortest way to finish takes from here (at most ``limit``): the
         closing policy run on a copy of the parser, ties going to the shortest token."""
         assert self.vocab is not None
+        vocab = self.vocab
         m = self.matcher.deep_copy()
-        v = self.vocab.lengths.numel()
-        row = torch.zeros(_words(v), dtype=torch.int32)
+        row = torch.zeros(vocab.stop_words.numel(), dtype=torch.int32)
         lexer = self.lexer
         for steps in range(1, limit + 1):
             self._fill(row, m)
-            allowed = self._best_class(unpack_bits(row[None], v)[0], lexer)
-            if (allowed & (self.vocab.classes[0] == _STOP)).any():
+            if bool((row & vocab.stop_words).any()):
                 return steps
-            lengths = torch.where(allowed, self.vocab.lengths, torch.iinfo(torch.int32).max)
-            tok = int(torch.argmin(lengths))
-            lexer = _in_string_after(self.vocab.texts[tok], lexer)
+            allowed, ordered = self._best(row, lexer)
+            tok = _first_allowed(allowed, ordered)
+            if tok is None:
+                return limit
+            lexer = _in_string_after(vocab.texts[tok], lexer)
             if not m.consume_token(tok):
                 return limit
         return limit
+
+
+def _first_allowed(words: Tensor, ordered: Tensor) -> int | None:
+    """The first of ``ordered`` token ids set in the packed mask ``words``; the shortest
+    tokens are tried first, as one is nearly always allowed."""
+    for part in (ordered[:256], ordered[256:]):
+        hits = _has(words, part).nonzero()
+        if len(hits):
+            return int(part[hits[0, 0]])
+    return None
 
 
 def _words(width: int) -> int:
