@@ -58,6 +58,7 @@ def llm_cli(server, tmp_path):
         f"- model_id: {CHAT}\n"
         f"  model_name: {SERVED}\n"
         f"  api_base: {server.url}/v1\n"
+        f"  supports_schema: true\n"
         f"- model_id: {COMPLETION}\n"
         f"  model_name: {SERVED}\n"
         f"  api_base: {server.url}/v1\n"
@@ -213,3 +214,11 @@ def test_chat_model_rejects_logprobs_option_cleanly(llm_cli):
     proc = llm_cli("-m", CHAT, "Hello there", "-o", "logprobs", "3", ok=False)
     assert proc.returncode != 0 and "logprobs" in proc.stderr
     assert llm_cli.logs() == []
+
+
+def test_schema_replies_are_json_that_follows_it(llm_cli):
+    """``llm --schema`` sends response_format json_schema; a random model still answers in it."""
+    out = llm_cli("-m", CHAT, "--schema", "name, age int, bio: a short bio", "Hi")
+    data = json.loads(out.stdout)
+    assert set(data) == {"name", "age", "bio"}, data
+    assert isinstance(data["name"], str) and isinstance(data["age"], int)

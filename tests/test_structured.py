@@ -415,3 +415,59 @@ def test_bookkeeping_fields_are_accepted(server):
     body["best_of"] = 3
     r = httpx.post(server.url + "/v1/completions", json=body)
     assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
+
+
+TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTOOLS:{% for t in tools %} {{ t.function.name }}"
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.tool_calls %}{% for c in m.tool_calls %}CALL {{ c.function.name }} "
+    "{{ c.function.arguments | tojson }}{% endfor %}{% else %}{{ m.content }}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tool_template_server(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    path = make_tiny_llama(tmp_path_factory.mktemp("llama-tools"), positions=1024)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = TOOL_TEMPLATE
+    tok.save_pretrained(path)
+    with ServerThread(create_app(load_model(str(path)), model_id="tiny")) as srv:
+        yield srv
+
+
+def test_a_template_that_knows_tools_renders_them(tool_template_server):
+    srv = tool_template_server
+    history = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "21 C"},
+    ]
+    body = {"model": "tiny", "messages": history, "tools": [WEATHER, CLOCK]}
+    ids = httpx.post(srv.url + "/tokenize", json=body).json()["tokens"]
+    text = httpx.post(srv.url + "/detokenize", json={"tokens": ids}).json()["prompt"]
+    assert "TOOLS: get_weather get_time" in text
+    assert 'CALL get_weather {"city": "Paris"}' in text
+    assert "<|im_start|>tool\n21 C" in text
+    assert "<tools>" not in text  # not our system-prompt rendering
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none")
+    r = client.chat.completions.create(
+        model="tiny", messages=history, tools=[WEATHER], tool_choice="required", max_tokens=200
+    )
+    _calls_valid(r.choices[0].message.tool_calls, [WEATHER])
+    body = {**body, "max_tokens": 1}
+    usage = httpx.post(srv.url + "/v1/chat/completions", json=body).json()["usage"]
+    assert usage["prompt_tokens"] == len(ids)

@@ -56,7 +56,13 @@ from chatforge.server.schemas import (
     logprob_settings,
     parse,
 )
-from chatforge.server.tools import CallStream, parse_calls, plan_tools, render_messages
+from chatforge.server.tools import (
+    CallStream,
+    encode_with_template,
+    parse_calls,
+    plan_tools,
+    render_messages,
+)
 
 log = logging.getLogger("chatforge.server")
 
@@ -279,7 +285,13 @@ def create_app(
 
         def encode() -> list[int]:
             if req.messages is not None:
-                msgs = render_messages(req.messages, plan_tools(req.tools, None, None))
+                tools = plan_tools(req.tools, None, None)
+                ids = encode_with_template(
+                    loaded.format, req.messages, tools, req.add_generation_prompt
+                )
+                if ids is not None:
+                    return ids
+                msgs = render_messages(req.messages, tools)
                 enc = loaded.format.encode(msgs, add_generation_prompt=req.add_generation_prompt)
                 return list(enc.input_ids)
             return list(
@@ -340,17 +352,23 @@ def create_app(
                 '"none"): a reply is either calls or one JSON document',
                 param="response_format",
             )
-        try:
+
+        def encode() -> EngineRequest:
+            ids = encode_with_template(loaded.format, req.messages, tools)
+            if ids is not None:  # a template that renders tools itself
+                config.reply_budget(len(ids), loaded.info.context_length)  # fits?
+                return EngineRequest(prompt_ids=ids, config=config)
             messages = render_messages(req.messages, tools)
-            # Templating and tokenising a long prompt takes a while: not on the loop.
-            plan = await asyncio.to_thread(
-                plan_request,
+            return plan_request(
                 loaded.format,
                 messages,
                 loaded.info.context_length,
                 config,
                 drop_history=False,
-            )
+            ).request
+
+        try:  # templating and tokenising a long prompt takes a while: not on the loop
+            planned = await asyncio.to_thread(encode)
         except ContextOverflowError as e:
             raise _context_error(e, "messages") from None
         except (ValueError, TypeError) as e:  # e.g. a template that rejects the role order
@@ -358,9 +376,7 @@ def create_app(
         # The engine resolves the reply budget itself (max_tokens, the context).
         k = logprob_settings(req)
         constraint = [tools.constraint] if tools is not None and tools.constraint else []
-        base = dataclasses.replace(
-            plan.request, max_new_tokens=None, logprobs=k, processors=constraint
-        )
+        base = dataclasses.replace(planned, max_new_tokens=None, logprobs=k, processors=constraint)
         render = _Render(loaded.tokenizer, k, tools=bool(constraint))
         return await respond(request, req, service, [base], "messages", _CHAT, render)
 

@@ -1,7 +1,9 @@
 """Function calling: OpenAI's ``tools`` rendered for the model, its calls constrained and parsed.
 
-How tools reach the model (documented in the README). Small chat models'
-templates (SmolLM2's included) have no tool syntax, so chatforge uses the
+How tools reach the model (documented in the README). A chat template that renders
+``tools`` (Qwen2.5's, Hermes', Llama 3.1's) gets them, with earlier calls and results,
+in its own syntax (:func:`encode_with_template`). Small chat models' templates
+(SmolLM2's included) and chatforge's own formats have none, so chatforge then uses the
 Hermes/Qwen convention every recent tool-trained model knows, in plain text:
 
 * the tools are described at the end of the system prompt (:func:`tools_prompt`);
@@ -10,7 +12,8 @@ Hermes/Qwen convention every recent tool-trained model knows, in plain text:
 * a ``role: "tool"`` message becomes a user turn ``<tool_response>\\n...\\n</tool_response>``
   (consecutive results share one turn).
 
-What the model may write is a grammar (:func:`tool_grammar`): with
+Calls are always written in the Hermes form below. What the model may write is a
+grammar (:func:`_grammar`): with
 ``tool_choice: "required"`` or a named function only calls, each one's arguments
 constrained to the function's ``parameters`` schema; with ``"auto"`` either plain
 text (which may not begin with ``<tool_call>``) or calls, so a call is recognised
@@ -162,6 +165,54 @@ def render_messages(messages: list[ChatMessageIn], plan: ToolPlan | None) -> lis
         else:
             out.insert(0, Message("system", prompt))
     return out
+
+
+def template_supports_tools(fmt: Any) -> bool:
+    """Whether the model's prompt format is a chat template that renders ``tools``."""
+    template = getattr(getattr(fmt, "tokenizer", None), "chat_template", None)
+    return fmt.name == "chat_template" and isinstance(template, str) and "tools" in template
+
+
+def encode_with_template(
+    fmt: Any,
+    messages: list[ChatMessageIn],
+    plan: ToolPlan | None,
+    add_generation_prompt: bool = True,
+) -> list[int] | None:
+    """The prompt rendered by a chat template that knows tools (the tools, earlier
+    ``tool_calls`` and ``role: "tool"`` results in its own syntax); None when the template
+    does not, or nothing tool-related is in the request (then :func:`render_messages`)."""
+    tooled = any(m.role == "tool" or m.tool_calls for m in messages)
+    shown = plan is not None and plan.choice != "none"
+    if not (shown or tooled) or not template_supports_tools(fmt):
+        return None
+    hf: list[dict[str, Any]] = []
+    for m in messages:
+        entry: dict[str, Any] = {"role": m.chat_role(), "content": m.text()}
+        if m.tool_calls:
+            entry["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {
+                        "name": c.function.name,
+                        "arguments": json.loads(_arguments_json(c.function.arguments)),
+                    },
+                }
+                for c in m.tool_calls
+            ]
+        if m.tool_call_id is not None:
+            entry["tool_call_id"] = m.tool_call_id
+        hf.append(entry)
+    tools = [t.model_dump(exclude_none=True) for t in plan.tools] if shown and plan else None
+    out = fmt.tokenizer.apply_chat_template(
+        hf,
+        tools=tools,
+        tokenize=True,
+        return_dict=False,
+        add_generation_prompt=add_generation_prompt,
+    )
+    return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
 
 def _arguments_json(arguments: str) -> str:
