@@ -244,9 +244,27 @@ def test_cli_generate_end_to_end(tmp_path, capsys, tiny_llama_dir):
     assert "needs field 'q'" in err
     got = rows(out)
     assert [r["id"] for r in got] == [0, 1, 2] and got[2]["prompt"] == "Say there"
+    # All rows there: said so, and the model is not even loaded (its directory is gone).
+    argv[argv.index("--model") + 1] = str(tmp_path / "no-such-model")
     code, _, err = cli(argv, capsys)
-    assert code == 0 and "3 records: 0 done, 0 errors, 3 skipped" in err
+    assert code == 0, err
+    assert "all 3 records already have a row" in err and "not loaded" in err
     assert len(rows(out)) == 3
+
+
+def test_a_finished_output_does_not_load_the_model(tmp_path, llama):
+    inp = write(tmp_path / "in.txt", "a\nb\n")
+    out = tmp_path / "out.jsonl"
+    generate_batch(llama, inp, out, config=GREEDY, progress=False)
+
+    def loader():
+        raise AssertionError("loaded the model for nothing")
+
+    summary = generate_batch(loader, inp, out, config=GREEDY, progress=False)
+    assert (summary.total, summary.skipped, summary.done) == (2, 2, 0)
+    write(inp, "a\nb\nc\n")  # one more record: now the model is needed
+    summary = generate_batch(lambda: llama, inp, out, config=GREEDY, progress=False)
+    assert (summary.done, summary.skipped) == (1, 2)
 
 
 @pytest.mark.parametrize(

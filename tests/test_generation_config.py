@@ -164,8 +164,22 @@ def test_presets() -> None:
     precise = GenerationConfig.from_preset("precise")
     assert precise.temperature == 0.0 and precise.greedy
     balanced = GenerationConfig.from_preset("balanced")
-    assert (balanced.temperature, balanced.top_p, balanced.min_p) == (0.2, 0.9, 0.1)
+    assert (balanced.temperature, balanced.top_p, balanced.min_p) == (0.2, 0.9, 0.2)
     assert balanced.repetition_penalty == 1.05
+
+
+def test_an_explicit_temperature_zero_is_plain_greedy() -> None:
+    # -t 0 means the model's most likely tokens: the preset's penalties do not apply...
+    greedy = GenerationConfig.from_preset("balanced", temperature=0)
+    assert greedy.greedy and greedy.repetition_penalty == 1.0
+    # ...unless asked for, and other temperatures keep them.
+    assert (
+        GenerationConfig.from_preset(
+            "balanced", temperature=0, repetition_penalty=1.2
+        ).repetition_penalty
+        == 1.2
+    )
+    assert GenerationConfig.from_preset("balanced", temperature=0.5).repetition_penalty == 1.05
     creative = GenerationConfig.from_preset("creative")
     assert (creative.temperature, creative.top_p, creative.min_p) == (1.0, 0.95, 0.05)
     assert creative.repetition_penalty == 1.05
@@ -220,3 +234,14 @@ def test_set_param_errors() -> None:
         cfg.set_param("stop", "a||b")
     with pytest.raises(ValueError, match="do_sample"):
         cfg.set_param("do_sample", "maybe")
+
+
+def test_the_python_api_and_the_cli_share_defaults(tiny_llama_dir) -> None:
+    from chatforge import load_model
+    from chatforge.chat import ChatSession
+    from chatforge.cli.options import GenerationFlags
+    from chatforge.generation.config import DEFAULT_PRESET
+
+    cli = GenerationFlags().config(default_preset=DEFAULT_PRESET)
+    assert ChatSession(load_model(str(tiny_llama_dir))).config == cli == GenerationConfig.default()
+    assert cli.min_p == PRESETS[DEFAULT_PRESET]["min_p"]

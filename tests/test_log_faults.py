@@ -56,6 +56,9 @@ FLAGS = ["--temperature", "0", "--max-new-tokens", "3"]
         ["logs", "search", "message"],
         ["logs", "export"],
         ["logs", "export", "-o", "{tmp}/out.jsonl"],
+        ["logs", "export", "--model", "m", "--since", "2020-01-01", "--cid", "1"],
+        ["logs", "rm", "1"],
+        ["logs", "rm", "--all", "--yes"],
         ["chat", "--model", "{model}", *FLAGS],
         ["chat", "--model", "{model}", "--continue", *FLAGS],
         ["chat", "--model", "{model}", "--cid", "1", *FLAGS],
@@ -115,19 +118,22 @@ def test_disk_full_log_is_one_line_and_stops_the_chat(
 
 def test_disk_full_stops_an_interactive_chat_too(data_dir, capsys, monkeypatch, tiny_llama_dir):
     """The interactive loop prints other errors and goes on; a failing log ends it."""
+    from chatforge import repl
     from chatforge.cli import chat as chat_cli
 
     _disk_full_on_insert(monkeypatch)
     said = []
 
-    def fake_say(session, text, writer, err):
+    def fake_say(self, text):
         said.append(text)
-        for _ in session.stream(text):
+        for _ in self.session.stream(text):
             pass
+        return True
 
     inputs = iter(["first", "second"])
-    monkeypatch.setattr(chat_cli, "_say", fake_say)
-    monkeypatch.setattr(chat_cli, "_read_input", lambda prompt: next(inputs))
+    monkeypatch.setattr(repl.ChatRepl, "say", fake_say)
+    monkeypatch.setattr(repl, "read_input", lambda prompt: next(inputs))
+    monkeypatch.setattr(repl, "_prompt_session", lambda: None)
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:

@@ -72,9 +72,11 @@ def test_chat_is_logged_continued_and_exported(capsys, data_dir, tiny_llama_dir,
     code, out, err = run(["chat", *flags, "--system", "Be brief."], capsys, "hello\nsecond\n")
     assert code == 0, err
     code, out, err = run(["logs", "list"], capsys)
-    assert code == 0 and len(out.strip().splitlines()) == 1
-    cid = int(out.split()[0])
-    assert "4 msgs" in out and "hello" in out
+    header, *rows = out.strip().splitlines()
+    assert code == 0 and header.split() == ["id", "when", "model", "turns", "first", "message"]
+    assert len(rows) == 1 and "hello" in rows[0] and "\x1b" not in out
+    cid = int(rows[0].split()[0])
+    assert rows[0].split()[4] == "2"  # turns
 
     code, out, _ = run(["chat", *flags, "--continue"], capsys, "third\n")
     assert code == 0
@@ -89,7 +91,7 @@ def test_chat_is_logged_continued_and_exported(capsys, data_dir, tiny_llama_dir,
     assert code == 0 and "system: Be brief." in out and "user: third" in out
     assert "prompt +" in out and "temperature=0.0" in out
     code, out, _ = run(["logs", "search", "SECOND"], capsys)
-    assert out.split()[0] == str(cid)
+    assert out.split()[0] == str(cid) and "user: second" in out
     code, out, err = run(["logs", "search", "nowhere-to-be-found"], capsys)
     assert code == 0 and out == "" and "no conversations" in err
 
@@ -101,8 +103,14 @@ def test_chat_is_logged_continued_and_exported(capsys, data_dir, tiny_llama_dir,
     code, _, err = run(["chat", *flags, "--no-log", "--continue"], capsys, "x\n")
     assert code == 2 and "--no-log" in err
 
+    replies = [m for m in ConversationLog().get(cid).messages if m.role == "assistant"]
+    assert all(m.finish_reason in ("stop", "length") for m in replies)
+    cut = sum(m.finish_reason == "length" for m in replies)
     target = tmp_path / "train.jsonl"
     code, _, err = run(["logs", "export", "--format", "training", "-o", str(target)], capsys)
+    assert code == 0 and (cut == 0 or f"left out {cut} repl" in err)
+    argv = ["logs", "export", "--format", "training", "--include-truncated", "-o", str(target)]
+    code, _, err = run(argv, capsys)
     assert code == 0 and "exported 1" in err
     row = json.loads(target.read_text())
     assert [m["role"] for m in row["messages"]] == ["system"] + ["user", "assistant"] * 3

@@ -84,8 +84,11 @@ def test_remote_session_library_and_interrupt(server):
     chat.config = chat.config.replace(temperature=0, max_new_tokens=50)
     gen = chat.stream("Hi")
     next(gen)
-    gen.close()  # stop early: the stream is closed and the partial reply kept
-    assert chat.last.finish_reason == "interrupted"
-    assert [m.role for m in chat.conversation.messages] == ["user", "assistant"]
+    gen.close()  # stop early: the stream is closed and the partial reply kept in .last
+    assert chat.last.finish_reason == "interrupted" and chat.last.text
+    # ... but not in the history the endpoint is sent next time
+    assert [m.role for m in chat.conversation.messages] == ["user"]
     reply = chat.send("More")
     assert reply.completion_tokens > 0 and reply.finish_reason in ("stop", "length")
+    assert reply.first_token_seconds is not None and reply.first_token_seconds <= reply.seconds
+    assert [m.role for m in chat.conversation.messages] == ["user", "user", "assistant"]

@@ -155,3 +155,11 @@ def test_32_concurrent_greedy_requests_equal_each_sent_alone(smollm2, quantize):
     singles = [alone.generate([Request(p, cfg)])[0].token_ids for p in prompts]
     crowd = Engine.from_loaded(lm).generate([Request(p, cfg) for p in prompts])
     assert [c.token_ids for c in crowd] == singles
+
+
+def test_alias_and_path_share_one_conversion(smollm2):
+    from chatforge.models.loading import resolve
+
+    path = package_file(ALIASES["smollm2"])
+    directory, converted, _ = resolve(str(path))
+    assert directory == smollm2.info.path and not converted

@@ -99,6 +99,23 @@ def test_data_inspect_highlights_and_counts(capsys, tmp_path, tiny_llama_dir):
     assert code == 2 and "does not exist" in err
 
 
+def test_data_inspect_piped_keeps_every_character(capsys, tmp_path, tiny_llama_dir):
+    # A learned span starting with a lowercase letter used to be eaten as rich markup.
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "Hi [there]"},
+                {"role": "assistant", "content": "bold reply"},
+            ]
+        }
+    ]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, err = run(["data", "inspect", str(data), "--model", str(tiny_llama_dir)], capsys)
+    assert code == 0, err
+    assert "[[bold reply<|im_end|>]]" in out and "Hi [there]" in out
+
+
 def test_eval_bad_input(capsys, tmp_path, tiny_gpt2_dir):
     code, _, err = run(
         ["eval", "--model", str(tiny_gpt2_dir), "--data", str(tmp_path / "no.jsonl")], capsys

@@ -39,7 +39,33 @@ class Reply:
 
     @property
     def tokens_per_second(self) -> float:
+        """Reply tokens per second over the whole reply (time to first token included)."""
         return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float | None:
+        """Reply tokens per second after the first one (``None`` when not measurable)."""
+        if self.first_token_seconds is None or self.completion_tokens < 2:
+            return None
+        span = self.seconds - self.first_token_seconds
+        return (self.completion_tokens - 1) / span if span > 0 else None
+
+
+def model_messages(conversation: Conversation, text: str) -> list[Message]:
+    """The messages a model is sent for a new user message ``text``.
+
+    The history, then ``text``. A user message whose reply was interrupted has
+    no assistant turn after it (a partial reply is never sent back to the
+    model); it is joined with the next user message so roles still alternate,
+    as many chat templates require.
+    """
+    out: list[Message] = []
+    for m in [*conversation.as_messages(), Message("user", text)]:
+        if m.role == "user" and out and out[-1].role == "user":
+            out[-1] = Message("user", out[-1].content + "\n\n" + m.content)
+        else:
+            out.append(m)
+    return out
 
 
 class SessionBase:
@@ -86,7 +112,7 @@ class ChatSession(SessionBase):
         engine: Engine | None = None,
     ) -> None:
         self.loaded = loaded
-        self.config = config or GenerationConfig()
+        self.config = config or GenerationConfig.default()  # the CLI's defaults
         self.budget = budget or BudgetConfig()
         self.engine = engine or Engine.shared(loaded)
         self.conversation = Conversation(system=system)
@@ -95,11 +121,13 @@ class ChatSession(SessionBase):
     def stream(self, text: str) -> Iterator[str]:
         """Add a user message and yield the reply as it is generated.
 
-        The reply is added to the conversation when the stream ends, also when
-        it is interrupted (Ctrl-C, or the caller closing the iterator): then
-        with the text produced so far and finish reason ``interrupted``.
+        The reply is added to the conversation when the stream ends. An
+        interrupted reply (Ctrl-C, or the caller closing the iterator) is only
+        kept in :attr:`last`, with the text produced so far and finish reason
+        ``interrupted``: the conversation keeps the user message but not the
+        partial reply, so the model never sees it in a later request.
         """
-        messages = [*self.conversation.as_messages(), Message("user", text)]
+        messages = model_messages(self.conversation, text)
         plan = plan_request(
             self.loaded.format,
             messages,
@@ -134,7 +162,8 @@ class ChatSession(SessionBase):
             if completion.finish_reason == "error":  # nothing was said: take the turn back
                 self.conversation.messages.pop()
                 raise ChatforgeError(f"generation failed: {completion.error}")
-            self.conversation.add_assistant(completion.text)
+            if completion.finish_reason != "interrupted":
+                self.conversation.add_assistant(completion.text)
             self.last = Reply(
                 text=completion.text,
                 finish_reason=completion.finish_reason,

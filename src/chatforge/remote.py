@@ -12,16 +12,46 @@ The endpoint owns the context: the whole conversation is sent each turn.
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-from chatforge.chat import Reply, SessionBase
-from chatforge.conversation import Conversation, Message
+from chatforge.chat import Reply, SessionBase, model_messages
+from chatforge.conversation import Conversation
 from chatforge.errors import ChatforgeError
 from chatforge.generation.config import GenerationConfig
 
 MAX_REMOTE_STOP = 4  # OpenAI's limit on stop sequences
+API_KEY_ENV = "CHATFORGE_API_KEY"
+"""The variable a remote chat reads its key from when no flag names one."""
+KEY_HELP = f"pass --api-key KEY, --api-key-env NAME, or set {API_KEY_ENV}"
+
+
+def resolve_api_key(
+    api_key: str | None = None,
+    api_key_env: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[str | None, str | None]:
+    """The key for a remote endpoint and where it came from, for error messages.
+
+    Precedence: ``api_key`` (``--api-key``), then the variable named by
+    ``api_key_env`` (``--api-key-env``, which must then be set), then
+    :data:`API_KEY_ENV`, then ``OPENAI_API_KEY``. Returns ``(None, None)`` when
+    there is no key (a local server needs none).
+    """
+    env = os.environ if environ is None else environ
+    if api_key:
+        return api_key, "--api-key"
+    if api_key_env:
+        key = env.get(api_key_env)
+        if not key:  # named explicitly, so it must be set
+            raise ChatforgeError(f"the environment variable {api_key_env} is not set")
+        return key, f"${api_key_env} (--api-key-env)"
+    for name in (API_KEY_ENV, "OPENAI_API_KEY"):
+        if env.get(name):
+            return env[name], f"${name}"
+    return None, None
 
 
 class RemoteSession(SessionBase):
@@ -35,7 +65,10 @@ class RemoteSession(SessionBase):
         config: GenerationConfig | None = None,
         system: str | None = None,
         timeout: float = 600.0,
+        key_source: str | None = None,
     ) -> None:
+        """``key_source`` says where ``api_key`` came from (e.g. ``--api-key``); a 401
+        from the endpoint names it, so the user knows which key to fix."""
         try:
             from openai import OpenAI
         except ImportError:
@@ -47,6 +80,7 @@ class RemoteSession(SessionBase):
         self.api_base = api_base
         self.model = model
         self.model_name = model
+        self.key_source = key_source if api_key else None
         self.config = config or GenerationConfig()
         # Local servers need no key, but the client insists on one.
         self.client = OpenAI(
@@ -91,12 +125,13 @@ class RemoteSession(SessionBase):
         """Add a user message and yield the reply as it streams in.
 
         As with a local chat, an interrupted reply (Ctrl-C, or the caller closing
-        the iterator) is kept with finish reason ``interrupted``; closing the
-        HTTP stream tells the server to stop generating.
+        the iterator) is kept in :attr:`last` with finish reason ``interrupted``
+        but not in the conversation, so it is never sent back to the endpoint;
+        closing the HTTP stream tells the server to stop generating.
         """
         import openai
 
-        messages = [*self.conversation.as_messages(), Message("user", text)]
+        messages = model_messages(self.conversation, text)
         t0 = time.perf_counter()
         try:
             stream = self.client.chat.completions.create(
@@ -112,12 +147,15 @@ class RemoteSession(SessionBase):
         parts: list[str] = []
         finish: str | None = None
         usage = None
+        first: float | None = None
         try:
             for chunk in stream:
                 if chunk.usage is not None:
                     usage = chunk.usage
                 for choice in chunk.choices:
                     if choice.delta is not None and choice.delta.content:
+                        if first is None:
+                            first = time.perf_counter() - t0
                         parts.append(choice.delta.content)
                         yield choice.delta.content
                     if choice.finish_reason:
@@ -128,14 +166,20 @@ class RemoteSession(SessionBase):
         finally:
             stream.close()  # frees the server's batch place when we stop early
             reply = "".join(parts)
-            self.conversation.add_assistant(reply)
+            finish = finish or "interrupted"
+            if finish == "error":  # the exchange failed: take the turn back
+                self.conversation.messages.pop()
+            elif finish != "interrupted":
+                self.conversation.add_assistant(reply)
             self.last = Reply(
                 text=reply,
-                finish_reason=finish or "interrupted",
+                finish_reason=finish,
                 prompt_tokens=usage.prompt_tokens if usage else 0,
                 completion_tokens=usage.completion_tokens if usage else 0,
                 seconds=time.perf_counter() - t0,
                 config=self.config,
+                cached_tokens=_cached_tokens(usage),
+                first_token_seconds=first,
             )
 
     def _describe(self, e: Exception) -> str:
@@ -147,7 +191,22 @@ class RemoteSession(SessionBase):
             inner = body.get("error", body) if isinstance(body, dict) else {}
             if isinstance(inner, dict) and inner.get("message"):
                 message = inner["message"]
-            return f"{self.api_base} answered {e.status_code}: {message}"
+            text = f"{self.api_base} answered {e.status_code}: {message}"
+            if e.status_code == 401:
+                text += self._key_hint()
+            return text
         if isinstance(e, openai.APIConnectionError):
             return f"cannot reach {self.api_base}: {e.__cause__ or e}"
         return f"{self.api_base}: {e}"
+
+    def _key_hint(self) -> str:
+        """Where the rejected key came from, and how to give another."""
+        if self.key_source is None:
+            return f"; no API key was given: {KEY_HELP}"
+        return f"; the API key came from {self.key_source}: check it, or {KEY_HELP}"
+
+
+def _cached_tokens(usage: Any) -> int:
+    """Prompt tokens the endpoint served from its cache (0 when it does not say)."""
+    details = getattr(usage, "prompt_tokens_details", None) if usage is not None else None
+    return int(getattr(details, "cached_tokens", 0) or 0)

@@ -26,7 +26,7 @@ from chatforge.batch.output import RowWriter, check_output
 from chatforge.batch.records import Record, check_input, read_records, records_from
 from chatforge.batch.template import PromptTemplate, TemplateError
 from chatforge.conversation import Message
-from chatforge.errors import ChatforgeError
+from chatforge.errors import ChatforgeError, ParamError
 from chatforge.generation.config import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
 from chatforge.generation.engine import Completion, Engine, Request
 from chatforge.generation.plan import plan_request
@@ -106,15 +106,17 @@ def generate_batch(
     """Generate a reply for every input record and append one row per record to ``output``.
 
     Args:
-        model: a :class:`~chatforge.models.LoadedModel`, or a reference for
-            :func:`~chatforge.models.load_model` (loaded after the inputs are checked).
+        model: a :class:`~chatforge.models.LoadedModel`, a reference for
+            :func:`~chatforge.models.load_model`, or a function returning a loaded
+            model; a reference or function is loaded after the inputs are checked,
+            and only if some record is still to do.
         inputs: a ``.txt`` / ``.jsonl`` / ``.csv`` file, or Python records (strings
             become ``{"text": s}``, mappings are the fields).
         output: a ``.jsonl`` or ``.csv`` file; rows already in it are skipped (resume).
         template: ``str.format`` template over the record's fields; ``None`` uses the
             record's ``prompt`` or ``text`` field.
         system: a system prompt sent before each record's prompt.
-        config: generation settings (default: :class:`GenerationConfig` defaults).
+        config: generation settings (default: :meth:`GenerationConfig.default`, as the CLI).
         n: samples per record; with a seed, sample ``j`` uses ``seed + j``.
         batch_size: sequences decoded together (a record with ``n`` samples takes ``n``).
         fail_fast: raise :class:`BatchStopped` at the first bad record instead of
@@ -129,11 +131,11 @@ def generate_batch(
 
     >>> generate_batch("smollm2", "prompts.txt", "out.jsonl")  # doctest: +SKIP
     """
-    config = config if config is not None else GenerationConfig()
+    config = config if config is not None else GenerationConfig.default()
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an integer >= 1 (got {n!r})")
+        raise ParamError("n", f"must be an integer >= 1 (got {n!r})")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1 (got {batch_size!r})")
+        raise ParamError("batch_size", f"must be an integer >= 1 (got {batch_size!r})")
     tmpl = template if isinstance(template, PromptTemplate) else PromptTemplate(template)
     # Check everything the user gave before the (slow) model load.
     if isinstance(inputs, str | Path):
@@ -152,7 +154,8 @@ def generate_batch(
         from chatforge.models import load_model, parse_dtype
 
         parse_dtype(dtype)
-        model = load_model(model, dtype=dtype)
+        ref = model
+        model = lambda: load_model(ref, dtype=dtype)  # noqa: E731 - loaded only if needed
 
     with RowWriter(output) as writer:
         # A first pass counts the records (and those still to do, for the progress bar).
@@ -160,6 +163,15 @@ def generate_batch(
         for record in open_records():
             total += 1
             todo += not writer.existing.has(record.key, record.legacy_key)
+        if todo == 0:  # every row is there: no model to load
+            return BatchSummary(
+                output=writer.path,
+                total=total,
+                skipped=total,
+                torn_bytes=writer.existing.torn_bytes,
+            )
+        if callable(model):
+            model = model()
         run = _Run(model, writer, tmpl, system, config, n, batch_size, fail_fast)
         run.summary.total = total
         run.summary.torn_bytes = writer.existing.torn_bytes

@@ -64,13 +64,14 @@ app.add_typer(logs_cli.app, name="logs")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: user errors become one line on stderr and exit code 2."""
-    from chatforge.cli.options import flagify
+    """Entry point: user errors become one line on stderr and exit code 2; a bug
+    (any other exception) shows its traceback and exits 1."""
     from chatforge.errors import ChatforgeError
 
     try:
-        app(args=argv, standalone_mode=False)
-        return 0
+        # Not standalone, click hands back the code of a command's typer.Exit(code).
+        code = app(args=argv, standalone_mode=False)
+        return code if isinstance(code, int) else 0
     except typer.Exit as e:
         return e.exit_code
     except typer.Abort:
@@ -81,13 +82,34 @@ def main(argv: list[str] | None = None) -> int:
     except click_exc.ClickException as e:  # bad flag value, unknown option, ...
         print(f"error: {e.format_message()} (see --help)", file=sys.stderr)
         return 2
-    except (ChatforgeError, ValueError) as e:
-        print(f"error: {flagify(str(e))}", file=sys.stderr)
+    except ChatforgeError as e:  # the user's to fix: the message says how
+        from chatforge.cli.options import user_message
+
+        print(f"error: {user_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:  # the system's (disk full, no permission): not a bug
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        return _report_bug(e)
+
+
+def _report_bug(error: Exception) -> int:
+    """Show an unexpected exception as the bug it is: its traceback, then a line
+    saying so. Returns the exit code (1, as for any uncaught exception)."""
+    import traceback
+
+    traceback.print_exception(error, file=sys.stderr)
+    print(
+        f"error: this is a bug in chatforge ({type(error).__name__}: {error}); "
+        "please report it with the traceback above",
+        file=sys.stderr,
+    )
+    return 1
 
 
 if __name__ == "__main__":

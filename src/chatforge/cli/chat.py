@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from chatforge.cli.options import (
+    DEFAULT_PRESET,
     DtypeOpt,
     FrequencyOpt,
     GenerationFlags,
@@ -35,20 +36,6 @@ from chatforge.cli.options import (
     check_threads,
     use_threads,
 )
-from chatforge.errors import ChatforgeError
-
-HELP = """\
-Commands:
-  /help              this help
-  /reset             start a new conversation (keeps the system prompt)
-  /system TEXT       set the system prompt (empty: remove it)
-  /set PARAM VALUE   change a generation parameter, e.g. /set temperature 0.2
-  /params            show the generation parameters
-  /save FILE         save the conversation (.jsonl or text)
-  /history           show the conversation
-  /quit              leave (Ctrl-D works too)
-Multi-line input: end a line with \\ to continue it, or wrap a block in \"\"\".
-Esc then Enter also inserts a newline. Ctrl-C stops a reply."""
 
 
 def chat_command(
@@ -90,12 +77,18 @@ def chat_command(
         str | None,
         typer.Option("--api-base", help="Chat with an OpenAI-compatible endpoint at this URL."),
     ] = None,
-    api_key_env: Annotated[
+    api_key: Annotated[
         str | None,
         typer.Option(
-            "--api-key-env",
-            help="Variable holding the endpoint's key (default: OPENAI_API_KEY if set).",
+            "--api-key",
+            help="The endpoint's API key (other users can see it in the process list; "
+            "CHATFORGE_API_KEY cannot be seen). Default: --api-key-env, else "
+            "CHATFORGE_API_KEY, else OPENAI_API_KEY.",
         ),
+    ] = None,
+    api_key_env: Annotated[
+        str | None,
+        typer.Option("--api-key-env", help="Variable holding the endpoint's API key."),
     ] = None,
     continue_: Annotated[
         bool, typer.Option("--continue", "-c", help="Continue the latest logged conversation.")
@@ -107,32 +100,45 @@ def chat_command(
         bool, typer.Option("--no-log", help="Do not write this chat to the conversation log.")
     ] = False,
     threads: ThreadsOpt = None,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help="After each reply, show its stats: tokens, tok/s, time to first token.",
+        ),
+    ] = False,
+    plain: Annotated[
+        bool,
+        typer.Option("--plain", help="Print replies as plain text, not rendered Markdown."),
+    ] = False,
 ) -> None:
     """Chat with a model: interactively, or over prompts from a file or stdin."""
     from chatforge.chat import ChatSession
     from chatforge.conversation import BudgetConfig
     from chatforge.models import load_model, parse_dtype
     from chatforge.models.loading import parse_quantize
+    from chatforge.repl import ChatRepl, open_log, read_prompts, use_markdown
     from chatforge.transcript import TranscriptWriter
 
     # Everything the user typed is checked before the (slow) model load.
-    config = GenerationFlags.from_params(locals()).config(default_preset="balanced")
+    config = GenerationFlags.from_params(locals()).config(default_preset=DEFAULT_PRESET)
     parse_dtype(dtype)
     quantize = parse_quantize(quantize or "auto")
     budget = BudgetConfig(max_history_share=max_history_share)
     check_threads(threads)
     prompts: Iterator[str] | None = None
     if prompt_file is not None:
-        prompts = _read_prompts(prompt_file)
+        prompts = read_prompts(prompt_file)
     elif not sys.stdin.isatty():
-        prompts = _read_prompts("-")
+        prompts = read_prompts("-")
     writer = TranscriptWriter(output_file) if output_file else None
 
     err = Console(stderr=True)
     interactive = prompts is None
-    log, resumed = _open_log(no_log, continue_, cid)
+    log, resumed = open_log(no_log, continue_, cid)
     if api_base:
-        session = _remote_session(api_base, api_key_env, model, config, system)
+        session = _remote_session(api_base, api_key, api_key_env, model, config, system)
         if interactive:
             err.print(f"[bold]{model}[/] at {api_base}. Type /help for commands.", highlight=False)
     else:
@@ -154,12 +160,21 @@ def chat_command(
         session = _logged(session, log, model, api_base, resumed, system, err)
     if writer and system:
         writer.message("system", system)
+    repl = ChatRepl(
+        session,
+        err,
+        writer=writer,
+        interactive=interactive,
+        preset=(preset or DEFAULT_PRESET).strip().lower(),
+        verbose=verbose,
+        markdown=use_markdown(plain, sys.stdout),
+    )
     try:
         if interactive:
-            _interactive(session, writer, err)
+            repl.run_interactive()
         else:
             assert prompts is not None
-            _batch(session, prompts, writer, err, independent)
+            repl.run_batch(prompts, independent)
     finally:
         if writer:
             writer.close()
@@ -167,37 +182,19 @@ def chat_command(
             log.close()
 
 
-def _open_log(no_log: bool, continue_: bool, cid: int | None):
-    """The conversation log (None with --no-log) and the conversation to resume."""
-    from chatforge.store import ConversationLog
+def _remote_session(
+    api_base: str, api_key: str | None, api_key_env: str | None, model: str, config, system
+):
+    from chatforge.remote import RemoteSession, resolve_api_key
 
-    if no_log:
-        if continue_ or cid is not None:
-            raise ChatforgeError("--continue and --cid need the conversation log; drop --no-log")
-        return None, None
-    log = ConversationLog()
-    if cid is not None:
-        return log, log.get(cid)
-    if continue_:
-        conv = log.latest()
-        if conv is None:
-            raise ChatforgeError("there is no logged conversation to continue")
-        return log, conv
-    return log, None
-
-
-def _remote_session(api_base: str, api_key_env: str | None, model: str, config, system):
-    import os
-
-    from chatforge.remote import RemoteSession
-
-    key = os.environ.get(api_key_env or "OPENAI_API_KEY")
-    if not key and api_key_env:  # named explicitly, so it must be set
-        raise ChatforgeError(f"the environment variable {api_key_env} is not set")
-    return RemoteSession(api_base, model, api_key=key, config=config, system=system)
+    key, source = resolve_api_key(api_key, api_key_env)
+    return RemoteSession(
+        api_base, model, api_key=key, config=config, system=system, key_source=source
+    )
 
 
 def _logged(session, log, model: str, api_base, resumed, system, err: Console):
+    from chatforge.repl import resumable_messages
     from chatforge.store import LoggedSession
 
     name = model if api_base else session.loaded.info.name
@@ -206,6 +203,7 @@ def _logged(session, log, model: str, api_base, resumed, system, err: Console):
     )
     if resumed is not None:
         logged.resume(resumed)
+        logged.conversation.messages = resumable_messages(resumed)  # no partial replies
         if system:  # --system given now wins over the logged one
             logged.system = system
         err.print(
@@ -220,226 +218,3 @@ class _nullctx:
 
     def __exit__(self, *a: object) -> None:
         return None
-
-
-def _read_prompts(source: str) -> Iterator[str]:
-    """Non-empty lines of a file (``-``: stdin); the file is checked up front."""
-    if source == "-":
-        stream = sys.stdin
-    else:
-        path = Path(source).expanduser()
-        if not path.is_file():
-            what = "does not exist" if not path.exists() else "is not a file"
-            raise ChatforgeError(f"prompt file {source} {what}")
-        try:
-            stream = open(path, encoding="utf-8")  # noqa: SIM115
-        except OSError as e:
-            raise ChatforgeError(f"cannot read prompt file {source}: {e.strerror}") from e
-
-    def lines() -> Iterator[str]:
-        try:
-            for line in stream:
-                line = line.rstrip("\r\n")
-                if line.strip():
-                    yield line
-        except UnicodeDecodeError as e:
-            raise ChatforgeError(f"prompt file {source} is not UTF-8 text ({e.reason})") from e
-
-    return lines()
-
-
-def _reply_extra(session) -> dict:
-    reply = session.last
-    return {
-        "model": getattr(session, "model_name", None) or session.loaded.info.name,
-        "params": reply.config.to_dict(),
-        "prompt_tokens": reply.prompt_tokens,
-        "cached_tokens": getattr(reply, "cached_tokens", 0),
-        "completion_tokens": reply.completion_tokens,
-        "finish_reason": reply.finish_reason,
-        "seconds": round(reply.seconds, 3),
-        "dropped_messages": len(reply.dropped),
-    }
-
-
-def _say(session, text: str, writer, err: Console, out=None) -> bool:
-    """Stream one reply to stdout; return False when it was interrupted with Ctrl-C."""
-    out = out or sys.stdout
-    if writer:
-        writer.message("user", text)
-    gen = session.stream(text)
-    interrupted = False
-    try:
-        for piece in gen:
-            out.write(piece)
-            out.flush()
-    except KeyboardInterrupt:
-        gen.close()  # records the partial reply as "interrupted"
-        interrupted = True
-    finally:
-        out.write("\n")
-        out.flush()
-    reply = session.last
-    if reply is not None:
-        if reply.dropped:
-            err.print(
-                f"[dim](left out the {len(reply.dropped)} oldest messages to fit the context)[/]"
-            )
-        if interrupted:
-            err.print("[dim](reply stopped)[/]")
-        if writer:
-            writer.message("assistant", reply.text, **_reply_extra(session))
-    return not interrupted
-
-
-def _batch(session, prompts: Iterator[str], writer, err: Console, independent: bool) -> None:
-    for line in prompts:
-        if line.startswith("/") and _command(session, line, writer, err):
-            continue
-        if independent:
-            session.reset()
-        try:
-            _say(session, line, writer, err)
-        except ChatforgeError:
-            raise
-        except ValueError as e:  # e.g. a prompt too long for the context
-            raise ChatforgeError(str(e)) from e
-
-
-def _interactive(session, writer, err: Console) -> None:
-    from prompt_toolkit import PromptSession
-    from prompt_toolkit.history import FileHistory, InMemoryHistory
-    from prompt_toolkit.key_binding import KeyBindings
-
-    from chatforge.paths import data_dir
-    from chatforge.store.log import LogError
-
-    try:
-        data_dir().mkdir(parents=True, exist_ok=True)
-        history = FileHistory(str(data_dir() / "chat_history"))
-    except OSError:
-        history = InMemoryHistory()
-    keys = KeyBindings()
-
-    @keys.add("escape", "enter")
-    def _newline(event) -> None:  # Esc/Alt+Enter inserts a newline
-        event.current_buffer.insert_text("\n")
-
-    prompt = PromptSession(history=history, key_bindings=keys)
-    while True:
-        try:
-            text = _read_input(prompt)
-        except KeyboardInterrupt:
-            continue  # Ctrl-C at the prompt clears the line
-        except EOFError:
-            err.print("[dim]bye[/]")
-            return
-        if not text.strip():
-            continue
-        if text.startswith("/"):
-            if _command(session, text, writer, err, interactive=True):
-                continue
-        try:
-            _say(session, text, writer, err)
-        except LogError:
-            # The log failed (disk full, damaged file): stop rather than chat on
-            # unlogged while the user believes every turn is kept. The message says
-            # how to go on (--no-log, or --continue once there is room).
-            raise
-        except ChatforgeError as e:
-            err.print(f"[red]error:[/] {e}", highlight=False)
-        except ValueError as e:
-            err.print(f"[red]error:[/] {e}", highlight=False)
-
-
-def _read_input(prompt) -> str:
-    """One user message: ``\\`` continues a line, a \"\"\" block spans lines."""
-    text = prompt.prompt(">>> ")
-    if text.strip() == '"""':
-        lines = []
-        while True:
-            line = prompt.prompt("... ")
-            if line.strip() == '"""':
-                return "\n".join(lines)
-            lines.append(line)
-    while text.endswith("\\"):
-        text = text[:-1] + "\n" + prompt.prompt("... ")
-    return text
-
-
-class _Quit(Exception):
-    pass
-
-
-def _command(session, line: str, writer, err: Console, interactive: bool = False) -> bool:
-    """Run a slash command; return True when ``line`` was one (False: send it as text)."""
-    name, _, arg = line[1:].partition(" ")
-    name = name.lower()
-    arg = arg.strip()
-    if name in ("quit", "exit", "q"):
-        raise typer.Exit(0)
-    if name in ("help", "?"):
-        err.print(HELP, highlight=False, markup=False)
-    elif name == "reset":
-        session.reset()
-        err.print("[dim](new conversation)[/]")
-        if writer:
-            writer.note("new conversation")
-    elif name == "system":
-        session.system = arg or None
-        err.print(f"[dim](system prompt {'set' if arg else 'removed'})[/]")
-        if writer and arg:
-            writer.message("system", arg)
-    elif name == "set":
-        pname, _, value = arg.partition(" ")
-        try:
-            session.config = session.config.set_param(pname, value.strip())
-        except ValueError as e:
-            _fail(err, str(e), interactive)
-            return True
-        err.print(f"[dim]({pname} = {value.strip()})[/]", highlight=False)
-    elif name == "params":
-        for k, v in session.config.to_dict().items():
-            err.print(f"  {k} = {v}", highlight=False, markup=False)
-    elif name == "save":
-        if not arg:
-            _fail(err, "/save needs a file name, e.g. /save chat.jsonl", interactive)
-            return True
-        _save(session, arg, err, interactive)
-    elif name == "history":
-        conv = session.conversation
-        if conv.system:
-            err.print(f"[dim]system:[/] {conv.system}", highlight=False)
-        for m in conv.messages:
-            err.print(f"[bold]{m.role}:[/] {m.content}", highlight=False)
-    else:
-        if not interactive:
-            return False  # a prompt line that happens to start with "/"
-        _fail(err, f"unknown command /{name}; type /help", interactive)
-    return True
-
-
-def _fail(err: Console, message: str, interactive: bool) -> None:
-    if interactive:
-        err.print(f"[red]error:[/] {message}", highlight=False)
-    else:
-        raise ChatforgeError(message)
-
-
-def _save(session, path: str, err: Console, interactive: bool) -> None:
-    from chatforge.transcript import TranscriptWriter
-
-    target = Path(path).expanduser()
-    tmp = target.with_name(target.name + ".tmp")
-    try:
-        if tmp.exists():
-            tmp.unlink()
-        w = TranscriptWriter(tmp, jsonl=target.suffix.lower() == ".jsonl")
-        for m in session.conversation.as_messages():
-            w.message(m.role, m.content)
-        w.close()
-        tmp.replace(target)  # never leaves a half-written file under the user's name
-    except (ChatforgeError, OSError) as e:
-        _fail(err, f"could not save: {e}", interactive)
-        return
-    err.print(f"[dim](saved {len(session.conversation.messages)} messages to {target})[/]")

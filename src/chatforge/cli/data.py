@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from chatforge.errors import ChatforgeError
+
 app = typer.Typer(help="Look at training data as the trainer sees it.", no_args_is_help=True)
 
 
@@ -39,13 +41,15 @@ def inspect_command(
     from chatforge.training.examples import TRAIN_ON, build_examples
 
     if (model is None) == (tokenizer is None):
-        raise ValueError("pass --model M or --tokenizer DIR (whose prompt format renders the data)")
+        raise ChatforgeError(
+            "pass --model M or --tokenizer DIR (whose prompt format renders the data)"
+        )
     if train_on not in TRAIN_ON:
-        raise ValueError(f"--train-on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
+        raise ChatforgeError(f"--train-on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
     if count < 0:
-        raise ValueError("--count must be >= 0")
+        raise ChatforgeError("--count must be >= 0")
     if context is not None and context < 8:
-        raise ValueError("--context must be >= 8")
+        raise ChatforgeError("--context must be >= 8")
     bad: list[str] = []
     ds = load_data(data, data_format, on_error, bad.append)
     if model is not None:
@@ -73,13 +77,16 @@ def inspect_command(
                 runs[-1][1].append(tid)
             else:
                 runs.append((learn, [tid]))
+        if not out.is_terminal:  # plain text, no markup: [[ ]] around learned runs
+            plain = "".join(
+                f"[[{tok.decode(ids)}]]" if learn else tok.decode(ids) for learn, ids in runs
+            )
+            out.print(plain, markup=False, soft_wrap=True)
+            continue
         parts = []
         for learn, ids in runs:
             piece = escape(tok.decode(ids))
-            if not out.is_terminal:
-                parts.append(f"[[{piece}]]" if learn else piece)
-            else:
-                parts.append(f"[bold green on grey15]{piece}[/]" if learn else f"[dim]{piece}[/]")
+            parts.append(f"[bold green on grey15]{piece}[/]" if learn else f"[dim]{piece}[/]")
         out.print("".join(parts))
     out.rule("statistics")
     table = Table(show_header=False)

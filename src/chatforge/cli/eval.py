@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from chatforge.cli.options import ThreadsOpt, check_threads, use_threads
+from chatforge.errors import ChatforgeError
 
 
 def eval_command(
@@ -44,11 +45,11 @@ def eval_command(
     from chatforge.training.evaluate import evaluate
 
     if limit < 1:
-        raise ValueError("--limit must be >= 1")
+        raise ChatforgeError("--limit must be >= 1")
     if replies < 0:
-        raise ValueError("--replies must be >= 0")
+        raise ChatforgeError("--replies must be >= 0")
     if max_new_tokens < 1:
-        raise ValueError("--max-new-tokens must be >= 1")
+        raise ChatforgeError("--max-new-tokens must be >= 1")
     check_threads(threads)
     if threads is not None:  # perplexity runs the model outside the engine
         import torch
@@ -58,7 +59,7 @@ def eval_command(
     bad: list[str] = []
     ds = load_data(data, data_format, "skip", bad.append)
     if ds.kind == "text":
-        raise ValueError("--data must hold conversations (eval scores assistant turns)")
+        raise ChatforgeError("--data must hold conversations (eval scores assistant turns)")
     if valid_split is not None:
         ds = ds.split_tail(valid_split)[1]
     if bad:

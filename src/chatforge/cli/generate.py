@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from chatforge.cli.options import (
+    DEFAULT_PRESET,
     DtypeOpt,
     FrequencyOpt,
     GenerationFlags,
@@ -98,7 +99,7 @@ def generate_command(
     from chatforge.models.loading import parse_quantize
 
     # Everything the user typed is checked before the (slow) model load.
-    config = GenerationFlags.from_params(locals()).config(default_preset="balanced")
+    config = GenerationFlags.from_params(locals()).config(default_preset=DEFAULT_PRESET)
     if n < 1:
         raise ChatforgeError(f"--n must be >= 1 (got {n})")
     if batch_size < 1:
@@ -111,11 +112,15 @@ def generate_command(
     quantize = parse_quantize(quantize or "auto")
 
     err = Console(stderr=True)
-    with err.status(f"Loading {model} ...", spinner="dots") if progress else _nullctx():
-        loaded = load_model(model, dtype=dtype, quantize=quantize)
-    use_threads(loaded, threads)  # before generate_batch makes the model's engine
+
+    def load():  # called by generate_batch only if some row is still to do
+        with err.status(f"Loading {model} ...", spinner="dots") if progress else _nullctx():
+            loaded = load_model(model, dtype=dtype, quantize=quantize)
+        use_threads(loaded, threads)  # before generate_batch makes the model's engine
+        return loaded
+
     summary = generate_batch(
-        loaded,
+        load,
         input,
         output,
         template=tmpl,
@@ -131,6 +136,14 @@ def generate_command(
             f"[dim]cut a torn last row ({summary.torn_bytes} bytes) from {output}[/]",
             highlight=False,
         )
+    if summary.total and summary.skipped == summary.total:
+        err.print(
+            f"all {summary.total} records already have a row in {output}: nothing to do "
+            "(the model was not loaded)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
     for message in summary.error_messages:
         err.print(f"[yellow]error row:[/] {message}", highlight=False, soft_wrap=True)
     if summary.errors > len(summary.error_messages):

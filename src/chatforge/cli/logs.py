@@ -1,26 +1,44 @@
-"""``chatforge logs``: list, show, search and export the conversation log."""
+"""``chatforge logs``: list, show, search, remove and export the conversation log."""
 
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from chatforge.errors import ChatforgeError
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from chatforge.store import ConversationLog, LoggedConversation, LoggedMessage
+
 app = typer.Typer(
     help="The conversation log (every chat, in SQLite in the data dir).", no_args_is_help=True
 )
 
+MATCH_STYLE = "bold black on yellow"
+SNIPPET_CONTEXT = 40  # characters either side of a match
+MATCHES_SHOWN = 3  # per conversation
 
-def _open():
+
+def _open() -> ConversationLog:
     from chatforge.store import ConversationLog
 
     return ConversationLog()
+
+
+def _console() -> Console:
+    """Where tables go: stdout (rich decides whether it is a terminal)."""
+    from rich.console import Console
+
+    return Console(highlight=False)
 
 
 def _remove(path: Path) -> None:
@@ -33,61 +51,241 @@ def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
 
 
-def _table(convs) -> None:
+def _where(c: LoggedConversation) -> str:
+    """The model, and the endpoint of a remote chat."""
+    where = c.model or "?"
+    if c.backend == "remote":
+        where += f" @ {c.api_base}"
+    return where
+
+
+# ------------------------------------------------------------------ list
+
+
+_HEADERS = ("id", "when", "model", "turns", "first message")
+
+
+_CONTROL = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+
+
+def _printable(text: str) -> str:
+    """One line with no control characters (a logged reply may hold escape codes)."""
+    return _CONTROL.sub(" ", text)
+
+
+def _rows(convs: list[LoggedConversation]) -> list[tuple[str, ...]]:
+    return [
+        (str(c.id), _when(c.updated), _printable(_where(c)), str(c.n_turns), _printable(c.preview))
+        for c in convs
+    ]
+
+
+def _plain_table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    """Aligned columns (numbers right-aligned), the last one unpadded: for pipes."""
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers) - 1)]
+    numeric = {0, 3}
+
+    def line(r: tuple[str, ...]) -> str:
+        cells = [r[i].rjust(w) if i in numeric else r[i].ljust(w) for i, w in enumerate(widths)]
+        return "  ".join([*cells, r[-1]]).rstrip()
+
+    return "\n".join(line(r) for r in [headers, *rows])
+
+
+def _rich_table(rows: list[tuple[str, ...]], width: int):
+    """The same as a rich table ``width`` wide, one line per conversation (the model
+    and first message are cut to fit); cells are Text, so `[brackets]` print as typed."""
+    from rich.table import Table
+    from rich.text import Text
+
+    natural = [max(len(r[i]) for r in [_HEADERS, *rows]) for i in range(len(_HEADERS))]
+    # Each column has a space either side, and a rule between columns.
+    free = width - natural[0] - natural[1] - natural[3] - 2 * len(_HEADERS) - (len(_HEADERS) - 1)
+    model = min(natural[2], max(10, free // 3))
+    rest = free - model
+    table = Table(show_edge=False, header_style="bold")
+    table.add_column("id", justify="right", no_wrap=True, width=natural[0])
+    table.add_column("when", no_wrap=True, width=natural[1])
+    table.add_column("model", no_wrap=True, overflow="ellipsis", width=model)
+    table.add_column("turns", justify="right", no_wrap=True, width=natural[3])
+    table.add_column(
+        "first message", no_wrap=True, overflow="ellipsis", width=max(13, min(natural[4], rest))
+    )
+    for r in rows:
+        table.add_row(*(Text(cell) for cell in r))
+    return table
+
+
+def _table(convs: list[LoggedConversation]) -> None:
     if not convs:
         typer.echo("(no conversations)", err=True)
         return
-    for c in convs:
-        where = c.model or "?"
-        if c.backend == "remote":
-            where += f" @ {c.api_base}"
-        typer.echo(f"{c.id:>5}  {_when(c.updated)}  {c.n_messages:>3} msgs  {where}  {c.preview}")
+    console = _console()
+    if console.is_terminal:
+        console.print(_rich_table(_rows(convs), console.width))
+    else:
+        typer.echo(_plain_table(_HEADERS, _rows(convs)))
 
 
 @app.command("list")
 def list_command(
     limit: Annotated[int, typer.Option("--limit", "-n", help="How many (newest first).")] = 20,
 ) -> None:
-    """List conversations, most recent first."""
+    """List conversations, most recent first: id, when, model, turns, first message."""
     if limit < 1:
         raise ChatforgeError("--limit must be >= 1")
-    log = _open()
-    _table(log.list(limit))
+    _table(_open().list(limit))
+
+
+# ------------------------------------------------------------------ show
+
+
+def _reply_stats(m: LoggedMessage) -> str:
+    """A reply's model, finish reason, tokens, time and main settings."""
+    bits = [m.model or "?", m.finish_reason or "finish reason not recorded"]
+    if m.completion_tokens is not None:
+        bits.append(f"{m.prompt_tokens} prompt + {m.completion_tokens} reply tokens")
+    if m.seconds:
+        bits.append(f"{m.seconds:.2f}s")
+    if m.params:
+        shown = ("temperature", "top_p", "top_k", "max_new_tokens", "seed")
+        bits.append(", ".join(f"{k}={m.params[k]}" for k in shown if k in m.params))
+    return f"  [{'; '.join(bits)}]"
 
 
 @app.command("show")
 def show_command(cid: Annotated[int, typer.Argument(help="Conversation id.")]) -> None:
-    """Show one conversation with each reply's model, settings, tokens and timings."""
+    """Show one conversation with each reply's model, finish reason, settings, tokens
+    and timings, and where the system prompt was changed."""
     conv = _open().get(cid)
-    where = conv.model or "?"
-    if conv.backend == "remote":
-        where += f" @ {conv.api_base}"
-    typer.echo(f"conversation {conv.id}  {_when(conv.created)}  {where}")
-    if conv.system:
-        typer.echo(f"\nsystem: {conv.system}")
+    typer.echo(f"conversation {conv.id}  {_when(conv.created)}  {_where(conv)}")
+    if conv.initial_system:
+        typer.echo(f"\nsystem: {conv.initial_system}")
     for m in conv.messages:
+        if m.role == "system":  # changed part way: the replies below were written under it
+            typer.echo(f"\nsystem (changed): {m.content}" if m.content else "\nsystem (removed)")
+            continue
         typer.echo(f"\n{m.role}: {m.content}")
         if m.role == "assistant":
-            bits = [m.model or "?", f"{m.finish_reason}"]
-            if m.completion_tokens is not None:
-                bits.append(f"{m.prompt_tokens} prompt + {m.completion_tokens} reply tokens")
-            if m.seconds:
-                bits.append(f"{m.seconds:.2f}s")
-            if m.params:
-                shown = ("temperature", "top_p", "top_k", "max_new_tokens", "seed")
-                bits.append(", ".join(f"{k}={m.params[k]}" for k in shown if k in m.params))
-            typer.echo(f"  [{'; '.join(bits)}]")
+            typer.echo(_reply_stats(m))
+
+
+# ------------------------------------------------------------------ search
+
+
+def _spans(content: str, text: str) -> list[tuple[int, int]]:
+    """Where ``text`` occurs in ``content``, ignoring case."""
+    return [m.span() for m in re.finditer(re.escape(text), content, re.IGNORECASE)]
+
+
+def _snippet(content: str, span: tuple[int, int]) -> tuple[str, tuple[int, int]]:
+    """The text around one match on one line, and where the match is in it."""
+    start, end = span
+    lo, hi = max(0, start - SNIPPET_CONTEXT), min(len(content), end + SNIPPET_CONTEXT)
+    before = ("..." if lo > 0 else "") + _printable(content[lo:start])
+    after = _printable(content[end:hi]) + ("..." if hi < len(content) else "")
+    return before + _printable(content[start:end]) + after, (len(before), len(before) + end - start)
+
+
+def _match_lines(hits: list[LoggedMessage], text: str) -> list[tuple[str, tuple[int, int]]]:
+    """``role: snippet`` per match (at most MATCHES_SHOWN), with the match's place."""
+    out: list[tuple[str, tuple[int, int]]] = []
+    total = 0
+    for m in hits:
+        for span in _spans(m.content, text) or [(0, 0)]:
+            total += 1
+            if len(out) < MATCHES_SHOWN:
+                snip, (a, b) = _snippet(m.content, span)
+                head = f"    {m.role}: "
+                out.append((head + snip, (len(head) + a, len(head) + b)))
+    if total > len(out):
+        out.append((f"    (+{total - len(out)} more)", (0, 0)))
+    return out
+
+
+def _print_matches(found: list[tuple[LoggedConversation, list[LoggedMessage]]], text: str) -> None:
+    """Each conversation's id, time and model, then its matches: highlighted on a
+    terminal, plain text (no escape codes) through a pipe."""
+    console = _console()
+    for conv, hits in found:
+        header = f"{conv.id}  {_when(conv.updated)}  {_where(conv)}"
+        lines = _match_lines(hits, text)
+        if console.is_terminal:
+            from rich.text import Text
+
+            console.print(Text(header, style="bold"))
+            for line, (a, b) in lines:
+                shown = Text(line)
+                shown.stylize(MATCH_STYLE, a, b)
+                console.print(shown, overflow="ellipsis", no_wrap=True)
+        else:
+            typer.echo(header)
+            for line, _ in lines:
+                typer.echo(line)
 
 
 @app.command("search")
 def search_command(
     text: Annotated[str, typer.Argument(help="Text to look for (any case).")],
-    limit: Annotated[int, typer.Option("--limit", "-n", help="Most results.")] = 50,
+    limit: Annotated[int, typer.Option("--limit", "-n", help="Most conversations.")] = 50,
 ) -> None:
-    """Conversations with a message containing TEXT."""
+    """Conversations with a message containing TEXT, with the text around each match."""
+    if limit < 1:
+        raise ChatforgeError("--limit must be >= 1")
     if not text.strip():
         raise ChatforgeError("give some text to search for")
-    _table(_open().search(text, limit))
+    found = _open().search_messages(text, limit)
+    if not found:
+        typer.echo("(no conversations)", err=True)
+        return
+    _print_matches(found, text)
+
+
+# ------------------------------------------------------------------ rm
+
+
+def _confirm(question: str) -> bool:
+    """Ask on the terminal; no answer (end of input) is no."""
+    import click
+
+    try:
+        return typer.confirm(question, default=False)
+    except (click.exceptions.Abort, typer.Abort):  # typer's own Abort in newer versions
+        return False
+
+
+@app.command("rm")
+def rm_command(
+    ids: Annotated[list[int] | None, typer.Argument(help="Conversation ids.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Remove every conversation.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before --all.")] = False,
+) -> None:
+    """Remove conversations: all the ids given or (when one is unknown) none."""
+    if all_ == bool(ids):
+        raise ChatforgeError("give conversation ids to remove, or --all (not both)")
+    log = _open()
+    if ids:
+        n = log.remove(ids)
+    else:
+        if not yes and not _confirm(f"Remove all {log.count()} conversations from {log.path}?"):
+            raise ChatforgeError("not confirmed: nothing removed (--yes skips the question)")
+        n = log.remove_all()
+    typer.echo(f"removed {n} conversation{'s' if n != 1 else ''}", err=True)
+
+
+# ------------------------------------------------------------------ export
+
+
+def parse_since(value: str) -> float:
+    """``--since``: an ISO date (local midnight) or date and time (local unless it
+    has an offset), as unix time."""
+    try:
+        when = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise ChatforgeError(
+            f"--since {value!r} is not a date; use YYYY-MM-DD or YYYY-MM-DDTHH:MM"
+        ) from None
+    return when.timestamp()  # naive: local time
 
 
 @app.command("export")
@@ -98,24 +296,77 @@ def export_command(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write here (default: stdout).")
     ] = None,
+    include_interrupted: Annotated[
+        bool, typer.Option(help="Keep replies interrupted with Ctrl-C (and their questions).")
+    ] = False,
+    include_truncated: Annotated[
+        bool,
+        typer.Option(help="Keep replies cut at the token limit (and their questions)."),
+    ] = False,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Only conversations with a reply from it.")
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(help="Only conversations started on or after this date (YYYY-MM-DD[THH:MM])."),
+    ] = None,
+    cid: Annotated[
+        list[int] | None, typer.Option("--cid", help="Only this conversation (repeatable).")
+    ] = None,
 ) -> None:
-    """Export the log as training data that `chatforge train` reads unchanged."""
+    """Export the log as training data that `chatforge train` reads unchanged.
+
+    A reply that was interrupted or cut at the token limit is left out with the
+    question it answers (the --include flags keep them); failed and empty replies
+    always are. A conversation whose system prompt changed part way becomes one
+    line per system prompt, each with the turns answered under it.
+    """
     if format != "training":
         raise ChatforgeError(f"unknown export format {format!r}; use training")
+    filters = dict(
+        include_interrupted=include_interrupted,
+        include_truncated=include_truncated,
+        cids=cid or None,
+        model=model,
+        since=parse_since(since) if since is not None else None,
+    )
+    skipped: dict[str, int] = {}
+    filters["skipped"] = skipped
     log = _open()
     if output is None:
-        n = log.export_training(sys.stdout)
+        n = log.export_training(sys.stdout, **filters)
     else:
-        target = output.expanduser()
-        tmp = target.with_name(target.name + ".tmp")
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                n = log.export_training(f)
-            tmp.replace(target)  # never a half-written file under the user's name
-        except OSError as e:
-            _remove(tmp)
-            raise ChatforgeError(f"cannot write {output}: {e.strerror}") from e
-        except ChatforgeError:  # the log failed part way: leave no partial export behind
-            _remove(tmp)
-            raise
-    typer.echo(f"exported {n} conversations", err=True)
+        n = _export_to(log, output, filters)
+    typer.echo(
+        f"exported {n} conversation{'s' if n != 1 else ''}{_skipped_note(skipped)}", err=True
+    )
+
+
+def _skipped_note(skipped: dict[str, int]) -> str:
+    """What was left out and the flag that keeps it."""
+    said = {
+        "interrupted": "{n} interrupted {replies} (--include-interrupted keeps them)",
+        "length": "{n} {replies} cut at the token limit (--include-truncated keeps them)",
+    }
+    bits = [
+        said[r].format(n=n, replies="reply" if n == 1 else "replies")
+        for r, n in sorted(skipped.items())
+    ]
+    return f"; left out {' and '.join(bits)}" if bits else ""
+
+
+def _export_to(log: ConversationLog, output: Path, filters: dict) -> int:
+    """Export into a file, whole or not at all."""
+    target = output.expanduser()
+    tmp = target.with_name(target.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            n = log.export_training(f, **filters)
+        tmp.replace(target)  # never a half-written file under the user's name
+    except OSError as e:
+        _remove(tmp)
+        raise ChatforgeError(f"cannot write {output}: {e.strerror}") from e
+    except ChatforgeError:  # the log failed part way: leave no partial export behind
+        _remove(tmp)
+        raise
+    return n

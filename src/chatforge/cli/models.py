@@ -1,15 +1,34 @@
-"""``chatforge models``: what is available locally."""
+"""``chatforge models``: what is available locally, and removing it."""
 
 from __future__ import annotations
 
+import sys
+from typing import Annotated
+
 import typer
-from rich.console import Console
-from rich.table import Table
 
-app = typer.Typer(help="List the models available locally.", no_args_is_help=True)
+from chatforge.errors import ChatforgeError
+
+app = typer.Typer(help="List and remove the models available locally.", no_args_is_help=True)
+
+COLUMNS = (
+    "model (--model)",
+    "kind",
+    "name",
+    "params",
+    "context",
+    "format",
+    "size",
+    "from",
+    "id",
+    "status",
+)
+
+_SHORT = {"kind", "params", "context", "size", "id"}
+_OPTIONAL = ("format", "context", "params", "status", "name")  # dropped first when narrow
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -17,25 +36,115 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _cells(r) -> list[str]:
+    """One row of the listing as text (``-`` for what is unknown)."""
+    return [
+        r.ref,
+        r.kind,
+        r.name,
+        f"{r.n_params / 1e6:.1f}M" if r.n_params else "-",
+        str(r.context_length or "-"),
+        r.prompt_format or "-",
+        _size(r.size_bytes),
+        r.source or "-",
+        r.ident or "-",
+        r.status,
+    ]
+
+
+def _plain(rows: list[list[str]]) -> str:
+    """Aligned columns without colour, borders or truncation (for pipes and files)."""
+    table = [list(COLUMNS), *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in table]
+    return "\n".join(line.rstrip() for line in lines)
+
+
 @app.command("list")
 def list_command() -> None:
-    """Models usable offline: bundled ones, converted GGUFs and the hub cache."""
+    """Models usable offline: bundled ones, converted GGUFs (the cache), trained models
+    and the Hugging Face hub cache, each with its size on disk."""
     from chatforge.models import list_local_models
 
-    rows = list_local_models()
-    table = Table(title="Local models")
-    for col in ("model (--model)", "name", "params", "context", "format", "size", "status"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(
-            r.ref,
-            r.name,
-            f"{r.n_params / 1e6:.1f}M" if r.n_params else "-",
-            str(r.context_length or "-"),
-            r.prompt_format or "-",
-            _size(r.size_bytes),
-            r.status,
-        )
-    Console().print(table)
+    rows = [_cells(r) for r in list_local_models()]
     if not rows:
-        Console(stderr=True).print("No local models. `make chat` installs the default (smollm2).")
+        typer.echo("No local models. `make chat` installs the default (smollm2).", err=True)
+        return
+    if not sys.stdout.isatty():
+        typer.echo(_plain(rows))
+        return
+    _rich_table(rows)
+
+
+def _fit(rows: list[list[str]], width: int) -> list[int]:
+    """Indexes of the columns to show in ``width`` characters: the optional ones
+    (format, context, params, status, name) go first on a narrow terminal."""
+    keep = list(range(len(COLUMNS)))
+
+    def needed() -> int:
+        return sum(max(len(c) for c in [COLUMNS[i], *(r[i] for r in rows)]) + 3 for i in keep)
+
+    for name in _OPTIONAL:
+        if needed() <= width:
+            break
+        keep.remove(COLUMNS.index(name))
+    return keep
+
+
+def _rich_table(rows: list[list[str]]) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    keep = _fit(rows, console.width)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for i in keep:  # long values (names, paths) fold; short ones never wrap
+        table.add_column(COLUMNS[i], overflow="fold", no_wrap=COLUMNS[i] in _SHORT)
+    for cells in rows:
+        table.add_row(*(cells[i] for i in keep))
+    console.print(table)
+
+
+def _describe(target) -> str:
+    what = "converted model" if target.kind == "converted" else "trained model"
+    origin = f" (from {target.source})" if target.source else ""
+    return f"{what} {target.name}{origin}, {_size(target.size_bytes)} at {target.path}"
+
+
+@app.command("rm")
+def rm_command(
+    ref: Annotated[
+        str, typer.Argument(help="A bundled name, GGUF path, cache id/hash or trained model.")
+    ],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    delete_files: Annotated[
+        bool,
+        typer.Option("--delete-files", help="Also delete a trained model's directory."),
+    ] = False,
+) -> None:
+    """Remove a converted model from the cache, or forget a trained model (its
+    directory stays unless --delete-files). A bundled package's GGUF is never deleted."""
+    from chatforge.models.registry import find_removal, remove
+
+    target = find_removal(ref)
+    if target.kind == "converted":
+        action = f"Remove {_describe(target)}?"
+    elif delete_files:
+        action = f"Forget and DELETE {_describe(target)}?"
+    else:
+        action = f"Forget {_describe(target)}? (its files stay)"
+    if not yes and not _confirm(action):
+        raise ChatforgeError("not confirmed: nothing removed (--yes skips the question)")
+    remove(target, delete_files=delete_files)
+    done = "Removed" if target.kind == "converted" or delete_files else "Forgot"
+    typer.echo(f"{done} {target.name} ({target.path}).", err=True)
+
+
+def _confirm(question: str) -> bool:
+    """Ask on the terminal; without an answer (end of input) the answer is no."""
+    typer.echo(f"{question} [y/N] ", err=True, nl=False)
+    answer = sys.stdin.readline()
+    if not answer:
+        typer.echo("", err=True)
+    return answer.strip().lower() in ("y", "yes")

@@ -1,10 +1,10 @@
 """Options shared by commands (model and generation flags) and their translation
-into library objects. Values are validated by the library's dataclasses; the
-messages there name the parameter, which we map back to its flag here."""
+into library objects. Values are validated by the library's dataclasses, which
+raise :class:`~chatforge.errors.ParamError` naming the field; :func:`user_message`
+names its flag instead."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -12,8 +12,49 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from chatforge.errors import ChatforgeError, ParamError
+from chatforge.generation.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PRESET, PRESETS
+
 if TYPE_CHECKING:
     from chatforge.generation.config import GenerationConfig
+
+
+def hide_flag_types() -> None:
+    """Show no ``<bool>`` type beside on/off flags (``--lora``, ``--progress/--no-progress``,
+    ``--help``) in ``--help``: they take no value. Typer (>= 0.24) shows each option's
+    type there, flags included; this changes that for every command."""
+    try:
+        from typer.core import TyperOption
+    except ImportError:  # pragma: no cover - other typer layouts show no types
+        return
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "hides_flags", False):
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        if getattr(self, "is_flag", False) and self.metavar is None:
+            return None
+        return shown(self, ctx)
+
+    display_type_rich.hides_flags = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+hide_flag_types()
+
+"""The preset ``chat`` and ``generate`` start from when no --preset is given."""
+
+
+def _preset_default(help: str, param: str) -> str:
+    """``help`` plus the value ``param`` takes when no flag sets it (from the default
+    preset, else GenerationConfig's own default), e.g. ``[default: 0.2 (preset balanced)]``
+    (the ``[`` escaped: help text is rich markup)."""
+    from chatforge.generation.config import GenerationConfig
+
+    if param in PRESETS[DEFAULT_PRESET]:
+        return f"{help} \\[default: {PRESETS[DEFAULT_PRESET][param]} (preset {DEFAULT_PRESET})]"
+    return f"{help} \\[default: {GenerationConfig.__dataclass_fields__[param].default}]"
+
 
 ModelOpt = Annotated[
     str,
@@ -39,20 +80,41 @@ QuantizeOpt = Annotated[
 SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")]
 PresetOpt = Annotated[
     str | None,
-    typer.Option("--preset", help="Generation preset: precise, balanced or creative."),
+    typer.Option(
+        "--preset",
+        help=f"Generation preset: precise, balanced or creative. \\[default: {DEFAULT_PRESET}]",
+    ),
 ]
 TemperatureOpt = Annotated[
-    float | None, typer.Option("--temperature", "-t", help="Sampling temperature; 0 = greedy.")
+    float | None,
+    typer.Option(
+        "--temperature",
+        "-t",
+        help=_preset_default("Sampling temperature; 0 = greedy.", "temperature"),
+    ),
 ]
 TopKOpt = Annotated[
-    int | None, typer.Option("--top-k", help="Keep the k most likely tokens (0 = off).")
+    int | None,
+    typer.Option(
+        "--top-k", help=_preset_default("Keep the k most likely tokens (0 = off).", "top_k")
+    ),
 ]
-TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass in (0, 1].")]
+TopPOpt = Annotated[
+    float | None,
+    typer.Option("--top-p", help=_preset_default("Nucleus sampling mass in (0, 1].", "top_p")),
+]
 MinPOpt = Annotated[
-    float | None, typer.Option("--min-p", help="Drop tokens below min_p x the top probability.")
+    float | None,
+    typer.Option(
+        "--min-p", help=_preset_default("Drop tokens below min_p x the top probability.", "min_p")
+    ),
 ]
 RepPenOpt = Annotated[
-    float | None, typer.Option("--repetition-penalty", help="> 1 discourages repeats (1 = off).")
+    float | None,
+    typer.Option(
+        "--repetition-penalty",
+        help=_preset_default("> 1 discourages repeats (1 = off).", "repetition_penalty"),
+    ),
 ]
 PresenceOpt = Annotated[
     float | None,
@@ -83,7 +145,13 @@ JsonSchemaOpt = Annotated[
 NoRepeatOpt = Annotated[
     int | None, typer.Option("--no-repeat-ngram-size", help="Never repeat an n-gram of this size.")
 ]
-MaxNewOpt = Annotated[int | None, typer.Option("--max-new-tokens", help="Reply length limit.")]
+MaxNewOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-new-tokens",
+        help=f"Reply length limit. \\[default: {DEFAULT_MAX_NEW_TOKENS} (none with --max-length)]",
+    ),
+]
 MaxLenOpt = Annotated[
     int | None, typer.Option("--max-length", help="Prompt + reply length limit, in tokens.")
 ]
@@ -103,8 +171,6 @@ ThreadsOpt = Annotated[
 
 def check_threads(threads: int | None) -> None:
     """``--threads`` must be >= 1 when given (checked before the slow model load)."""
-    from chatforge.errors import ChatforgeError
-
     if threads is not None and threads < 1:
         raise ChatforgeError(f"--threads must be >= 1 (got {threads})")
 
@@ -119,18 +185,20 @@ def use_threads(loaded: Any, threads: int | None) -> None:
     Engine.shared(loaded, EngineConfig(threads=threads))
 
 
+# Settings whose flag is not "--" + the name with dashes (TrainConfig's negated booleans).
+_FLAGS = {"packing": "--no-packing", "progress": "--quiet"}
+
+
 def flag_for(param: str) -> str:
-    return "--" + param.replace("_", "-")
+    """The flag that sets the config field ``param``: ``top_p`` -> ``--top-p``."""
+    return _FLAGS.get(param) or "--" + param.replace("_", "-")
 
 
-def flagify(message: str) -> str:
-    """Rewrite parameter names in a validation message as the flags a CLI user typed."""
-    names = (
-        "temperature|top_k|top_p|min_p|repetition_penalty|no_repeat_ngram_size|"
-        "presence_penalty|frequency_penalty|logit_bias|json_schema|"
-        "max_new_tokens|max_length|stop|seed|do_sample"
-    )
-    return re.sub(rf"^({names})\b(?= must| is | cannot|:)", lambda m: flag_for(m.group(1)), message)
+def user_message(error: ChatforgeError) -> str:
+    """``error``'s message for a CLI user: a :class:`ParamError` names its flag."""
+    if isinstance(error, ParamError):
+        return error.render(flag_for(error.param))
+    return str(error)
 
 
 @dataclass(frozen=True)
@@ -192,5 +260,5 @@ def _parse_logit_bias(items: list[str]) -> dict[int, float]:
                 raise ValueError
             out[int(tok)] = float(val)
         except ValueError:
-            raise ValueError(f"--logit-bias takes ID:BIAS, e.g. 42:-100 (got {item!r})") from None
+            raise ParamError("logit_bias", f"takes ID:BIAS, e.g. 42:-100 (got {item!r})") from None
     return out

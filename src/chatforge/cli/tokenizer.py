@@ -36,9 +36,9 @@ def train_tokenizer_command(
 
     err = Console(stderr=True)
     if vocab_size < MIN_VOCAB:
-        raise ValueError(f"--vocab-size must be >= {MIN_VOCAB} (256 bytes + special tokens)")
+        raise ChatforgeError(f"--vocab-size must be >= {MIN_VOCAB} (256 bytes + special tokens)")
     if min_frequency < 1:
-        raise ValueError("--min-frequency must be >= 1")
+        raise ChatforgeError("--min-frequency must be >= 1")
     out = Path(output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ChatforgeError(f"output {out} exists and is not empty; pass --overwrite to replace")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from chatforge.conversation.messages import Message, as_message
+from chatforge.errors import InputError
 
 SEP_TOKEN = "<sep>"
 # End-of-turn tokens of common chat templates (ChatML, Llama 3, Phi-3); a reply
@@ -93,7 +94,7 @@ class ChatTemplateFormat(PromptFormat):
 
     def __init__(self, tokenizer: Any) -> None:
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
+            raise InputError(
                 "the tokenizer has no chat template; use the 'sep' or 'eos' format instead"
             )
         super().__init__(tokenizer)
@@ -144,14 +145,14 @@ class ChatTemplateFormat(PromptFormat):
             if m.role != "assistant":
                 continue
             if i == 0:
-                raise ValueError(
+                raise InputError(
                     "the chat template format cannot mark a reply that opens the conversation; "
                     "start it with a user (or system) message"
                 )
             before = self._render(msgs[:i], add_generation_prompt=True)
             upto = self._render(msgs[: i + 1], add_generation_prompt=False)
             if not (full.startswith(before) and full.startswith(upto)):
-                raise ValueError(
+                raise InputError(
                     "this chat template renders earlier turns differently when later turns "
                     "follow, so assistant tokens cannot be located; train on one reply per example"
                 )
@@ -178,7 +179,7 @@ class SepFormat(PromptFormat):
     def __init__(self, tokenizer: Any) -> None:
         sep = _vocab_id(tokenizer, SEP_TOKEN)
         if sep is None:
-            raise ValueError(
+            raise InputError(
                 f"the tokenizer has no {SEP_TOKEN!r} token, which the sep format needs; "
                 "call chatforge.conversation.ensure_sep_token(tokenizer, model) first "
                 "(chatforge adds it when it trains a sep-format model)"
@@ -225,7 +226,7 @@ class EosFormat(PromptFormat):
 
     def __init__(self, tokenizer: Any) -> None:
         if getattr(tokenizer, "eos_token_id", None) is None:
-            raise ValueError("the eos format needs an EOS token; this tokenizer has none")
+            raise InputError("the eos format needs an EOS token; this tokenizer has none")
         super().__init__(tokenizer)
         self.eos_id = min(_eos_ids(tokenizer))
 
@@ -302,4 +303,4 @@ def get_format(name: str, tokenizer: Any) -> PromptFormat:
 
 def _check_name(name: str) -> None:
     if name not in FORMATS:
-        raise ValueError(f"unknown prompt format {name!r}; use one of {', '.join(FORMATS)}")
+        raise InputError(f"unknown prompt format {name!r}; use one of {', '.join(FORMATS)}")

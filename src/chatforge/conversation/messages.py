@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, get_args
 
+from chatforge.errors import InputError
+
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = get_args(Role)
 
@@ -21,9 +23,9 @@ class Message:
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
-            raise ValueError(f"unknown message role {self.role!r}; use one of {', '.join(ROLES)}")
+            raise InputError(f"unknown message role {self.role!r}; use one of {', '.join(ROLES)}")
         if not isinstance(self.content, str):
-            raise ValueError(f"message content must be a string, got {type(self.content).__name__}")
+            raise InputError(f"message content must be a string, got {type(self.content).__name__}")
 
     def to_dict(self) -> dict[str, str]:
         """The OpenAI / Hugging Face shape: ``{"role": ..., "content": ...}``."""
@@ -34,7 +36,7 @@ class Message:
         """Build a message from ``{"role": ..., "content": ...}`` (other keys are ignored)."""
         missing = [k for k in ("role", "content") if k not in data]
         if missing:
-            raise ValueError(f"a message needs 'role' and 'content'; missing {', '.join(missing)}")
+            raise InputError(f"a message needs 'role' and 'content'; missing {', '.join(missing)}")
         content = data["content"]
         return cls(role=data["role"], content="" if content is None else content)
 
@@ -67,7 +69,7 @@ class Conversation:
     def __post_init__(self) -> None:
         self.messages = [as_message(m) for m in self.messages]
         if any(m.role == "system" for m in self.messages):
-            raise ValueError("put the system prompt in Conversation.system, not in messages")
+            raise InputError("put the system prompt in Conversation.system, not in messages")
 
     def add_user(self, content: str) -> Message:
         msg = Message("user", content)

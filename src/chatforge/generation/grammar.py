@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from chatforge.errors import InputError, ParamError
 from chatforge.generation.processors import LogitsProcessor, SequenceView
 
 JSON_OPTIONS: dict[str, Any] = {
@@ -56,18 +57,18 @@ def _llguidance() -> Any:
 
 
 def json_schema_grammar(schema: dict[str, Any], *, lenient: bool = False) -> str:
-    """The llguidance grammar of replies matching ``schema``; ValueError naming
+    """The llguidance grammar of replies matching ``schema``; a ParamError naming
     ``json_schema`` when the schema is not one we can enforce.
 
     ``lenient``: ignore keywords llguidance does not implement (OpenAI's
     non-strict mode) instead of failing on them.
     """
     if not isinstance(schema, dict):
-        raise ValueError(f"json_schema must be a JSON object (got {type(schema).__name__})")
+        raise ParamError("json_schema", f"must be a JSON object (got {type(schema).__name__})")
     try:
         key = json.dumps(schema)  # not sorted: property order is generation order
     except (TypeError, ValueError) as e:
-        raise ValueError(f"json_schema is not JSON: {e}") from None
+        raise ParamError("json_schema", f"is not JSON: {e}") from None
     return _schema_grammar(key, lenient)
 
 
@@ -82,14 +83,14 @@ def _schema_grammar(schema: str, lenient: bool) -> str:
             schema, defaults=JSON_OPTIONS, overrides=overrides
         )
     except (ValueError, TypeError) as e:
-        raise ValueError(f"json_schema is not a valid JSON Schema: {e}") from None
+        raise ParamError("json_schema", f"is not a valid JSON Schema: {e}") from None
     _check(grammar, "json_schema")
     return grammar
 
 
 def lark_grammar(text: str, *, name: str = "grammar") -> str:
     """The llguidance grammar of a Lark grammar (llguidance's dialect: ``%json{...}``
-    embeds a JSON Schema); ValueError naming ``name`` when it is invalid."""
+    embeds a JSON Schema); a ParamError naming ``name`` when it is invalid."""
     grammar = _llguidance().LLMatcher.grammar_from_lark(text)
     _check(grammar, name)
     return grammar
@@ -98,7 +99,7 @@ def lark_grammar(text: str, *, name: str = "grammar") -> str:
 def _check(grammar: str, name: str) -> None:
     error = _llguidance().LLMatcher.validate_grammar(grammar)
     if error:
-        raise ValueError(f"{name} cannot be enforced: {error}")
+        raise ParamError(name, f"cannot be enforced: {error}")
 
 
 # One llguidance tokenizer per (tokenizer, vocabulary, stop tokens): building it walks
@@ -192,7 +193,7 @@ def grammar_tokenizer(tokenizer: Any, vocab_size: int, stop_ids: Sequence[int]) 
             return cached[key]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise ValueError(
+        raise InputError(
             "structured output needs a fast (Rust) tokenizer; this model's "
             f"{type(tokenizer).__name__} has none"
         )
@@ -282,7 +283,7 @@ class GrammarConstraint(LogitsProcessor):
         bound.vocab = vocab
         bound.matcher = _llguidance().LLMatcher(vocab.ll, self.grammar, log_level=0)
         if bound.matcher.is_error():
-            raise ValueError(f"{self.name} cannot be enforced: {bound.matcher.get_error()}")
+            raise ParamError(self.name, f"cannot be enforced: {bound.matcher.get_error()}")
         return bound
 
     @classmethod

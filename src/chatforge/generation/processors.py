@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from chatforge.errors import ParamError
+
 
 @dataclass(frozen=True)
 class SequenceView:
@@ -54,7 +56,7 @@ class LogitsProcessor:
         raise NotImplementedError(f"{type(self).__name__} implements neither process nor row")
 
     def validate(self, vocab_size: int) -> None:
-        """Raise ValueError (naming the setting) if this processor cannot apply to the model."""
+        """Raise a ParamError (naming the setting) if this processor cannot apply to the model."""
 
     def bind(self, engine: Any) -> LogitsProcessor:
         """The processor one new sequence of ``engine`` uses (raising ValueError if it
@@ -72,9 +74,9 @@ class LogitBias(LogitsProcessor):
     def validate(self, vocab_size: int) -> None:
         for tok in self.bias:
             if not 0 <= tok < vocab_size:
-                raise ValueError(
-                    f"logit_bias names token {tok}, outside this model's vocabulary "
-                    f"(0..{vocab_size - 1})"
+                raise ParamError(
+                    "logit_bias",
+                    f"names token {tok}, outside this model's vocabulary (0..{vocab_size - 1})",
                 )
 
     @classmethod

@@ -2,9 +2,13 @@
 
 Transformers can read GGUF but dequantises every tensor on each load (~20 s for
 SmolLM2-135M); we do that once and keep the result in the cache directory, so
-later loads read safetensors in a few seconds. The conversion is atomic: it is
-written to a temporary directory, fsynced and renamed, and its ``chatforge.json``
-marks it complete, so an interrupted conversion is never mistaken for a model.
+later loads read safetensors in a few seconds. The cache is keyed by the file's
+content (SHA-256), so the same GGUF reached by an alias, by its path or as a copy
+shares one conversion. The conversion is atomic: it is written to a temporary
+directory (``.tmp-<name>-<pid>-<ns>``), fsynced and renamed, and its
+``chatforge.json`` marks it complete, so an interrupted conversion is never
+mistaken for a model; temp dirs whose process is gone are removed by the next
+conversion or ``chatforge models list``.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -21,15 +27,19 @@ from pathlib import Path
 
 from chatforge.errors import ModelLoadError
 from chatforge.models.meta import ModelMeta
-from chatforge.paths import models_cache_dir
+from chatforge.paths import cache_dir, models_cache_dir
 
 log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
 
 
-def check_gguf(path: Path) -> None:
-    """Fail with a clear message when ``path`` is missing or not a GGUF file."""
+def check_gguf(path: Path, parse: bool = True) -> None:
+    """Fail with a clear message when ``path`` is missing or not a GGUF file.
+
+    ``parse`` also reads its header and tensor table (seconds on a 100 MB file), which
+    is only worth it before a conversion: a cached one was converted from these bytes.
+    """
     if not path.exists():
         raise ModelLoadError(f"GGUF file {path} does not exist")
     if not path.is_file():
@@ -41,6 +51,8 @@ def check_gguf(path: Path) -> None:
             f"{path} is not a valid GGUF file (it does not start with the GGUF magic bytes); "
             "re-download or re-export it"
         )
+    if not parse:
+        return
     try:  # parse the header and tensor table (memory-mapped: fast) before any conversion
         from gguf import GGUFReader
 
@@ -51,21 +63,238 @@ def check_gguf(path: Path) -> None:
         ) from e
 
 
-def cache_key(path: Path) -> str:
-    """A cache directory name that changes when the file does (path, size, mtime)."""
+def legacy_cache_key(path: Path) -> str:
+    """The directory name older versions used (path, size, mtime): read, never written."""
     st = path.stat()
     h = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
     return f"{path.stem}-{h[:10]}"
 
 
-def converted_dir(path: Path, name: str | None = None) -> Path:
-    """Where the conversion of ``path`` lives (or will live) in the cache."""
-    return models_cache_dir() / (name or cache_key(path))
+# -- content hash -------------------------------------------------------------
+#
+# The cache is keyed by the SHA-256 of the whole file, so a bundled GGUF reached by
+# its alias and by its path (or a copy under another name) share one conversion.
+# A sampled hash (header + a few chunks) would be ~3 ms but could mistake an edited
+# file (one tensor patched) for its original and silently load the wrong weights;
+# the full hash costs ~60 ms warm / ~210 ms cold on the 98 MB bundled SmolLM2 file
+# (SHA-256 runs at ~1.6 GB/s with the CPU's SHA instructions, 2.5x blake2b here),
+# and it is remembered per (path, size, mtime, inode) in ``gguf-hashes.json`` so each
+# version of a file is read once, not on every load.
+
+HASH_INDEX = "gguf-hashes.json"
+_CHUNK = 1 << 20
+
+
+def _stamp(path: Path) -> list[int]:
+    """What changes when a file is rewritten: size, mtime (ns), inode, device."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of the file's bytes (streamed, constant memory)."""
+    h = hashlib.sha256()
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Atomic write (unique temp file + rename); failures are ignored: it is a cache."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{time.monotonic_ns()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a GGUF file, remembered while its size, mtime and inode are unchanged."""
+    path = Path(path).resolve()
+    known = known_digest(path)
+    if known:
+        return known
+    stamp = _stamp(path)
+    digest = sha256_file(path)
+    index_path = cache_dir() / HASH_INDEX
+    index = {k: v for k, v in _read_json(index_path).items() if Path(k).exists()}
+    index[str(path)] = {"stamp": stamp, "sha256": digest}
+    _write_json(index_path, index)
+    return digest
+
+
+def known_digest(path: Path) -> str | None:
+    """The remembered SHA-256 of ``path`` if still valid, without reading the file."""
+    try:
+        path = Path(path).resolve()
+        stamp = _stamp(path)
+    except OSError:
+        return None
+    entry = _read_json(cache_dir() / HASH_INDEX).get(str(path))
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and entry.get("sha256"):
+        return str(entry["sha256"])
+    return None
+
+
+# -- the cache ----------------------------------------------------------------
 
 
 def is_complete(directory: Path) -> bool:
+    """A finished conversion (or model save): complete meta and a config."""
     meta = ModelMeta.read(directory)
     return bool(meta and meta.complete and (directory / "config.json").exists())
+
+
+def digest_of(directory: Path) -> str | None:
+    """The GGUF SHA-256 a cache directory was converted from (None for old entries)."""
+    meta = ModelMeta.read(directory)
+    value = meta.extra.get("sha256") if meta else None
+    return value if isinstance(value, str) else None
+
+
+def cache_entries(root: Path | None = None) -> list[Path]:
+    """Complete conversions in the cache, by name (temp and hidden entries skipped)."""
+    root = root or models_cache_dir()
+    if not root.is_dir():
+        return []
+    return [
+        d
+        for d in sorted(root.iterdir())
+        if not d.name.startswith(".") and d.is_dir() and not d.is_symlink() and is_complete(d)
+    ]
+
+
+def find_converted(digest: str) -> Path | None:
+    """The complete cache directory converted from the file with this SHA-256."""
+    for d in cache_entries():
+        if digest_of(d) == digest:
+            return d
+    return None
+
+
+def _target_name(path: Path, digest: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem).strip("._") or "model"
+    return f"{stem}-{digest[:12]}"
+
+
+def adopt_legacy(path: Path, digest: str, legacy_name: str | None) -> Path | None:
+    """Reuse a conversion made under an older cache key, recording its hash in place.
+
+    The old per-path key (path, size, mtime) names exactly this version of the file;
+    an alias's fixed name is trusted when it was converted from this path after the
+    file was last written. Nothing is renamed (a running chatforge may be using it).
+    """
+    root = models_cache_dir()
+    candidates = [root / legacy_cache_key(path)]
+    if legacy_name:
+        candidates.append(root / legacy_name)
+    for d in candidates:
+        meta = ModelMeta.read(d)
+        if not is_complete(d) or meta is None or digest_of(d) not in (None, digest):
+            continue
+        if d.name == legacy_name and not _converted_from(d, meta, path):
+            continue
+        meta.extra = {**meta.extra, "sha256": digest, "gguf_bytes": path.stat().st_size}
+        with contextlib.suppress(OSError):
+            meta.write(d)
+        return d
+    return None
+
+
+def _converted_from(directory: Path, meta: ModelMeta, path: Path) -> bool:
+    """Whether ``directory`` was converted from ``path`` as it is now (not an older file)."""
+    try:
+        same = meta.source is not None and Path(meta.source).resolve() == path.resolve()
+        newer = (directory / "config.json").stat().st_mtime_ns >= path.stat().st_mtime_ns
+    except OSError:
+        return False
+    return same and newer
+
+
+def converted_dir(path: Path, name: str | None = None) -> Path:
+    """Where the conversion of ``path`` lives (or will live) in the cache.
+
+    ``name`` is an alias's old fixed directory name, reused when it holds this file.
+    """
+    path = Path(path).expanduser()
+    digest = file_digest(path)
+    found = find_converted(digest) or adopt_legacy(path, digest, name)
+    return found or models_cache_dir() / _target_name(path, digest)
+
+
+# -- interrupted conversions ----------------------------------------------------
+
+TEMP_PREFIX = ".tmp-"
+STALE_SECONDS = 3600  # a temp dir untouched this long is stale even if its pid lives
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (owned by someone else) or cannot tell: keep it
+    return True
+
+
+def _temp_pid(name: str) -> int | None:
+    """The owning pid in ``.tmp-<name>-<pid>-<ns>``, None when the name has none."""
+    parts = name.rsplit("-", 2)
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+
+
+def _newest_mtime(directory: Path) -> float:
+    newest = directory.stat().st_mtime
+    for p in directory.rglob("*"):
+        with contextlib.suppress(OSError):
+            newest = max(newest, p.stat().st_mtime)
+    return newest
+
+
+def is_stale_temp(directory: Path, now: float | None = None) -> bool:
+    """A temp dir nobody is writing: its owning pid is gone, or untouched for an hour."""
+    pid = _temp_pid(directory.name)
+    if pid is not None and pid != os.getpid() and not _pid_alive(pid):
+        return True
+    try:
+        age = (now or time.time()) - _newest_mtime(directory)
+    except OSError:
+        return False
+    return age > STALE_SECONDS
+
+
+def clean_stale_temp_dirs(root: Path | None = None) -> list[Path]:
+    """Remove the temp dirs left by interrupted conversions (or removals); returns them."""
+    root = root or models_cache_dir()
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    for d in root.glob(f"{TEMP_PREFIX}*"):
+        if d.is_dir() and not d.is_symlink() and is_stale_temp(d):
+            shutil.rmtree(d, ignore_errors=True)
+            if not d.exists():
+                removed.append(d)
+    return removed
+
+
+def temp_dir_for(target: Path) -> Path:
+    """A fresh temp path beside ``target`` that names this process as its owner."""
+    return target.parent / f"{TEMP_PREFIX}{target.name}-{os.getpid()}-{time.monotonic_ns()}"
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -75,41 +304,61 @@ def _fsync_tree(directory: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def convert_gguf(path: Path, name: str | None = None, display_name: str | None = None) -> Path:
-    """Return a cached HF directory for the GGUF file, converting it first if needed."""
+# -- conversion ---------------------------------------------------------------
+
+
+def ensure_converted(
+    path: Path, display_name: str | None = None, legacy_name: str | None = None
+) -> tuple[Path, bool]:
+    """(cached HF directory for the GGUF file, whether this call converted it)."""
     path = Path(path).expanduser()
-    check_gguf(path)
-    target = converted_dir(path, name)
-    if is_complete(target):
-        return target
+    check_gguf(path, parse=False)
+    digest = file_digest(path)
+    found = find_converted(digest) or adopt_legacy(path, digest, legacy_name)
+    if found is not None:
+        return found, False
+    check_gguf(path)  # fail on a truncated or corrupt file before converting it
+    target = models_cache_dir() / _target_name(path, digest)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}-{time.monotonic_ns()}"
+    clean_stale_temp_dirs(target.parent)
+    tmp = temp_dir_for(target)
     t0 = time.perf_counter()
-    try:
-        _convert_into(path, tmp, display_name or path.stem)
+    extra = {"sha256": digest, "gguf_bytes": path.stat().st_size}
+    try:  # KeyboardInterrupt included: the finally removes the partial conversion
+        _convert_into(path, tmp, display_name or path.stem, extra)
         _fsync_tree(tmp)
         if target.exists():  # an incomplete leftover (or a concurrent conversion finished)
             if is_complete(target):
-                shutil.rmtree(tmp, ignore_errors=True)
-                return target
+                return target, False
             shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted %s in %.1fs into %s", path, time.perf_counter() - t0, target)
-    return target
+    return target, True
 
 
-def _convert_into(path: Path, out: Path, display_name: str) -> None:
+def convert_gguf(path: Path, name: str | None = None, display_name: str | None = None) -> Path:
+    """Return a cached HF directory for the GGUF file, converting it first if needed.
+
+    ``name`` is an alias's old fixed cache directory, reused when it holds this file.
+    """
+    return ensure_converted(path, display_name, legacy_name=name)[0]
+
+
+def _convert_into(path: Path, out: Path, display_name: str, extra: dict | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     out.mkdir(parents=True)
     # The meta file goes first with complete=False: a crash leaves a directory that
     # is recognisably partial.
-    ModelMeta(prompt_format=None, name=display_name, source=str(path), complete=False).write(out)
+    ModelMeta(
+        prompt_format=None, name=display_name, source=str(path), complete=False, extra=extra or {}
+    ).write(out)
     verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     print(
@@ -126,7 +375,8 @@ def _convert_into(path: Path, out: Path, display_name: str) -> None:
         raise ModelLoadError(f"could not read GGUF file {path}: {_short(e)}") from e
     finally:
         hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
+        if bars:  # as it was (chatforge.noise turns them off for good)
+            hf_logging.enable_progress_bar()
     # The weights are dequantised floats now; drop the GGUF quantisation marker so
     # save_pretrained writes ordinary safetensors.
     model.hf_quantizer = None
@@ -137,7 +387,9 @@ def _convert_into(path: Path, out: Path, display_name: str) -> None:
         model.save_pretrained(out, safe_serialization=True)
         tok.save_pretrained(out)
     fmt = "chat_template" if getattr(tok, "chat_template", None) else None
-    ModelMeta(prompt_format=fmt, name=display_name, source=str(path), complete=True).write(out)
+    ModelMeta(
+        prompt_format=fmt, name=display_name, source=str(path), complete=True, extra=extra or {}
+    ).write(out)
 
 
 def _short(e: BaseException) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from chatforge.errors import ModelLoadError
-from chatforge.models.gguf import convert_gguf, converted_dir, is_complete
+from chatforge.models.gguf import ensure_converted
 from chatforge.models.meta import ModelMeta
 from chatforge.models.registry import ALIASES, DEFAULT_MODEL, resolve_alias
 
@@ -136,13 +136,13 @@ def resolve(ref: str) -> tuple[Path, bool, str]:
     """Turn a reference into a local HF directory: (directory, converted_now, display name)."""
     alias = resolve_alias(ref)
     if alias is not None:
-        gguf_path, cache_name, display = alias
-        was_cached = is_complete(converted_dir(gguf_path, cache_name))
-        return convert_gguf(gguf_path, cache_name, display), not was_cached, display
+        gguf_path, cache_name, display = alias  # one cached copy per file content
+        directory, converted = ensure_converted(gguf_path, display, legacy_name=cache_name)
+        return directory, converted, display
     path = Path(ref).expanduser()
     if path.suffix.lower() == ".gguf":
-        was_cached = path.is_file() and is_complete(converted_dir(path))
-        return convert_gguf(path), not was_cached, path.stem
+        directory, converted = ensure_converted(path)
+        return directory, converted, path.stem
     if path.exists():
         return _check_hf_dir(path), False, path.resolve().name
     if HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
@@ -253,13 +253,15 @@ def _quiet_transformers() -> Iterator[None]:
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
+        if bars:  # as it was (chatforge.noise turns them off for good)
+            hf_logging.enable_progress_bar()
 
 
 def load_transformers(directory: Path, dtype: str = "fp32") -> Any:
@@ -312,7 +314,9 @@ def load_model(
     from transformers import AutoTokenizer
 
     from chatforge.conversation import detect_format, get_format
+    from chatforge.noise import quiet_libraries
 
+    quiet_libraries()
     short = parse_dtype(dtype)
     quant = parse_quantize(quantize)
     t0 = time.perf_counter()

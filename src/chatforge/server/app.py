@@ -34,7 +34,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
-from chatforge.errors import ChatforgeError, ContextOverflowError
+from chatforge.errors import ChatforgeError, ContextOverflowError, ParamError
 from chatforge.generation.config import GenerationConfig
 from chatforge.generation.engine import Engine, EngineConfig
 from chatforge.generation.plan import plan_request
@@ -54,6 +54,7 @@ from chatforge.server.schemas import (
     TokenizeRequest,
     generation_config,
     logprob_settings,
+    param_error,
     parse,
 )
 from chatforge.server.tools import (
@@ -486,15 +487,15 @@ def create_app(
             raise APIError(
                 429, f"the server is at capacity: {e}", retry_after=retry_after
             ) from None
+        except ParamError as e:  # "logit_bias names token ...": its own field, not the prompt
+            _cancel(handles)
+            raise param_error(e) from None
+        except ValueError as e:  # the prompt cannot be generated from
+            _cancel(handles)
+            raise APIError(400, str(e), param=param) from None
         except ChatforgeError as e:  # shutting down
             _cancel(handles)
             raise APIError(503, str(e), retry_after=retry_after) from None
-        except ValueError as e:
-            _cancel(handles)
-            # "logit_bias names token ..." points at its own field, not the prompt.
-            field = str(e).split(" ", 1)[0]
-            named = field if field in GenerationConfig.param_names() else param
-            raise APIError(400, str(e), param=named) from None
         return handles
 
     return app

@@ -9,12 +9,12 @@ fields are ignored (clients send fields we do not use, such as ``user``).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from chatforge.errors import ParamError
 from chatforge.generation.config import GenerationConfig
 from chatforge.server.errors import APIError, from_validation_errors
 from chatforge.server.guard import find_lone_surrogate
@@ -256,9 +256,24 @@ def parse(model: type[BaseModel], data: Any) -> Any:
         raise APIError(400, "the request body is nested too deeply") from None
 
 
-# GenerationConfig names the parameter first in its messages ("top_p must be ...").
-_PARAM_IN_MESSAGE = re.compile(r"^(\w+)")
+# Request fields named otherwise than the GenerationConfig settings they set.
 _API_NAMES = {"max_new_tokens": "max_tokens", "json_schema": "response_format"}
+
+
+def api_name(param: str, max_tokens_field: str = "max_tokens") -> str:
+    """The request field that sets the GenerationConfig setting ``param``.
+
+    ``max_tokens_field`` is the field the request gave its reply length in
+    (``max_completion_tokens`` is the chat endpoint's newer name for it).
+    """
+    name = _API_NAMES.get(param, param)
+    return max_tokens_field if name == "max_tokens" else name
+
+
+def param_error(e: ParamError, max_tokens_field: str = "max_tokens") -> APIError:
+    """A 400 for ``e``, its message and ``param`` naming the request field."""
+    name = api_name(e.param, max_tokens_field)
+    return APIError(400, e.render(name), param=name)
 
 
 def response_schema(req: _Sampling) -> dict[str, Any] | None:
@@ -328,11 +343,7 @@ def generation_config(req: _Sampling, limits: Limits) -> GenerationConfig:
     }
     try:
         return GenerationConfig(**{k: v for k, v in values.items() if v is not None})
-    except ValueError as e:
-        m = _PARAM_IN_MESSAGE.match(str(e))
-        word = m.group(1) if m else ""
-        known = word in GenerationConfig.param_names()
-        name = _API_NAMES.get(word, word) if known else None
-        if name == "max_tokens":
-            name = param
-        raise APIError(400, str(e), param=name) from None
+    except ParamError as e:
+        raise param_error(e, param) from None
+    except ValueError as e:  # pragma: no cover - GenerationConfig raises ParamErrors
+        raise APIError(400, str(e)) from None

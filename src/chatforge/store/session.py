@@ -19,6 +19,17 @@ from chatforge.store.log import ConversationLog, LoggedConversation
 _OWN = frozenset({"session", "log", "model_name", "backend", "api_base", "cid"})
 
 
+def _history(conv: LoggedConversation) -> list[Message]:
+    """The history a live session would hold after these logged messages: user and
+    assistant messages, less the replies that were interrupted (a partial reply is
+    never sent back to the model; the session joins the user messages around it)."""
+    return [
+        Message(m.role, m.content)
+        for m in conv.messages
+        if m.role == "user" or (m.role == "assistant" and m.finish_reason != "interrupted")
+    ]
+
+
 class LoggedSession:
     """Delegates to ``session``; logs each user message and reply as it completes."""
 
@@ -41,8 +52,8 @@ class LoggedSession:
         return getattr(self.session, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in _OWN:
-            object.__setattr__(self, name, value)
+        if name in _OWN or isinstance(getattr(type(self), name, None), property):
+            object.__setattr__(self, name, value)  # ``system``: through its setter, logged
         else:  # config, and anything else the chat command sets, go to the session
             setattr(self.session, name, value)
 
@@ -65,9 +76,7 @@ class LoggedSession:
         """Continue a logged conversation: its system prompt and messages become the history."""
         self.session.reset()
         self.session.system = conv.system
-        self.session.conversation.messages = [
-            Message(m.role, m.content) for m in conv.messages if m.role in ("user", "assistant")
-        ]
+        self.session.conversation.messages = _history(conv)
         self.cid = conv.id
 
     def send(self, text: str) -> Any:
@@ -82,14 +91,18 @@ class LoggedSession:
         t0 = time.perf_counter()
         first: float | None = None
         logged_user = False
+        inner = self.session.stream(text)
         try:
-            for piece in self.session.stream(text):
+            for piece in inner:
                 if first is None:
                     first = time.perf_counter() - t0
                     self._log_user(text)
                     logged_user = True
                 yield piece
         finally:
+            # Closed part way (Ctrl-C, the caller stopping): let the session record the
+            # interrupted reply before reading it, or it would not be logged at all.
+            inner.close()
             reply = self.session.last
             if reply is not None and reply is not before:
                 if not logged_user:

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from chatforge.errors import InputError
+
 CKPT_DIR = "checkpoints"
 MARKER = "COMPLETE"
 BEST = "best"
@@ -77,10 +79,10 @@ def load_trainable(model: Any, state: dict[str, torch.Tensor]) -> None:
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(set(params) - set(state))
     if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} parameters, e.g. {missing[0]}")
+        raise InputError(f"checkpoint lacks {len(missing)} parameters, e.g. {missing[0]}")
     for n, p in params.items():  # a clear message instead of copy_'s size-mismatch traceback
         if tuple(state[n].shape) != tuple(p.shape):
-            raise ValueError(
+            raise InputError(
                 f"checkpoint parameter {n} has shape {tuple(state[n].shape)}, the model's is "
                 f"{tuple(p.shape)}: the checkpoint is from a model of another size"
             )

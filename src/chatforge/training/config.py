@@ -1,6 +1,6 @@
 """``TrainConfig``: everything one training run needs, validated up front.
 
-Every check raises ``ValueError`` whose message starts with the field name, so
+Every check raises a :class:`~chatforge.errors.ParamError` naming the field, so
 the CLI can show it as the flag the user typed (``--lr must be > 0``).
 """
 
@@ -10,6 +10,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from chatforge.conversation.formats import FORMATS
+from chatforge.errors import ParamError
 from chatforge.training.data import KINDS
 from chatforge.training.examples import TRAIN_ON
 
@@ -70,34 +71,38 @@ class TrainConfig:
         if isinstance(self.data, str):
             self.data = [self.data]
         if not self.data:
-            raise ValueError("data must name at least one training source")
+            raise ParamError("data", "must name at least one training source")
         if (self.model is None) == (self.init is None):
-            raise ValueError(
-                "model: give either a model to fine-tune (--model) or --init gpt2, not both"
+            raise ParamError(
+                "model",
+                ": give either a model to fine-tune (--model) or --init gpt2, not both"
                 if self.model
-                else "model: give a model to fine-tune (--model) or --init gpt2 to start fresh"
+                else ": give a model to fine-tune (--model) or --init gpt2 to start fresh",
             )
         if self.init is not None:
             if self.init != "gpt2":
-                raise ValueError(f"init must be 'gpt2', got {self.init!r}")
+                raise ParamError("init", f"must be 'gpt2', got {self.init!r}")
             if not self.tokenizer:
-                raise ValueError(
-                    "tokenizer: a new model needs --tokenizer DIR "
-                    "(make one with `chatforge tokenizer train`)"
+                raise ParamError(
+                    "tokenizer",
+                    ": a new model needs --tokenizer DIR "
+                    "(make one with `chatforge tokenizer train`)",
                 )
             for name in ("n_layer", "n_embd", "n_head"):
                 _positive(self, name)
             if self.n_embd % self.n_head:
-                raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head")
+                raise ParamError(
+                    "n_embd", f"({self.n_embd}) must be a multiple of n_head ({self.n_head})"
+                )
         if self.valid and self.valid_split is not None:
-            raise ValueError("valid_split: give --valid FILE or --valid-split F, not both")
+            raise ParamError("valid_split", ": give --valid FILE or --valid-split F, not both")
         if self.valid_split is not None and not 0 < self.valid_split < 1:
-            raise ValueError(f"valid_split must be in (0, 1), got {self.valid_split}")
+            raise ParamError("valid_split", f"must be in (0, 1), got {self.valid_split}")
         if self.format is not None and self.format not in FORMATS:
-            raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+            raise ParamError("format", f"must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.data_format is not None and self.data_format not in KINDS:
-            raise ValueError(
-                f"data_format must be one of {', '.join(KINDS)}, got {self.data_format!r}"
+            raise ParamError(
+                "data_format", f"must be one of {', '.join(KINDS)}, got {self.data_format!r}"
             )
         _choice(self, "on_error", ("skip", "fail"))
         _choice(self, "train_on", TRAIN_ON)
@@ -109,28 +114,28 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 _positive(self, name)
         if self.context is not None and self.context < 8:
-            raise ValueError(f"context must be >= 8 tokens, got {self.context}")
+            raise ParamError("context", f"must be >= 8 tokens, got {self.context}")
         if self.max_time is not None and not self.max_time > 0:
-            raise ValueError(f"max_time must be > 0 minutes, got {self.max_time}")
+            raise ParamError("max_time", f"must be > 0 minutes, got {self.max_time}")
         if self.epochs is not None and not (self.epochs > 0 and math.isfinite(self.epochs)):
-            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+            raise ParamError("epochs", f"must be > 0, got {self.epochs}")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise ParamError("lr", f"must be > 0, got {self.lr}")
         if self.warmup < 0:
-            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+            raise ParamError("warmup", f"must be >= 0, got {self.warmup}")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+            raise ParamError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         for name in ("weight_decay", "clip", "eval_every", "save_every", "lora_dropout"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ParamError(name, f"must be >= 0, got {getattr(self, name)}")
         if self.keep_checkpoints < 1:
-            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+            raise ParamError("keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
         if self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+            raise ParamError("lora_alpha", f"must be > 0, got {self.lora_alpha}")
         if self.merge and not self.lora:
-            raise ValueError("merge only applies to LoRA training; add --lora")
+            raise ParamError("merge", "only applies to LoRA training; add --lora")
         if self.resume and self.overwrite:
-            raise ValueError("resume: --resume and --overwrite exclude each other")
+            raise ParamError("resume", ": --resume and --overwrite exclude each other")
         if self.lr is None:
             self.lr = 6e-4 if self.init else (3e-4 if self.lora else 5e-5)
 
@@ -145,9 +150,9 @@ class TrainConfig:
 def _positive(cfg: TrainConfig, name: str) -> None:
     value = getattr(cfg, name)
     if not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+        raise ParamError(name, f"must be >= 1, got {value}")
 
 
 def _choice(cfg: TrainConfig, name: str, options: tuple[str, ...]) -> None:
     if getattr(cfg, name) not in options:
-        raise ValueError(f"{name} must be one of {', '.join(options)}, got {getattr(cfg, name)!r}")
+        raise ParamError(name, f"must be one of {', '.join(options)}, got {getattr(cfg, name)!r}")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from chatforge.conversation.messages import Message
-from chatforge.errors import ChatforgeError
+from chatforge.errors import ChatforgeError, ParamError
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class Dataset:
     def split_tail(self, fraction: float) -> tuple[Dataset, Dataset]:
         """``(head, tail)``: the last ``fraction`` of items (file order) held out for validation."""
         if not 0.0 < fraction < 1.0:
-            raise ValueError(f"valid_split must be in (0, 1), got {fraction}")
+            raise ParamError("valid_split", f"must be in (0, 1), got {fraction}")
         n = len(self)
         k = max(1, int(round(n * fraction)))
         if k >= n:
@@ -102,9 +102,9 @@ def load_data(
     report it through ``warn``) or ``"fail"`` (raise :class:`DataError`).
     """
     if on_error not in ("skip", "fail"):
-        raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
+        raise ParamError("on_error", f"must be 'skip' or 'fail', got {on_error!r}")
     if kind is not None and kind not in KINDS:
-        raise ValueError(f"unknown data format {kind!r}; use one of {', '.join(KINDS)}")
+        raise ParamError("data_format", f"must be one of {', '.join(KINDS)}, got {kind!r}")
     if isinstance(sources, (str, Path)):
         sources = [sources]
     out = Dataset(kind or "text")

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from chatforge.conversation.formats import PromptFormat
 from chatforge.conversation.messages import Message
+from chatforge.errors import ParamError
 
 TRAIN_ON = ("assistant", "all", "last")
 IGNORE = -100
@@ -85,7 +86,7 @@ def apply_train_on(mask: list[bool], train_on: str) -> list[bool]:
             out[i] = True
             i -= 1
         return out
-    raise ValueError(f"train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
+    raise ParamError("train_on", f"must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
 
 
 def encode_conversation(
@@ -191,7 +192,7 @@ def build_examples(
 ) -> tuple[list[Example], ExampleStats]:
     """All examples of a :class:`~chatforge.training.data.Dataset`, and what happened to them."""
     if train_on not in TRAIN_ON:
-        raise ValueError(f"train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
+        raise ParamError("train_on", f"must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
     stats = ExampleStats()
     if dataset.kind == "text":
         texts = dataset.texts[:limit] if limit else dataset.texts

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from chatforge.conversation.formats import ensure_sep_token, get_format
-from chatforge.errors import ChatforgeError
+from chatforge.errors import ChatforgeError, ParamError
 from chatforge.models.meta import ModelMeta
 from chatforge.training.config import TrainConfig
 
@@ -65,7 +65,9 @@ def _pretrained(cfg: TrainConfig) -> Built:
     limit = lm.info.context_length
     context = cfg.context or min(limit, MAX_DEFAULT_CONTEXT)
     if context > limit:
-        raise ValueError(f"context must be <= the model's context length ({limit}), got {context}")
+        raise ParamError(
+            "context", f"must be <= the model's context length ({limit}), got {context}"
+        )
     base_dir = Path(lm.info.path)
     # Record a local base by absolute path, so the adapter loads from anywhere.
     local = Path(str(cfg.model)).expanduser()

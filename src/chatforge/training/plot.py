@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from chatforge.fsutil import atomic_file
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -45,8 +46,9 @@ def plot_losses(metrics: str | Path, png: str | Path, title: str = "") -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = Path(str(png) + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png)  # a viewer never sees half a PNG
+    try:
+        with atomic_file(png, "wb") as f:  # a viewer never sees half a PNG
+            fig.savefig(f, format="png")
+    finally:
+        plt.close(fig)
     return True

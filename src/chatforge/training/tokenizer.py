@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from chatforge.conversation.formats import SEP_TOKEN
+from chatforge.errors import ParamError
 from chatforge.training.data import Dataset
 
 EOS_TOKEN = "<|endoftext|>"
@@ -46,7 +47,7 @@ def train_tokenizer(
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < MIN_VOCAB:
-        raise ValueError(f"vocab_size must be >= {MIN_VOCAB} (256 bytes + special tokens)")
+        raise ParamError("vocab_size", f"must be >= {MIN_VOCAB} (256 bytes + special tokens)")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

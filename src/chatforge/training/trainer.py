@@ -22,6 +22,7 @@ import torch
 
 from chatforge.conversation.formats import get_format
 from chatforge.errors import ChatforgeError
+from chatforge.fsutil import atomic_write
 from chatforge.training import checkpoint as ckpt
 from chatforge.training.config import TrainConfig
 from chatforge.training.data import load_data
@@ -88,6 +89,9 @@ class Trainer:
         from accelerate import Accelerator
         from rich.console import Console
 
+        from chatforge.noise import quiet_libraries
+
+        quiet_libraries()
         self.cfg = cfg
         self.acc = Accelerator(cpu=not torch.cuda.is_available())
         self.main = self.acc.is_main_process
@@ -586,6 +590,9 @@ class Trainer:
         }
         bare.eval()
         save_model_dir(bare, built, self.cfg, self.out, facts)
+        from chatforge.models.registry import remember_trained_model
+
+        remember_trained_model(self.out)  # `chatforge models list` shows it
         self._plot()
         rate = tokens / max(t_run, 1e-9)
         if self.skipped:
@@ -610,9 +617,7 @@ class Trainer:
         from chatforge.training.plot import read_metrics
 
         keep = [r for r in read_metrics(self.out / METRICS) if r.get("step", 0) <= step]
-        tmp = self.out / (METRICS + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
-        tmp.replace(self.out / METRICS)
+        atomic_write(self.out / METRICS, "".join(json.dumps(r) + "\n" for r in keep))
 
     def _plot(self) -> None:
         if self.main:
