@@ -177,6 +177,14 @@ def test_detokenizer_holds_back_partial_utf8(tiny_tokenizer):
     assert all("\ufffd" not in piece for piece in out)
 
 
+def test_a_reply_cut_mid_character_does_not_end_on_a_broken_one(tiny_tokenizer):
+    ids = tiny_tokenizer.encode("é ✓", add_special_tokens=False)
+    s = TextStream(tiny_tokenizer)
+    cut = ids[:-1]  # the budget ran out inside "✓" (3 bytes, 3 tokens)
+    text = "".join(s.push(i) for i in cut) + s.flush()
+    assert text == "é " and s.text == "é "
+
+
 def test_stop_matcher_holds_back_possible_stops():
     m = StopMatcher(["END"])
     assert m.push("abc E") == "abc "

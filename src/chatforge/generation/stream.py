@@ -41,11 +41,12 @@ class Detokenizer:
         return ""
 
     def flush(self) -> str:
-        """Text still pending at the end (an incomplete character decodes as U+FFFD)."""
+        """Text still pending at the end. A reply cut in the middle of a character (its
+        last bytes decode as U+FFFD) ends before that character, not on a broken one."""
         prefix_text = self._decode(self.ids[self._prefix : self._read])
         full = self._decode(self.ids[self._prefix :])
         self._prefix = self._read = len(self.ids)
-        return full[len(prefix_text) :]
+        return full[len(prefix_text) :].rstrip("\ufffd")
 
 
 class StopMatcher:
