@@ -357,16 +357,11 @@ def _skipped_note(skipped: dict[str, int]) -> str:
 
 def _export_to(log: ConversationLog, output: Path, filters: dict) -> int:
     """Export into a file, whole or not at all."""
-    target = output.expanduser()
-    tmp = target.with_name(target.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
+    from chatforge.fsutil import atomic_file
+
+    try:  # never a half-written file under the user's name, also if the log fails
+        with atomic_file(output.expanduser(), "w") as f:
             n = log.export_training(f, **filters)
-        tmp.replace(target)  # never a half-written file under the user's name
     except OSError as e:
-        _remove(tmp)
         raise ChatforgeError(f"cannot write {output}: {e.strerror}") from e
-    except ChatforgeError:  # the log failed part way: leave no partial export behind
-        _remove(tmp)
-        raise
     return n

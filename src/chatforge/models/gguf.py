@@ -112,14 +112,11 @@ def _read_json(path: Path) -> dict:
 
 def _write_json(path: Path, data: dict) -> None:
     """Atomic write (unique temp file + rename); failures are ignored: it is a cache."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}-{time.monotonic_ns()}.tmp")
-    try:
+    from chatforge.fsutil import atomic_write
+
+    with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        atomic_write(path, json.dumps(data, indent=1))
 
 
 def file_digest(path: Path) -> str:

@@ -8,7 +8,6 @@ partial write and is ignored).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,10 +39,6 @@ class ModelMeta:
 
     def write(self, directory: Path) -> None:
         """Write atomically (temp file + fsync + rename) so a crash never leaves half a file."""
-        path = Path(directory) / META_FILE
-        tmp = path.with_suffix(".json.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(asdict(self), f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        from chatforge.fsutil import atomic_write
+
+        atomic_write(Path(directory) / META_FILE, json.dumps(asdict(self), indent=2))

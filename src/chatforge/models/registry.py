@@ -117,11 +117,11 @@ def _read_trained() -> list[dict]:
 
 def _write_trained(entries: list[dict]) -> None:
     """Atomic write of the index (unique temp file + rename)."""
+    from chatforge.fsutil import atomic_write
+
     path = _trained_index_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}-{time.monotonic_ns()}.tmp")
-    tmp.write_text(json.dumps({"models": entries}, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps({"models": entries}, indent=1))
 
 
 @contextlib.contextmanager
