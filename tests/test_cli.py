@@ -219,6 +219,7 @@ def test_models_list(capsys, tiny_llama_dir):
     assert "smollm2" in out
 
 
+@pytest.mark.slow
 def test_console_script_and_module_entry_points(tiny_llama_dir):
     exe = Path(sys.executable).parent / "chatforge"
     for cmd in ([str(exe)], [sys.executable, "-m", "chatforge"]):

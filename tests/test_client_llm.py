@@ -25,6 +25,8 @@ from chatforge import load_model  # noqa: E402
 from chatforge.server import create_app  # noqa: E402
 from serverkit import ServerThread  # noqa: E402
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves it out
+
 SERVED = "tiny"
 CHAT = "cf-chat"
 COMPLETION = "cf-completion"

