@@ -4,16 +4,13 @@ export leaves out and its filters, system prompt changes, `logs rm`, and `logs l
 
 from __future__ import annotations
 
-import io
 import json
 import sqlite3
 import time
 from datetime import datetime
 
 import pytest
-from rich.console import Console
 
-from chatforge.cli import logs as logs_cli
 from chatforge.store import ConversationLog, LoggedSession
 from cli_helpers import run
 
@@ -327,14 +324,11 @@ def test_removed_text_does_not_stay_in_the_file(log, capsys):
 
 @pytest.fixture()
 def terminal(monkeypatch):
-    """`chatforge logs` output as a colour terminal shows it."""
-    screen = io.StringIO()
-
-    def console():
-        return Console(file=screen, force_terminal=True, width=150, highlight=False)
-
-    monkeypatch.setattr(logs_cli, "_console", console)
-    return screen
+    """`chatforge logs` output as a colour terminal shows it (rich's own switches:
+    FORCE_COLOR makes stdout a terminal, COLUMNS its width)."""
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "150")
+    monkeypatch.delenv("NO_COLOR", raising=False)
 
 
 def test_list_has_headers_and_keeps_brackets_through_a_pipe(log, capsys):
@@ -350,8 +344,7 @@ def test_list_has_headers_and_keeps_brackets_through_a_pipe(log, capsys):
 def test_list_on_a_terminal_is_a_table(log, capsys, terminal):
     cid = log.new_conversation(model="m")
     _exchange(log, cid, "what does [bold]x[/bold] do?", "it is markup")
-    code, _, _ = run(["logs", "list"], capsys)
-    shown = terminal.getvalue()
+    code, shown, _ = run(["logs", "list"], capsys)
     assert code == 0 and "first message" in shown and "[bold]x[/bold]" in shown
 
 
@@ -382,8 +375,7 @@ def test_search_counts_more_matches_than_it_shows(log, capsys):
 def test_search_on_a_terminal_highlights_the_match(log, capsys, terminal):
     cid = log.new_conversation(model="m")
     _exchange(log, cid, "where is [red]Paris[/red]?", "France")
-    code, _, _ = run(["logs", "search", "paris"], capsys)
-    shown = terminal.getvalue()
+    code, shown, _ = run(["logs", "search", "paris"], capsys)
     assert code == 0 and "[red]" in shown  # markup in a message is text
     at = shown.index("Paris")
     assert shown[:at].endswith("m") and "\x1b[" in shown[at - 12 : at]  # styled
