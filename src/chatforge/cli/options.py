@@ -73,8 +73,9 @@ QuantizeOpt = Annotated[
     typer.Option(
         "--quantize",
         "-q",
-        help="Weight-only quantisation of the fast path: none, int8, int4 or auto (default: "
-        "the fastest setting that passes the quality check).",
+        help="Weight-only quantisation of the fast path: none, int8, int4, gguf (a .gguf "
+        "model's own 4-bit weights) or auto (default: gguf for a .gguf model with Q4_0/Q4_1 "
+        "weights, else int8).",
     ),
 ]
 SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")]

@@ -238,13 +238,34 @@ AUTO_SETTING = ("fp32", "int8")
 
 
 def parse_quantize(quantize: str | None) -> str:
-    """Map ``--quantize`` to none | int8 | int4 | auto."""
+    """Map ``--quantize`` to none | int8 | int4 | gguf | auto."""
     from chatforge.models.fast import QUANT_MODES
 
     q = "none" if quantize in (None, "", "none", "off", "no") else str(quantize).lower()
-    if q not in (*QUANT_MODES, "auto"):
-        raise ModelLoadError(f"unknown quantization {quantize!r}; use none, int8, int4 or auto")
+    if q not in (*QUANT_MODES, "gguf", "auto"):
+        raise ModelLoadError(
+            f"unknown quantization {quantize!r}; use none, int8, int4, gguf or auto"
+        )
     return q
+
+
+def _has_q4(path: Path) -> bool:
+    from chatforge.models.fast.gguf_weights import Q4_KINDS, GGUFWeights
+
+    return any(t.tensor_type.name in Q4_KINDS for t in GGUFWeights(path).tensors.values())
+
+
+def _source_gguf(meta: ModelMeta | None) -> Path | None:
+    """The GGUF file a converted model came from, if it is still there unchanged."""
+    if meta is None or not meta.source or not meta.source.lower().endswith(".gguf"):
+        return None
+    path = Path(meta.source)
+    if not path.is_file():
+        return None
+    from chatforge.models.gguf import file_digest
+
+    want = (meta.extra or {}).get("sha256")
+    return path if want is None or file_digest(path) == want else None
 
 
 @contextmanager
@@ -343,12 +364,28 @@ def load_model(
         if fast_reason is None:
             if short == "auto":
                 short = AUTO_SETTING[0]
+            gguf = None
             if quant == "auto":
-                quant = AUTO_SETTING[1]
+                # A model converted from a GGUF with 4-bit blocks runs those very
+                # weights (the model llama.cpp runs; faster at batch 1 than int8 and no
+                # second rounding); others the fastest setting that passes the checks.
+                source = _source_gguf(meta) if model.config.model_type != "gpt2" else None
+                quant = "gguf" if source is not None and _has_q4(source) else AUTO_SETTING[1]
+            if quant == "gguf":
+                source = _source_gguf(meta)
+                if source is None or model.config.model_type == "gpt2":
+                    raise ModelLoadError(
+                        "--quantize gguf runs a .gguf file's own 4-bit weights; this model "
+                        "was not converted from a (Llama-family) .gguf file that is still "
+                        "there unchanged; use int8, int4 or none"
+                    )
+                from chatforge.models.fast.gguf_weights import GGUFWeights
+
+                gguf = GGUFWeights(source)
             fast_dtype = torch.float32 if short == "fp32" else torch.bfloat16
             # release: each part of transformers' model is freed once converted, so
             # memory peaks near one model, not two; the model is dropped after it.
-            fast_model = build_fast_model(model, fast_dtype, quant, release=True)
+            fast_model = build_fast_model(model, fast_dtype, quant, release=True, gguf=gguf)
             model = None
     short = "fp32" if short == "auto" else short
     quant = "none" if quant == "auto" else quant

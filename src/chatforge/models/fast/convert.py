@@ -17,7 +17,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from chatforge.models.fast.linear import QUANT_MODES, DenseLinear, _QuantLinear, make_linear
+from chatforge.models.fast.gguf_weights import GGUFWeights
+from chatforge.models.fast.linear import (
+    QUANT_MODES,
+    DenseLinear,
+    Int4Linear,
+    _QuantLinear,
+    make_linear,
+)
 from chatforge.models.fast.model import FastConfig, FastDecoder, Layer, Norm
 
 LLAMA_TYPES = ("llama", "qwen2", "mistral")
@@ -184,15 +191,22 @@ def build_fast_model(
     quantize: str = "none",
     group_size: int = 32,
     release: bool = False,
+    gguf: GGUFWeights | None = None,
 ) -> FastDecoder:
     """Copy (and optionally quantise) a transformers model's weights into a FastDecoder.
 
     With ``release``, each part of ``model`` (embeddings, each layer, ...) is
     freed as soon as it is converted, so memory peaks near one model instead of
     two; ``model`` is unusable afterwards (also when the build fails part way).
+
+    ``quantize="gguf"`` (with ``gguf``, the file ``model`` was converted from): the
+    file's Q4_0/Q4_1 weights go into the int4 kernels as they are; its other tensors
+    (e.g. a Q8_0 embedding, hence the tied LM head) are quantised as ``int8``.
     """
-    if quantize not in QUANT_MODES:
+    if quantize not in (*QUANT_MODES, "gguf"):
         raise ValueError(f"unknown quantization {quantize!r}; use one of {', '.join(QUANT_MODES)}")
+    if quantize == "gguf" and (gguf is None or model.config.model_type == "gpt2"):
+        raise ValueError("quantize='gguf' needs the Llama-family GGUF file the model came from")
     reason = unsupported_reason(model)
     if reason:
         raise ValueError(reason)
@@ -200,7 +214,7 @@ def build_fast_model(
     if model.config.model_type == "gpt2":
         dec = _from_gpt2(model, dtype, quantize, group_size, src)
     else:
-        dec = _from_llama(model, dtype, quantize, group_size, src)
+        dec = _from_llama(model, dtype, quantize, group_size, src, gguf)
     src.done(model, dec)  # whatever was not freed part by part
     # The forward path (one C call per step, or torch ops) is chosen once, here.
     from chatforge.models.fast.native_decode import NativeDecode
@@ -225,8 +239,13 @@ def _lin(weight, bias, dtype, quantize, group_size):
     return make_linear(_w(weight), None if bias is None else _w(bias), dtype, quantize, group_size)
 
 
-def _from_llama(model: Any, dtype, quantize: str, group_size: int, src: _Source) -> FastDecoder:
+def _from_llama(
+    model: Any, dtype, quantize: str, group_size: int, src: _Source, gguf: GGUFWeights | None
+) -> FastDecoder:
     cfg = model.config
+    blocks = gguf if quantize == "gguf" else None
+    if blocks is not None:
+        quantize = "int8"  # for whatever the file does not hold as Q4 blocks
     inner = model.model
     n_heads = cfg.num_attention_heads
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
@@ -248,7 +267,7 @@ def _from_llama(model: Any, dtype, quantize: str, group_size: int, src: _Source)
     # while no layer has been touched yet keeps the peak low (see _Source).
     embed, head = _embed_and_head(model, inner.embed_tokens, dtype, quantize, group_size, src)
     layers = []
-    for blk in inner.layers:
+    for i, blk in enumerate(inner.layers):
         at, mlp = blk.self_attn, blk.mlp
         biases = [p.bias for p in (at.q_proj, at.k_proj, at.v_proj)]
         qkv_b = None
@@ -264,21 +283,27 @@ def _from_llama(model: Any, dtype, quantize: str, group_size: int, src: _Source)
                 _w(at.v_proj.weight),
             ]
         )
+
+        def lin(names: list[str], weight: Any, bias: Any, i: int = i) -> Any:
+            """The file's Q4 blocks of ``blk.{i}.<names>`` stacked, else ``weight`` quantised."""
+            q4 = None if blocks is None else blocks.q4_rows([f"blk.{i}.{n}" for n in names])
+            if q4 is not None:
+                return Int4Linear.from_blocks(*q4, None if bias is None else _w(bias))
+            return _lin(weight, bias, dtype, quantize, group_size)
+
         layer = Layer(
             norm1=Norm(blk.input_layernorm.weight.detach().to(dtype), None, fc.eps, rms=True),
-            qkv=_lin(qkv_w, qkv_b, dtype, quantize, group_size),
-            out=_lin(at.o_proj.weight, at.o_proj.bias, dtype, quantize, group_size),
+            qkv=lin(["attn_q.weight", "attn_k.weight", "attn_v.weight"], qkv_w, qkv_b),
+            out=lin(["attn_output.weight"], at.o_proj.weight, at.o_proj.bias),
             norm2=Norm(
                 blk.post_attention_layernorm.weight.detach().to(dtype), None, fc.eps, rms=True
             ),
-            up=_lin(
+            up=lin(
+                ["ffn_gate.weight", "ffn_up.weight"],
                 torch.cat([_w(mlp.gate_proj.weight), _w(mlp.up_proj.weight)]),
                 None,
-                dtype,
-                quantize,
-                group_size,
             ),
-            down=_lin(mlp.down_proj.weight, None, dtype, quantize, group_size),
+            down=lin(["ffn_down.weight"], mlp.down_proj.weight, None),
         )
         src.done(blk, layer)
         layers.append(layer)

@@ -191,6 +191,28 @@ class Int4Linear(_QuantLinear):
             x, self.weight_q, self.group_size, self.scales
         )
 
+    @classmethod
+    def from_blocks(cls, q: Tensor, scales: Tensor, bias: Tensor | None = None) -> Int4Linear:
+        """A layer holding given blocks in the native layout: ``q`` (N, K/2) uint8,
+        ``scales`` (N, 2, K/32) fp16 (``d`` then ``m``; a GGUF Q4_1/Q4_0 tensor as is).
+        Where our kernel cannot run, the blocks are expanded and quantised for torch's."""
+        n, k = q.shape[0], q.shape[1] * 2
+        if not _native_ok(k):
+            lo = torch.stack([q & 15, q >> 4], dim=1)  # (N, 2, K/2): q[j], q[j+16] per block
+            vals = lo.view(n, 2, k // native.QK, native.QK // 2).permute(0, 2, 1, 3)
+            vals = vals.reshape(n, k // native.QK, native.QK).float()  # (N, K/32, 32)
+            d, m = scales[:, 0].float(), scales[:, 1].float()  # (N, K/32)
+            w = (vals * d[..., None] + m[..., None]).reshape(n, k)
+            return cls(w, bias)
+        layer = cls.__new__(cls)
+        layer.out_features, layer.in_features = n, k
+        layer.group_size = native.QK
+        layer.native = True
+        layer.weight_q = q.contiguous()
+        layer.scales = scales.to(torch.float16).contiguous()
+        layer.bias = None if bias is None else bias.detach().float().contiguous()
+        return layer
+
 
 Linear = DenseLinear | Int8Linear | Int4Linear
 
