@@ -3,7 +3,8 @@
 Each setting's fast decoder scores the same conversations (rendered in the
 model's prompt format); perplexity is over the assistant tokens, as
 ``chatforge eval`` reports it. A setting passes when its perplexity is within
-the allowed share of fp32's (int8: 2 %, int4: 8 %).
+the allowed share of fp32's (int8: 2 %, int4: 8 %, a GGUF's own blocks: 2 %). For a
+model converted from a GGUF, fp32 is that file's weights expanded exactly.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from typing import Any
 
 import torch
 
-ALLOWED = {"none": 0.02, "int8": 0.02, "int4": 0.08}  # bf16 weights: as int8
+ALLOWED = {"none": 0.02, "int8": 0.02, "int4": 0.08, "gguf": 0.02}  # bf16 weights: as int8
 SETTINGS = (
     ("fp32", "none"),
+    ("fp32", "gguf"),  # a GGUF model's own Q4 blocks (skipped for other models)
     ("bf16", "none"),
     ("fp32", "int8"),
     ("bf16", "int8"),
@@ -71,9 +73,12 @@ def quality_check(loaded: Any, settings=SETTINGS, conversations: int = 40) -> li
     sample = chitchat_sample(loaded, conversations)
     rows: list[dict] = []
     base = None
+    gguf = _gguf_weights(loaded)
     for dtype, q in settings:
+        if q == "gguf" and gguf is None:
+            continue
         torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
-        decoder = build_fast_model(loaded.model, torch_dtype, q)
+        decoder = build_fast_model(loaded.model, torch_dtype, q, gguf=gguf)
         ppl = perplexity(decoder, sample)
         if base is None:
             base = ppl
@@ -91,3 +96,15 @@ def quality_check(loaded: Any, settings=SETTINGS, conversations: int = 40) -> li
             }
         )
     return rows
+
+
+def _gguf_weights(loaded: Any) -> Any:
+    """The 4-bit blocks of the GGUF ``loaded`` was converted from (None if it was not)."""
+    from chatforge.models.fast.gguf_weights import GGUFWeights, has_q4_blocks
+    from chatforge.models.gguf import source_gguf
+    from chatforge.models.meta import ModelMeta
+
+    source = source_gguf(ModelMeta.read(loaded.info.path))
+    if source is None or loaded.model.config.model_type == "gpt2" or not has_q4_blocks(source):
+        return None
+    return GGUFWeights(source)

@@ -17,6 +17,7 @@ DEFAULT_SETTINGS = [
     BenchSetting("transformers", "fp32"),
     BenchSetting("chatforge", "fp32"),
     BenchSetting("chatforge", "bf16"),
+    BenchSetting("chatforge", "fp32", "gguf"),
     BenchSetting("chatforge", "fp32", "int8"),
     BenchSetting("chatforge", "bf16", "int8"),
     BenchSetting("chatforge", "fp32", "int4"),

@@ -393,3 +393,14 @@ def _short(e: BaseException) -> str:
     """The first line of an exception's message (library errors can be long)."""
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+def source_gguf(meta: ModelMeta | None) -> Path | None:
+    """The GGUF file a converted model came from, if it is still there unchanged."""
+    if meta is None or not meta.source or not meta.source.lower().endswith(".gguf"):
+        return None
+    path = Path(meta.source)
+    if not path.is_file():
+        return None
+    want = (meta.extra or {}).get("sha256")
+    return path if want is None or file_digest(path) == want else None

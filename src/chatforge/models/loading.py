@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from chatforge.errors import ModelLoadError
-from chatforge.models.gguf import ensure_converted
+from chatforge.models.gguf import ensure_converted, source_gguf
 from chatforge.models.meta import ModelMeta
 from chatforge.models.registry import ALIASES, DEFAULT_MODEL, resolve_alias
 
@@ -249,25 +249,6 @@ def parse_quantize(quantize: str | None) -> str:
     return q
 
 
-def _has_q4(path: Path) -> bool:
-    from chatforge.models.fast.gguf_weights import Q4_KINDS, GGUFWeights
-
-    return any(t.tensor_type.name in Q4_KINDS for t in GGUFWeights(path).tensors.values())
-
-
-def _source_gguf(meta: ModelMeta | None) -> Path | None:
-    """The GGUF file a converted model came from, if it is still there unchanged."""
-    if meta is None or not meta.source or not meta.source.lower().endswith(".gguf"):
-        return None
-    path = Path(meta.source)
-    if not path.is_file():
-        return None
-    from chatforge.models.gguf import file_digest
-
-    want = (meta.extra or {}).get("sha256")
-    return path if want is None or file_digest(path) == want else None
-
-
 @contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """transformers' warnings and progress bars off while we load (we report what matters)."""
@@ -369,10 +350,12 @@ def load_model(
                 # A model converted from a GGUF with 4-bit blocks runs those very
                 # weights (the model llama.cpp runs; faster at batch 1 than int8 and no
                 # second rounding); others the fastest setting that passes the checks.
-                source = _source_gguf(meta) if model.config.model_type != "gpt2" else None
-                quant = "gguf" if source is not None and _has_q4(source) else AUTO_SETTING[1]
+                from chatforge.models.fast.gguf_weights import has_q4_blocks
+
+                source = source_gguf(meta) if model.config.model_type != "gpt2" else None
+                quant = "gguf" if source is not None and has_q4_blocks(source) else AUTO_SETTING[1]
             if quant == "gguf":
-                source = _source_gguf(meta)
+                source = source_gguf(meta)
                 if source is None or model.config.model_type == "gpt2":
                     raise ModelLoadError(
                         "--quantize gguf runs a .gguf file's own 4-bit weights; this model "

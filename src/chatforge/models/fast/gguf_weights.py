@@ -67,3 +67,8 @@ class GGUFWeights:
             torch.cat([p[0] for p in parts]).contiguous(),  # type: ignore[index]
             torch.cat([p[1] for p in parts]).contiguous(),  # type: ignore[index]
         )
+
+
+def has_q4_blocks(path: str | Path) -> bool:
+    """Whether the GGUF file holds any Q4_0/Q4_1 tensor."""
+    return any(t.tensor_type.name in Q4_KINDS for t in GGUFWeights(path).tensors.values())
