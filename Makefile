@@ -29,6 +29,7 @@ format: $(VENV)/.setup-dev
 	$(BIN)/ruff check --fix src tests
 
 bench: $(VENV)/.setup
+	$(BIN)/python -m pip install --quiet -e '.[remote,bench]'  # llama.cpp as a peer (compiles it)
 	mkdir -p bench/results
 	$(BIN)/chatforge bench --json bench/results/decode.json
 

@@ -126,6 +126,7 @@ def test_without_the_c_kernels_torch_kernels_take_over():
 @needs_native
 def test_a_corrupt_cached_library_is_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setenv("CHATFORGE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CHATFORGE_KERNELS", "compile")  # not the installed variants
     built = native._compile(tmp_path / "kernels")  # built, not loaded
     assert built is not None
     built.write_bytes(b"not a shared library")  # e.g. a disk that filled up

@@ -57,10 +57,17 @@ class BenchResult:
     decode_tok_s: float
     peak_rss_mb: float
     threads: int
+    kernels: str | None = None  # chatforge's CPU kernels (native.kernel_path()); None: not ours
 
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KB
+
+
+def _kernel_path() -> str:
+    from chatforge.models.fast import native
+
+    return native.kernel_path()
 
 
 def _prompts(loaded: Any, n: int) -> list[list[int]]:
@@ -126,6 +133,7 @@ def measure(
                 decode_tok_s=rate,
                 peak_rss_mb=_peak_rss_mb(),
                 threads=torch.get_num_threads(),
+                kernels=_kernel_path() if fast else None,
             )
         )
     return results

@@ -29,6 +29,8 @@ DEFAULT_SETTINGS = [
 def machine() -> dict[str, Any]:
     import torch
 
+    from chatforge.models.fast.native import kernel_path
+
     mem = None
     try:
         with open("/proc/meminfo") as f:
@@ -43,6 +45,7 @@ def machine() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "mem_mb": mem,
+        "kernels": kernel_path(),  # which CPU kernels chatforge's settings run on
     }
 
 

@@ -9,7 +9,9 @@ import typer
 
 from chatforge.errors import ChatforgeError
 
-app = typer.Typer(help="List and remove the models available locally.", no_args_is_help=True)
+app = typer.Typer(
+    help="List, describe and remove the models available locally.", no_args_is_help=True
+)
 
 COLUMNS = (
     "model (--model)",
@@ -104,6 +106,45 @@ def _rich_table(rows: list[list[str]]) -> None:
     for cells in rows:
         table.add_row(*(cells[i] for i in keep))
     console.print(table)
+
+
+def _info_rows(loaded) -> list[tuple[str, str]]:
+    """What ``models info`` prints about a loaded model, as (label, value) rows."""
+    from chatforge.models.fast import native
+
+    info = loaded.info
+    kernels = native.kernel_path()
+    if info.engine != "fast":
+        kernels += " (unused: transformers' modules run this model)"
+    quant = info.quantize if info.quantize != "none" else "none (full weights)"
+    return [
+        ("model", info.ref),
+        ("name", info.name),
+        ("path", str(info.path)),
+        ("architecture", info.architecture),
+        ("parameters", f"{info.n_params / 1e6:.1f}M ({info.n_params:,})"),
+        ("context length", str(info.context_length)),
+        ("prompt format", info.prompt_format),
+        ("dtype", info.dtype),
+        ("quantisation", quant),
+        ("engine", info.engine + (f" ({loaded.fast_reason})" if loaded.fast_reason else "")),
+        ("kernels", kernels),
+    ]
+
+
+@app.command("info")
+def info_command(
+    ref: Annotated[str, typer.Argument(help="A bundled name, directory, .gguf file or hub id.")],
+) -> None:
+    """Load a model with the defaults `chatforge chat` uses and describe it: architecture,
+    size, context, prompt format, the dtype and quantisation picked, the engine and
+    which CPU kernels run it."""
+    from chatforge.models import load_model
+
+    rows = _info_rows(load_model(ref))
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        typer.echo(f"{label.ljust(width)}  {value}")
 
 
 def _describe(target) -> str:

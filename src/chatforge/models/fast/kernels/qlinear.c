@@ -232,11 +232,11 @@ INLINE void tile_f32(const float *w, int64_t K, const float *x, int RN, int RM, 
     for (int r = 0; r < RN; r++)
         for (int m = 0; m < RM; m++) out[r * RM + m] = _mm512_reduce_add_ps(acc[r][m]);
 #elif defined(CF_AVX2)
-    __m256 acc[4][4];
+    __m256 acc[4][8]; /* RM goes up to 8 (the 5-8 row tiles), as in the AVX-512 path */
     for (int r = 0; r < RN; r++)
         for (int m = 0; m < RM; m++) acc[r][m] = _mm256_setzero_ps();
     for (int64_t k = 0; k < K; k += 8) {
-        __m256 xv[4];
+        __m256 xv[8];
         for (int m = 0; m < RM; m++) xv[m] = _mm256_loadu_ps(x + m * K + k);
         for (int r = 0; r < RN; r++) {
             const __m256 wv = _mm256_loadu_ps(w + r * K + k);
