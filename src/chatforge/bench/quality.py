@@ -100,11 +100,7 @@ def quality_check(loaded: Any, settings=SETTINGS, conversations: int = 40) -> li
 
 def _gguf_weights(loaded: Any) -> Any:
     """The 4-bit blocks of the GGUF ``loaded`` was converted from (None if it was not)."""
-    from chatforge.models.fast.gguf_weights import GGUFWeights, has_q4_blocks
-    from chatforge.models.gguf import source_gguf
+    from chatforge.models.fast.gguf_weights import source_q4_weights
     from chatforge.models.meta import ModelMeta
 
-    source = source_gguf(ModelMeta.read(loaded.info.path))
-    if source is None or loaded.model.config.model_type == "gpt2" or not has_q4_blocks(source):
-        return None
-    return GGUFWeights(source)
+    return source_q4_weights(ModelMeta.read(loaded.info.path), loaded.model.config.model_type)

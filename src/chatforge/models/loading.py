@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from chatforge.errors import ModelLoadError
-from chatforge.models.gguf import ensure_converted, source_gguf
+from chatforge.models.gguf import ensure_converted
 from chatforge.models.meta import ModelMeta
 from chatforge.models.registry import ALIASES, DEFAULT_MODEL, resolve_alias
 
@@ -346,25 +346,21 @@ def load_model(
             if short == "auto":
                 short = AUTO_SETTING[0]
             gguf = None
+            if quant in ("auto", "gguf"):
+                from chatforge.models.fast.gguf_weights import source_q4_weights
+
+                gguf = source_q4_weights(meta, model.config.model_type)
             if quant == "auto":
                 # A model converted from a GGUF with 4-bit blocks runs those very
-                # weights (the model llama.cpp runs; faster at batch 1 than int8 and no
-                # second rounding); others the fastest setting that passes the checks.
-                from chatforge.models.fast.gguf_weights import has_q4_blocks
-
-                source = source_gguf(meta) if model.config.model_type != "gpt2" else None
-                quant = "gguf" if source is not None and has_q4_blocks(source) else AUTO_SETTING[1]
-            if quant == "gguf":
-                source = source_gguf(meta)
-                if source is None or model.config.model_type == "gpt2":
-                    raise ModelLoadError(
-                        "--quantize gguf runs a .gguf file's own 4-bit weights; this model "
-                        "was not converted from a (Llama-family) .gguf file that is still "
-                        "there unchanged; use int8, int4 or none"
-                    )
-                from chatforge.models.fast.gguf_weights import GGUFWeights
-
-                gguf = GGUFWeights(source)
+                # weights (the model llama.cpp runs; no second rounding); others the
+                # fastest setting that passes the checks.
+                quant = "gguf" if gguf is not None else AUTO_SETTING[1]
+            elif quant == "gguf" and gguf is None:
+                raise ModelLoadError(
+                    "--quantize gguf runs a .gguf file's own 4-bit weights; this model "
+                    "was not converted from a (Llama-family) .gguf file with Q4_0/Q4_1 "
+                    "weights that is still there unchanged; use int8, int4 or none"
+                )
             fast_dtype = torch.float32 if short == "fp32" else torch.bfloat16
             # release: each part of transformers' model is freed once converted, so
             # memory peaks near one model, not two; the model is dropped after it.

@@ -16,6 +16,7 @@ rotary halves interleaved, which is the order our decoder uses too (see
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,10 +34,6 @@ class GGUFWeights:
         self.path = Path(path)
         reader = gguf.GGUFReader(str(self.path))
         self.tensors = {t.name: t for t in reader.tensors}
-
-    def kind(self, name: str) -> str | None:
-        t = self.tensors.get(name)
-        return None if t is None else t.tensor_type.name
 
     def q4(self, name: str) -> tuple[Tensor, Tensor] | None:
         """``(q (N, K/2) uint8, scales (N, 2, K/32) fp16)`` of a Q4_0/Q4_1 tensor in our
@@ -69,6 +66,14 @@ class GGUFWeights:
         )
 
 
-def has_q4_blocks(path: str | Path) -> bool:
-    """Whether the GGUF file holds any Q4_0/Q4_1 tensor."""
-    return any(t.tensor_type.name in Q4_KINDS for t in GGUFWeights(path).tensors.values())
+def source_q4_weights(meta: Any, model_type: str) -> GGUFWeights | None:
+    """The 4-bit blocks of the GGUF file a converted Llama-family model came from: None
+    when it came from none, the file changed or moved, or it holds no Q4_0/Q4_1 tensor."""
+    from chatforge.models.gguf import source_gguf
+
+    source = source_gguf(meta) if model_type != "gpt2" else None
+    if source is None:
+        return None
+    weights = GGUFWeights(source)
+    has_q4 = any(t.tensor_type.name in Q4_KINDS for t in weights.tensors.values())
+    return weights if has_q4 else None
