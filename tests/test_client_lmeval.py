@@ -191,7 +191,7 @@ def test_local_completions_matches_hf_backend(
 
 
 GEN_TASK = "chatforge_tiny_gen"
-# lm-eval adds the tokenizer's eos text to ``until``; OpenAI (and the server) take at most 4
+# lm-eval adds the tokenizer's eos text to ``until``; OpenAI takes at most 4 stops (we 16)
 GEN_YAML = """\
 task: {task}
 dataset_path: json

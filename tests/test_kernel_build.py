@@ -62,6 +62,7 @@ def _qlinear(lib: ctypes.CDLL, lin, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+@pytest.mark.slow  # subprocesses, compiles or a model load
 def test_installed_variants_match_the_library_compiled_at_first_use():
     runs = [v.name for v in kv.runnable(kv.cpu_flags())]
     installed = {k: p for k, p in native.installed_variants().items() if k in runs}
@@ -101,6 +102,7 @@ def _start(env: dict[str, str]) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # subprocesses, compiles or a model load
 def test_a_failing_compiler_warns_and_is_not_retried(tmp_path):
     env = {"CHATFORGE_CACHE": str(tmp_path)}
     first = _start(env)
@@ -138,6 +140,7 @@ def test_a_corrupt_installed_variant_is_passed_over(tmp_path, monkeypatch):
     assert lib is None and "installed generic unusable" in why
 
 
+@pytest.mark.slow  # subprocesses, compiles or a model load
 def test_models_info_shows_the_kernel_path(capsys, tiny_llama_dir: Path):
     code, out, err = run(["models", "info", str(tiny_llama_dir)], capsys)
     assert code == 0, err

@@ -314,25 +314,19 @@ def test_auto_lets_the_model_answer_or_call(client):
     assert "text" in seen  # a random model mostly writes text
 
 
-def test_a_tool_result_in_the_history_is_accepted(client, server, tiny):
-    history = [
+def _tool_history(arguments: str, result: str) -> list[dict]:
+    """A user question, the assistant's get_weather call with ``arguments``, its result."""
+    call = {"id": "call_1", "type": "function"}
+    call["function"] = {"name": "get_weather", "arguments": arguments}
+    return [
         {"role": "user", "content": "Weather in Paris?"},
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": "call_1",
-                    "type": "function",
-                    "function": {
-                        "name": "get_weather",
-                        "arguments": '{"city": "Paris", "unit": "c"}',
-                    },
-                }
-            ],
-        },
-        {"role": "tool", "tool_call_id": "call_1", "content": "21 C, sunny"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": result},
     ]
+
+
+def test_a_tool_result_in_the_history_is_accepted(client, server, tiny):
+    history = _tool_history('{"city": "Paris", "unit": "c"}', "21 C, sunny")
     r = client.chat.completions.create(
         model="tiny", messages=history, tools=[WEATHER], max_tokens=10
     )
@@ -441,21 +435,7 @@ def tool_template_server(tmp_path_factory):
 
 def test_a_template_that_knows_tools_renders_them(tool_template_server):
     srv = tool_template_server
-    history = [
-        {"role": "user", "content": "Weather in Paris?"},
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": "call_1",
-                    "type": "function",
-                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
-                }
-            ],
-        },
-        {"role": "tool", "tool_call_id": "call_1", "content": "21 C"},
-    ]
+    history = _tool_history('{"city": "Paris"}', "21 C")
     body = {"model": "tiny", "messages": history, "tools": [WEATHER, CLOCK]}
     ids = httpx.post(srv.url + "/tokenize", json=body).json()["tokens"]
     text = httpx.post(srv.url + "/detokenize", json={"tokens": ids}).json()["prompt"]

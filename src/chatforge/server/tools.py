@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatforge.conversation import Message
-from chatforge.generation.grammar import GrammarConstraint, lark_grammar
+from chatforge.generation.grammar import JSON_OPTIONS, GrammarConstraint, lark_grammar
 from chatforge.server.errors import APIError
 from chatforge.server.schemas import ChatMessageIn, NamedToolChoice, ToolDef
 
@@ -99,8 +99,6 @@ def _call_schema(tool: ToolDef) -> dict[str, Any]:
 def _grammar(tools: list[ToolDef], *, free_text: bool, parallel: bool) -> str:
     """Lark (llguidance's dialect): calls whose JSON follows one of ``tools``' schemas,
     or (``free_text``) any text that does not start a call."""
-    from chatforge.generation.grammar import JSON_OPTIONS
-
     schemas = [_call_schema(t) for t in tools]
     one = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
     one = {**one, "x-guidance": JSON_OPTIONS}
