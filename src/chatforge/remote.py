@@ -183,27 +183,34 @@ class RemoteSession(SessionBase):
             )
 
     def _describe(self, e: Exception) -> str:
-        import openai
+        return describe_api_error(e, self.api_base, self.key_source)
 
-        if isinstance(e, openai.APIStatusError):
-            message = e.message
-            body = e.body if isinstance(e.body, dict) else {}
-            inner = body.get("error", body) if isinstance(body, dict) else {}
-            if isinstance(inner, dict) and inner.get("message"):
-                message = inner["message"]
-            text = f"{self.api_base} answered {e.status_code}: {message}"
-            if e.status_code == 401:
-                text += self._key_hint()
-            return text
-        if isinstance(e, openai.APIConnectionError):
-            return f"cannot reach {self.api_base}: {e.__cause__ or e}"
-        return f"{self.api_base}: {e}"
 
-    def _key_hint(self) -> str:
-        """Where the rejected key came from, and how to give another."""
-        if self.key_source is None:
-            return f"; no API key was given: {KEY_HELP}"
-        return f"; the API key came from {self.key_source}: check it, or {KEY_HELP}"
+def describe_api_error(e: Exception, api_base: str, key_source: str | None = None) -> str:
+    """One line saying what went wrong talking to ``api_base`` (an ``openai`` error);
+    a 401 says where the key came from (``key_source``) and how to give another."""
+    import openai
+
+    if isinstance(e, openai.APIStatusError):
+        message = e.message
+        body = e.body if isinstance(e.body, dict) else {}
+        inner = body.get("error", body) if isinstance(body, dict) else {}
+        if isinstance(inner, dict) and inner.get("message"):
+            message = inner["message"]
+        text = f"{api_base} answered {e.status_code}: {message}"
+        if e.status_code == 401:
+            text += _key_hint(key_source)
+        return text
+    if isinstance(e, openai.APIConnectionError):
+        return f"cannot reach {api_base}: {e.__cause__ or e}"
+    return f"{api_base}: {e}"
+
+
+def _key_hint(key_source: str | None) -> str:
+    """Where the rejected key came from, and how to give another."""
+    if key_source is None:
+        return f"; no API key was given: {KEY_HELP}"
+    return f"; the API key came from {key_source}: check it, or {KEY_HELP}"
 
 
 def _cached_tokens(usage: Any) -> int:

@@ -8,6 +8,7 @@
 
 from chatforge.batch.output import CSV_COLUMNS, OUTPUT_SUFFIXES, RowWriter
 from chatforge.batch.records import INPUT_SUFFIXES, Record, read_records, records_from
+from chatforge.batch.remote import generate_batch_remote
 from chatforge.batch.runner import BatchStopped, BatchSummary, generate_batch
 from chatforge.batch.template import PromptTemplate, TemplateError
 
@@ -22,6 +23,7 @@ __all__ = [
     "RowWriter",
     "TemplateError",
     "generate_batch",
+    "generate_batch_remote",
     "read_records",
     "records_from",
 ]

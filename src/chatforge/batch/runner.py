@@ -80,6 +80,7 @@ class _Job:
     requests: list[Request] = field(default_factory=list)  # one per sample
     completions: dict[int, Completion] = field(default_factory=dict)  # sample -> result
     error: str | None = None  # why it produced no output
+    retry: bool = False  # the error may pass (a remote endpoint's): no row, a rerun retries
 
     @property
     def finished(self) -> bool:
@@ -138,17 +139,7 @@ def generate_batch(
         raise ParamError("batch_size", f"must be an integer >= 1 (got {batch_size!r})")
     tmpl = template if isinstance(template, PromptTemplate) else PromptTemplate(template)
     # Check everything the user gave before the (slow) model load.
-    if isinstance(inputs, str | Path):
-        in_path = check_input(inputs)
-
-        def open_records() -> Iterator[Record]:
-            return read_records(in_path)
-    else:
-        items = list(inputs)
-
-        def open_records() -> Iterator[Record]:
-            return records_from(items)
-
+    open_records = records_opener(inputs)
     check_output(output)
     if isinstance(model, str):
         from chatforge.models import load_model, parse_dtype
@@ -158,11 +149,7 @@ def generate_batch(
         model = lambda: load_model(ref, dtype=dtype)  # noqa: E731 - loaded only if needed
 
     with RowWriter(output) as writer:
-        # A first pass counts the records (and those still to do, for the progress bar).
-        total = todo = 0
-        for record in open_records():
-            total += 1
-            todo += not writer.existing.has(record.key, record.legacy_key)
+        total, todo = count_todo(open_records(), writer)
         if todo == 0:  # every row is there: no model to load
             return BatchSummary(
                 output=writer.path,
@@ -185,7 +172,142 @@ def generate_batch(
     return run.summary
 
 
-class _Run:
+def records_opener(
+    inputs: str | Path | Iterable[str | Mapping[str, Any]],
+) -> Callable[[], Iterator[Record]]:
+    """A function that reads the records from the start (a file is checked now)."""
+    if isinstance(inputs, str | Path):
+        in_path = check_input(inputs)
+        return lambda: read_records(in_path)
+    items = list(inputs)
+    return lambda: records_from(items)
+
+
+def count_todo(records: Iterable[Record], writer: RowWriter) -> tuple[int, int]:
+    """(records, records without a row in the output yet): a first pass, for the
+    progress bar and to skip the model load when nothing is left to do."""
+    total = todo = 0
+    for record in records:
+        total += 1
+        todo += not writer.existing.has(record.key, record.legacy_key)
+    return total, todo
+
+
+class RowsRun:
+    """What a run over records shares, whatever generates the replies (the local
+    engine here, a remote endpoint in :mod:`chatforge.batch.remote`): rendering
+    each record's prompt, and writing finished rows in input order with the summary."""
+
+    def __init__(
+        self,
+        writer: RowWriter,
+        template: PromptTemplate,
+        system: str | None,
+        config: GenerationConfig,
+        n: int,
+        fail_fast: bool,
+        model_info: dict[str, Any],
+    ) -> None:
+        self.writer = writer
+        self.template = template
+        self.system = system
+        self.config = config
+        self.n = n
+        self.fail_fast = fail_fast
+        self.summary = BatchSummary(output=writer.path)
+        self.on_progress: ProgressFn | None = None
+        self.model_info = model_info
+        self.params = _resolved_params(config)
+        self._seen: dict[str, str] = {}  # id key -> source of its first record in this input
+
+    def _start(self, record: Record) -> _Job:
+        """A job holding the record's rendered prompt, or the error that stops it."""
+        job = _Job(record)
+        if record.error is not None:
+            job.error = record.error
+            return job
+        first = self._seen.get(record.key)
+        if first is not None:
+            job.error = f"{record.source}: duplicate id {record.id!r} (first at {first})"
+            return job
+        self._seen[record.key] = record.source
+        try:
+            job.prompt = self.template.render(record.fields)
+        except TemplateError as e:
+            job.error = f"{record.source}: {e}"
+            return job
+        if not job.prompt.strip():
+            job.error = f"{record.source}: the prompt is empty"
+        return job
+
+    def _messages(self, prompt: str) -> list[Message]:
+        """The chat messages a record's prompt is sent as (the system prompt first)."""
+        messages = [Message("user", prompt)]
+        if self.system:
+            messages.insert(0, Message("system", self.system))
+        return messages
+
+    def _stopped(self, stop: str) -> BatchStopped:
+        """The error --fail-fast stops at ``stop`` (a bad record) with."""
+        done = self.summary.done + self.summary.errors
+        return BatchStopped(
+            f"{stop} (stopped by --fail-fast after writing {done} rows; "
+            "fix the record and rerun to resume)"
+        )
+
+    # -- writing -----------------------------------------------------------------
+
+    def _write_ready(self, pending: deque[_Job]) -> None:
+        """Write the finished jobs at the head of ``pending`` (one write, then fsync)."""
+        ready: list[_Job] = []
+        while pending and pending[0].finished:
+            ready.append(pending.popleft())
+        if not ready:
+            return
+        self.writer.write([self._row(job) for job in ready if not job.retry])
+        tokens = 0
+        for job in ready:
+            if job.error is not None:
+                self.summary.errors += 1
+                if len(self.summary.error_messages) < 5:
+                    self.summary.error_messages.append(job.error)
+            else:
+                self.summary.done += 1
+                done = [job.completions[j] for j in range(len(job.requests))]
+                self.summary.prompt_tokens += done[0].prompt_tokens
+                tokens += sum(c.completion_tokens for c in done)
+        self.summary.completion_tokens += tokens
+        if self.on_progress is not None:
+            self.on_progress(len(ready), tokens)
+
+    def _row(self, job: _Job) -> dict[str, Any]:
+        rec = job.record
+        row: dict[str, Any] = {"id": rec.id, "source": rec.source, "prompt": job.prompt}
+        if job.error is not None:
+            row.update(output=None, finish_reason=None, error=job.error)
+        else:
+            done = [job.completions[j] for j in range(len(job.requests))]
+            row["output"] = done[0].text
+            if self.n > 1:
+                row["outputs"] = [c.text for c in done]
+                row["finish_reasons"] = [c.finish_reason for c in done]
+            row.update(
+                finish_reason=done[0].finish_reason,
+                prompt_tokens=done[0].prompt_tokens,
+                completion_tokens=sum(c.completion_tokens for c in done),
+                seconds=round(max(c.seconds for c in done), 4),
+                error=None,
+            )
+        row["params"] = self.params
+        if self.n > 1:
+            row["n"] = self.n
+        row["model"] = self.model_info
+        # The resume key, unlike "id", is unique even when a record has no id of its own.
+        row["key"] = rec.key
+        return row
+
+
+class _Run(RowsRun):
     """The state of one :func:`generate_batch` call."""
 
     def __init__(
@@ -199,20 +321,10 @@ class _Run:
         batch_size: int,
         fail_fast: bool,
     ) -> None:
+        super().__init__(writer, template, system, config, n, fail_fast, _model_identity(loaded))
         self.loaded = loaded
         self.engine = Engine.shared(loaded)
-        self.writer = writer
-        self.template = template
-        self.system = system
-        self.config = config
-        self.n = n
         self.batch_size = batch_size
-        self.fail_fast = fail_fast
-        self.summary = BatchSummary(output=writer.path)
-        self.on_progress: ProgressFn | None = None
-        self.model_info = _model_identity(loaded)
-        self.params = _resolved_params(config)
-        self._seen: dict[str, str] = {}  # id key -> source of its first record in this input
 
     def run(self, records: Iterable[Record]) -> None:
         """Stream records through the model's engine, writing rows in order.
@@ -281,36 +393,17 @@ class _Run:
             self.summary.seconds = time.perf_counter() - t0
         assert not pending, "the scheduler ended before every request completed"
         if stop is not None:
-            done = self.summary.done + self.summary.errors
-            raise BatchStopped(
-                f"{stop} (stopped by --fail-fast after writing {done} rows; "
-                "fix the record and rerun to resume)"
-            )
+            raise self._stopped(stop)
 
     # -- one record --------------------------------------------------------------
 
     def _prepare(self, record: Record) -> _Job:
         """Render and encode a record, or say why it cannot run (before any generation)."""
-        job = _Job(record)
-        if record.error is not None:
-            job.error = record.error
+        job = self._start(record)
+        if job.error is not None:
             return job
-        first = self._seen.get(record.key)
-        if first is not None:
-            job.error = f"{record.source}: duplicate id {record.id!r} (first at {first})"
-            return job
-        self._seen[record.key] = record.source
-        try:
-            job.prompt = self.template.render(record.fields)
-        except TemplateError as e:
-            job.error = f"{record.source}: {e}"
-            return job
-        if not job.prompt.strip():
-            job.error = f"{record.source}: the prompt is empty"
-            return job
-        messages = [Message("user", job.prompt)]
-        if self.system:
-            messages.insert(0, Message("system", self.system))
+        assert job.prompt is not None
+        messages = self._messages(job.prompt)
         try:
             # Raises ContextOverflowError when the prompt leaves no room for a reply.
             plan = plan_request(
@@ -331,57 +424,6 @@ class _Run:
                 cfg = cfg.replace(seed=(cfg.seed + j) % 2**64)
             job.requests.append(dataclasses.replace(plan.request, config=cfg))
         return job
-
-    # -- writing -----------------------------------------------------------------
-
-    def _write_ready(self, pending: deque[_Job]) -> None:
-        """Write the finished jobs at the head of ``pending`` (one write, then fsync)."""
-        ready: list[_Job] = []
-        while pending and pending[0].finished:
-            ready.append(pending.popleft())
-        if not ready:
-            return
-        self.writer.write([self._row(job) for job in ready])
-        tokens = 0
-        for job in ready:
-            if job.error is not None:
-                self.summary.errors += 1
-                if len(self.summary.error_messages) < 5:
-                    self.summary.error_messages.append(job.error)
-            else:
-                self.summary.done += 1
-                done = [job.completions[j] for j in range(len(job.requests))]
-                self.summary.prompt_tokens += done[0].prompt_tokens
-                tokens += sum(c.completion_tokens for c in done)
-        self.summary.completion_tokens += tokens
-        if self.on_progress is not None:
-            self.on_progress(len(ready), tokens)
-
-    def _row(self, job: _Job) -> dict[str, Any]:
-        rec = job.record
-        row: dict[str, Any] = {"id": rec.id, "source": rec.source, "prompt": job.prompt}
-        if job.error is not None:
-            row.update(output=None, finish_reason=None, error=job.error)
-        else:
-            done = [job.completions[j] for j in range(len(job.requests))]
-            row["output"] = done[0].text
-            if self.n > 1:
-                row["outputs"] = [c.text for c in done]
-                row["finish_reasons"] = [c.finish_reason for c in done]
-            row.update(
-                finish_reason=done[0].finish_reason,
-                prompt_tokens=done[0].prompt_tokens,
-                completion_tokens=sum(c.completion_tokens for c in done),
-                seconds=round(max(c.seconds for c in done), 4),
-                error=None,
-            )
-        row["params"] = self.params
-        if self.n > 1:
-            row["n"] = self.n
-        row["model"] = self.model_info
-        # The resume key, unlike "id", is unique even when a record has no id of its own.
-        row["key"] = rec.key
-        return row
 
 
 def _resolved_params(config: GenerationConfig) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from chatforge.cli.options import (
-    DEFAULT_PRESET,
+    DEFAULT_MODEL,
     DtypeOpt,
     FrequencyOpt,
     GenerationFlags,
@@ -34,12 +34,23 @@ from chatforge.cli.options import (
     TopKOpt,
     TopPOpt,
     check_threads,
+    model_ref,
+    named_model,
+    recipe_settings,
     use_threads,
 )
 
 
 def chat_command(
-    model: ModelOpt = "smollm2",
+    name: Annotated[
+        str | None,
+        typer.Argument(
+            help="The model to chat with: a named model (`chatforge models create`) or "
+            "anything --model takes.",
+            show_default=False,
+        ),
+    ] = None,
+    model: ModelOpt = DEFAULT_MODEL,
     system: SystemOpt = None,
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = None,
@@ -118,11 +129,15 @@ def chat_command(
     from chatforge.conversation import BudgetConfig
     from chatforge.models import load_model, parse_dtype
     from chatforge.models.loading import parse_quantize
+    from chatforge.models.recipes import load_recipe_model
     from chatforge.repl import ChatRepl, open_log, read_prompts, use_markdown
     from chatforge.transcript import TranscriptWriter
 
     # Everything the user typed is checked before the (slow) model load.
-    config = GenerationFlags.from_params(locals()).config(default_preset=DEFAULT_PRESET)
+    flags = GenerationFlags.from_params(locals())
+    model = model_ref(name, model)
+    recipe = None if api_base else named_model(model)
+    config, system, preset = recipe_settings(recipe, flags, system)
     parse_dtype(dtype)
     quantize = parse_quantize(quantize or "auto")
     budget = BudgetConfig(max_history_share=max_history_share)
@@ -143,7 +158,10 @@ def chat_command(
             err.print(f"[bold]{model}[/] at {api_base}. Type /help for commands.", highlight=False)
     else:
         with err.status(f"Loading {model} ...", spinner="dots") if interactive else _nullctx():
-            loaded = load_model(model, dtype=dtype, quantize=quantize)
+            if recipe is not None:
+                loaded = load_recipe_model(recipe, dtype=dtype, quantize=quantize)
+            else:
+                loaded = load_model(model, dtype=dtype, quantize=quantize)
         use_threads(loaded, threads)  # before the session makes the model's engine
         session = ChatSession(loaded, config, system=system, budget=budget)
         if interactive:
@@ -165,7 +183,7 @@ def chat_command(
         err,
         writer=writer,
         interactive=interactive,
-        preset=(preset or DEFAULT_PRESET).strip().lower(),
+        preset=preset,
         verbose=verbose,
         markdown=use_markdown(plain, sys.stdout),
     )

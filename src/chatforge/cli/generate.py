@@ -9,7 +9,6 @@ import typer
 from rich.console import Console
 
 from chatforge.cli.options import (
-    DEFAULT_PRESET,
     DtypeOpt,
     FrequencyOpt,
     GenerationFlags,
@@ -32,8 +31,12 @@ from chatforge.cli.options import (
     TopKOpt,
     TopPOpt,
     check_threads,
+    named_model,
+    recipe_settings,
     use_threads,
 )
+
+DEFAULT_BATCH_SIZE = 16
 
 
 def generate_command(
@@ -65,8 +68,14 @@ def generate_command(
     quantize: QuantizeOpt = None,
     n: Annotated[int, typer.Option("--n", help="Samples per prompt.")] = 1,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", "-b", help="Sequences decoded together.")
-    ] = 16,
+        int | None,
+        typer.Option(
+            "--batch-size",
+            "-b",
+            help=f"Sequences decoded together. \\[default: {DEFAULT_BATCH_SIZE}]",
+            show_default=False,
+        ),
+    ] = None,
     fail_fast: Annotated[
         bool, typer.Option("--fail-fast", help="Stop at the first bad record.")
     ] = False,
@@ -89,6 +98,35 @@ def generate_command(
     stop: StopOpt = None,
     seed: SeedOpt = None,
     threads: ThreadsOpt = None,
+    api_base: Annotated[
+        str | None,
+        typer.Option(
+            "--api-base",
+            help="Send the prompts to an OpenAI-compatible endpoint at this URL "
+            "(--model names the model there).",
+        ),
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            help="The endpoint's API key (other users can see it in the process list; "
+            "CHATFORGE_API_KEY cannot be seen). Default: --api-key-env, else "
+            "CHATFORGE_API_KEY, else OPENAI_API_KEY.",
+        ),
+    ] = None,
+    api_key_env: Annotated[
+        str | None,
+        typer.Option("--api-key-env", help="Variable holding the endpoint's API key."),
+    ] = None,
+    max_concurrency: Annotated[
+        int | None,
+        typer.Option(
+            "--max-concurrency",
+            help="Requests in flight at once, with --api-base. \\[default: 4]",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Generate a reply for every record of INPUT, one row each in --output."""
     from chatforge.batch import PromptTemplate, generate_batch
@@ -97,25 +135,67 @@ def generate_command(
     from chatforge.errors import ChatforgeError
     from chatforge.models import load_model, parse_dtype
     from chatforge.models.loading import parse_quantize
+    from chatforge.models.recipes import load_recipe_model
 
     # Everything the user typed is checked before the (slow) model load.
-    config = GenerationFlags.from_params(locals()).config(default_preset=DEFAULT_PRESET)
+    flags = GenerationFlags.from_params(locals())
     if n < 1:
         raise ChatforgeError(f"--n must be >= 1 (got {n})")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ChatforgeError(f"--batch-size must be >= 1 (got {batch_size})")
     check_threads(threads)
     tmpl = PromptTemplate.from_options(template, template_file)
     check_input(input)
     check_output(output)
+    err = Console(stderr=True)
+    if api_base:
+        local_only = {
+            "--batch-size": batch_size is not None,
+            "--dtype": dtype != "auto",
+            "--quantize": quantize is not None,
+            "--threads": threads is not None,
+        }
+        given = [flag for flag, on in local_only.items() if on]
+        if given:
+            raise ChatforgeError(
+                f"{given[0]} applies to a local model, not to --api-base "
+                "(--max-concurrency sets the requests in flight)"
+            )
+        summary = _remote(
+            api_base,
+            api_key,
+            api_key_env,
+            model,
+            flags,
+            input,
+            output,
+            tmpl,
+            system,
+            n,
+            max_concurrency,
+            fail_fast,
+            progress,
+        )
+        _report(summary, output, err, "nothing to do")
+        return
+    if max_concurrency is not None:
+        raise ChatforgeError(
+            "--max-concurrency applies to --api-base; a local model decodes --batch-size "
+            "sequences together"
+        )
+    if api_key or api_key_env:
+        raise ChatforgeError("--api-key and --api-key-env apply to --api-base")
+    recipe = named_model(model)
+    config, system, _ = recipe_settings(recipe, flags, system)
     parse_dtype(dtype)
     quantize = parse_quantize(quantize or "auto")
 
-    err = Console(stderr=True)
-
     def load():  # called by generate_batch only if some row is still to do
         with err.status(f"Loading {model} ...", spinner="dots") if progress else _nullctx():
-            loaded = load_model(model, dtype=dtype, quantize=quantize)
+            if recipe is not None:
+                loaded = load_recipe_model(recipe, dtype=dtype, quantize=quantize)
+            else:
+                loaded = load_model(model, dtype=dtype, quantize=quantize)
         use_threads(loaded, threads)  # before generate_batch makes the model's engine
         return loaded
 
@@ -127,10 +207,58 @@ def generate_command(
         system=system,
         config=config,
         n=n,
-        batch_size=batch_size,
+        batch_size=batch_size or DEFAULT_BATCH_SIZE,
         fail_fast=fail_fast,
         progress=progress,
     )
+    _report(summary, output, err, "nothing to do (the model was not loaded)")
+
+
+def _remote(
+    api_base,
+    api_key,
+    api_key_env,
+    model,
+    flags,
+    input,
+    output,
+    tmpl,
+    system,
+    n,
+    max_concurrency,
+    fail_fast,
+    progress,
+):
+    """``generate --api-base``: the flags as an endpoint's settings, then the run."""
+    from chatforge.batch.remote import DEFAULT_CONCURRENCY, generate_batch_remote, remote_config
+    from chatforge.errors import ChatforgeError
+    from chatforge.remote import resolve_api_key
+
+    if max_concurrency is not None and max_concurrency < 1:
+        raise ChatforgeError(f"--max-concurrency must be >= 1 (got {max_concurrency})")
+    config = remote_config(flags.preset, **flags.given())
+    key, source = resolve_api_key(api_key, api_key_env)
+    return generate_batch_remote(
+        api_base,
+        model,
+        input,
+        output,
+        template=tmpl,
+        system=system,
+        config=config,
+        n=n,
+        max_concurrency=max_concurrency or DEFAULT_CONCURRENCY,
+        fail_fast=fail_fast,
+        progress=progress,
+        api_key=key,
+        key_source=source,
+    )
+
+
+def _report(summary, output: Path, err: Console, idle: str) -> None:
+    """The run's summary (and its first error rows) on stderr."""
+    from chatforge.batch.remote import RERUN
+
     if summary.torn_bytes:
         err.print(
             f"[dim]cut a torn last row ({summary.torn_bytes} bytes) from {output}[/]",
@@ -138,14 +266,14 @@ def generate_command(
         )
     if summary.total and summary.skipped == summary.total:
         err.print(
-            f"all {summary.total} records already have a row in {output}: nothing to do "
-            "(the model was not loaded)",
+            f"all {summary.total} records already have a row in {output}: {idle}",
             highlight=False,
             soft_wrap=True,
         )
         return
     for message in summary.error_messages:
-        err.print(f"[yellow]error row:[/] {message}", highlight=False, soft_wrap=True)
+        label = "error" if message.endswith(RERUN) else "error row"
+        err.print(f"[yellow]{label}:[/] {message}", highlight=False, soft_wrap=True)
     if summary.errors > len(summary.error_messages):
         err.print(f"[dim]... see the 'error' field in {output}[/]", highlight=False)
     err.print(str(summary), highlight=False, soft_wrap=True)

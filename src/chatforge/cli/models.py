@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -54,6 +55,12 @@ def _cells(r) -> list[str]:
     ]
 
 
+def _recipe_cells(recipe) -> list[str]:
+    """A named model's row: kind ``named``, from = its base (+ adapter)."""
+    origin = recipe.base + (f" + adapter {recipe.adapter}" if recipe.adapter else "")
+    return [recipe.name, "named", recipe.name, "-", "-", "-", "-", origin, "-", "recipe"]
+
+
 def _plain(rows: list[list[str]]) -> str:
     """Aligned columns without colour, borders or truncation (for pipes and files)."""
     table = [list(COLUMNS), *rows]
@@ -67,8 +74,10 @@ def list_command() -> None:
     """Models usable offline: bundled ones, converted GGUFs (the cache), trained models
     and the Hugging Face hub cache, each with its size on disk."""
     from chatforge.models import list_local_models
+    from chatforge.models.recipes import list_recipes
 
     rows = [_cells(r) for r in list_local_models()]
+    rows += [_recipe_cells(r) for r in list_recipes()]
     if not rows:
         typer.echo("No local models. `make chat` installs the default (smollm2).", err=True)
         return
@@ -140,8 +149,10 @@ def info_command(
     size, context, prompt format, the dtype and quantisation picked, the engine and
     which CPU kernels run it."""
     from chatforge.models import load_model
+    from chatforge.models.recipes import load_recipe_model, resolve_named
 
-    rows = _info_rows(load_model(ref))
+    recipe = resolve_named(ref)
+    rows = _info_rows(load_recipe_model(recipe) if recipe else load_model(ref))
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         typer.echo(f"{label.ljust(width)}  {value}")
@@ -164,10 +175,24 @@ def rm_command(
         typer.Option("--delete-files", help="Also delete a trained model's directory."),
     ] = False,
 ) -> None:
-    """Remove a converted model from the cache, or forget a trained model (its
-    directory stays unless --delete-files). A bundled package's GGUF is never deleted."""
+    """Remove a named model, a converted model from the cache, or forget a trained model
+    (its directory stays unless --delete-files). A bundled package's GGUF is never deleted."""
+    from chatforge.models.recipes import get_recipe_quiet, remove_recipe
     from chatforge.models.registry import find_removal, remove
 
+    recipe = get_recipe_quiet(ref)
+    if recipe is not None:
+        if delete_files:
+            raise ChatforgeError(
+                f"--delete-files applies to trained models; {ref!r} is a named model, whose "
+                "base and adapter are never deleted by `models rm`"
+            )
+        what = f"named model {ref}" if isinstance(recipe, Path) else _describe_recipe(recipe)
+        if not yes and not _confirm(f"Remove {what}? (its base and adapter stay)"):
+            raise ChatforgeError("not confirmed: nothing removed (--yes skips the question)")
+        remove_recipe(ref)
+        typer.echo(f"Removed the named model {ref}.", err=True)
+        return
     target = find_removal(ref)
     if target.kind == "converted":
         action = f"Remove {_describe(target)}?"
@@ -180,6 +205,118 @@ def rm_command(
     remove(target, delete_files=delete_files)
     done = "Removed" if target.kind == "converted" or delete_files else "Forgot"
     typer.echo(f"{done} {target.name} ({target.path}).", err=True)
+
+
+def _describe_recipe(recipe) -> str:
+    adapter = f" + adapter {recipe.adapter}" if recipe.adapter else ""
+    return f"named model {recipe.name} ({recipe.base}{adapter})"
+
+
+@app.command("create")
+def create_command(
+    name: Annotated[str, typer.Argument(help="The new model's name: letters, digits and - _ . :")],
+    base: Annotated[
+        str,
+        typer.Option(
+            "--from",
+            help="The base model: smollm2, a model directory, a .gguf file or a hub id.",
+            show_default=False,
+        ),
+    ],
+    system: Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")] = None,
+    system_file: Annotated[
+        Path | None,
+        typer.Option("--system-file", help="Read the system prompt from this file."),
+    ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option("--preset", help="Generation preset: precise, balanced or creative."),
+    ] = None,
+    settings: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="A generation setting, NAME=VALUE as the chat's /set takes it, e.g. "
+            "temperature=0.3 or stop='User:|Bot:' (repeatable).",
+        ),
+    ] = None,
+    adapter: Annotated[
+        Path | None,
+        typer.Option(
+            "--adapter", help="A LoRA adapter directory (chatforge train --lora) to merge."
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", "-f", help="Replace a named model of this name.")
+    ] = False,
+) -> None:
+    """Name a model with its system prompt, generation settings and LoRA adapter (as
+    Ollama's Modelfile): `chatforge chat NAME` and `generate --model NAME` then use them
+    (flags given on the command line win). Nothing is copied or loaded."""
+    from chatforge.models.recipes import create_recipe, parse_settings
+
+    if system is not None and system_file is not None:
+        raise ChatforgeError("give the system prompt once: --system or --system-file")
+    if system_file is not None:
+        try:
+            system = system_file.expanduser().read_text(encoding="utf-8").rstrip("\n")
+        except OSError as e:
+            raise ChatforgeError(f"cannot read --system-file {system_file}: {e.strerror}") from e
+        except UnicodeDecodeError:
+            raise ChatforgeError(f"--system-file {system_file} is not UTF-8 text") from None
+    recipe = create_recipe(
+        name,
+        base,
+        system=system,
+        preset=preset,
+        params=parse_settings(settings or []),
+        adapter=adapter,
+        force=force,
+    )
+    typer.echo(f"Created {_describe_recipe(recipe)}: chatforge chat {recipe.name}", err=True)
+
+
+@app.command("show")
+def show_command(
+    name: Annotated[str, typer.Argument(help="A named model (`chatforge models create`).")],
+) -> None:
+    """Print a named model's recipe and the generation settings it resolves to."""
+    from chatforge.models.recipes import get_recipe
+
+    recipe = get_recipe(name)
+    if recipe is None:
+        raise ChatforgeError(
+            f"no named model {name!r}; `chatforge models list` shows them (kind named)"
+        )
+    for line in _show_lines(recipe):
+        typer.echo(line)
+
+
+def _show_lines(recipe) -> list[str]:
+    """What ``models show`` prints: the recipe, then every resolved setting."""
+    import json
+
+    from chatforge.generation.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PRESET
+
+    params = ", ".join(f"{k}={json.dumps(v)}" for k, v in recipe.params.items())
+    rows = [
+        ("name", recipe.name),
+        ("base", recipe.base),
+        ("adapter", recipe.adapter or "-"),
+        ("system", recipe.system if recipe.system is not None else "-"),
+        ("preset", recipe.preset or f"{DEFAULT_PRESET} (default)"),
+        ("params", params or "-"),
+        ("created", recipe.created or "-"),
+    ]
+    width = max(len(label) for label, _ in rows)
+    lines = [f"{label.ljust(width)}  {value}" for label, value in rows]
+    lines.append("generation settings (flags given to chat/generate override them):")
+    config = recipe.generation_config()
+    for key, value in config.to_dict().items():
+        if key == "max_new_tokens" and value is None and config.max_length is None:
+            value = f"{DEFAULT_MAX_NEW_TOKENS} (default)"
+        lines.append(f"  {key} = {value}")
+    return lines
 
 
 def _confirm(question: str) -> bool:

@@ -14,9 +14,11 @@ import typer
 
 from chatforge.errors import ChatforgeError, ParamError
 from chatforge.generation.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PRESET, PRESETS
+from chatforge.models.registry import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from chatforge.generation.config import GenerationConfig
+    from chatforge.models.recipes import Recipe
 
 
 def hide_flag_types() -> None:
@@ -59,7 +61,10 @@ def _preset_default(help: str, param: str) -> str:
 ModelOpt = Annotated[
     str,
     typer.Option(
-        "--model", "-m", help="Model: smollm2, a model directory, a .gguf file or a hub id."
+        "--model",
+        "-m",
+        help="Model: smollm2, a named model (`chatforge models create`), a model directory, "
+        "a .gguf file or a hub id.",
     ),
 ]
 DtypeOpt = Annotated[
@@ -233,10 +238,21 @@ class GenerationFlags:
         """The flags out of a command's parameters (its ``locals()``; other names are ignored)."""
         return cls(**{f.name: params[f.name] for f in fields(cls)})
 
-    def config(self, default_preset: str | None = None) -> GenerationConfig:
-        """A validated GenerationConfig: the preset (or ``default_preset``) plus the given flags."""
+    def config(
+        self, default_preset: str | None = None, under: Mapping[str, Any] | None = None
+    ) -> GenerationConfig:
+        """A validated GenerationConfig: the preset (or ``default_preset``), then the
+        settings ``under`` the flags (a named model's parameters), then the given flags."""
         from chatforge.generation.config import GenerationConfig
 
+        overrides = {**(under or {}), **self.given()}
+        preset = self.preset or default_preset
+        if preset:
+            return GenerationConfig.from_preset(preset, **overrides)
+        return GenerationConfig(**overrides)
+
+    def given(self) -> dict[str, Any]:
+        """The flags the user gave (``--preset`` aside), as GenerationConfig values."""
         given = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "preset"}
         given["stop"] = tuple(self.stop) if self.stop else None
         given["logit_bias"] = _parse_logit_bias(self.logit_bias) if self.logit_bias else None
@@ -244,11 +260,7 @@ class GenerationFlags:
             from chatforge.generation.config import load_json_schema
 
             given["json_schema"] = load_json_schema(str(self.json_schema))
-        overrides = {k: v for k, v in given.items() if v is not None}
-        preset = self.preset or default_preset
-        if preset:
-            return GenerationConfig.from_preset(preset, **overrides)
-        return GenerationConfig(**overrides)
+        return {k: v for k, v in given.items() if v is not None}
 
 
 def _parse_logit_bias(items: list[str]) -> dict[int, float]:
@@ -263,3 +275,36 @@ def _parse_logit_bias(items: list[str]) -> dict[int, float]:
         except ValueError:
             raise ParamError("logit_bias", f"takes ID:BIAS, e.g. 42:-100 (got {item!r})") from None
     return out
+
+
+# -- named models (`chatforge models create`) ---------------------------------------
+
+
+def model_ref(name: str | None, model: str) -> str:
+    """The model a command runs: its MODEL argument or ``--model`` (not both)."""
+    if name is None:
+        return model
+    if model != DEFAULT_MODEL and model != name:
+        raise ChatforgeError(f"give the model once: {name!r} as MODEL or --model {model!r}")
+    return name
+
+
+def named_model(ref: str) -> Recipe | None:
+    """The named model ``ref`` names, or None (any other model reference)."""
+    from chatforge.models.recipes import resolve_named
+
+    return resolve_named(ref)
+
+
+def recipe_settings(
+    recipe: Recipe | None, flags: GenerationFlags, system: str | None
+) -> tuple[GenerationConfig, str | None, str]:
+    """(generation config, system prompt, preset name) for a command: the named model's
+    settings (when ``recipe``) under the flags the user gave; a flag not given never
+    overrides the recipe. ``--system ""`` drops the recipe's system prompt."""
+    preset = flags.preset or (recipe.preset if recipe else None) or DEFAULT_PRESET
+    if recipe is None:
+        return flags.config(default_preset=DEFAULT_PRESET), system, preset.strip().lower()
+    config = flags.config(default_preset=recipe.preset or DEFAULT_PRESET, under=recipe.params)
+    system = recipe.system if system is None else (system or None)
+    return config, system, preset.strip().lower()

@@ -1,4 +1,5 @@
-"""``chatforge serve``: the OpenAI-compatible API and web chat page over one model."""
+"""``chatforge serve``: the OpenAI-compatible API and web chat page over one or more
+models (and LoRA adapters applied per request)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,45 @@ from typing import Annotated
 
 import typer
 
-from chatforge.cli.options import DtypeOpt, ModelOpt, QuantizeOpt, ThreadsOpt, check_threads
-from chatforge.errors import ChatforgeError
+from chatforge.cli.options import DtypeOpt, QuantizeOpt, ThreadsOpt, check_threads
+from chatforge.errors import ChatforgeError, ParamError
 
 
 def serve_command(
-    model: ModelOpt = "smollm2",
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Model to serve: smollm2, a named model (`chatforge models create`), a model "
+            "directory, a .gguf file or a hub id. Repeat to serve several; requests pick one "
+            "by `model`, the first is the default (smollm2 when none is given).",
+        ),
+    ] = None,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--adapter",
+            help="Serve a LoRA adapter directory as model NAME, applied per request on the "
+            "first --model (or on MODEL): NAME=DIR or NAME=DIR@MODEL. Repeatable.",
+        ),
+    ] = None,
+    ttl: Annotated[
+        float | None,
+        typer.Option(
+            "--ttl",
+            help="Unload a model idle for this many seconds (the next request loads it "
+            "again). Default: keep models loaded.",
+        ),
+    ] = None,
+    max_memory: Annotated[
+        float | None,
+        typer.Option(
+            "--max-memory",
+            help="Budget in MB for loaded models' weights: idle models are unloaded, least "
+            "recently used first, to stay within it. Default: no budget.",
+        ),
+    ] = None,
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = None,
     host: Annotated[
@@ -62,15 +96,27 @@ def serve_command(
         ),
     ] = None,
 ) -> None:
-    """Serve a model over an OpenAI-compatible HTTP API, with a web chat page at /."""
+    """Serve models over an OpenAI-compatible HTTP API, with a web chat page at /."""
     import uvicorn
 
-    from chatforge.models import load_model, parse_dtype
+    from chatforge.models import parse_dtype
     from chatforge.models.loading import parse_quantize
     from chatforge.server import Limits, create_app
 
     parse_dtype(dtype)
     quantize = parse_quantize(quantize or "auto")  # as `chatforge chat` does
+    refs = list(model or ["smollm2"])
+    if ttl is not None and ttl <= 0:
+        raise ParamError("--ttl", "must be > 0 seconds")
+    if max_memory is not None and max_memory <= 0:
+        raise ParamError("--max-memory", "must be > 0 MB")
+    if served_model_name and len(refs) > 1:
+        raise ParamError(
+            "--served-model-name",
+            "names a single --model; with several, name them with "
+            "`chatforge models create` instead",
+        )
+    specs = served_models(refs, adapter or [], dtype, quantize)
     for name, value in (
         ("--port", port if 0 <= port < 65536 else -1),
         ("--max-queue", max_queue),
@@ -90,24 +136,29 @@ def serve_command(
         server.should_exit = True
 
     app = create_app(
-        lambda: load_model(model, dtype=dtype, quantize=quantize),
+        models=specs,
         api_key=api_key or None,
         max_queue=max_queue,
         max_batch=max_batch,
         threads=threads,
         limits=Limits(max_tokens=max_tokens, max_n=max_n, max_body_bytes=max_body),
-        model_id=model,
         allowed_hosts=[host, *(allowed_host or [])],
         cors_origins=list(cors_origin) if cors_origin else None,
-        served_model_names=served_model_name or (),
         on_load_error=failed,
+        ttl=ttl,
+        max_memory_mb=max_memory,
     )
+    if served_model_name:  # the one model's names: the first is its id, all are listed
+        route = app.state.chatforge.pool.default
+        route.aliases |= {route.name, *served_model_name[1:]}
+        route.name, route.listed_names = served_model_name[0], list(served_model_name[1:])
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=120
     )
     server = _draining_server(config, app.state.chatforge)
+    names = ", ".join(s.name for s in specs)
     typer.echo(
-        f"serving {model} on http://{host}:{port} (web chat at /, API at /v1)"
+        f"serving {names} on http://{host}:{port} (web chat at /, API at /v1)"
         + (", API key required" if api_key else ""),
         err=True,
     )
@@ -116,7 +167,98 @@ def serve_command(
     server.run()
     if load_errors:
         e = load_errors[0]
-        raise e if isinstance(e, ChatforgeError) else ChatforgeError(f"could not load {model}: {e}")
+        raise e if isinstance(e, ChatforgeError) else ChatforgeError(f"could not load: {e}")
+
+
+def served_models(refs: list[str], adapters: list[str], dtype: str, quantize: str) -> list:
+    """What ``--model`` and ``--adapter`` ask to serve, checked before anything loads.
+
+    A named model runs on its base: models on one base share it in memory, and a
+    named model's LoRA adapter is applied per request on it (not merged) when the
+    adapter allows (no saved modules, no resized vocabulary); else that named model
+    is loaded merged, as a model of its own.
+    """
+    from pathlib import Path
+
+    from chatforge.models import load_model
+    from chatforge.models.recipes import load_recipe_model, resolve_named
+    from chatforge.server import ServedModel
+
+    def loader(ref: str):
+        return lambda: load_model(ref, dtype=dtype, quantize=quantize)
+
+    def key(ref: str) -> str:  # one base in memory however a model names it
+        path = Path(ref).expanduser()
+        return str(path.resolve()) if path.exists() else ref
+
+    specs: list = []
+    for ref in refs:
+        recipe = resolve_named(ref)
+        if recipe is None:
+            specs.append(ServedModel(ref, loader(ref), base=key(ref)))
+            continue
+        defaults = recipe.generation_config()
+        if recipe.adapter and not per_request_adapter(Path(recipe.adapter)):
+            specs.append(
+                ServedModel(
+                    recipe.name,
+                    lambda r=recipe: load_recipe_model(r, dtype=dtype, quantize=quantize),
+                    base=f"{recipe.name} (merged)",
+                    system=recipe.system,
+                    defaults=defaults,
+                    own_names=False,
+                )
+            )
+            continue
+        specs.append(
+            ServedModel(
+                recipe.name,
+                loader(recipe.base),
+                base=key(recipe.base),
+                adapter_dir=Path(recipe.adapter) if recipe.adapter else None,
+                system=recipe.system,
+                defaults=defaults,
+                own_names=False,
+            )
+        )
+    for item in adapters:
+        name, sep, rest = item.partition("=")
+        directory, _, on = rest.partition("@")
+        if not sep or not name or not directory:
+            raise ParamError("--adapter", f"takes NAME=DIR or NAME=DIR@MODEL (got {item!r})")
+        path = Path(directory).expanduser()
+        if not (path / "adapter_config.json").is_file():
+            raise ParamError(
+                "--adapter", f"{directory} is not a LoRA adapter directory (no adapter_config.json)"
+            )
+        host = next((s for s in specs if s.name == (on or specs[0].name)), None)
+        if host is None:
+            raise ParamError("--adapter", f"{on!r} is not one of the --model values")
+        if host.adapter_dir is not None or host.base.endswith("(merged)"):
+            raise ParamError("--adapter", f"{host.name!r} already has an adapter; name its base")
+        specs.append(ServedModel(name, host.load, base=host.base, adapter_dir=path.resolve()))
+    names = [s.name for s in specs]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise ParamError("--model", f"{dup!r} is served twice; give each model its own name")
+    return specs
+
+
+def per_request_adapter(directory) -> bool:
+    """Whether a LoRA adapter can be applied per request on its base: it changes only
+    linear layers (no saved modules such as a resized embedding, no DoRA, no biases)."""
+    import json
+
+    try:
+        conf = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # loading it merged reports what is wrong
+    return not (
+        conf.get("modules_to_save")
+        or conf.get("use_dora")
+        or conf.get("bias") not in (None, "none")
+        or conf.get("alpha_pattern")
+    )
 
 
 def _check_address(host: str, port: int) -> None:

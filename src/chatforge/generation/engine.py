@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,6 +55,7 @@ from chatforge.generation.types import (
     StreamEvent,
     TokenLogprob,
 )
+from chatforge.models.fast.lora import AdapterError, load_adapter
 from chatforge.threads import ThreadPolicy
 
 __all__ = ["Completion", "Engine", "EngineConfig", "Request", "StreamEvent", "TokenLogprob"]
@@ -189,6 +192,9 @@ class Engine:
             k = getattr(req, name)
             if k is not None and not (isinstance(k, int) and 0 <= k <= MAX_TOP_LOGPROBS):
                 raise ValueError(f"{name} must be an integer in 0..{MAX_TOP_LOGPROBS} (got {k!r})")
+        if req.adapter is not None and req.adapter not in self.adapters:
+            have = ", ".join(self.adapters) or "none"
+            raise ValueError(f"the LoRA adapter {req.adapter!r} is not loaded (loaded: {have})")
         processors = [p.bind(self) for p in [*req.processors, *config_processors(req.config)]]
         for proc in processors:
             proc.validate(self.vocab_size)
@@ -230,6 +236,8 @@ class Engine:
             self._next_id += 1
             seq = Seq(handle, request, budget, self.tokenizer, on_event)
             seq.processors = processors
+            if request.adapter is not None:
+                seq.salt = self._adapter(request.adapter).key
             if request.prompt_logprobs is not None:
                 seq.prompt_logprobs.append(None)  # the first token has no context
             self._seqs[handle] = seq
@@ -255,6 +263,51 @@ class Engine:
             out = list(seq.buffer)
             seq.buffer.clear()
             return out
+
+    # -- LoRA adapters ------------------------------------------------------------------
+
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the LoRA adapters requests may name (``Request.adapter``)."""
+        return [a.name for a in getattr(self.runner, "adapters", ())]
+
+    def _adapter(self, name: str) -> Any:
+        return next(a for a in self.runner.adapters if a.name == name)
+
+    def add_adapter(self, directory: str | Path, name: str | None = None) -> str:
+        """Load a LoRA adapter directory so requests can name it; returns its name.
+
+        It is applied per request without merging (a batch may mix adapters and the
+        base). Replacing a loaded adapter of the same name waits for no one: it is
+        refused while requests use it. Needs the fast path.
+        """
+        decoder = getattr(self.runner, "model", None)
+        if not hasattr(decoder, "add_adapter"):
+            raise AdapterError(
+                "LoRA adapters per request need chatforge's fast path, which this model "
+                "does not run; load the adapter directory as a model instead (merged)"
+            )
+        adapter = load_adapter(directory, decoder, name)  # slow part: outside the lock
+        adapter.key = f"lora:{adapter.name}:".encode() + os.urandom(8)
+        with self._lock:
+            self._refuse_in_use(adapter.name, "replaced")
+            decoder.add_adapter(adapter)
+        return adapter.name
+
+    def remove_adapter(self, name: str) -> bool:
+        """Unload adapter ``name`` (refused while requests use it); True if it was loaded."""
+        with self._lock:
+            if name not in self.adapters:
+                return False
+            self._refuse_in_use(name, "unloaded")
+            return self.runner.model.remove_adapter(name)
+
+    def _refuse_in_use(self, name: str, what: str) -> None:
+        users = sum(1 for s in self._seqs.values() if s.request.adapter == name)
+        if users:
+            raise AdapterError(
+                f"the LoRA adapter {name!r} cannot be {what}: {users} request(s) use it now"
+            )
 
     @property
     def has_work(self) -> bool:
@@ -361,7 +414,7 @@ class Engine:
         if full <= seq.registered:
             return
         seq.block_hashes = block_hashes(
-            seq.tokens, seq.types, bm.block_size, full, seq.block_hashes
+            seq.tokens, seq.types, bm.block_size, full, seq.block_hashes, seq.salt
         )
         for b in range(seq.registered, full):
             bm.register(seq.block_table[b], seq.block_hashes[b])

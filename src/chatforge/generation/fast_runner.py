@@ -27,6 +27,11 @@ class FastRunner:
         self.block_size = block_size
         self.kv: PagedKV = model.new_cache(n_blocks=16, block_size=block_size)
 
+    @property
+    def adapters(self) -> list:
+        """The decoder's LoRA adapters (``FastDecoder.adapters``)."""
+        return self.model.adapters
+
     def bytes_per_block(self) -> int:
         return PagedKV.bytes_per_block(self.model.cfg, self.block_size)
 
@@ -38,6 +43,9 @@ class FastRunner:
         tokens: list[int] = []
         positions: list[int] = []
         seq_index: list[int] = []
+        lora: list[int] | None = None  # per row: adapter slot, -1 for the base
+        if any(w.seq.request.adapter is not None for w in work):
+            lora = []
         types: list[int] | None = None
         if any(w.seq.types is not None for w in work):
             types = []
@@ -48,6 +56,9 @@ class FastRunner:
             tokens += seq.tokens[w.start : w.end]
             positions += range(w.start, w.end)
             seq_index += [i] * (w.end - w.start)
+            if lora is not None:
+                name = seq.request.adapter
+                lora += [-1 if name is None else self.model.adapter_slot(name)] * (w.end - w.start)
             if types is not None:
                 types += seq.types[w.start : w.end] if seq.types else [0] * (w.end - w.start)
             tables[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
@@ -58,6 +69,7 @@ class FastRunner:
             tables,
             self.kv,
             None if types is None else torch.tensor(types, dtype=torch.long),
+            None if lora is None else torch.tensor(lora, dtype=torch.int32),
         )  # (R, hidden)
         out: list[Tensor | None] = []
         row = 0

@@ -27,16 +27,19 @@ def block_hashes(
     block_size: int,
     n_blocks: int,
     known: list[bytes] | None = None,
+    salt: bytes = b"",
 ) -> list[bytes]:
     """Hashes of (at least) the first ``n_blocks`` full blocks: each covers every token up to
     its end.
 
     ``known``: hashes of the first blocks already computed (extended, not recomputed).
+    ``salt``: what else the KV depends on (a LoRA adapter's key): only sequences with
+    the same salt share blocks.
     """
     out: list[bytes] = list(known or [])
     if len(out) >= n_blocks:
         return out
-    parent = out[-1] if out else b""
+    parent = out[-1] if out else salt
     for b in range(len(out), n_blocks):
         lo, hi = b * block_size, (b + 1) * block_size
         h = hashlib.blake2b(parent, digest_size=16)

@@ -176,7 +176,7 @@ class Scheduler:
         token, which is always fed (its logits are what gets sampled)."""
         full = (len(seq.tokens) - 1) // bm.block_size
         seq.block_hashes = block_hashes(
-            seq.tokens, seq.types, bm.block_size, full, seq.block_hashes
+            seq.tokens, seq.types, bm.block_size, full, seq.block_hashes, seq.salt
         )
         return seq.block_hashes[:full]
 

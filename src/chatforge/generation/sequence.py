@@ -41,6 +41,7 @@ class Sequence:
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] | None = None  # of its full blocks, as far as known (prefix cache)
+    salt: bytes = b""  # its LoRA adapter's key: KV is shared only with the same adapter
     registered: int = 0  # blocks of the table already offered to the prefix cache
     cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
     status: Status = Status.WAITING

@@ -36,6 +36,9 @@ class Request:
     processors: list[Any] = field(default_factory=list)
     """Per-sequence logits processors (:class:`~chatforge.generation.processors.LogitsProcessor`)
     applied to this request's logits before sampling."""
+    adapter: str | None = None
+    """The LoRA adapter (loaded with :meth:`Engine.add_adapter`) applied to this request;
+    None: the base model. A batch may mix adapters and the base."""
     embed: bool = False
     """Compute an embedding of the prompt (the mean of its tokens' final hidden states,
     L2-normalised) instead of generating: needs ``max_new_tokens=0``; like

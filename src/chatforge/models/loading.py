@@ -53,6 +53,7 @@ class ModelInfo:
     engine: str = "transformers"  # "fast" (our decoder code) | "transformers" (HF modules)
     load_seconds: float = 0.0
     converted: bool = False  # True when this load converted a GGUF (cold)
+    adapter_base: str | None = None  # a LoRA adapter's base, when not the one it records
 
 
 @dataclass
@@ -84,7 +85,9 @@ class LoadedModel:
             with self._hf_lock:  # two threads asking at once load it once
                 if self._hf is None:
                     log.info("loading transformers' copy of %s again", self.info.path)
-                    self._hf = load_transformers(self.info.path, self.info.dtype)
+                    self._hf = load_transformers(
+                        self.info.path, self.info.dtype, base=self.info.adapter_base
+                    )
                 hf = self._hf
         return hf
 
@@ -211,15 +214,28 @@ def _from_hub(repo_id: str) -> Path:
         raise ModelLoadError(f"could not download {repo_id!r} from the hub: {e}") from e
 
 
-def _load_adapter(directory: Path, meta: ModelMeta | None, torch_dtype: Any) -> Any:
-    """A LoRA adapter directory (``chatforge train --lora``): load its base, merge the adapter."""
+def adapter_base(directory: Path) -> str | None:
+    """The base model a LoRA adapter directory records (chatforge's ``chatforge.json``,
+    else peft's ``adapter_config.json``), or None when it names none."""
     import json
 
+    meta = ModelMeta.read(directory)
+    base = meta.extra.get("base_model") if meta else None
+    if not base:
+        try:
+            config = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    return str(base) if base else None
+
+
+def _load_adapter(directory: Path, torch_dtype: Any, base: str | None = None) -> Any:
+    """A LoRA adapter directory (``chatforge train --lora``): load its base (``base``, else
+    the one the directory records), merge the adapter."""
     from transformers import AutoModelForCausalLM
 
-    base = (meta.extra.get("base_model") if meta else None) or json.loads(
-        (directory / "adapter_config.json").read_text(encoding="utf-8")
-    ).get("base_model_name_or_path")
+    base = base or adapter_base(directory)
     if not base:
         raise ModelLoadError(f"{directory} holds a LoRA adapter but names no base model")
     try:
@@ -228,7 +244,12 @@ def _load_adapter(directory: Path, meta: ModelMeta | None, torch_dtype: Any) -> 
         raise ModelLoadError(f"{directory} holds a LoRA adapter; pip install peft") from e
     base_dir, _, _ = resolve(str(base))
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype)
-    return PeftModel.from_pretrained(model, directory).merge_and_unload()
+    try:
+        return PeftModel.from_pretrained(model, directory).merge_and_unload()
+    except Exception as e:  # e.g. shapes that differ: an adapter trained on another model
+        raise ModelLoadError(
+            f"the LoRA adapter in {directory} does not fit the base model {base}: {e}"
+        ) from e
 
 
 # What "auto" picks where a model has a fast path: the fastest setting whose
@@ -266,10 +287,11 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_transformers(directory: Path, dtype: str = "fp32") -> Any:
+def load_transformers(directory: Path, dtype: str = "fp32", base: str | None = None) -> Any:
     """transformers' model in ``directory`` (``fp32`` or ``bf16``), in eval mode.
 
-    A LoRA adapter directory loads its base model and merges the adapter.
+    A LoRA adapter directory loads its base model (``base``, else the one it
+    records) and merges the adapter.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -278,7 +300,7 @@ def load_transformers(directory: Path, dtype: str = "fp32") -> Any:
     try:
         with _quiet_transformers():
             if (directory / "adapter_config.json").exists():  # LoRA adapter + base reference
-                model = _load_adapter(directory, ModelMeta.read(directory), torch_dtype)
+                model = _load_adapter(directory, torch_dtype, base)
             else:
                 model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype)
     except ModelLoadError:
@@ -294,6 +316,7 @@ def load_model(
     dtype: str | None = "auto",
     quantize: str | None = "auto",
     fast: bool = True,
+    base: str | None = None,
 ) -> LoadedModel:
     """Load a model by reference (alias, directory, .gguf file or hub id).
 
@@ -307,6 +330,9 @@ def load_model(
     quantisation; pass ``dtype="fp32", quantize="none"`` for transformers' exact
     numbers. Once the fast decoder is built, transformers' copy of the weights is
     released (``LoadedModel.model`` loads it again on first use).
+
+    ``base``, for a LoRA adapter directory only: merge the adapter into this model
+    instead of the base the directory records (same architecture and sizes).
 
     >>> lm = load_model("smollm2")           # doctest: +SKIP
     >>> lm.info.context_length               # doctest: +SKIP
@@ -323,6 +349,8 @@ def load_model(
     quant = parse_quantize(quantize)
     t0 = time.perf_counter()
     directory, converted, display = resolve(str(ref))
+    if base is not None and not (directory / "adapter_config.json").exists():
+        raise ModelLoadError(f"{ref} is not a LoRA adapter directory: it takes no base model")
     meta = ModelMeta.read(directory)
     try:
         with _quiet_transformers():
@@ -330,7 +358,7 @@ def load_model(
     except Exception as e:
         raise ModelLoadError(f"could not load the tokenizer in {directory}: {e}") from e
     # "auto" loads transformers' weights in fp32 and picks the fast path's dtype below.
-    model = load_transformers(directory, "bf16" if short == "bf16" else "fp32")
+    model = load_transformers(directory, "bf16" if short == "bf16" else "fp32", base=base)
     # What the engine and ModelInfo need from transformers' model, taken before the
     # fast path's build empties it.
     architecture = (model.config.architectures or [type(model).__name__])[0]
@@ -386,6 +414,7 @@ def load_model(
         engine="fast" if fast_model is not None else "transformers",
         load_seconds=time.perf_counter() - t0,
         converted=converted,
+        adapter_base=base,
     )
     fmt = get_format(fmt_name, tokenizer)
     return LoadedModel(

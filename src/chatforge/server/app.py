@@ -21,12 +21,14 @@ import contextlib
 import dataclasses
 import json
 import logging
+import re
 import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -46,8 +48,11 @@ from chatforge.server.errors import APIError
 from chatforge.server.guard import HostGuard, check_json_content_type
 from chatforge.server.logprobs import chat_logprobs, legacy_logprobs
 from chatforge.server.metrics import register_metrics
+from chatforge.server.pool import Base, ModelPool, Route, Target
 from chatforge.server.schemas import (
+    AdapterRequest,
     ChatCompletionRequest,
+    ChatMessageIn,
     CompletionRequest,
     DetokenizeRequest,
     Limits,
@@ -76,46 +81,85 @@ _DISCONNECT_POLL_S = 0.25
 
 @dataclass
 class ServerState:
-    """What the routes share: the model, the engine service, and the lifecycle."""
+    """What the routes share: the models (a :class:`ModelPool`) and the lifecycle.
 
-    model_id: str | None = None
-    """The id clients pass as ``model`` (the reference the server was started with)."""
-    loaded: Any = None
-    """The LoadedModel, once loaded."""
-    service: EngineService | None = None
-    """The continuous-batching engine, once loaded."""
-    status: str = "loading"
-    """``loading`` -> ``ready``; ``error`` if loading failed."""
-    error: str | None = None
-    """Why loading failed."""
+    ``model_id``, ``loaded``, ``service``, ``status`` and ``error`` are those of the
+    default model (the first ``--model``), as a one-model server has them.
+    """
+
+    pool: ModelPool
     draining: bool = False
     """Set on shutdown (SIGTERM): in-flight requests finish, new ones get 503."""
     created: int = field(default_factory=lambda: int(time.time()))
-    """Unix time the server started (the model's ``created``)."""
+    """Unix time the server started (the models' ``created``)."""
+    started: bool = False
+    """Set once the start-up loads have been tried."""
 
-    reference: str | None = None
-    """The reference the server was started with, when served names replace it as the id."""
-    served_names: list[str] = field(default_factory=list)
-    """``--served-model-name`` values: the names listed by /v1/models (the first is the id)."""
+    @property
+    def model_id(self) -> str:
+        """The id of the default model (what clients pass as ``model``)."""
+        return self.pool.default.name
+
+    @property
+    def _base(self) -> Base:
+        return self.pool.base_of(self.pool.default)
+
+    @property
+    def loaded(self) -> Any:
+        """The default model's LoadedModel, once loaded."""
+        return self._base.loaded
+
+    @property
+    def service(self) -> EngineService | None:
+        """The default model's continuous-batching engine, once loaded."""
+        return self._base.service
+
+    @property
+    def status(self) -> str:
+        """The default model's: ``loading`` -> ``ready``; ``error`` if loading failed.
+        A model unloaded after ``ttl`` is ``ready``: the next request loads it."""
+        status = self._base.status
+        if status in ("unloaded", "loading"):
+            return "ready" if self.started and self._base.nbytes else "loading"
+        return status
+
+    @property
+    def error(self) -> str | None:
+        """Why the default model failed to load."""
+        return self._base.error
 
     def model_names(self) -> set[str]:
-        """Every name a request may use: the served names, the reference the server was
-        started with, the model's own name, and a bundled model's hub id."""
-        names = set(self.served_names)
-        names |= {n for n in (self.model_id, self.reference) if n}
-        if self.loaded is not None:
-            from chatforge.models.registry import ALIASES
+        """Every name a request may use for any model."""
+        return {n for r in self.pool.routes for n in self.pool.names(r)}
 
-            names |= {self.loaded.info.name, self.loaded.info.ref}
-            alias = ALIASES.get(self.loaded.info.ref)
-            if alias is not None and alias.hub_id:
-                names.add(alias.hub_id)
-        return names
+
+@dataclass
+class ServedModel:
+    """One model a server serves (``chatforge serve --model``).
+
+    ``load``: a LoadedModel, or a callable returning one (run on a worker thread).
+    Models with the same ``base`` key share one loaded base; ``adapter_dir``: a LoRA
+    adapter applied per request on it. ``system`` and ``defaults`` (a named model's):
+    the system prompt and generation settings used where a request gives none.
+    ``aliases``: other names that reach it; ``own_names``: also accept the loaded
+    model's own name and reference (and a bundled model's hub id).
+    """
+
+    name: str | None
+    load: Any
+    base: str | None = None
+    adapter_dir: Path | None = None
+    system: str | None = None
+    defaults: GenerationConfig | None = None
+    aliases: Iterable[str] = ()
+    own_names: bool = True
+    listed_names: Iterable[str] = ()
 
 
 def create_app(
-    loaded_or_loader: Any,
+    loaded_or_loader: Any = None,
     *,
+    models: Iterable[ServedModel] = (),
     api_key: str | None = None,
     max_queue: int = 64,
     max_batch: int = 32,
@@ -129,8 +173,11 @@ def create_app(
     cors_origins: Iterable[str] | None = None,
     body_timeout: float = 30.0,
     served_model_names: Iterable[str] = (),
+    ttl: float | None = None,
+    max_memory_mb: float | None = None,
 ) -> FastAPI:
-    """An app serving ``loaded_or_loader`` (a LoadedModel, or a callable returning one).
+    """An app serving ``loaded_or_loader`` (a LoadedModel, or a callable returning one),
+    or several ``models`` (:class:`ServedModel`; the first is the default).
 
     ``api_key``: when set, every route but ``/health`` (and the static page) needs
     ``Authorization: Bearer <key>``. ``max_queue``: requests waiting for a batch
@@ -138,54 +185,64 @@ def create_app(
     ``threads``: CPU threads for the forward pass (None: the cores other processes
     leave free, see :class:`~chatforge.threads.ThreadPolicy`).
     ``limits``: per-request limits (``max_tokens``, ``n``, body size).
-    ``on_load_error`` is called (on the loader thread) when loading fails.
+    ``on_load_error`` is called when a model fails to load at start.
     ``allowed_hosts``: ``Host`` names served besides localhost, 127.0.0.1, [::1] and
     the address a connection came in on (``"*"``: any); others get 403, which stops
     DNS rebinding (see :mod:`chatforge.server.guard`). ``cors_origins``: browser
     origins allowed to call the API cross-origin (none by default). ``body_timeout``:
     seconds a client has to send its whole request body before it gets 408.
+    ``ttl``: seconds a model may sit idle before it is unloaded (the next request
+    for it loads it again); ``max_memory_mb``: the budget for loaded models' weights
+    (idle ones are unloaded, least recently used first, to stay within it).
     """
     limits = limits or Limits()
-    served = list(served_model_names)
-    state = ServerState(model_id=served[0] if served else model_id, served_names=served)
-    if served and model_id:
-        state.reference = model_id  # the --model reference stays a valid name
+    specs = list(models)
+    if loaded_or_loader is not None:
+        served = list(served_model_names)
+        name = served[0] if served else model_id
+        if name is None and not callable(loaded_or_loader):
+            name = loaded_or_loader.info.ref or loaded_or_loader.info.name
+        aliases = [*served[1:], *([model_id] if served and model_id else [])]
+        specs.insert(
+            0, ServedModel(name, loaded_or_loader, aliases=aliases, listed_names=served[1:])
+        )
 
-    def build() -> tuple[Any, Engine]:  # on a worker thread: slow, must not block the loop
-        loaded = loaded_or_loader() if callable(loaded_or_loader) else loaded_or_loader
+    def make_service(base: Base, loaded: Any) -> EngineService:
         # The server's own engine (its --max-batch and --threads), and the model's shared
         # one from now on: whatever else uses this model shares its prefix cache.
         engine = Engine.from_loaded(loaded, EngineConfig(max_batch=max_batch, threads=threads))
         loaded._engine = engine
-        return loaded, engine
+        _own_names(pool, base, loaded)
+        return EngineService(
+            engine, max_batch=max_batch, max_queue=max_queue, observers=[metrics.observe]
+        )
 
-    async def load() -> None:
-        try:
-            loaded, engine = await asyncio.to_thread(build)
-            # The engine thread is started here, from the long-lived event-loop thread:
-            # started from a thread that then exits, it decodes 4-5x slower on CPU.
-            state.service = EngineService(
-                engine, max_batch=max_batch, max_queue=max_queue, observers=[metrics.observe]
-            )
-            state.loaded = loaded
-            state.model_id = state.model_id or loaded.info.ref or loaded.info.name
-            state.status = "ready"
-            log.info("model %s ready", state.model_id)
-        except Exception as e:  # reported on /health and to the caller
-            state.status, state.error = "error", f"{type(e).__name__}: {e}"
-            log.error("could not load the model: %s", e)
-            if on_load_error is not None:
-                on_load_error(e)
+    pool = _build_pool(specs, ttl, max_memory_mb, make_service)
+    state = ServerState(pool=pool)
+
+    async def start() -> None:
+        await pool.start()
+        state.started = True
+        failed = [b for b in pool.bases.values() if b.status == "error"]
+        if failed and on_load_error is not None:
+            on_load_error(ChatforgeError(f"could not load {failed[0].key}: {failed[0].error}"))
+
+    async def sweeper() -> None:
+        while True:
+            await asyncio.sleep(max(0.05, min(5.0, (ttl or 5.0) / 4)))
+            await pool.sweep()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        loading = asyncio.create_task(load())
+        tasks = [asyncio.create_task(start())]
+        if ttl is not None:
+            tasks.append(asyncio.create_task(sweeper()))
         yield
         state.draining = True
-        if not loading.done():
-            loading.cancel()
-        if state.service is not None:  # in-flight requests have been answered by now
-            await asyncio.to_thread(state.service.close, drain_timeout)
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        await pool.close(drain_timeout)  # in-flight requests have been answered by now
 
     app = FastAPI(title="chatforge", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.chatforge = state
@@ -199,46 +256,51 @@ def create_app(
         app.add_middleware(
             CORSMiddleware,
             allow_origins=origins,
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type"],
         )
     app.add_middleware(HostGuard, allowed_hosts=list(allowed_hosts))
     # Outermost: counts every answer, those of the middleware above included.
     metrics = register_metrics(app, state)
 
-    def ready() -> tuple[Any, EngineService]:
+    def open_for_requests() -> None:
         if state.draining:
             raise APIError(503, "the server is shutting down", retry_after=retry_after)
-        if state.status == "error":
-            raise APIError(503, f"the model failed to load: {state.error}")
-        if state.service is None:
-            raise APIError(503, "the model is still loading", retry_after=retry_after)
-        return state.loaded, state.service
 
-    def check_model(name: str) -> None:
-        if name not in state.model_names():
-            raise APIError(
-                404,
-                f"the model {name!r} does not exist; this server serves {state.model_id!r}",
-                param="model",
-                code="model_not_found",
-            )
+    async def target(name: str | None) -> Target:
+        """The model a request names, loaded (503 while it loads at start, or if it
+        failed to; one unloaded since, after ``ttl``, is loaded and waited for)."""
+        open_for_requests()
+        route = pool.resolve(name)
+        base = pool.base_of(route)
+        if base.status == "error" and not state.started:
+            raise APIError(503, f"the model failed to load: {base.error}")
+        if base.status == "error":
+            raise APIError(503, f"the model {route.name!r} failed to load: {base.error}")
+        if not state.started and not base.ready:
+            raise APIError(503, "the model is still loading", retry_after=retry_after)
+        return await pool.target(name)
 
     # ------------------------------------------------------------------ routes
 
     from chatforge.server.embeddings import register_embeddings  # it imports this module
 
-    register_embeddings(app, state, ready, check_model, limits, body_timeout, retry_after)
+    register_embeddings(app, target, limits, body_timeout, retry_after)
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        fatal = state.service.fatal if state.service is not None else None
-        if fatal is not None:  # the engine thread died: say so, and why
+        services = [b.service for b in pool.bases.values() if b.service is not None]
+        fatal = next((s.fatal for s in services if s.fatal is not None), None)
+        if fatal is not None:  # an engine thread died: say so, and why
             return JSONResponse({"status": "error", "error": fatal}, status_code=503)
+        models = {r.name: pool.base_of(r).status for r in pool.routes if r.listed}
         if state.status == "ready" and not state.draining:
-            running, waiting = state.service.load if state.service else (0, 0)
+            running = sum(s.load[0] for s in services)
+            waiting = sum(s.load[1] for s in services)
             body = {"status": "ok", "model": state.model_id, "running": running}
             body["waiting"] = waiting
+            if len(models) > 1:
+                body["models"] = models
             return JSONResponse(body)
         status = "draining" if state.draining else state.status
         headers = {"Retry-After": str(retry_after)} if status == "loading" else None
@@ -251,48 +313,97 @@ def create_app(
         html = resources.files("chatforge.server").joinpath("static/index.html").read_text("utf-8")
         return HTMLResponse(html)
 
-    def model_card(name: str | None = None) -> dict:
-        return {
-            "id": name or state.model_id,
+    def model_card(route: Route, name: str | None = None) -> dict:
+        base = pool.base_of(route)
+        card: dict[str, Any] = {
+            "id": name or route.name,
             "object": "model",
             "created": state.created,
             "owned_by": "chatforge",
-            "context_length": state.loaded.info.context_length,
+            "loaded": base.ready,
         }
+        if base.ready:
+            card["context_length"] = base.loaded.info.context_length
+        if route.adapter is not None:  # vLLM's fields for a LoRA module
+            card["parent"] = card["root"] = _base_name(pool, route)
+        return card
 
     @app.get("/v1/models")
-    async def models() -> dict:
-        ready()
-        names = state.served_names or [state.model_id]
-        return {"object": "list", "data": [model_card(n) for n in names]}
+    async def models_route() -> dict:
+        open_for_requests()
+        if not state.started and not pool.base_of(pool.default).ready:
+            await target(None)  # 503 while the default model loads at start
+        cards = [
+            model_card(route, name)
+            for route in pool.routes
+            if route.listed
+            for name in [route.name, *route.listed_names]
+        ]
+        return {"object": "list", "data": cards}
 
     @app.get("/v1/models/{name:path}")
-    async def model(name: str) -> dict:
-        ready()
-        check_model(name)
-        return model_card(name)
+    async def model_route(name: str) -> dict:
+        open_for_requests()
+        return model_card(pool.resolve(name), name)
+
+    @app.get("/v1/adapters")
+    async def adapters() -> dict:
+        """The LoRA adapters served, each applied per request on its base model."""
+        open_for_requests()
+        data = [
+            {"name": r.name, "base": _base_name(pool, r), "path": str(r.adapter_dir)}
+            for r in pool.routes
+            if r.adapter is not None
+        ]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/adapters")
+    async def add_adapter(request: Request) -> JSONResponse:
+        """Load a LoRA adapter directory and serve it as model ``name`` on ``base``."""
+        open_for_requests()
+        req: AdapterRequest = parse(AdapterRequest, await _read_json(request, limits, body_timeout))
+        if not MODEL_NAME.match(req.name):
+            raise APIError(400, f"{req.name!r} is not a valid name", param="name")
+        path = Path(req.path).expanduser()
+        if not (path / "adapter_config.json").is_file():
+            raise APIError(
+                400,
+                f"{req.path} is not a LoRA adapter directory (no adapter_config.json)",
+                param="path",
+            )
+        route = await pool.add_adapter(req.name, path.resolve(), req.base)
+        return JSONResponse(
+            {"name": route.name, "base": _base_name(pool, route), "path": str(route.adapter_dir)}
+        )
+
+    @app.delete("/v1/adapters/{name:path}")
+    async def remove_adapter(name: str) -> dict:
+        open_for_requests()
+        await pool.remove_adapter(name)
+        return {"name": name, "deleted": True}
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict:
         """vLLM's tokenizer route: ``prompt`` or ``messages`` -> ``tokens``, ``count``."""
-        loaded, _ = ready()
+        open_for_requests()
         req: TokenizeRequest = parse(
             TokenizeRequest, await _read_json(request, limits, body_timeout)
         )
-        if req.model is not None:
-            check_model(req.model)
+        t = await target(req.model)
+        loaded = t.loaded
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give either prompt or messages", param="prompt")
 
         def encode() -> list[int]:
             if req.messages is not None:
+                messages = _with_system(req.messages, t.route.system)
                 tools = plan_tools(req.tools, None, None)
                 ids = encode_with_template(
-                    loaded.format, req.messages, tools, req.add_generation_prompt
+                    loaded.format, messages, tools, req.add_generation_prompt
                 )
                 if ids is not None:
                     return ids
-                msgs = render_messages(req.messages, tools)
+                msgs = render_messages(messages, tools)
                 enc = loaded.format.encode(msgs, add_generation_prompt=req.add_generation_prompt)
                 return list(enc.input_ids)
             return list(
@@ -309,29 +420,28 @@ def create_app(
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict:
         """vLLM's detokenizer route: ``tokens`` -> ``prompt``."""
-        loaded, service = ready()
+        open_for_requests()
         body = await _read_json(request, limits, body_timeout)
         req: DetokenizeRequest = parse(DetokenizeRequest, body)
-        if req.model is not None:
-            check_model(req.model)
-        vocab = service.engine.vocab_size
-        bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
+        t = await target(req.model)
+        vocab = t.service.engine.vocab_size
+        bad = next((tok for tok in req.tokens if not 0 <= tok < vocab), None)
         if bad is not None:
             raise APIError(
                 400, f"token {bad} is outside the vocabulary (0..{vocab - 1})", param="tokens"
             )
-        return {"prompt": loaded.tokenizer.decode(req.tokens)}
+        return {"prompt": t.loaded.tokenizer.decode(req.tokens)}
 
     @app.get("/tokenizer_info")
-    async def tokenizer_info() -> dict:
-        """What a client needs to tokenise as the server does."""
-        loaded, service = ready()
-        tok = loaded.tokenizer
+    async def tokenizer_info(model: str | None = None) -> dict:
+        """What a client needs to tokenise as the server does (``?model=`` picks one)."""
+        t = await target(model)
+        tok = t.loaded.tokenizer
         return {
             "tokenizer_class": type(tok).__name__,
-            "vocab_size": service.engine.vocab_size,
-            "max_model_len": loaded.info.context_length,
-            "prompt_format": loaded.info.prompt_format,
+            "vocab_size": t.service.engine.vocab_size,
+            "max_model_len": t.loaded.info.context_length,
+            "prompt_format": t.loaded.info.prompt_format,
             "bos_token": tok.bos_token,
             "eos_token": tok.eos_token,
             "pad_token": tok.pad_token,
@@ -340,11 +450,12 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        loaded, service = ready()
+        open_for_requests()
         body = await _read_json(request, limits, body_timeout)
         req: ChatCompletionRequest = parse(ChatCompletionRequest, body)
-        check_model(req.model)
-        config = generation_config(req, limits)
+        t = await target(req.model)
+        loaded, route = t.loaded, t.route
+        config = generation_config(req, limits, route.defaults)
         tools = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
         if tools is not None and tools.constraint is not None and config.json_schema is not None:
             raise APIError(
@@ -353,16 +464,16 @@ def create_app(
                 '"none"): a reply is either calls or one JSON document',
                 param="response_format",
             )
+        messages = _with_system(req.messages, route.system)
 
         def encode() -> EngineRequest:
-            ids = encode_with_template(loaded.format, req.messages, tools)
+            ids = encode_with_template(loaded.format, messages, tools)
             if ids is not None:  # a template that renders tools itself
                 config.reply_budget(len(ids), loaded.info.context_length)  # fits?
                 return EngineRequest(prompt_ids=ids, config=config)
-            messages = render_messages(req.messages, tools)
             return plan_request(
                 loaded.format,
-                messages,
+                render_messages(messages, tools),
                 loaded.info.context_length,
                 config,
                 drop_history=False,
@@ -377,17 +488,20 @@ def create_app(
         # The engine resolves the reply budget itself (max_tokens, the context).
         k = logprob_settings(req)
         constraint = [tools.constraint] if tools is not None and tools.constraint else []
-        base = dataclasses.replace(planned, max_new_tokens=None, logprobs=k, processors=constraint)
+        base = dataclasses.replace(
+            planned, max_new_tokens=None, logprobs=k, processors=constraint, adapter=route.adapter
+        )
         render = _Render(loaded.tokenizer, k, tools=bool(constraint))
-        return await respond(request, req, service, [base], "messages", _CHAT, render)
+        return await respond(request, req, t, [base], "messages", _CHAT, render)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        loaded, service = ready()
+        open_for_requests()
         body = await _read_json(request, limits, body_timeout)
         req: CompletionRequest = parse(CompletionRequest, body)
-        check_model(req.model)
-        config = generation_config(req, limits)
+        t = await target(req.model)
+        loaded = t.loaded
+        config = generation_config(req, limits, t.route.defaults)
         k = logprob_settings(req)
         prompt = req.prompt
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
@@ -426,16 +540,17 @@ def create_app(
                 logprobs=k,
                 prompt_logprobs=k if req.echo and k is not None else None,
                 max_new_tokens=0 if score_only else None,
+                adapter=t.route.adapter,
             )
             for ids in encoded
         ]
         render = _Render(loaded.tokenizer, k, texts if req.echo else None, encoded)
-        return await respond(request, req, service, bases, "prompt", _COMPLETION, render)
+        return await respond(request, req, t, bases, "prompt", _COMPLETION, render)
 
     async def respond(
         request: Request,
         req: ChatCompletionRequest | CompletionRequest,
-        service: EngineService,
+        t: Target,
         bases: list[EngineRequest],
         param: str,
         shape: _Shape,
@@ -446,10 +561,8 @@ def create_app(
 
         ``param`` names the request field that errors on submission point at.
         """
-        handles = _submit(service, bases, req.n, request, param)
-        meta = _Meta(
-            shape.prefix, state.model_id, [len(b.prompt_ids) for b in bases], req.n, render
-        )
+        handles = _submit(t.service, bases, req.n, request, param)
+        meta = _Meta(shape.prefix, t.route.name, [len(b.prompt_ids) for b in bases], req.n, render)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.stream:
             return _sse(shape.chunks(handles, meta, include_usage))
@@ -502,6 +615,76 @@ def create_app(
 
 
 # ---------------------------------------------------------------------- helpers
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}$")
+"""A name an adapter may be served under."""
+
+
+def _build_pool(
+    specs: list[ServedModel],
+    ttl: float | None,
+    memory_mb: float | None,
+    make_service: Callable[[Base, Any], EngineService],
+) -> ModelPool:
+    """Routes and bases from the served models: one base per distinct ``base`` key."""
+    routes: list[Route] = []
+    bases: dict[str, Base] = {}
+    for i, spec in enumerate(specs):
+        key = spec.base or spec.name or f"model-{i}"
+        if key not in bases:
+            load = spec.load if callable(spec.load) else (lambda m=spec.load: m)
+            bases[key] = Base(key=key, load=load)
+        route = Route(
+            name=spec.name or "",
+            base=key,
+            adapter=None if spec.adapter_dir is None else (spec.name or key),
+            adapter_dir=spec.adapter_dir,
+            system=spec.system,
+            defaults=spec.defaults,
+            aliases=set(spec.aliases),
+            listed_names=list(spec.listed_names),
+            own_names=spec.own_names and spec.adapter_dir is None,
+        )
+        if any(route.name and route.name in pool_names for pool_names in _all_names(routes)):
+            raise ChatforgeError(f"two models are served as {route.name!r}; name them apart")
+        routes.append(route)
+    return ModelPool(routes, bases, make_service, ttl=ttl, memory_mb=memory_mb)
+
+
+def _all_names(routes: list[Route]) -> list[set[str]]:
+    return [{r.name, *r.aliases} for r in routes]
+
+
+def _own_names(pool: ModelPool, base: Base, loaded: Any) -> None:
+    """A plain model also answers to the loaded model's own name and reference (and a
+    bundled model's hub id); one loaded from a callable without a name takes its reference."""
+    from chatforge.models.registry import ALIASES
+
+    own = {loaded.info.name, loaded.info.ref}
+    alias = ALIASES.get(loaded.info.ref)
+    if alias is not None and alias.hub_id:
+        own.add(alias.hub_id)
+    taken = {n for r in pool.routes for n in pool.names(r) if r.base != base.key}
+    for route in pool.routes:
+        if route.base == base.key and route.own_names:
+            if not route.name:
+                route.name = loaded.info.ref or loaded.info.name
+            route.aliases |= {n for n in own if n and n not in taken and n != route.name}
+
+
+def _base_name(pool: ModelPool, route: Route) -> str:
+    """The name of the plain model on ``route``'s base (its key when none is served)."""
+    for r in pool.routes:
+        if r.base == route.base and r.adapter is None:
+            return r.name
+    return route.base
+
+
+def _with_system(messages: list[ChatMessageIn], system: str | None) -> list[ChatMessageIn]:
+    """A named model's system prompt first, unless the request brings its own."""
+    if not system or any(m.role in ("system", "developer") for m in messages):
+        return messages
+    return [ChatMessageIn(role="system", content=system), *messages]
 
 
 class _BearerAuth:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import struct
-from collections.abc import Callable
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -28,6 +28,7 @@ from chatforge.generation.types import Completion
 from chatforge.generation.types import Request as EngineRequest
 from chatforge.server.app import _cancel, _collect, _context_error, _read_json
 from chatforge.server.errors import APIError
+from chatforge.server.pool import Target
 from chatforge.server.schemas import Limits, parse
 
 MAX_INPUTS = 2048
@@ -48,27 +49,24 @@ class EmbeddingRequest(BaseModel):
 
 def register_embeddings(
     app: FastAPI,
-    state: Any,
-    ready: Callable[[], tuple[Any, EngineService]],
-    check_model: Callable[[str], None],
+    target: Callable[[str | None], Awaitable[Target]],
     limits: Limits,
     body_timeout: float,
     retry_after: int = 1,
 ) -> None:
     """Add ``POST /v1/embeddings`` to ``app``.
 
-    ``state`` is the app's :class:`~chatforge.server.app.ServerState` (for the model
-    id), ``ready`` returns ``(loaded, service)`` or raises 503, ``check_model`` raises
-    404 for a name the server does not serve; ``limits``, ``body_timeout`` and
-    ``retry_after`` are the app's.
+    ``target(model)`` is the app's: the loaded model a request names (404 for a name
+    the server does not serve, 503 while it cannot answer); ``limits``,
+    ``body_timeout`` and ``retry_after`` are the app's.
     """
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> JSONResponse:
-        loaded, service = ready()
         body = await _read_json(request, limits, body_timeout)
         req: EmbeddingRequest = parse(EmbeddingRequest, body)
-        check_model(req.model)
+        t = await target(req.model)
+        loaded, service = t.loaded, t.service
         if req.dimensions is not None:
             raise APIError(
                 400,
@@ -87,7 +85,10 @@ def register_embeddings(
             raise APIError(400, f"cannot tokenise the input: {e}", param="input") from None
         if not all(ids):
             raise APIError(400, "input must not contain an empty string", param="input")
-        reqs = [EngineRequest(prompt_ids=x, max_new_tokens=0, embed=True) for x in ids]
+        reqs = [
+            EngineRequest(prompt_ids=x, max_new_tokens=0, embed=True, adapter=t.route.adapter)
+            for x in ids
+        ]
         try:  # all inputs are checked (vocabulary, context) before any is queued
             for r in reqs:
                 service.engine.budget_for(r)
@@ -105,7 +106,7 @@ def register_embeddings(
             {
                 "object": "list",
                 "data": data,
-                "model": state.model_id,
+                "model": t.route.name,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             }
         )

@@ -195,14 +195,14 @@ def register_metrics(app: FastAPI, state: Any) -> ServerMetrics:
     """Add ``GET /metrics`` and the request-counting middleware to ``app``; returns the
     metrics, whose :meth:`~ServerMetrics.observe` the app's EngineService must be given.
 
-    ``state`` is the app's :class:`~chatforge.server.app.ServerState` (its ``service``,
-    once loaded, gives the queue gauges). Call it after the app's other middleware is
+    ``state`` is the app's :class:`~chatforge.server.app.ServerState` (its models'
+    services, once loaded, give the queue gauges). Call it after the app's other middleware is
     added: the last added is the outermost, so what they refuse (401, 403) is counted.
     """
 
-    def load() -> tuple[int, int]:
-        service = state.service
-        return service.load if service is not None else (0, 0)
+    def load() -> tuple[int, int]:  # over every loaded model
+        loads = [b.service.load for b in state.pool.bases.values() if b.service is not None]
+        return sum(x[0] for x in loads), sum(x[1] for x in loads)
 
     metrics = ServerMetrics(load)
 

@@ -206,6 +206,14 @@ class TokenizeRequest(_Body):
     add_generation_prompt: bool = True
 
 
+class AdapterRequest(_Body):
+    """``POST /v1/adapters``: serve a LoRA adapter directory as model ``name``."""
+
+    name: str
+    path: str
+    base: str | None = None  # the model it applies to (default: the server's first)
+
+
 class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[int]
@@ -297,8 +305,28 @@ def response_schema(req: _Sampling) -> dict[str, Any] | None:
     return schema
 
 
-def generation_config(req: _Sampling, limits: Limits) -> GenerationConfig:
-    """The request's sampling settings as a GenerationConfig; 400 naming the param if invalid."""
+# Settings a named model's defaults fill in where a request leaves them out.
+DEFAULTABLE = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "stop",
+    "seed",
+    "max_new_tokens",
+)
+
+
+def generation_config(
+    req: _Sampling, limits: Limits, defaults: GenerationConfig | None = None
+) -> GenerationConfig:
+    """The request's sampling settings as a GenerationConfig; 400 naming the param if invalid.
+
+    ``defaults`` (a named model's settings) fill the :data:`DEFAULTABLE` fields the
+    request does not set; without them, OpenAI's defaults apply."""
     max_tokens = req.max_tokens
     param = "max_tokens"
     if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
@@ -327,7 +355,7 @@ def generation_config(req: _Sampling, limits: Limits) -> GenerationConfig:
         raise APIError(400, f"at most {MAX_STOP} stop sequences (got {len(stop)})", param="stop")
 
     values: dict[str, Any] = {
-        "temperature": 1.0 if req.temperature is None else req.temperature,  # OpenAI's default
+        "temperature": req.temperature,
         "top_p": req.top_p,
         "top_k": req.top_k,
         "min_p": req.min_p,
@@ -339,8 +367,18 @@ def generation_config(req: _Sampling, limits: Limits) -> GenerationConfig:
         "seed": req.seed,
         "json_schema": response_schema(req),
         # No max_tokens: the server's limit, capped by the context at submit time.
-        "max_new_tokens": max_tokens if max_tokens is not None else limits.max_tokens,
+        "max_new_tokens": max_tokens,
     }
+    if defaults is not None:
+        for name in DEFAULTABLE:
+            if values[name] in (None, ()):
+                values[name] = getattr(defaults, name)
+        if values["max_new_tokens"] is not None:  # the server's limit still holds
+            values["max_new_tokens"] = min(values["max_new_tokens"], limits.max_tokens)
+    if values["temperature"] is None:
+        values["temperature"] = 1.0  # OpenAI's default
+    if values["max_new_tokens"] is None:
+        values["max_new_tokens"] = limits.max_tokens
     try:
         return GenerationConfig(**{k: v for k, v in values.items() if v is not None})
     except ParamError as e:

@@ -133,6 +133,14 @@ class PagedKV:
 
 
 @dataclass
+class _Lora:
+    """The torch path's per-layer adapter context: layer index, (B,) slot per sequence."""
+
+    layer: int
+    slots: Tensor
+
+
+@dataclass
 class FastDecoder:
     """The forward pass of a supported architecture, over a paged KV cache."""
 
@@ -149,6 +157,36 @@ class FastDecoder:
     # The C forward step (native_decode.py), chosen once when the model is built;
     # None where it does not apply (bf16, no C compiler): the torch path runs.
     native: Any = field(default=None, repr=False)
+    # LoRA adapters applied per row (lora.py), in slot order; a row names its slot.
+    adapters: list[Any] = field(default_factory=list, repr=False)
+    _lora_table: Any = field(default=None, repr=False)  # their C view (native_decode.py)
+
+    def add_adapter(self, adapter: Any) -> None:
+        """Make a :class:`~chatforge.models.fast.lora.LoraAdapter` available to rows
+        (replacing one of the same name); the caller makes sure no row runs meanwhile."""
+        self.adapters = [a for a in self.adapters if a.name != adapter.name] + [adapter]
+        self._rebuild_lora_table()
+
+    def remove_adapter(self, name: str) -> bool:
+        """Forget adapter ``name``; True if it was there (slots of later ones shift)."""
+        kept = [a for a in self.adapters if a.name != name]
+        if len(kept) == len(self.adapters):
+            return False
+        self.adapters = kept
+        self._rebuild_lora_table()
+        return True
+
+    def adapter_slot(self, name: str) -> int:
+        """The slot rows of adapter ``name`` pass to :meth:`forward` (KeyError if absent)."""
+        for i, a in enumerate(self.adapters):
+            if a.name == name:
+                return i
+        raise KeyError(name)
+
+    def _rebuild_lora_table(self) -> None:
+        from chatforge.models.fast.native_decode import NativeDecode
+
+        self._lora_table = NativeDecode.lora_table(self.adapters, self.cfg.n_layers)
 
     def new_cache(self, n_blocks: int = 16, block_size: int = 16) -> PagedKV:
         """An empty paged KV cache for this model (the engine grows it as it needs)."""
@@ -169,12 +207,28 @@ class FastDecoder:
             x = x + F.embedding(types, self.embed)
         return x.to(self.cfg.dtype)
 
-    def _qkv(self, layer: Layer, h: Tensor, freqs: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def _lin(self, layer: Layer, name: str, h: Tensor, lora: _Lora | None) -> Tensor:
+        """Linear ``name`` of ``layer`` over (B, T, K) rows, plus each sequence's
+        adapter delta (``lora``: the layer's index and each sequence's slot)."""
+        y = getattr(layer, name)(h).to(self.cfg.dtype)
+        if lora is not None:
+            from chatforge.models.fast.lora import torch_delta
+
+            for slot in lora.slots.unique().tolist():
+                delta = self.adapters[slot].layers[lora.layer].get(name) if slot >= 0 else None
+                if delta is not None:
+                    rows = lora.slots == slot  # (B,) sequences with this adapter
+                    y[rows] = y[rows] + torch_delta(delta, h[rows])
+        return y
+
+    def _qkv(
+        self, layer: Layer, h: Tensor, freqs: Tensor | None, lora: _Lora | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Q (B, H, T, D), K and V (B, Hkv, T, D), rotated; freqs (B, T, D/2) complex."""
         cfg = self.cfg
         b, t, _ = h.shape
         hq, hkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        qkv = layer.qkv(h).to(cfg.dtype)  # (B, T, (H + 2 Hkv) D)
+        qkv = self._lin(layer, "qkv", h, lora)  # (B, T, (H + 2 Hkv) D)
         nqk = (hq + hkv) * d
         qk, v = qkv[..., :nqk], qkv[..., nqk:]
         if freqs is not None:  # rotate Q and K together: one complex multiply
@@ -184,14 +238,14 @@ class FastDecoder:
         k = qk[..., hq * d :].reshape(b, t, hkv, d).transpose(1, 2)
         return q, k, v.reshape(b, t, hkv, d).transpose(1, 2)
 
-    def _mlp(self, layer: Layer, h: Tensor) -> Tensor:
-        u = layer.up(h).to(self.cfg.dtype)
+    def _mlp(self, layer: Layer, h: Tensor, lora: _Lora | None = None) -> Tensor:
+        u = self._lin(layer, "up", h, lora)
         if self.cfg.arch == "llama":
             gate, up = u.chunk(2, dim=-1)
             u = F.silu(gate) * up
         else:
             u = F.gelu(u, approximate="tanh")
-        return layer.down(u).to(self.cfg.dtype)
+        return self._lin(layer, "down", u, lora)
 
     # -- passes ---------------------------------------------------------------------
 
@@ -204,6 +258,7 @@ class FastDecoder:
         tables: Tensor,
         kv: PagedKV,
         types: Tensor | None = None,
+        lora_rows: Tensor | None = None,
     ) -> Tensor:
         """Run rows through every layer, writing their K/V into ``kv``; (R, hidden) out.
 
@@ -214,13 +269,17 @@ class FastDecoder:
         row per sequence. The result is the last layer's output, before the final
         norm (see :meth:`logits`). Positions below a row's own must already be in
         the cache (written by an earlier call, or by an earlier row of this one).
+        ``lora_rows`` (R,): each row's adapter slot (:meth:`adapter_slot`), -1 for
+        none; None when no row has one.
         """
         x = self._embed(tokens, positions, types)  # (R, hidden)
+        if lora_rows is not None and not bool((lora_rows >= 0).any()):
+            lora_rows = None
         if self.native:
             x = x.float().contiguous()
-            self.native.run(x, positions, seq_index, tables, kv)
+            self.native.run(x, positions, seq_index, tables, kv, lora_rows, self._lora_table)
             return x
-        return self._torch_forward(x, positions, seq_index, tables, kv)
+        return self._torch_forward(x, positions, seq_index, tables, kv, lora_rows)
 
     @torch.inference_mode()
     def logits(self, h: Tensor) -> Tensor:
@@ -242,7 +301,13 @@ class FastDecoder:
         return self.norm(h).float()
 
     def _torch_forward(
-        self, x: Tensor, positions: Tensor, seq_index: Tensor, tables: Tensor, kv: PagedKV
+        self,
+        x: Tensor,
+        positions: Tensor,
+        seq_index: Tensor,
+        tables: Tensor,
+        kv: PagedKV,
+        lora_rows: Tensor | None = None,
     ) -> Tensor:
         """The same pass with torch ops (bf16, or no C compiler): sequences padded to a batch."""
         cfg = self.cfg
@@ -265,8 +330,10 @@ class FastDecoder:
         woff = pos[vb, vt] % bs
         mask = (torch.arange(length)[None, None, :] <= pos[:, :, None]).unsqueeze(1)  # (B,1,T,L)
         freqs = None if self.rope is None else self.rope[pos]  # (B, T, D/2)
+        slots = None if lora_rows is None else lora_rows[starts].long()  # (B,) per sequence
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, layer.norm1(xb), freqs)  # (B, H|Hkv, T, D)
+            lora = None if slots is None else _Lora(i, slots)
+            q, k, v = self._qkv(layer, layer.norm1(xb), freqs, lora)  # (B, H|Hkv, T, D)
             kv.k[i][wblk, :, woff] = k[vb, :, vt]  # (N, Hkv, D) written in place
             kv.v[i][wblk, :, woff] = v[vb, :, vt]
             # (B, nbl, Hkv, BS, D) -> (B, Hkv, L, D): this batch's cache, gathered.
@@ -275,8 +342,8 @@ class FastDecoder:
             a = F.scaled_dot_product_attention(
                 q, kk, vv, attn_mask=mask, enable_gqa=cfg.group > 1
             )  # (B, H, T, D)
-            xb = xb + layer.out(a.transpose(1, 2).reshape(b, t, -1)).to(cfg.dtype)
-            xb = xb + self._mlp(layer, layer.norm2(xb))
+            xb = xb + self._lin(layer, "out", a.transpose(1, 2).reshape(b, t, -1), lora)
+            xb = xb + self._mlp(layer, layer.norm2(xb), lora)
         return xb[valid]  # (R, hidden), rows in their original order
 
     @property

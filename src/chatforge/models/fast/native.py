@@ -213,7 +213,7 @@ def load_library(path: Path, variant: str | None = None) -> ctypes.CDLL:
     lib.cf_qlinear.restype = ctypes.c_int
     lib.cf_dequantize.argtypes = [ctypes.c_int, p, p, i64, i64, p, ctypes.c_int]
     lib.cf_dequantize.restype = None
-    lib.cf_forward.argtypes = [ctypes.POINTER(CModel), p, i64, p, p, p, i64, ctypes.c_int]
+    lib.cf_forward.argtypes = [ctypes.POINTER(CModel), p, i64, p, p, p, i64, ctypes.c_int, p, p]
     lib.cf_forward.restype = ctypes.c_int
     lib.cf_norm.argtypes = [p, p, p, ctypes.c_float, i64, i64, p]
     lib.cf_norm.restype = None
@@ -267,6 +267,12 @@ class CModel(ctypes.Structure):
         ("v_cache", ctypes.POINTER(ctypes.c_void_p)),
         ("rope", ctypes.c_void_p),
     ]
+
+
+class CLora(ctypes.Structure):
+    """``cf_lora`` in decode.c: one adapter's delta on one linear."""
+
+    _fields_ = [("a_t", ctypes.c_void_p), ("b_t", ctypes.c_void_p), ("r", ctypes.c_int64)]
 
 
 def _load_installed(flags: frozenset[str]) -> tuple[ctypes.CDLL | None, str]:
@@ -390,11 +396,21 @@ def dequantize(kind: int, w: Tensor, scales: Tensor, k: int, out: Tensor | None 
     return out
 
 
-def forward(model: CModel, x: Tensor, pos: Tensor, seq: Tensor, tables: Tensor) -> None:
+def forward(
+    model: CModel,
+    x: Tensor,
+    pos: Tensor,
+    seq: Tensor,
+    tables: Tensor,
+    row_lora: Tensor | None = None,
+    loras: ctypes.Array | None = None,
+) -> None:
     """Run rows ``x`` (R, hidden) fp32, in place, through every layer (see decode.c).
 
     pos (R,) int64: each row's position; seq (R,) int32: its sequence, whose block
     table is row ``seq[r]`` of ``tables`` (S, max_blocks) int32. All contiguous.
+    row_lora (R,) int32: each row's LoRA adapter slot in ``loras`` (a flat
+    ``CLora`` array, (n_adapters, n_layers, 4)), -1 for none; both None: no adapters.
     """
     lib = kernels()
     assert lib is not None
@@ -407,6 +423,8 @@ def forward(model: CModel, x: Tensor, pos: Tensor, seq: Tensor, tables: Tensor) 
         tables.data_ptr(),
         tables.shape[1],
         torch.get_num_threads(),
+        None if row_lora is None else row_lora.data_ptr(),
+        None if loras is None else ctypes.addressof(loras),
     )
     if rc:
         raise MemoryError("out of memory in the forward kernel")

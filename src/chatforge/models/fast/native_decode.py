@@ -17,6 +17,7 @@ from torch import Tensor
 
 from chatforge.models.fast import native
 from chatforge.models.fast.linear import DenseLinear, _QuantLinear
+from chatforge.models.fast.lora import LINEARS, LoraAdapter
 
 if TYPE_CHECKING:
     from chatforge.models.fast.model import FastDecoder, Norm, PagedKV
@@ -101,8 +102,34 @@ class NativeDecode:
         )
         return cls(model, layers, keep)
 
-    def run(self, x: Tensor, pos: Tensor, seq: Tensor, tables: Tensor, kv: PagedKV) -> None:
-        """Rows ``x`` (R, hidden) fp32 contiguous through all layers in place; writes ``kv``."""
+    @staticmethod
+    def lora_table(adapters: list[LoraAdapter], n_layers: int) -> ctypes.Array | None:
+        """The flat ``CLora`` array (n_adapters, n_layers, 4) decode.c reads the
+        adapters' deltas from (it points into the adapters' tensors: keep them)."""
+        if not adapters:
+            return None
+        table = (native.CLora * (len(adapters) * n_layers * len(LINEARS)))()
+        for a, adapter in enumerate(adapters):
+            for li, layer in enumerate(adapter.layers):
+                for j, name in enumerate(LINEARS):
+                    delta = layer.get(name)
+                    if delta is not None:
+                        c = table[(a * n_layers + li) * len(LINEARS) + j]
+                        c.a_t, c.b_t, c.r = delta.a_t.data_ptr(), delta.b_t.data_ptr(), delta.rank
+        return table
+
+    def run(
+        self,
+        x: Tensor,
+        pos: Tensor,
+        seq: Tensor,
+        tables: Tensor,
+        kv: PagedKV,
+        row_lora: Tensor | None = None,
+        loras: ctypes.Array | None = None,
+    ) -> None:
+        """Rows ``x`` (R, hidden) fp32 contiguous through all layers in place; writes ``kv``.
+        ``row_lora`` (R,) int32: each row's slot in ``loras`` (:meth:`lora_table`), -1: none."""
         key = (id(self), kv.k[0].data_ptr(), kv.n_blocks)
         bound = kv.native
         if bound is None or bound[0] != key:  # a new pool, or its tensors were regrown
@@ -118,6 +145,8 @@ class NativeDecode:
             pos.to(torch.int64).contiguous(),
             seq.to(torch.int32).contiguous(),
             tables.to(torch.int32).contiguous(),
+            None if row_lora is None else row_lora.to(torch.int32).contiguous(),
+            loras if row_lora is not None else None,
         )
 
     @staticmethod

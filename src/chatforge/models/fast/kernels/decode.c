@@ -121,6 +121,46 @@ typedef struct {
     const float *rope; /* (max_positions, head_dim / 2, 2): cos, sin; NULL for gpt2 */
 } cf_model;
 
+/* One LoRA adapter's delta on one linear, stored for the per-row update
+ * y += (x A^T) B^T * scale as two "axpy" passes (no float reductions to reorder,
+ * so a row's result is the same whatever else is in the call):
+ *   a_t (k, r): A transposed;  b_t (r, n): (B * scale) transposed.
+ * a_t NULL: this adapter does not touch this linear. Mirrored by ctypes. */
+typedef struct {
+    const float *a_t, *b_t;
+    int64_t r;
+} cf_lora;
+
+#define CF_LORA_MAX_R 1024 /* summed rank of a fused linear (checked in lora.py) */
+
+/* Rows whose row_lora[r] >= 0 get that adapter's delta of linear `which` (0 qkv,
+ * 1 out, 2 up, 3 down) of layer li added to y (R, n); x (R, k) is the linear's
+ * input. loras: (n_adapters, n_layers, 4). Rows are independent: parallel. */
+static void lora_add(const cf_lora *loras, const int32_t *row_lora, int64_t n_layers,
+                     int64_t li, int which, const float *x, int64_t k, float *y, int64_t n,
+                     int64_t R, int nthreads) {
+    if (!loras || !row_lora) return;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (R > 1)
+    for (int64_t r = 0; r < R; r++) {
+        if (row_lora[r] < 0) continue;
+        const cf_lora *l = &loras[((int64_t)row_lora[r] * n_layers + li) * 4 + which];
+        if (!l->a_t) continue;
+        float t[CF_LORA_MAX_R];
+        const int64_t rank = l->r;
+        const float *xr = x + r * k;
+        float *yr = y + r * n;
+        for (int64_t i = 0; i < rank; i++) t[i] = 0.f;
+        for (int64_t kk = 0; kk < k; kk++) { /* t (rank,) = x A^T */
+            const float xv = xr[kk], *a = l->a_t + kk * rank;
+            for (int64_t i = 0; i < rank; i++) t[i] += xv * a[i];
+        }
+        for (int64_t i = 0; i < rank; i++) { /* y (n,) += t (B * scale)^T */
+            const float tv = t[i], *b = l->b_t + i * n;
+            for (int64_t j = 0; j < n; j++) yr[j] += tv * b[j];
+        }
+    }
+}
+
 /* y (R, H) = norm(x) * w (+ b): RMSNorm when b is NULL, else LayerNorm. */
 void cf_norm(const float *x, const float *w, const float *b, float eps, int64_t R, int64_t H,
              float *y) {
@@ -223,9 +263,12 @@ static void attend(const float *q, const float *kc, const float *vc, const int32
 
 /* x (R, hidden) in: the tokens' embeddings; out: the last layer's output (before
  * the final norm). Row r is position pos[r] of sequence seq[r]; see the top of
- * this file. Returns 0, or -1 when out of memory. */
+ * this file. row_lora (R,): the LoRA adapter of each row (-1: none) in loras
+ * (see cf_lora); both NULL when no row has one. Returns 0, or -1 when out of
+ * memory. */
 int cf_forward(const cf_model *m, float *x, int64_t R, const int64_t *pos, const int32_t *seq,
-               const int32_t *tables, int64_t max_blocks, int threads) {
+               const int32_t *tables, int64_t max_blocks, int threads, const int32_t *row_lora,
+               const cf_lora *loras) {
     const int64_t H = m->hidden, Hq = m->n_heads, Hkv = m->n_kv_heads, D = m->head_dim;
     const int64_t I = m->inter, group = Hq / Hkv, BS = m->block, nqkv = (Hq + 2 * Hkv) * D;
     const int gpt2 = m->arch == 1;
@@ -244,6 +287,7 @@ int cf_forward(const cf_model *m, float *x, int64_t R, const int64_t *pos, const
         float *kc = m->k_cache[li], *vc = m->v_cache[li];
         cf_norm(x, L->norm1, L->norm1_b, m->eps, R, H, h);
         if ((rc = cf_linear(&L->qkv, h, R, qkv, threads))) break;
+        lora_add(loras, row_lora, m->n_layers, li, 0, h, H, qkv, nqkv, R, nthreads);
         for (int64_t r = 0; r < R; r++) {
             float *row = qkv + r * nqkv;
             if (m->rope) {
@@ -270,17 +314,21 @@ int cf_forward(const cf_model *m, float *x, int64_t R, const int64_t *pos, const
                    att + (r * Hq + hh) * D);
         }
         if ((rc = cf_linear(&L->out, att, R, tmp, threads))) break;
+        lora_add(loras, row_lora, m->n_layers, li, 1, att, Hq * D, tmp, H, R, nthreads);
         for (int64_t i = 0; i < R * H; i++) x[i] += tmp[i];
         cf_norm(x, L->norm2, L->norm2_b, m->eps, R, H, h);
         if ((rc = cf_linear(&L->up, h, R, gu, threads))) break;
+        lora_add(loras, row_lora, m->n_layers, li, 2, h, H, gu, up_n, R, nthreads);
         if (gpt2) {
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (R > 1)
             for (int64_t r = 0; r < R; r++) gelu_tanh(gu + r * I, I);
             if ((rc = cf_linear(&L->down, gu, R, tmp, threads))) break;
+            lora_add(loras, row_lora, m->n_layers, li, 3, gu, I, tmp, H, R, nthreads);
         } else {
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (R > 1)
             for (int64_t r = 0; r < R; r++) silu_mul(gu + r * 2 * I, gu + r * 2 * I + I, I, act + r * I);
             if ((rc = cf_linear(&L->down, act, R, tmp, threads))) break;
+            lora_add(loras, row_lora, m->n_layers, li, 3, act, I, tmp, H, R, nthreads);
         }
         for (int64_t i = 0; i < R * H; i++) x[i] += tmp[i];
     }

@@ -1,0 +1,372 @@
+"""Run a file of prompts through an OpenAI-compatible endpoint (a chatforge server,
+vLLM, a hosted API): the same records, templates, system prompt, output rows and
+resumability as :func:`~chatforge.batch.generate_batch`, with up to
+``max_concurrency`` requests in flight.
+
+Rows are written in input order as soon as every record before them has its row.
+A record the endpoint rejects (a 4xx, e.g. a prompt too long for its context) gets
+an error row, as a bad record does locally. Failures that may pass (a timeout, 429,
+5xx after the client's retries) get no row, so the next run retries them; failures
+that would fail every record (cannot connect, a bad key, an unknown model) stop the
+run with one error, keeping the rows written so far.
+
+Only settings an OpenAI chat completion takes can be sent (see :func:`openai_params`):
+asking for another (``top_k``, ``min_p``, ...) is an error, never silently dropped.
+
+>>> generate_batch_remote("http://127.0.0.1:8000/v1", "smollm2",  # doctest: +SKIP
+...                       "prompts.txt", "answers.jsonl", max_concurrency=8)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from chatforge.batch.output import RowWriter, check_output
+from chatforge.batch.records import Record
+from chatforge.batch.runner import (
+    _MAX_PENDING,
+    BatchSummary,
+    ProgressFn,
+    RowsRun,
+    _Job,
+    _ProgressBar,
+    count_todo,
+    records_opener,
+)
+from chatforge.batch.template import PromptTemplate
+from chatforge.errors import ChatforgeError, InputError, ParamError
+from chatforge.generation.config import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_PRESET,
+    PRESETS,
+    GenerationConfig,
+)
+from chatforge.remote import MAX_REMOTE_STOP, describe_api_error
+
+DEFAULT_CONCURRENCY = 4
+"""Requests in flight at once when no ``max_concurrency`` is given."""
+
+RERUN = "(no row written: a rerun retries it)"
+"""How the message of a failure that may pass ends (its record gets no row)."""
+
+SENDABLE = frozenset(
+    {
+        "temperature",
+        "top_p",
+        "max_new_tokens",
+        "stop",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "json_schema",
+        "do_sample",
+    }
+)
+"""GenerationConfig fields an OpenAI chat completion request can carry."""
+
+# The others, and the value at which each is off (and need not be sent).
+_UNSENDABLE = {
+    "top_k": 0,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "max_length": None,
+}
+
+
+def remote_config(preset: str | None = None, **given: Any) -> GenerationConfig:
+    """The settings for an endpoint: ``given`` over the preset's sendable values.
+
+    With no ``preset`` the default one (:data:`DEFAULT_PRESET`) contributes only what
+    an endpoint takes (its temperature and top-p); a ``preset`` asked for by name
+    must consist of such values, since the others could not be honoured.
+    """
+    if preset is not None:
+        key = preset.strip().lower()
+        if key not in PRESETS:
+            raise InputError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+        extra = sorted(set(PRESETS[key]) - SENDABLE)
+        if extra:
+            raise ParamError(
+                "preset",
+                f"{key} sets {', '.join(extra)}, which an OpenAI-compatible endpoint cannot "
+                "take; give --temperature/--top-p instead (or --preset precise)",
+            )
+    preset_values = PRESETS[(preset or DEFAULT_PRESET).strip().lower()]
+    base = {k: v for k, v in preset_values.items() if k in SENDABLE}
+    given = {k: v for k, v in given.items() if v is not None}
+    return GenerationConfig(**{**base, **given})
+
+
+def openai_params(config: GenerationConfig) -> dict[str, Any]:
+    """``config`` as chat-completion parameters; a :class:`ParamError` names a setting
+    (``top_k``, ``min_p``, ``repetition_penalty``, ``no_repeat_ngram_size``,
+    ``max_length``) that is switched on but cannot be sent."""
+    for name, off in _UNSENDABLE.items():
+        if getattr(config, name) != off:
+            raise ParamError(
+                name,
+                f"cannot be sent to an OpenAI-compatible endpoint (got {getattr(config, name)}); "
+                "leave it out, or run the model locally (without --api-base)",
+            )
+    params: dict[str, Any] = {
+        "temperature": 0.0 if config.greedy else config.temperature,
+        "max_tokens": config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+    }
+    if config.top_p != 1.0 and not config.greedy:
+        params["top_p"] = config.top_p
+    if config.stop:
+        if len(config.stop) > MAX_REMOTE_STOP:
+            raise ParamError("stop", f"takes at most {MAX_REMOTE_STOP} strings with --api-base")
+        params["stop"] = list(config.stop)
+    if config.seed is not None:
+        params["seed"] = config.seed
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(config, name):
+            params[name] = getattr(config, name)
+    if config.logit_bias:
+        params["logit_bias"] = {str(k): v for k, v in config.logit_bias.items()}
+    if config.json_schema is not None:
+        params["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "reply", "schema": config.json_schema, "strict": True},
+        }
+    return params
+
+
+@dataclass
+class _Reply:
+    """One sample's result, with the fields the row needs (as a local Completion)."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+
+
+class _Fatal(ChatforgeError):
+    """A failure every other request would meet too: stop the run."""
+
+
+class _Failed(Exception):
+    """One request failed; ``retry`` when it may pass on a rerun."""
+
+    def __init__(self, message: str, retry: bool) -> None:
+        super().__init__(message)
+        self.retry = retry
+
+
+def generate_batch_remote(
+    api_base: str,
+    model: str,
+    inputs: str | Path | Iterable[str | Mapping[str, Any]],
+    output: str | Path,
+    template: str | PromptTemplate | None = None,
+    system: str | None = None,
+    config: GenerationConfig | None = None,
+    n: int = 1,
+    max_concurrency: int = DEFAULT_CONCURRENCY,
+    fail_fast: bool = False,
+    progress: bool | ProgressFn = True,
+    api_key: str | None = None,
+    key_source: str | None = None,
+    timeout: float = 600.0,
+) -> BatchSummary:
+    """Generate a reply for every input record with the endpoint at ``api_base``
+    (``model`` as it names it) and append one row per record to ``output``.
+
+    Arguments are :func:`~chatforge.batch.generate_batch`'s, plus ``api_key`` (and
+    ``key_source``, where it came from, for a 401's message), ``max_concurrency``
+    requests in flight and a per-request ``timeout`` in seconds. ``config`` defaults
+    to :func:`remote_config`; with a seed, sample ``j`` uses ``seed + j`` (one
+    request per sample). The rows' ``model`` is ``{"name", "ref", "api_base"}``.
+    """
+    config = config if config is not None else remote_config()
+    openai_params(config)  # unsendable settings fail before anything is sent
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ParamError("n", f"must be an integer >= 1 (got {n!r})")
+    if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int):
+        raise ParamError("max_concurrency", f"must be an integer >= 1 (got {max_concurrency!r})")
+    if max_concurrency < 1:
+        raise ParamError("max_concurrency", f"must be >= 1 (got {max_concurrency})")
+    tmpl = template if isinstance(template, PromptTemplate) else PromptTemplate(template)
+    open_records = records_opener(inputs)
+    check_output(output)
+    client = _client(api_base, api_key, timeout)
+    with RowWriter(output) as writer:
+        total, todo = count_todo(open_records(), writer)
+        if todo == 0:
+            return BatchSummary(
+                output=writer.path,
+                total=total,
+                skipped=total,
+                torn_bytes=writer.existing.torn_bytes,
+            )
+        info = {"name": model, "ref": model, "api_base": api_base}
+        run = _RemoteRun(writer, tmpl, system, config, n, fail_fast, info)
+        run.client, run.api_base, run.key_source = client, api_base, key_source
+        run.concurrency = max_concurrency
+        run.summary.total = total
+        run.summary.torn_bytes = writer.existing.torn_bytes
+        if progress is True:
+            with _ProgressBar(todo, Path(output).name) as bar:
+                run.on_progress = bar.update
+                run.run(open_records())
+        else:
+            run.on_progress = progress or None
+            run.run(open_records())
+    return run.summary
+
+
+def _client(api_base: str, api_key: str | None, timeout: float) -> Any:
+    try:
+        from openai import OpenAI
+    except ImportError:
+        raise ChatforgeError(
+            "generating with a remote endpoint needs the openai package: "
+            "pip install 'chatforge[remote]'"
+        ) from None
+    # A local server needs no key, but the client insists on one. One client serves
+    # every thread (its connection pool is shared and thread-safe).
+    return OpenAI(base_url=api_base, api_key=api_key or "none", timeout=timeout, max_retries=2)
+
+
+class _RemoteRun(RowsRun):
+    """The state of one :func:`generate_batch_remote` call."""
+
+    client: Any
+    api_base: str
+    key_source: str | None
+    concurrency: int
+
+    def run(self, records: Iterable[Record]) -> None:
+        """Send records' requests, ``concurrency`` at a time, writing rows in order."""
+        t0 = time.perf_counter()
+        base = openai_params(self.config)
+        self._stop_event = threading.Event()
+        owner: dict[Future, tuple[_Job, int]] = {}
+        pending: deque[_Job] = deque()
+        source = iter(records)
+        exhausted = False
+        stop: str | None = None
+        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="chatforge-remote")
+        try:
+            while True:
+                # Twice the concurrency queued, so a freed thread starts at once.
+                while (
+                    not exhausted
+                    and stop is None
+                    and len(owner) < 2 * self.concurrency
+                    and len(pending) < _MAX_PENDING * self.concurrency
+                ):
+                    record = next(source, None)
+                    if record is None:
+                        exhausted = True
+                        break
+                    if self.writer.existing.has(record.key, record.legacy_key):
+                        self.summary.skipped += 1
+                        continue
+                    job = self._start(record)
+                    if job.error is not None and self.fail_fast:
+                        stop = job.error
+                        break
+                    pending.append(job)
+                    if job.error is None:
+                        assert job.prompt is not None
+                        messages = [m.to_dict() for m in self._messages(job.prompt)]
+                        for j in range(self.n):
+                            params = dict(base)
+                            if self.config.seed is not None and j > 0:
+                                params["seed"] = (self.config.seed + j) % 2**64
+                            job.requests.append(params)
+                            owner[pool.submit(self._call, messages, params)] = (job, j)
+                self._write_ready(pending)
+                if not owner:
+                    if exhausted or stop is not None:
+                        break
+                    continue
+                finished, _ = wait(list(owner), return_when=FIRST_COMPLETED)
+                for future in finished:
+                    job, j = owner.pop(future)
+                    try:
+                        job.completions[j] = future.result()
+                    except _Failed as e:
+                        if job.error is None:
+                            job.error = f"{job.record.source}: {e}"
+                            job.retry = e.retry
+                    # A failed sample makes the row an error row (written at once).
+        except BaseException as e:
+            self._stop_event.set()  # calls not started yet return at once
+            for future in owner:
+                future.cancel()
+            self._write_ready(pending)  # keep what is finished, in order
+            if isinstance(e, _Fatal):
+                written = self.summary.done + self.summary.errors
+                if written:
+                    raise ChatforgeError(
+                        f"{e}; the {written} rows written before are kept: rerun the same "
+                        "command to resume"
+                    ) from None
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            self.summary.seconds = time.perf_counter() - t0
+        if stop is not None:
+            raise self._stopped(stop)
+
+    def _call(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> _Reply:
+        """One chat completion; raises :class:`_Failed` (this record) or :class:`_Fatal`."""
+        import openai
+
+        if self._stop_event.is_set():
+            raise _Failed("not sent: the run stopped", retry=True)
+        t0 = time.perf_counter()
+        try:
+            r = self.client.chat.completions.create(
+                model=self.model_info["ref"], messages=messages, **params
+            )
+        except openai.APIStatusError as e:
+            text = describe_api_error(e, self.api_base, self.key_source)
+            if e.status_code in (401, 403, 404):  # every other request would fail alike
+                raise _Fatal(text) from None
+            if e.status_code == 429 or e.status_code >= 500:
+                raise _Failed(f"{text} {RERUN}", retry=True) from None
+            raise _Failed(text, retry=False) from None
+        except openai.APITimeoutError as e:
+            text = describe_api_error(e, self.api_base, self.key_source)
+            raise _Failed(f"{text} (timed out) {RERUN}", retry=True) from None
+        except openai.APIConnectionError as e:
+            raise _Fatal(describe_api_error(e, self.api_base, self.key_source)) from None
+        except openai.APIError as e:
+            text = describe_api_error(e, self.api_base, self.key_source)
+            raise _Failed(text, retry=False) from None
+        if not r.choices:
+            raise _Failed(f"{self.api_base} answered with no choices", retry=True)
+        choice = r.choices[0]
+        usage = r.usage
+        return _Reply(
+            text=choice.message.content or "",
+            finish_reason=choice.finish_reason or "stop",
+            prompt_tokens=int(usage.prompt_tokens) if usage else 0,
+            completion_tokens=int(usage.completion_tokens) if usage else 0,
+            seconds=time.perf_counter() - t0,
+        )
+
+
+__all__ = [
+    "DEFAULT_CONCURRENCY",
+    "RERUN",
+    "SENDABLE",
+    "generate_batch_remote",
+    "openai_params",
+    "remote_config",
+]

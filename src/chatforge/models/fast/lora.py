@@ -1,0 +1,195 @@
+"""LoRA adapters applied per row, without merging them into the weights.
+
+A LoRA adapter (``chatforge train --lora``, or any peft adapter of a Llama-family
+or GPT-2 model) changes a linear ``y = x W^T`` into ``y = x W^T + s (x A^T) B^T``
+with A (r, K), B (N, r) and s = alpha / r. Merging that into W makes a second
+model; kept apart, one decoder serves its base and any number of adapters, and
+one batch may mix them (S-LoRA / punica's idea): each row carries its adapter
+slot and the forward adds that adapter's deltas after each linear (see
+``kernels/decode.c``; the torch path does the same with matmuls).
+
+Our linears are fused (Q, K and V in one; gate and up in one), so an adapter's
+per-projection A and B are fused too: A's rows stacked (r_q + r_k + r_v, K) and
+B block-diagonal (N_q + N_k + N_v, r_q + r_k + r_v), with Q/K output rows
+reordered as the converter reorders the weights (``convert._interleave``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from chatforge.errors import ChatforgeError
+
+LINEARS = ("qkv", "out", "up", "down")  # the order decode.c indexes them in
+MAX_RANK = 1024  # summed rank of one fused linear (decode.c's CF_LORA_MAX_R)
+
+# peft module name -> (our fused linear, part index within it)
+_LLAMA = {
+    "q_proj": ("qkv", 0),
+    "k_proj": ("qkv", 1),
+    "v_proj": ("qkv", 2),
+    "o_proj": ("out", 0),
+    "gate_proj": ("up", 0),
+    "up_proj": ("up", 1),
+    "down_proj": ("down", 0),
+}
+_GPT2 = {
+    "attn.c_attn": ("qkv", 0),
+    "attn.c_proj": ("out", 0),
+    "mlp.c_fc": ("up", 0),
+    "mlp.c_proj": ("down", 0),
+}
+_KEY = re.compile(
+    r"(?:^|\.)(?:layers|h)\.(\d+)\.((?:self_attn|mlp|attn)\.\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$"
+)
+
+
+class AdapterError(ChatforgeError):
+    """A LoRA adapter that cannot be loaded, or cannot be applied to this model."""
+
+
+@dataclass
+class LoraLinear:
+    """One adapter's delta on one fused linear, in the layout decode.c streams."""
+
+    a_t: Tensor  # (K, r) fp32: A^T, the parts' A rows stacked
+    b_t: Tensor  # (r, N) fp32: (s * B)^T, block-diagonal over the parts
+
+    @property
+    def rank(self) -> int:
+        return self.a_t.shape[1]
+
+
+@dataclass
+class LoraAdapter:
+    """An adapter ready to apply: per layer, the deltas on our four linears."""
+
+    name: str
+    path: Path
+    layers: list[dict[str, LoraLinear]]  # per layer: linear name -> delta (absent: none)
+    base: str | None = None  # the base model the adapter names (informational)
+    key: bytes = field(default=b"")  # unique per load: salts the prefix cache
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            (d.a_t.numel() + d.b_t.numel()) * 4 for layer in self.layers for d in layer.values()
+        )
+
+
+def _parts(dec, linear: str) -> list[int]:
+    """Output sizes of the parts fused into ``linear`` (Q, K, V / gate, up / one)."""
+    cfg = dec.cfg
+    if linear == "qkv" and cfg.arch == "llama":
+        kv = cfg.n_kv_heads * cfg.head_dim
+        return [cfg.n_heads * cfg.head_dim, kv, kv]
+    if linear == "up" and cfg.arch == "llama":
+        half = dec.layers[0].up.out_features // 2
+        return [half, half]
+    return [getattr(dec.layers[0], linear).out_features]
+
+
+def load_adapter(directory: str | Path, dec, name: str | None = None) -> LoraAdapter:
+    """Read a peft LoRA adapter directory for decoder ``dec`` (a FastDecoder).
+
+    Raises :class:`AdapterError` naming what is wrong: not an adapter, a feature we
+    do not apply (DoRA, trained biases, saved modules, per-module alpha), a module
+    we cannot place (the LM head, embeddings), or shapes that are not this model's.
+    """
+    from safetensors.torch import load_file
+
+    from chatforge.models.fast.convert import _interleave
+
+    path = Path(directory).expanduser()
+    cfg_file = path / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise AdapterError(f"{path} is not a LoRA adapter directory (no adapter_config.json)")
+    try:
+        conf = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"cannot read {cfg_file}: {e}") from e
+    if str(conf.get("peft_type", "LORA")).upper() != "LORA":
+        raise AdapterError(f"{path} is a {conf.get('peft_type')} adapter; only LoRA is supported")
+    for key, bad in (
+        ("use_dora", lambda v: bool(v)),
+        ("bias", lambda v: v not in (None, "none")),
+        ("modules_to_save", lambda v: bool(v)),
+        ("alpha_pattern", lambda v: bool(v)),
+    ):
+        if bad(conf.get(key)):
+            raise AdapterError(
+                f"{path}: {key}={conf.get(key)!r} is not supported per request; "
+                "load the adapter merged instead (chatforge chat/serve on the adapter directory)"
+            )
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise AdapterError(f"{path} has no adapter_model.safetensors")
+    try:
+        tensors = load_file(str(weights))
+    except Exception as e:  # noqa: BLE001 - a corrupt file: say which
+        raise AdapterError(f"cannot read {weights}: {e}") from e
+    alpha = float(conf.get("lora_alpha", 8))
+    rslora = bool(conf.get("use_rslora"))
+    table = _LLAMA if dec.cfg.arch == "llama" else _GPT2
+    # (layer, linear) -> part -> (A (r, K), B (N, r) scaled)
+    found: dict[tuple[int, str], dict[int, list[Tensor | None]]] = {}
+    for key, t in tensors.items():
+        m = _KEY.search(key)
+        module = m.group(2) if m else None
+        if dec.cfg.arch == "llama" and module:
+            module = module.split(".")[-1]
+        if m is None or module not in table:
+            raise AdapterError(f"{path}: cannot apply the adapter weight {key!r} to this model")
+        layer = int(m.group(1))
+        if layer >= dec.cfg.n_layers:
+            raise AdapterError(f"{path}: {key!r} names layer {layer}; the model has fewer")
+        linear, part = table[module]
+        slot = found.setdefault((layer, linear), {}).setdefault(part, [None, None])
+        slot[0 if m.group(3) == "A" else 1] = t.float()
+    layers: list[dict[str, LoraLinear]] = [{} for _ in range(dec.cfg.n_layers)]
+    for (layer, linear), parts in found.items():
+        lin = getattr(dec.layers[layer], linear)
+        sizes = _parts(dec, linear)
+        a_rows, b_blocks, rank = [], [], 0
+        for part, (a, b) in sorted(parts.items()):
+            if a is None or b is None:
+                raise AdapterError(f"{path}: layer {layer} {linear} has lora_A or lora_B missing")
+            r = a.shape[0]
+            if a.shape[1] != lin.in_features or b.shape != (sizes[part], r):
+                raise AdapterError(
+                    f"{path}: layer {layer} {linear} shapes A {tuple(a.shape)} B "
+                    f"{tuple(b.shape)} do not fit this model; is it an adapter of another base?"
+                )
+            scale = alpha / (r**0.5 if rslora else r)
+            b = b * scale
+            if dec.cfg.arch == "llama" and linear == "qkv" and part < 2:  # as the weights
+                heads = dec.cfg.n_heads if part == 0 else dec.cfg.n_kv_heads
+                b = _interleave(b, heads, dec.cfg.head_dim)
+            a_rows.append(a)
+            b_blocks.append((part, rank, b))
+            rank += r
+        if rank > MAX_RANK:
+            raise AdapterError(f"{path}: rank {rank} on one linear; at most {MAX_RANK}")
+        offsets = [sum(sizes[:p]) for p in range(len(sizes))]
+        b_full = torch.zeros(lin.out_features, rank)  # (N, r) block-diagonal
+        for part, col, b in b_blocks:
+            b_full[offsets[part] : offsets[part] + sizes[part], col : col + b.shape[1]] = b
+        layers[layer][linear] = LoraLinear(
+            a_t=torch.cat(a_rows).t().contiguous(), b_t=b_full.t().contiguous()
+        )
+    if not found:
+        raise AdapterError(f"{path} holds no LoRA weights")
+    return LoraAdapter(
+        name=name or path.name, path=path, layers=layers, base=conf.get("base_model_name_or_path")
+    )
+
+
+def torch_delta(delta: LoraLinear, x: Tensor) -> Tensor:
+    """The adapter's contribution for rows ``x`` (..., K) -> (..., N), in x's dtype."""
+    return ((x.float() @ delta.a_t) @ delta.b_t).to(x.dtype)
