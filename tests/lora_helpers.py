@@ -8,8 +8,16 @@ from pathlib import Path
 import torch
 
 
-def make_adapter(base: Path, out: Path, seed: int, targets="all-linear", rank: int = 4) -> Path:
-    """A peft LoRA adapter of ``base`` with random (non-zero) A and B, saved to ``out``."""
+def make_adapter(
+    base: Path,
+    out: Path,
+    seed: int,
+    targets="all-linear",
+    rank: int = 4,
+    tokenizer: bool = True,
+) -> Path:
+    """A peft LoRA adapter of ``base`` with random (non-zero) A and B, saved to ``out``
+    with the base's config (and tokenizer, unless ``tokenizer=False``) beside it."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -27,7 +35,8 @@ def make_adapter(base: Path, out: Path, seed: int, targets="all-linear", rank: i
     from transformers import AutoTokenizer
 
     model.config.save_pretrained(out)
-    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    if tokenizer:
+        AutoTokenizer.from_pretrained(base).save_pretrained(out)
     meta = json.loads((out / "adapter_config.json").read_text())
     meta["base_model_name_or_path"] = str(base)
     (out / "adapter_config.json").write_text(json.dumps(meta))

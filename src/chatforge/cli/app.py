@@ -18,6 +18,7 @@ from chatforge.cli import models as models_cli
 from chatforge.cli import tokenizer as tokenizer_cli
 from chatforge.cli.chat import chat_command
 from chatforge.cli.eval import eval_command
+from chatforge.cli.export import export_command
 from chatforge.cli.generate import generate_command
 from chatforge.cli.serve import serve_command
 from chatforge.cli.train import train_command
@@ -57,6 +58,7 @@ app.command("serve")(serve_command)
 app.add_typer(models_cli.app, name="models")
 app.command("train")(train_command)
 app.command("eval")(eval_command)
+app.command("export")(export_command)
 app.add_typer(data_cli.app, name="data")
 app.add_typer(tokenizer_cli.app, name="tokenizer")
 app.add_typer(bench_cli.app, name="bench")
