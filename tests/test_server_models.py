@@ -179,6 +179,8 @@ def test_named_models_bring_their_system_prompt_and_settings(tiny_llama_dir, ada
     assert len({s.base for s in specs}) == 1  # the named models run on the one base
     with ServerThread(create_app(models=specs)) as srv:
         _started(srv)
+        cards = {c["id"]: c for c in httpx.get(srv.url + "/v1/models").json()["data"]}
+        assert cards["pirate"]["parent"] == str(tiny_llama_dir)  # the plain model, not "plain"
         body = {"model": "pirate", "messages": [{"role": "user", "content": "hi"}]}
         toks = httpx.post(srv.url + "/tokenize", json=body).json()["tokens"]
         lm = srv.state.pool.base_of(srv.state.pool.default).loaded

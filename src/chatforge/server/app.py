@@ -673,9 +673,10 @@ def _own_names(pool: ModelPool, base: Base, loaded: Any) -> None:
 
 
 def _base_name(pool: ModelPool, route: Route) -> str:
-    """The name of the plain model on ``route``'s base (its key when none is served)."""
+    """The name of the plain model on ``route``'s base (the base's reference when only
+    named models run on it)."""
     for r in pool.routes:
-        if r.base == route.base and r.adapter is None:
+        if r.base == route.base and r.adapter is None and r.own_names:
             return r.name
     return route.base
 
