@@ -31,10 +31,10 @@ from typing import Any
 from chatforge.batch.output import RowWriter, check_output
 from chatforge.batch.records import Record
 from chatforge.batch.runner import (
-    _MAX_PENDING,
     BatchSummary,
     ProgressFn,
     RowsRun,
+    _Feed,
     _Job,
     _ProgressBar,
     count_todo,
@@ -255,31 +255,13 @@ class _RemoteRun(RowsRun):
         self._stop_event = threading.Event()
         owner: dict[Future, tuple[_Job, int]] = {}
         pending: deque[_Job] = deque()
-        source = iter(records)
-        exhausted = False
-        stop: str | None = None
+        feed = _Feed(iter(records), self.concurrency)
         pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="chatforge-remote")
         try:
             while True:
                 # Twice the concurrency queued, so a freed thread starts at once.
-                while (
-                    not exhausted
-                    and stop is None
-                    and len(owner) < 2 * self.concurrency
-                    and len(pending) < _MAX_PENDING * self.concurrency
-                ):
-                    record = next(source, None)
-                    if record is None:
-                        exhausted = True
-                        break
-                    if self.writer.existing.has(record.key, record.legacy_key):
-                        self.summary.skipped += 1
-                        continue
-                    job = self._start(record)
-                    if job.error is not None and self.fail_fast:
-                        stop = job.error
-                        break
-                    pending.append(job)
+                limit = 2 * self.concurrency
+                for job in self._admit(feed, pending, owner.__len__, limit, self._start):
                     if job.error is None:
                         assert job.prompt is not None
                         messages = [m.to_dict() for m in self._messages(job.prompt)]
@@ -291,7 +273,7 @@ class _RemoteRun(RowsRun):
                             owner[pool.submit(self._call, messages, params)] = (job, j)
                 self._write_ready(pending)
                 if not owner:
-                    if exhausted or stop is not None:
+                    if feed.exhausted or feed.stop is not None:
                         break
                     continue
                 finished, _ = wait(list(owner), return_when=FIRST_COMPLETED)
@@ -320,8 +302,8 @@ class _RemoteRun(RowsRun):
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             self.summary.seconds = time.perf_counter() - t0
-        if stop is not None:
-            raise self._stopped(stop)
+        if feed.stop is not None:
+            raise self._stopped(feed.stop)
 
     def _call(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> _Reply:
         """One chat completion; raises :class:`_Failed` (this record) or :class:`_Fatal`."""

@@ -193,6 +193,16 @@ def count_todo(records: Iterable[Record], writer: RowWriter) -> tuple[int, int]:
     return total, todo
 
 
+@dataclass
+class _Feed:
+    """Where a run is in its input: the records left, and why it stopped taking them."""
+
+    source: Iterator[Record]
+    width: int  # requests in flight at once: rows held back are capped at a multiple
+    exhausted: bool = False
+    stop: str | None = None  # the bad record that --fail-fast stops at
+
+
 class RowsRun:
     """What a run over records shares, whatever generates the replies (the local
     engine here, a remote endpoint in :mod:`chatforge.batch.remote`): rendering
@@ -219,6 +229,39 @@ class RowsRun:
         self.model_info = model_info
         self.params = _resolved_params(config)
         self._seen: dict[str, str] = {}  # id key -> source of its first record in this input
+
+    def _admit(
+        self,
+        feed: _Feed,
+        pending: deque[_Job],
+        in_flight: Callable[[], int],
+        limit: int,
+        prepare: Callable[[Record], _Job],
+    ) -> Iterator[_Job]:
+        """The next jobs to start, each appended to ``pending`` (input order) first:
+        records not yet in the output, while fewer than ``limit`` requests are in
+        flight and fewer than ``_MAX_PENDING`` x ``width`` rows wait to be written
+        behind a long reply. A bad record under --fail-fast ends the feed (its
+        error in ``feed.stop``): what came before it finishes, then the run stops."""
+        while (
+            not feed.exhausted
+            and feed.stop is None
+            and in_flight() < limit
+            and len(pending) < _MAX_PENDING * feed.width
+        ):
+            record = next(feed.source, None)
+            if record is None:
+                feed.exhausted = True
+                return
+            if self.writer.existing.has(record.key, record.legacy_key):
+                self.summary.skipped += 1
+                continue
+            job = prepare(record)
+            if job.error is not None and self.fail_fast:
+                feed.stop = job.error
+                return
+            pending.append(job)
+            yield job
 
     def _start(self, record: Record) -> _Job:
         """A job holding the record's rendered prompt, or the error that stops it."""
@@ -340,9 +383,7 @@ class _Run(RowsRun):
         owner: dict[int, tuple[_Job, int]] = {}  # engine handle -> (job, sample)
         done: list[tuple[int, Completion]] = []  # filled by the engine's events
         pending: deque[_Job] = deque()  # read, not yet written, in input order
-        source = iter(records)
-        exhausted = False
-        stop: str | None = None  # the bad record that --fail-fast stops at
+        feed = _Feed(iter(records), self.batch_size)
 
         def on_event(ev: Any) -> None:
             if ev.completion is not None:
@@ -351,31 +392,15 @@ class _Run(RowsRun):
         try:
             while True:
                 # Keep batch_size requests in the engine (the engine's own limit on
-                # running sequences applies too), with a cap on rows held back
-                # behind one long reply.
-                while (
-                    not exhausted
-                    and stop is None
-                    and len(owner) < self.batch_size
-                    and len(pending) < _MAX_PENDING * self.batch_size
+                # running sequences applies too).
+                for job in self._admit(
+                    feed, pending, owner.__len__, self.batch_size, self._prepare
                 ):
-                    record = next(source, None)
-                    if record is None:
-                        exhausted = True
-                        break
-                    if self.writer.existing.has(record.key, record.legacy_key):
-                        self.summary.skipped += 1
-                        continue
-                    job = self._prepare(record)
-                    if job.error is not None and self.fail_fast:
-                        stop = job.error  # finish what came before it, then stop
-                        break
-                    pending.append(job)
                     for j, req in enumerate(job.requests):
                         owner[engine.add(req, on_event=on_event)] = (job, j)
                 self._write_ready(pending)
                 if not owner:
-                    if exhausted or stop is not None:
+                    if feed.exhausted or feed.stop is not None:
                         break
                     continue
                 engine.step()
@@ -392,8 +417,8 @@ class _Run(RowsRun):
         finally:
             self.summary.seconds = time.perf_counter() - t0
         assert not pending, "the scheduler ended before every request completed"
-        if stop is not None:
-            raise self._stopped(stop)
+        if feed.stop is not None:
+            raise self._stopped(feed.stop)
 
     # -- one record --------------------------------------------------------------
 

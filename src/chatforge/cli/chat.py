@@ -12,6 +12,8 @@ from rich.console import Console
 
 from chatforge.cli.options import (
     DEFAULT_MODEL,
+    ApiKeyEnvOpt,
+    ApiKeyOpt,
     DtypeOpt,
     FrequencyOpt,
     GenerationFlags,
@@ -88,19 +90,8 @@ def chat_command(
         str | None,
         typer.Option("--api-base", help="Chat with an OpenAI-compatible endpoint at this URL."),
     ] = None,
-    api_key: Annotated[
-        str | None,
-        typer.Option(
-            "--api-key",
-            help="The endpoint's API key (other users can see it in the process list; "
-            "CHATFORGE_API_KEY cannot be seen). Default: --api-key-env, else "
-            "CHATFORGE_API_KEY, else OPENAI_API_KEY.",
-        ),
-    ] = None,
-    api_key_env: Annotated[
-        str | None,
-        typer.Option("--api-key-env", help="Variable holding the endpoint's API key."),
-    ] = None,
+    api_key: ApiKeyOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
     continue_: Annotated[
         bool, typer.Option("--continue", "-c", help="Continue the latest logged conversation.")
     ] = False,

@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 
 from chatforge.cli.options import (
+    ApiKeyEnvOpt,
+    ApiKeyOpt,
     DtypeOpt,
     FrequencyOpt,
     GenerationFlags,
@@ -106,19 +108,8 @@ def generate_command(
             "(--model names the model there).",
         ),
     ] = None,
-    api_key: Annotated[
-        str | None,
-        typer.Option(
-            "--api-key",
-            help="The endpoint's API key (other users can see it in the process list; "
-            "CHATFORGE_API_KEY cannot be seen). Default: --api-key-env, else "
-            "CHATFORGE_API_KEY, else OPENAI_API_KEY.",
-        ),
-    ] = None,
-    api_key_env: Annotated[
-        str | None,
-        typer.Option("--api-key-env", help="Variable holding the endpoint's API key."),
-    ] = None,
+    api_key: ApiKeyOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
     max_concurrency: Annotated[
         int | None,
         typer.Option(

@@ -58,6 +58,20 @@ def _preset_default(help: str, param: str) -> str:
     return f"{help} \\[default: {GenerationConfig.__dataclass_fields__[param].default}]"
 
 
+ApiKeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        help="The endpoint's API key (other users can see it in the process list; "
+        "CHATFORGE_API_KEY cannot be seen). Default: --api-key-env, else "
+        "CHATFORGE_API_KEY, else OPENAI_API_KEY.",
+    ),
+]
+ApiKeyEnvOpt = Annotated[
+    str | None,
+    typer.Option("--api-key-env", help="Variable holding the endpoint's API key."),
+]
+
 ModelOpt = Annotated[
     str,
     typer.Option(
