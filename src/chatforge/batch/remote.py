@@ -36,7 +36,6 @@ from chatforge.batch.runner import (
     RowsRun,
     _Feed,
     _Job,
-    _ProgressBar,
     count_todo,
     records_opener,
 )
@@ -215,15 +214,7 @@ def generate_batch_remote(
         run = _RemoteRun(writer, tmpl, system, config, n, fail_fast, info)
         run.client, run.api_base, run.key_source = client, api_base, key_source
         run.concurrency = max_concurrency
-        run.summary.total = total
-        run.summary.torn_bytes = writer.existing.torn_bytes
-        if progress is True:
-            with _ProgressBar(todo, Path(output).name) as bar:
-                run.on_progress = bar.update
-                run.run(open_records())
-        else:
-            run.on_progress = progress or None
-            run.run(open_records())
+        run.execute(open_records, total, todo, progress)
     return run.summary
 
 

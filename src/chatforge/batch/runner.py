@@ -160,15 +160,7 @@ def generate_batch(
         if callable(model):
             model = model()
         run = _Run(model, writer, tmpl, system, config, n, batch_size, fail_fast)
-        run.summary.total = total
-        run.summary.torn_bytes = writer.existing.torn_bytes
-        if progress is True:
-            with _ProgressBar(todo, Path(output).name) as bar:
-                run.on_progress = bar.update
-                run.run(open_records())
-        else:
-            run.on_progress = progress or None
-            run.run(open_records())
+        run.execute(open_records, total, todo, progress)
     return run.summary
 
 
@@ -229,6 +221,24 @@ class RowsRun:
         self.model_info = model_info
         self.params = _resolved_params(config)
         self._seen: dict[str, str] = {}  # id key -> source of its first record in this input
+
+    def execute(
+        self, open_records: Callable[[], Iterable[Record]], total: int, todo: int, progress: Any
+    ) -> None:
+        """Run over the records with a progress bar (``progress=True``), a callback, or
+        nothing; ``total`` records, ``todo`` of them not in the output yet."""
+        self.summary.total = total
+        self.summary.torn_bytes = self.writer.existing.torn_bytes
+        if progress is True:
+            with _ProgressBar(todo, self.writer.path.name) as bar:
+                self.on_progress = bar.update
+                self.run(open_records())
+        else:
+            self.on_progress = progress or None
+            self.run(open_records())
+
+    def run(self, records: Iterable[Record]) -> None:
+        raise NotImplementedError
 
     def _admit(
         self,
