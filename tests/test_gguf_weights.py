@@ -43,7 +43,9 @@ def test_blocks_are_the_files_weights_exactly(tmp_path, kind):
     )
     assert torch.equal(layer.dequantize(), torch.from_numpy(want))  # no second rounding
     inp = torch.randn(5, 96)
-    assert torch.allclose(layer(inp), inp @ torch.from_numpy(want).T, atol=1e-4)
+    ref = inp @ torch.from_numpy(want).T
+    # The kernel rounds the activations to ~2^-15 of each block's largest (qlinear.c).
+    assert float((layer(inp) - ref).norm() / ref.norm()) < 2e-4
     assert g.q4("dense") is None and g.q4("missing") is None  # only Q4 blocks are taken
 
 

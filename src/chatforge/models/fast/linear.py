@@ -2,19 +2,18 @@
 
 Decoding one token is a matrix-vector product per weight: its cost is reading
 the weights, so storing them in fewer bytes is what makes it faster. The
-quantised layers run on our own kernels (``native.py``: activations quantised
-to int8 per block of 32, integer dot products, ~2x torch's int8 kernel at
-batch 1) for up to ``DENSE_ROWS`` rows; a longer input (a prompt being
-prefilled) multiplies a dequantised fp32 copy of the weight, made per call, so
-prefill runs at dense-matmul speed. Where the kernels cannot be built, torch's
-kernels take over (``_weight_int8pack_mm``: per-output-channel scales;
-``_weight_int4pack_mm_for_cpu``: asymmetric groups), with bf16 activations:
-their fp32 input paths are 10-20x slower (measured here).
+quantised layers run on our own kernels (``native.py``, ``kernels/qlinear.c``:
+activations quantised per block of 32 to two int8 digits, integer dot products;
+the weights repacked at load so that groups of 16 rows are interleaved, one
+vector load feeding 16 output rows) for any number of rows: measured on 2 cores
+(SmolLM2 shapes, 48 to 500 rows) they are ~2x faster than dequantising the weight
+and an fp32 matmul, and a row's result is the same whatever the batch. Where the
+kernels cannot be built, torch's kernels take over (``_weight_int8pack_mm``:
+per-output-channel scales; ``_weight_int4pack_mm_for_cpu``: asymmetric groups),
+with bf16 activations: their fp32 input paths are 10-20x slower (measured here).
 """
 
 from __future__ import annotations
-
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +22,7 @@ from torch import Tensor
 from chatforge.models.fast import native
 
 QUANT_MODES = ("none", "int8", "int4")
-# Rows (tokens) from which a dequantise-then-dense-matmul beats the integer
-# kernel (measured on a 2-core AVX2 CPU with SmolLM2 shapes; see bench/).
-DENSE_ROWS = 48
-MAX_NATIVE_K = 32768  # the kernel's per-row block buffer
-SCRATCH_MAX = 8 * 2**20  # floats: largest dequantised weight kept for reuse (32 MB)
+GROUP = 16  # weight rows the kernels interleave (kinds 5 and 9)
 
 
 class DenseLinear:
@@ -48,7 +43,8 @@ class DenseLinear:
         rows); elsewhere this is the torch matmul.
         """
         if self.weight.dtype == torch.float32 and _native_ok(self.in_features):
-            return native.qlinear(32, x.float().contiguous(), self.weight, self.weight, self.bias)
+            x = x.float().contiguous()
+            return native.qlinear(32, x, self.weight, self.weight, self.bias, self.out_features)
         return self(x)
 
     @property
@@ -63,7 +59,7 @@ class _QuantLinear:
     bias: Tensor | None  # fp32
     in_features: int
     out_features: int
-    kind: int  # 8 | 4: the native kernel's layout
+    kind: int  # 9 | 5: the native kernel's layout (see kernels/qlinear.c)
     native: bool  # stored in the native kernel's layout
     weight_q: Tensor
     scales: Tensor
@@ -75,14 +71,7 @@ class _QuantLinear:
         shape, dtype = x.shape, x.dtype
         x2 = x.reshape(-1, shape[-1])
         if self.native:
-            x2 = x2.float().contiguous()
-            if x2.shape[0] >= DENSE_ROWS:
-                y = F.linear(
-                    x2, self.dequantize(_scratch(self.out_features, self.in_features)), self.bias
-                )
-            else:
-                y = native.qlinear(self.kind, x2, self.weight_q, self.scales, self.bias)
-            y = y.to(dtype)
+            y = self._native(x2.float().contiguous()).to(dtype)
         else:
             y = self._torch_matmul(_bf16(x2)).to(dtype)
             if self.bias is not None:
@@ -90,54 +79,71 @@ class _QuantLinear:
         return y.view(*shape[:-1], self.out_features)
 
     def rows(self, x: Tensor) -> Tensor:
-        """``self(x)`` with each row computed alone, in a fixed order (batch-invariant):
-        our integer kernel whatever the number of rows (no dequantised matmul)."""
+        """``self(x)`` in fp32, each row computed alone, in a fixed order (batch-invariant)
+        on our kernel; torch's kernels where ours cannot run."""
         if not self.native:
             return self(x)
-        y = native.qlinear(self.kind, x.float().contiguous(), self.weight_q, self.scales, self.bias)
-        return y.view(*x.shape[:-1], self.out_features)
+        return self._native(x.float().contiguous()).view(*x.shape[:-1], self.out_features)
+
+    def _native(self, x: Tensor) -> Tensor:  # (M, K) fp32 -> (M, N) fp32
+        return native.qlinear(
+            self.kind, x, self.weight_q, self.scales, self.bias, self.out_features
+        )
 
     def dequantize(self, out: Tensor | None = None) -> Tensor:
         """The fp32 (N, K) weight these integers stand for (into ``out`` when given)."""
-        return native.dequantize(self.kind, self.weight_q, self.scales, self.in_features, out)
+        return native.dequantize(
+            self.kind, self.weight_q, self.scales, self.out_features, self.in_features, out
+        )
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.weight_q, self.scales))
 
 
-_buffers = threading.local()
+def _pad_rows(t: Tensor) -> Tensor:
+    """``t`` with zero rows appended up to a multiple of GROUP rows."""
+    pad = -t.shape[0] % GROUP
+    return torch.cat([t, t.new_zeros((pad, *t.shape[1:]))]) if pad else t
 
 
-def _scratch(n: int, k: int) -> Tensor:
-    """A reused (N, K) fp32 buffer per thread: a fresh 7 MB allocation per layer and
-    prompt costs page faults that showed in time to first token."""
-    if n * k > SCRATCH_MAX:  # e.g. an LM head scoring every position: not kept
-        return torch.empty((n, k), dtype=torch.float32)
-    bufs = getattr(_buffers, "by_shape", None)
-    if bufs is None:
-        bufs = _buffers.by_shape = {}
-    buf = bufs.get((n, k))
-    if buf is None:
-        buf = bufs[(n, k)] = torch.empty((n, k), dtype=torch.float32)
-    return buf
+def repack_q4(q: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
+    """Q4_1 blocks in GGUF order (``q`` (N, K/2) uint8, byte j of a block holding
+    q[j] and q[j + 16]; ``scales`` (N, 2, K/32) fp16, d then m) -> kind 5: ``q``
+    (G, K/32, 4, 16, 4), per group of 16 rows and block 4 chunks of 4 bytes a row,
+    and ``scales`` (G, K/32, 2, 16), G = ceil(N / 16), zero rows padding the last."""
+    nb = q.shape[1] // (native.QK // 2)
+    q = _pad_rows(q).view(-1, GROUP, nb, 4, 4).permute(0, 2, 3, 1, 4).contiguous()
+    scales = _pad_rows(scales).view(-1, GROUP, 2, nb).permute(0, 3, 2, 1).contiguous()
+    return q, scales
+
+
+def repack_q8(q: Tensor) -> Tensor:
+    """int8 ``q`` (N, K) -> kind 9's (G, K/32, 8, 16, 4) uint8 of q + 128: per group of
+    16 rows and block 8 chunks of 4 bytes a row (the kernel's unsigned operand)."""
+    nb = q.shape[1] // native.QK
+    u = q.view(torch.uint8) ^ 128  # q + 128 in the same byte
+    return _pad_rows(u).view(-1, GROUP, nb, 8, 4).permute(0, 2, 3, 1, 4).contiguous()
 
 
 def _native_ok(k: int) -> bool:
-    return k % native.QK == 0 and k <= MAX_NATIVE_K and native.available()
+    return k % native.QK == 0 and native.available()
 
 
 class Int8Linear(_QuantLinear):
-    """Weight-only int8, one scale per output channel (symmetric): w = q * s."""
+    """Weight-only int8, one scale per output channel (symmetric): w = q * s.
 
-    kind = 8
+    Native layout (kind 9): ``repack_q8``'s interleaved groups, fp32 scales (N,)."""
+
+    kind = 9
 
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
         w = weight.detach().float()  # (N, K)
         scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # (N,)
-        self.weight_q = torch.round(w / scale[:, None]).clamp(-128, 127).to(torch.int8).contiguous()
-        self.out_features, self.in_features = self.weight_q.shape
+        q = torch.round(w / scale[:, None]).clamp(-128, 127).to(torch.int8)  # (N, K)
+        self.out_features, self.in_features = q.shape
         self.native = _native_ok(self.in_features)
+        self.weight_q = repack_q8(q) if self.native else q.contiguous()
         # fp32 for our kernel, bf16 for torch's.
         self.scales = scale.contiguous() if self.native else scale.to(torch.bfloat16).contiguous()
         self.bias = None if bias is None else bias.detach().float().contiguous()
@@ -149,13 +155,13 @@ class Int8Linear(_QuantLinear):
 class Int4Linear(_QuantLinear):
     """Weight-only int4, asymmetric groups of ``group_size`` inputs: w = q * d + m, q in 0..15.
 
-    Each group's min/max range is mapped onto the 16 levels. Native layout: q
-    (N, K/2) uint8, byte j of a 32-input block holding q[j] and q[j + 16], with
-    fp16 (N, 2, K/32) scales d then offsets m. torch's layout: its own packing
-    and (K/g, N, 2) bf16 (scale, zero) pairs with w = (q - 8) * scale + zero.
+    Each group's min/max range is mapped onto the 16 levels. Native layout (kind
+    5): Q4_1 blocks (fp16 scale d and offset m per 32 inputs) repacked by
+    ``repack_q4``. torch's layout: its own packing and (K/g, N, 2) bf16 (scale,
+    zero) pairs with w = (q - 8) * scale + zero.
     """
 
-    kind = 4
+    kind = 5
 
     def __init__(self, weight: Tensor, bias: Tensor | None, group_size: int = 32) -> None:
         w = weight.detach().float()  # (N, K)
@@ -174,8 +180,9 @@ class Int4Linear(_QuantLinear):
         q = torch.round((groups - lo) / scale).clamp(0, 15).to(torch.uint8)  # (N, K/g, g)
         if self.native:
             half = group_size // 2
-            self.weight_q = (q[..., :half] | (q[..., half:] << 4)).reshape(n, k // 2).contiguous()
-            self.scales = torch.stack([scale[..., 0], lo[..., 0]], dim=1).half().contiguous()
+            blocks = (q[..., :half] | (q[..., half:] << 4)).reshape(n, k // 2)  # GGUF order
+            dm = torch.stack([scale[..., 0], lo[..., 0]], dim=1).half()  # (N, 2, K/g)
+            self.weight_q, self.scales = repack_q4(blocks, dm)
         else:
             zero = lo + 8.0 * scale
             self.scales = (
@@ -193,9 +200,10 @@ class Int4Linear(_QuantLinear):
 
     @classmethod
     def from_blocks(cls, q: Tensor, scales: Tensor, bias: Tensor | None = None) -> Int4Linear:
-        """A layer holding given blocks in the native layout: ``q`` (N, K/2) uint8,
-        ``scales`` (N, 2, K/32) fp16 (``d`` then ``m``; a GGUF Q4_1/Q4_0 tensor as is).
-        Where our kernel cannot run, the blocks are expanded and quantised for torch's."""
+        """A layer holding given blocks: ``q`` (N, K/2) uint8, ``scales`` (N, 2, K/32)
+        fp16 (``d`` then ``m``; a GGUF Q4_1/Q4_0 tensor as is), repacked for our kernel
+        (the same numbers, moved). Where it cannot run, the blocks are expanded and
+        quantised for torch's."""
         n, k = q.shape[0], q.shape[1] * 2
         if not _native_ok(k):
             lo = torch.stack([q & 15, q >> 4], dim=1)  # (N, 2, K/2): q[j], q[j+16] per block
@@ -208,8 +216,7 @@ class Int4Linear(_QuantLinear):
         layer.out_features, layer.in_features = n, k
         layer.group_size = native.QK
         layer.native = True
-        layer.weight_q = q.contiguous()
-        layer.scales = scales.to(torch.float16).contiguous()
+        layer.weight_q, layer.scales = repack_q4(q, scales.to(torch.float16))
         layer.bias = None if bias is None else bias.detach().float().contiguous()
         return layer
 

@@ -1,6 +1,6 @@
 """Our CPU kernels (``kernels/*.c``): prebuilt at install, picked by CPU feature.
 
-``qlinear.c``: weight-only int8/int4 (and fp32) linear layers for few rows;
+``qlinear.c``: weight-only int8/int4 (and fp32) linear layers, integer dot products;
 ``decode.c``: the forward pass of a Llama-family or GPT-2 model through all
 layers in one call, for any rows (decode steps and prefill chunks alike).
 
@@ -354,16 +354,15 @@ def available() -> bool:
     return kernels() is not None
 
 
-def qlinear(kind: int, x: Tensor, w: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
-    """y (M, N) fp32 = x (M, K) fp32 times the quantised weight transposed (+ bias).
+def qlinear(kind: int, x: Tensor, w: Tensor, scales: Tensor, bias: Tensor | None, n: int) -> Tensor:
+    """y (M, N) fp32 = x (M, K) fp32 times the weight (N, K) transposed (+ bias).
 
-    ``kind`` 8: ``w`` int8 (N, K), ``scales`` fp32 (N,); ``kind`` 4: ``w`` uint8
-    (N, K/2), ``scales`` fp16 (N, 2, K/32): scales then offsets. All contiguous.
+    ``kind`` 32: ``w`` fp32 (N, K); 9: int8, 5: Q4_1 blocks, in the layouts of
+    ``linear.repack_q8`` / ``repack_q4`` (see kernels/qlinear.c). All contiguous.
     """
     lib = kernels()
     assert lib is not None
     m, k = x.shape
-    n = w.shape[0]
     y = torch.empty((m, n), dtype=torch.float32)
     rc = lib.cf_qlinear(
         kind,
@@ -382,11 +381,12 @@ def qlinear(kind: int, x: Tensor, w: Tensor, scales: Tensor, bias: Tensor | None
     return y
 
 
-def dequantize(kind: int, w: Tensor, scales: Tensor, k: int, out: Tensor | None = None) -> Tensor:
-    """The fp32 (N, K) weight of a quantised layer (into ``out`` when given)."""
+def dequantize(
+    kind: int, w: Tensor, scales: Tensor, n: int, k: int, out: Tensor | None = None
+) -> Tensor:
+    """The fp32 (N, K) weight of a quantised layer, kind 9 or 5 (into ``out`` when given)."""
     lib = kernels()
     assert lib is not None
-    n = w.shape[0]
     if out is None:
         out = torch.empty((n, k), dtype=torch.float32)
     assert out.shape == (n, k) and out.dtype == torch.float32 and out.is_contiguous()

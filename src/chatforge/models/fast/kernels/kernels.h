@@ -17,10 +17,11 @@ static inline float hsum(__m256 v) {
 #define QK 32        /* inputs per quantisation block */
 #define NB_MAX 1024  /* blocks per row: K up to 32768 (checked by the caller) */
 
-/* One linear layer y = x W^T (+ bias), W (n, k) stored as:
+/* One linear layer y = x W^T (+ bias), W (n, k) stored as (G = ceil(n / 16) groups
+ * of 16 interleaved rows; the byte order is described in qlinear.c):
  *   kind 32: fp32 (n, k);
- *   kind 8:  int8 (n, k), scales fp32 (n,)                       w = q * s
- *   kind 4:  uint8 (n, k/2), scales fp16 (n, 2, k/32)            w = q * d + m
+ *   kind 9:  uint8 q + 128 (G, k/32, 8, 16, 4), scales fp32 (n,)       w = q * s
+ *   kind 5:  uint8 (G, k/32, 4, 16, 4), scales fp16 (G, k/32, 2, 16)   w = q * d + m
  * Layout mirrored by ctypes in native.py: keep the two in step. */
 typedef struct {
     int32_t kind;

@@ -3,23 +3,48 @@
  * Why our own: decoding reads every weight once per step, so the speed limit is
  * memory bandwidth (~29 GB/s on our 2-core machines). torch's CPU kernels
  * (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) reach ~9 GB/s and ~5 GB/s
- * there at batch 1; these stream the weights at the bandwidth, expanding each
- * to fp32 in registers and multiplying fp32 activations (AVX2 FMA).
+ * there at batch 1.
  *
- * Why fp32 activations (not llama.cpp's int8-quantised ones): quantising the
- * activations of a 135M model per block of 32 flipped its greedy answers
- * ("capital of France" -> "L'Etoile ..."); with fp32 activations the only
- * error is the weights' (int8 +0.01 % perplexity). And every output is
- * reduced in one fixed order per row, so a row's result never depends on
- * the other rows (batch-invariant greedy decoding; see decode.c).
+ * Quantised kinds (5, 9) use integer dot products: the activations are quantised
+ * per row and block of 32 inputs to two int8 digits, x ~ xs * (128 * x1 + x2)
+ * (x1 = round(x / d), d = amax / 127, then x2 the residual in steps of d / 128,
+ * |x2| <= 64; xs = d / 128), and a block's dot product with the weights' integers
+ * is exact in int32 (AVX-512 VNNI vpdpbusd: unsigned weights times signed
+ * activations, 4 products per 32-bit lane; AVX-512BW / AVX2: vpmaddubsw +
+ * vpmaddwd; plain C: integer loops). Only then is it scaled to float, per block:
+ *     kind 5 (Q4_1):  y += (d * xs) * sum(q * xq) + m * (xs * sum(xq))
+ *     kind 9 (int8):  y += xs * sum(q * xq), and at the end y *= s (the row's scale)
+ * with xq = 128 * x1 + x2. Expanding each weight to fp32 (the previous kernels) made
+ * int4 compute-bound at batch 1 and prefill several times slower than integers.
+ * Why two digits: one int8 digit per activation (llama.cpp's Q8 blocks, ~0.5 %
+ * error a product) flips SmolLM2-135M's greedy answer to "What is the capital of
+ * France?" (llama.cpp answers "L'Etoile, ..." too); the second makes the rounding
+ * amax / 32512, ~2^-15 of the block's largest value, and the answer is Paris again
+ * (tests/test_smollm2.py), for twice the integer products (not the bottleneck at
+ * batch 1, where reading the weights is).
  *
- * Weight layouts (row-major, one row per output feature, K % 32 == 0):
- *   int8: q (N, K) int8 and one fp32 scale per row:        w = q * s[n]
- *   int4: q (N, K/2) uint8, two 4-bit values per byte; in each block of 32
- *         inputs byte j holds q[j] (low nibble) and q[j+16] (high nibble);
- *         per row, K/32 fp16 scales d then K/32 fp16 offsets m:  w = q * d + m
- * Rows of N are split over OpenMP threads (the same libgomp torch uses, so
- * one thread pool). Without AVX2 a plain C loop computes the same sums.
+ * Batch invariance: a row's activations are quantised alone, its integer sums are
+ * exact, and its float sum runs over the blocks in order whatever the number of
+ * rows, tile or thread, so a row's output never depends on the other rows (greedy
+ * decoding is batch-invariant; see decode.c). Every variant does the same float
+ * operations in the same order, so they agree bit for bit.
+ *
+ * Weight layouts (W (N, K), K % 32 == 0; quantised kinds pad N with zero rows to a
+ * multiple of 16 and interleave groups of 16 rows, so that one 512-bit load feeds
+ * 16 output rows, each 32-bit lane one row's sum: no horizontal sums, and a group
+ * is one contiguous stream):
+ *   kind 32: fp32 (N, K), row-major.
+ *   kind 5:  Q4_1 blocks. q uint8 (N/16, K/32, 4, 16, 4): per group and block, 4
+ *            chunks of 64 bytes, 4 bytes a row; byte i of row r in chunk c holds
+ *            q[4c + i] (low nibble) and q[16 + 4c + i] (high nibble): GGUF's byte
+ *            4c + i of that row, moved. scales fp16 (N/16, K/32, 2, 16): the 16
+ *            rows' d, then their m.                                 w = q * d + m
+ *   kind 9:  int8, one fp32 scale per row. q uint8 (N/16, K/32, 8, 16, 4): byte i
+ *            of row r in chunk c is q[4c + i] + 128 (vpdpbusd's unsigned operand;
+ *            the 128 * sum(xq) this adds is subtracted per block). scales fp32
+ *            (N,).                                                    w = q * s
+ * Groups of rows are split over OpenMP threads (the same libgomp torch uses, so
+ * one thread pool).
  */
 #include <math.h>
 #include <stdint.h>
@@ -30,14 +55,14 @@
 #include <immintrin.h>
 #define CF_AVX2 1
 #endif
-/* AVX-512 where the compiler targets it: 16 lanes, 32 registers (the weights'
- * expansion to fp32 is what bounds the speed at batch 1 with AVX2). */
-#if defined(CF_AVX2) && defined(__AVX512F__)
+/* AVX-512 where the compiler targets it: 16 lanes, 32 registers. */
+#if defined(CF_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__)
 #define CF_AVX512 1
 #endif
 
 #include "kernels.h"
 
+#define RG 16 /* weight rows per interleaved group (kinds 5, 9) */
 
 int cf_has_avx2(void) {
 #ifdef CF_AVX2
@@ -64,165 +89,399 @@ static float fp16_to_fp32(uint16_t h) {
 #endif
 }
 
-#ifdef CF_AVX2
-/* The weight rows are read once, in short runs (a tile is a few KiB), too
- * short for the hardware prefetcher to ramp up: ask for the bytes two tiles
- * ahead while this tile computes (tile_bytes per tile, step bytes per block).
- * Prefetching past the end of the weight is harmless. */
-static inline void prefetch_ahead(const void *p, int64_t tile_bytes, int step) {
-    const char *a = (const char *)p + 2 * tile_bytes;
-    for (int off = 0; off < step; off += 64) _mm_prefetch(a + off, _MM_HINT_T0);
-}
-
-/* 8 int8 weights -> 8 floats. */
-static inline __m256 load_w8(const int8_t *p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
-
-/* 8 bytes of 0..15 values (the low 8 bytes of v) -> 8 floats. */
-static inline __m256 u8_to_ps(__m128i v) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
-}
-#endif
-
-/* A tile of RN weight rows against RM activation rows. RN and RM are literals
- * at every call (see cf_linear), so after inlining the RN * RM accumulators
- * live in registers. Activations stay fp32 and each weight is expanded to fp32
- * in registers (w = q * s, or q * d + m), so the result is the dequantised
- * weight's product, up to fp32 rounding. Every output is reduced in one fixed
- * order (lane k % 8 in k order, then the lanes), whatever RN, RM, the number
- * of rows or threads: a row's result does not depend on the other rows.
- * Results go to out[r * RM + m]. */
 #define INLINE static inline __attribute__((always_inline))
 
-INLINE void tile_w8(const int8_t *w, const float *s, int64_t K, const float *x, int RN, int RM,
-                    float *out) {
+/* The activations of one call, quantised per row and block of 32; block i of the
+ * (M, K/32) blocks covers row i / (K/32). */
+typedef struct {
+    int8_t *q;    /* (M, K/32, 2, 32): per block x1 then x2, x ~ s * (128 * x1 + x2) */
+    float *s;     /* (M, K/32) */
+    float *sm;    /* (M, K/32): s * sum(128 * x1 + x2), the factor of a Q4_1 block's m */
+    int32_t *off; /* (M, K/32): 128 * sum(128 * x1 + x2), what kind 9's offset weights add */
+} xquant;
+
+/* One block of 32 activations into q (2, 32): x1 = x * (1 / d) rounded to the
+ * nearest (ties to even), d = amax / 127; x2 = the residual x - x1 * d (one
+ * rounding) times 128 / d, rounded. The same operations in every variant. */
+static void quantize_block(const float *x, int8_t *q, float *s, float *sm, int32_t *off) {
+    int32_t sum = 0;
 #if defined(CF_AVX512)
-    __m512 acc[4][8];
-    for (int r = 0; r < RN; r++)
-        for (int m = 0; m < RM; m++) acc[r][m] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < K / QK; b++) {
-        prefetch_ahead(w + b * RN * QK, RN * K, RN * QK);
-        for (int64_t k = b * QK; k < (b + 1) * QK; k += 16) {
-            __m512 xv[8];
-            for (int m = 0; m < RM; m++) xv[m] = _mm512_loadu_ps(x + m * K + k);
-            for (int r = 0; r < RN; r++) {
-                const __m512 wv = _mm512_cvtepi32_ps(
-                    _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + r * K + k))));
-                for (int m = 0; m < RM; m++) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
-            }
-        }
+    const __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+    const __m512 vd = _mm512_set1_ps(d), vid = _mm512_set1_ps(id), vid2 = _mm512_set1_ps(id * 128.f);
+    __m512i total = _mm512_setzero_si512();
+    for (int h = 0; h < 2; h++) {
+        const __m512 v = h ? b : a;
+        const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v, vid));
+        const __m512 r = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(q1), vd, v);
+        const __m512i q2 = _mm512_cvtps_epi32(_mm512_mul_ps(r, vid2));
+        _mm_storeu_si128((__m128i *)(q + 16 * h), _mm512_cvtepi32_epi8(q1));
+        _mm_storeu_si128((__m128i *)(q + 32 + 16 * h), _mm512_cvtepi32_epi8(q2));
+        total = _mm512_add_epi32(total, _mm512_add_epi32(_mm512_slli_epi32(q1, 7), q2));
     }
-    for (int r = 0; r < RN; r++)
-        for (int m = 0; m < RM; m++) out[r * RM + m] = _mm512_reduce_add_ps(acc[r][m]) * s[r];
+    sum = _mm512_reduce_add_epi32(total);
 #elif defined(CF_AVX2)
-    __m256 acc[4][4];
-    for (int r = 0; r < RN; r++)
-        for (int m = 0; m < RM; m++) acc[r][m] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < K / QK; b++) {
-        prefetch_ahead(w + b * RN * QK, RN * K, RN * QK);
-        for (int64_t k = b * QK; k < (b + 1) * QK; k += 8) {
-            __m256 xv[4];
-            for (int m = 0; m < RM; m++) xv[m] = _mm256_loadu_ps(x + m * K + k);
-            for (int r = 0; r < RN; r++) {
-                const __m256 wv = load_w8(w + r * K + k);
-                for (int m = 0; m < RM; m++) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
-            }
+    __m256 v[4], mx = _mm256_setzero_ps();
+    for (int j = 0; j < 4; j++) {
+        v[j] = _mm256_loadu_ps(x + 8 * j);
+        mx = _mm256_max_ps(mx, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v[j]));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float amax = _mm_cvtss_f32(m4);
+    const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+    const __m256 vd = _mm256_set1_ps(d), vid = _mm256_set1_ps(id), vid2 = _mm256_set1_ps(id * 128.f);
+    int32_t t1[32], t2[32];
+    for (int j = 0; j < 4; j++) {
+        const __m256i q1 = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], vid));
+        const __m256 r = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(q1), vd, v[j]);
+        _mm256_storeu_si256((__m256i *)(t1 + 8 * j), q1);
+        _mm256_storeu_si256((__m256i *)(t2 + 8 * j), _mm256_cvtps_epi32(_mm256_mul_ps(r, vid2)));
+    }
+    for (int j = 0; j < 32; j++) {
+        q[j] = (int8_t)t1[j];
+        q[32 + j] = (int8_t)t2[j];
+        sum += 128 * t1[j] + t2[j];
+    }
+#else
+    float amax = 0.f;
+    for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[j]));
+    const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f, id2 = id * 128.f;
+    for (int j = 0; j < 32; j++) {
+        const float v1 = nearbyintf(x[j] * id);
+        const int32_t v2 = (int32_t)nearbyintf(fmaf(-v1, d, x[j]) * id2);
+        q[j] = (int8_t)v1;
+        q[32 + j] = (int8_t)v2;
+        sum += 128 * (int32_t)v1 + v2;
+    }
+#endif
+    *s = d * (1.f / 128.f); /* exact */
+    *sm = *s * (float)sum;
+    *off = 128 * sum;
+}
+
+#ifdef CF_AVX2
+/* Ask for the weight bytes a few blocks ahead (a group is one contiguous run;
+ * prefetching past the end of the weight is harmless). */
+#define PREFETCH_BLOCKS 8
+static inline void prefetch(const uint8_t *p, int bytes) {
+    for (int off = 0; off < bytes; off += 64) _mm_prefetch((const char *)p + off, _MM_HINT_T0);
+}
+#endif
+
+#ifdef CF_AVX512
+#define XM 8 /* activation rows per tile: 8 float accumulators + 8 weight vectors */
+static inline __m512i bcast4(const int8_t *p) { /* 4 activations into every 32-bit lane */
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+
+/* 128 * a + b: the two activation digits' sums into one. */
+static inline __m512i digits(__m512i a, __m512i b) {
+    return _mm512_add_epi32(_mm512_slli_epi32(a, 7), b);
+}
+
+/* The 16 rows' exact sums over one kind-5 block: nibbles wl (q[0..15]) and wh
+ * (q[16..31]) as 4 chunks of 16 rows x 4 inputs, x the block's digits (2, 32). */
+INLINE __m512i dot_q4(const __m512i *wl, const __m512i *wh, const int8_t *x) {
+    __m512i acc[2];
+    for (int h = 0; h < 2; h++) {
+        const int8_t *xh = x + 32 * h;
+#ifdef __AVX512VNNI__
+        __m512i a = _mm512_setzero_si512(), b = _mm512_setzero_si512(); /* two dependency chains */
+        for (int c = 0; c < 4; c++) {
+            a = _mm512_dpbusd_epi32(a, wl[c], bcast4(xh + 4 * c));
+            b = _mm512_dpbusd_epi32(b, wh[c], bcast4(xh + 16 + 4 * c));
+        }
+        acc[h] = _mm512_add_epi32(a, b);
+#else
+        /* Pairs of products summed in int16: at most 8 * 2 * 15 * 127 = 30480, no saturation. */
+        __m512i s = _mm512_setzero_si512();
+        for (int c = 0; c < 4; c++) {
+            s = _mm512_add_epi16(s, _mm512_maddubs_epi16(wl[c], bcast4(xh + 4 * c)));
+            s = _mm512_add_epi16(s, _mm512_maddubs_epi16(wh[c], bcast4(xh + 16 + 4 * c)));
+        }
+        acc[h] = _mm512_madd_epi16(s, _mm512_set1_epi16(1));
+#endif
+    }
+    return digits(acc[0], acc[1]);
+}
+
+/* The 16 rows' exact sums over one kind-9 block (8 chunks of 16 rows x 4 inputs at
+ * w, each weight + 128), x the block's digits (2, 32); off: see xquant. */
+INLINE __m512i dot_q8(const uint8_t *w, const int8_t *x, int32_t off) {
+#ifdef __AVX512VNNI__
+    __m512i a = _mm512_setzero_si512(), b = _mm512_setzero_si512();
+    for (int c = 0; c < 8; c++) {
+        const __m512i wc = _mm512_loadu_si512(w + 64 * c);
+        a = _mm512_dpbusd_epi32(a, wc, bcast4(x + 4 * c));
+        b = _mm512_dpbusd_epi32(b, wc, bcast4(x + 32 + 4 * c));
+    }
+    return _mm512_sub_epi32(digits(a, b), _mm512_set1_epi32(off));
+#else
+    /* vpmaddubsw of q + 128 (up to 255) would saturate: |q| times x with q's sign
+     * instead, pairs at most 2 * 128 * 127 = 32512. */
+    (void)off;
+    const __m512i ones = _mm512_set1_epi16(1), zero = _mm512_setzero_si512();
+    __m512i a = zero, b = zero;
+    for (int c = 0; c < 8; c++) {
+        const __m512i q = _mm512_xor_si512(_mm512_loadu_si512(w + 64 * c), _mm512_set1_epi8(-128));
+        const __m512i aq = _mm512_abs_epi8(q);
+        const __mmask64 neg = _mm512_movepi8_mask(q);
+        const __m512i x1 = bcast4(x + 4 * c), x2 = bcast4(x + 32 + 4 * c);
+        const __m512i p1 = _mm512_maddubs_epi16(aq, _mm512_mask_sub_epi8(x1, neg, zero, x1));
+        const __m512i p2 = _mm512_maddubs_epi16(aq, _mm512_mask_sub_epi8(x2, neg, zero, x2));
+        a = _mm512_add_epi32(a, _mm512_madd_epi16(p1, ones));
+        b = _mm512_add_epi32(b, _mm512_madd_epi16(p2, ones));
+    }
+    return digits(a, b);
+#endif
+}
+
+#elif defined(CF_AVX2)
+#define XM 4
+static inline __m256i bcast4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+#else
+#define XM 4
+#endif
+
+/* A group of 16 kind-5 weight rows (w, dm at the group) against activation rows
+ * m0..m0+RM: out[m * 16 + r]. RM is a literal at every call, so after inlining the
+ * accumulators live in registers. */
+INLINE void tile_q4(const uint8_t *w, const uint16_t *dm, int64_t nb, const xquant *xq, int64_t m0,
+                    int RM, float *out) {
+#if defined(CF_AVX512)
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    __m512 f[XM];
+    for (int m = 0; m < RM; m++) f[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *wb = w + b * 256;
+        prefetch(wb + PREFETCH_BLOCKS * 256, 256);
+        __m512i wl[4], wh[4];
+        for (int c = 0; c < 4; c++) {
+            const __m512i v = _mm512_loadu_si512(wb + 64 * c);
+            wl[c] = _mm512_and_si512(v, low);
+            wh[c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        }
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dm + b * 32)));
+        const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dm + b * 32 + 16)));
+        for (int m = 0; m < RM; m++) {
+            const int64_t i = (m0 + m) * nb + b;
+            const __m512i acc = dot_q4(wl, wh, xq->q + i * 2 * QK);
+            f[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(d, _mm512_set1_ps(xq->s[i])),
+                                   f[m]);
+            f[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xq->sm[i]), f[m]);
         }
     }
-    for (int r = 0; r < RN; r++)
-        for (int m = 0; m < RM; m++) out[r * RM + m] = hsum(acc[r][m]) * s[r];
+    for (int m = 0; m < RM; m++) _mm512_storeu_ps(out + m * RG, f[m]);
+#elif defined(CF_AVX2)
+    const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    for (int h = 0; h < 2; h++) { /* rows 8h..8h+7: the 32-byte halves of the chunks */
+        __m256 f[XM];
+        for (int m = 0; m < RM; m++) f[m] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *wb = w + b * 256 + 32 * h;
+            prefetch(wb + PREFETCH_BLOCKS * 256, 256);
+            __m256i wl[4], wh[4];
+            for (int c = 0; c < 4; c++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(wb + 64 * c));
+                wl[c] = _mm256_and_si256(v, low);
+                wh[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            }
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + b * 32 + 8 * h)));
+            const __m256 mn =
+                _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + b * 32 + 16 + 8 * h)));
+            for (int m = 0; m < RM; m++) {
+                const int64_t i = (m0 + m) * nb + b;
+                const int8_t *x = xq->q + i * 2 * QK;
+                __m256i acc = _mm256_setzero_si256();
+                for (int dg = 0; dg < 2; dg++) { /* the two digits; int16 pairs: see dot_q4 */
+                    const int8_t *xd = x + 32 * dg;
+                    __m256i s = _mm256_setzero_si256();
+                    for (int c = 0; c < 4; c++) {
+                        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(wl[c], bcast4(xd + 4 * c)));
+                        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(wh[c], bcast4(xd + 16 + 4 * c)));
+                    }
+                    acc = _mm256_add_epi32(_mm256_slli_epi32(acc, 7), _mm256_madd_epi16(s, ones));
+                }
+                f[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc),
+                                       _mm256_mul_ps(d, _mm256_set1_ps(xq->s[i])), f[m]);
+                f[m] = _mm256_fmadd_ps(mn, _mm256_set1_ps(xq->sm[i]), f[m]);
+            }
+        }
+        for (int m = 0; m < RM; m++) _mm256_storeu_ps(out + m * RG + 8 * h, f[m]);
+    }
 #else
-    for (int r = 0; r < RN; r++)
-        for (int m = 0; m < RM; m++) {
-            float acc = 0.f;
-            for (int64_t k = 0; k < K; k++) acc += (float)w[r * K + k] * x[m * K + k];
-            out[r * RM + m] = acc * s[r];
+    for (int m = 0; m < RM; m++)
+        for (int r = 0; r < RG; r++) {
+            float f = 0.f;
+            for (int64_t b = 0; b < nb; b++) {
+                const int64_t i = (m0 + m) * nb + b;
+                const int8_t *x = xq->q + i * 2 * QK;
+                const uint8_t *q = w + b * 256 + r * 4;
+                int32_t acc = 0;
+                for (int c = 0; c < 4; c++)
+                    for (int j = 0; j < 4; j++) {
+                        const int32_t lo = q[64 * c + j] & 0x0f, hi = q[64 * c + j] >> 4;
+                        const int k = 4 * c + j;
+                        acc += lo * (128 * x[k] + x[32 + k]) + hi * (128 * x[16 + k] + x[48 + k]);
+                    }
+                const float d = fp16_to_fp32(dm[b * 32 + r]), mn = fp16_to_fp32(dm[b * 32 + 16 + r]);
+                f = fmaf((float)acc, d * xq->s[i], f);
+                f = fmaf(mn, xq->sm[i], f);
+            }
+            out[m * RG + r] = f;
         }
 #endif
 }
 
-/* dm: per weight row, nb fp16 scales d then nb fp16 offsets m. */
-INLINE void tile_w4(const uint8_t *w, const uint16_t *dm, int64_t K, const float *x, int RN,
-                    int RM, float *out) {
-    const int64_t nb = K / QK;
+/* A group of 16 kind-9 weight rows (w at the group) against activation rows
+ * m0..m0+RM: out[m * 16 + r], before the rows' scales. */
+INLINE void tile_q8(const uint8_t *w, int64_t nb, const xquant *xq, int64_t m0, int RM, float *out) {
 #if defined(CF_AVX512)
-    __m512 acc[4][8];
-    for (int r = 0; r < RN; r++)
-        for (int m = 0; m < RM; m++) acc[r][m] = _mm512_setzero_ps();
-    const __m128i low = _mm_set1_epi8(0x0f);
+    __m512 f[XM];
+    for (int m = 0; m < RM; m++) f[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        prefetch_ahead(w + b * RN * QK / 2, RN * K / 2, RN * QK / 2);
-        __m512 xv[8][2];
-        for (int m = 0; m < RM; m++)
-            for (int j = 0; j < 2; j++) xv[m][j] = _mm512_loadu_ps(x + m * K + b * QK + 16 * j);
-        for (int r = 0; r < RN; r++) {
-            const uint16_t *p = dm + r * nb * 2;
-            const __m512 d = _mm512_set1_ps(fp16_to_fp32(p[b])), mn = _mm512_set1_ps(fp16_to_fp32(p[nb + b]));
-            const __m128i q = _mm_loadu_si128((const __m128i *)(w + r * K / 2 + b * QK / 2));
-            const __m128i qa = _mm_and_si128(q, low), qb = _mm_and_si128(_mm_srli_epi16(q, 4), low);
-            const __m512 w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(qa)), d, mn);
-            const __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(qb)), d, mn);
-            for (int m = 0; m < RM; m++) {
-                acc[r][m] = _mm512_fmadd_ps(w0, xv[m][0], acc[r][m]);
-                acc[r][m] = _mm512_fmadd_ps(w1, xv[m][1], acc[r][m]);
-            }
-        }
-    }
-    for (int r = 0; r < RN; r++)
-        for (int m = 0; m < RM; m++) out[r * RM + m] = _mm512_reduce_add_ps(acc[r][m]);
-#elif defined(CF_AVX2)
-    __m256 acc[4][4];
-    for (int r = 0; r < RN; r++)
-        for (int m = 0; m < RM; m++) acc[r][m] = _mm256_setzero_ps();
-    const __m128i low = _mm_set1_epi8(0x0f);
-    for (int64_t b = 0; b < nb; b++) {
-        prefetch_ahead(w + b * RN * QK / 2, RN * K / 2, RN * QK / 2);
-        __m256 xv[4][4];
-        for (int m = 0; m < RM; m++)
-            for (int j = 0; j < 4; j++) xv[m][j] = _mm256_loadu_ps(x + m * K + b * QK + 8 * j);
-        for (int r = 0; r < RN; r++) {
-            const uint16_t *p = dm + r * nb * 2;
-            const __m256 d = _mm256_set1_ps(fp16_to_fp32(p[b])), mn = _mm256_set1_ps(fp16_to_fp32(p[nb + b]));
-            const __m128i q = _mm_loadu_si128((const __m128i *)(w + r * K / 2 + b * QK / 2));
-            const __m128i qa = _mm_and_si128(q, low), qb = _mm_and_si128(_mm_srli_epi16(q, 4), low);
-            __m256 wv[4];
-            wv[0] = _mm256_fmadd_ps(u8_to_ps(qa), d, mn);
-            wv[1] = _mm256_fmadd_ps(u8_to_ps(_mm_srli_si128(qa, 8)), d, mn);
-            wv[2] = _mm256_fmadd_ps(u8_to_ps(qb), d, mn);
-            wv[3] = _mm256_fmadd_ps(u8_to_ps(_mm_srli_si128(qb, 8)), d, mn);
-            for (int j = 0; j < 4; j++)
-                for (int m = 0; m < RM; m++) acc[r][m] = _mm256_fmadd_ps(wv[j], xv[m][j], acc[r][m]);
-        }
-    }
-    for (int r = 0; r < RN; r++)
-        for (int m = 0; m < RM; m++) out[r * RM + m] = hsum(acc[r][m]);
-#else
-    for (int r = 0; r < RN; r++)
+        const uint8_t *wb = w + b * 512;
+        prefetch(wb + PREFETCH_BLOCKS * 512, 512);
         for (int m = 0; m < RM; m++) {
-            float acc = 0.f;
-            const uint16_t *p = dm + r * nb * 2;
-            for (int64_t b = 0; b < nb; b++) {
-                const uint8_t *q = w + r * K / 2 + b * QK / 2;
-                const float d = fp16_to_fp32(p[b]), mn = fp16_to_fp32(p[nb + b]);
-                for (int j = 0; j < QK / 2; j++) {
-                    acc += ((float)(q[j] & 0x0f) * d + mn) * x[m * K + b * QK + j];
-                    acc += ((float)(q[j] >> 4) * d + mn) * x[m * K + b * QK + j + QK / 2];
+            const int64_t i = (m0 + m) * nb + b;
+            const __m512i acc = dot_q8(wb, xq->q + i * 2 * QK, xq->off[i]);
+            f[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(xq->s[i]), f[m]);
+        }
+    }
+    for (int m = 0; m < RM; m++) _mm512_storeu_ps(out + m * RG, f[m]);
+#elif defined(CF_AVX2)
+    const __m256i flip = _mm256_set1_epi8(-128), ones = _mm256_set1_epi16(1);
+    for (int h = 0; h < 2; h++) { /* rows 8h..8h+7 */
+        __m256 f[XM];
+        for (int m = 0; m < RM; m++) f[m] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *wb = w + b * 512 + 32 * h;
+            prefetch(wb + PREFETCH_BLOCKS * 512, 512);
+            for (int m = 0; m < RM; m++) {
+                const int64_t i = (m0 + m) * nb + b;
+                const int8_t *x = xq->q + i * 2 * QK;
+                __m256i a = _mm256_setzero_si256(), d2 = _mm256_setzero_si256();
+                for (int c = 0; c < 8; c++) { /* |q| times x with q's sign: see dot_q8 */
+                    const __m256i q =
+                        _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wb + 64 * c)), flip);
+                    const __m256i aq = _mm256_abs_epi8(q);
+                    const __m256i p1 = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(bcast4(x + 4 * c), q));
+                    const __m256i p2 =
+                        _mm256_maddubs_epi16(aq, _mm256_sign_epi8(bcast4(x + 32 + 4 * c), q));
+                    a = _mm256_add_epi32(a, _mm256_madd_epi16(p1, ones));
+                    d2 = _mm256_add_epi32(d2, _mm256_madd_epi16(p2, ones));
                 }
+                const __m256i acc = _mm256_add_epi32(_mm256_slli_epi32(a, 7), d2);
+                f[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(xq->s[i]), f[m]);
             }
-            out[r * RM + m] = acc;
+        }
+        for (int m = 0; m < RM; m++) _mm256_storeu_ps(out + m * RG + 8 * h, f[m]);
+    }
+#else
+    for (int m = 0; m < RM; m++)
+        for (int r = 0; r < RG; r++) {
+            float f = 0.f;
+            for (int64_t b = 0; b < nb; b++) {
+                const int64_t i = (m0 + m) * nb + b;
+                const int8_t *x = xq->q + i * 2 * QK;
+                const uint8_t *q = w + b * 512 + r * 4;
+                int32_t acc = 0;
+                for (int c = 0; c < 8; c++)
+                    for (int j = 0; j < 4; j++)
+                        acc += (q[64 * c + j] - 128) * (128 * x[4 * c + j] + x[32 + 4 * c + j]);
+                f = fmaf((float)acc, xq->s[i], f);
+            }
+            out[m * RG + r] = f;
         }
 #endif
+}
+
+/* Group g (rows 16g..16g+15) against activation rows m0..m0+RM. */
+INLINE void group_tile(const cf_lin *l, const xquant *xq, int64_t g, int64_t m0, int RM,
+                       float *out) {
+    const int64_t nb = l->k / QK;
+    if (l->kind == 5)
+        tile_q4((const uint8_t *)l->w + g * nb * 256, (const uint16_t *)l->scales + g * nb * 32, nb,
+                xq, m0, RM, out);
+    else
+        tile_q8((const uint8_t *)l->w + g * nb * 512, nb, xq, m0, RM, out);
+}
+
+#define GROUP_TILE(R) \
+    case R: group_tile(l, &xq, g, m0, R, out); break;
+
+/* Kinds 5 and 9, any number of rows: quantise the activations, then the groups of
+ * 16 weight rows over the threads, each against tiles of up to XM activation rows
+ * (its weights, a few KiB, stay in L1 across the tiles of a prompt). */
+static int linear_q(const cf_lin *l, const float *x, int64_t M, float *y, int threads) {
+    const int64_t N = l->n, K = l->k, nb = K / QK, groups = (N + RG - 1) / RG;
+    const float *bias = l->bias, *rs = l->kind == 9 ? (const float *)l->scales : NULL;
+    /* floats first: s, sm (M * nb each), then off (M * nb int32), then q (M * 2K int8) */
+    char *buf = malloc((size_t)(M * nb) * 12 + (size_t)(M * 2 * K));
+    if (!buf) return -1;
+    const xquant xq = {(int8_t *)(buf + M * nb * 12), (float *)buf, (float *)buf + M * nb,
+                       (int32_t *)((float *)buf + 2 * M * nb)};
+    /* A few rows (decode steps) are quantised here, in a microsecond: splitting them
+     * over the threads would cost a barrier, and a barrier waits a whole time slice
+     * when another process holds the other core. */
+    const int serial = M <= XM;
+    if (serial)
+        for (int64_t i = 0; i < M * nb; i++)
+            quantize_block(x + i * QK, xq.q + i * 2 * QK, xq.s + i, xq.sm + i, xq.off + i);
+#pragma omp parallel num_threads(threads)
+    {
+        if (!serial) {
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < M * nb; i++)
+                quantize_block(x + i * QK, xq.q + i * 2 * QK, xq.s + i, xq.sm + i, xq.off + i);
+        }
+#pragma omp for schedule(static)
+        for (int64_t g = 0; g < groups; g++) {
+            float out[XM * RG];
+            const int64_t n0 = g * RG, nr = N - n0 < RG ? N - n0 : RG;
+            for (int64_t m0 = 0; m0 < M; m0 += XM) {
+                const int rm = M - m0 < XM ? (int)(M - m0) : XM;
+                switch (rm) {
+                    GROUP_TILE(1)
+                    GROUP_TILE(2)
+                    GROUP_TILE(3)
+#if XM > 4
+                    GROUP_TILE(4)
+                    GROUP_TILE(5)
+                    GROUP_TILE(6)
+                    GROUP_TILE(7)
+#endif
+                default: group_tile(l, &xq, g, m0, XM, out); break;
+                }
+                for (int m = 0; m < rm; m++)
+                    for (int64_t r = 0; r < nr; r++) {
+                        const float v = out[m * RG + r], b = bias ? bias[n0 + r] : 0.f;
+                        y[(m0 + m) * N + n0 + r] = rs ? fmaf(v, rs[n0 + r], b) : v + b;
+                    }
+            }
+        }
+    }
+    free(buf);
+    return 0;
 }
 
 /* Dense fp32 weights (kind 32): the decode step of an unquantised model. */
 INLINE void tile_f32(const float *w, int64_t K, const float *x, int RN, int RM, float *out) {
 #if defined(CF_AVX512)
-    __m512 acc[4][8];
+    __m512 acc[4][4];
     for (int r = 0; r < RN; r++)
         for (int m = 0; m < RM; m++) acc[r][m] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 16) {
-        __m512 xv[8];
+        __m512 xv[4];
         for (int m = 0; m < RM; m++) xv[m] = _mm512_loadu_ps(x + m * K + k);
         for (int r = 0; r < RN; r++) {
             const __m512 wv = _mm512_loadu_ps(w + r * K + k);
@@ -232,11 +491,11 @@ INLINE void tile_f32(const float *w, int64_t K, const float *x, int RN, int RM, 
     for (int r = 0; r < RN; r++)
         for (int m = 0; m < RM; m++) out[r * RM + m] = _mm512_reduce_add_ps(acc[r][m]);
 #elif defined(CF_AVX2)
-    __m256 acc[4][8]; /* RM goes up to 8 (the 5-8 row tiles), as in the AVX-512 path */
+    __m256 acc[4][4];
     for (int r = 0; r < RN; r++)
         for (int m = 0; m < RM; m++) acc[r][m] = _mm256_setzero_ps();
     for (int64_t k = 0; k < K; k += 8) {
-        __m256 xv[8];
+        __m256 xv[4];
         for (int m = 0; m < RM; m++) xv[m] = _mm256_loadu_ps(x + m * K + k);
         for (int r = 0; r < RN; r++) {
             const __m256 wv = _mm256_loadu_ps(w + r * K + k);
@@ -255,143 +514,30 @@ INLINE void tile_f32(const float *w, int64_t K, const float *x, int RN, int RM, 
 #endif
 }
 
-/* Rows n..n+RN of y for activation rows m0..m0+RM. */
-INLINE void tile(int kind, const void *w, const void *scales, const float *bias, int64_t K,
-                 int64_t N, const float *x, int64_t n, int64_t m0, int RN, int RM, float *y) {
-    const int64_t nb = K / QK;
-    float out[32];
-    if (kind == 32)
-        tile_f32((const float *)w + n * K, K, x + m0 * K, RN, RM, out);
-    else if (kind == 8)
-        tile_w8((const int8_t *)w + n * K, (const float *)scales + n, K, x + m0 * K, RN, RM, out);
-    else
-        tile_w4((const uint8_t *)w + n * K / 2, (const uint16_t *)scales + n * nb * 2, K,
-                x + m0 * K, RN, RM, out);
+/* Rows n..n+RN of y for activation rows m0..m0+RM (kind 32). */
+INLINE void tile(const float *w, const float *bias, int64_t K, int64_t N, const float *x, int64_t n,
+                 int64_t m0, int RN, int RM, float *y) {
+    float out[16];
+    tile_f32(w + n * K, K, x + m0 * K, RN, RM, out);
     for (int r = 0; r < RN; r++)
         for (int m = 0; m < RM; m++)
             y[(m0 + m) * N + n + r] = out[r * RM + m] + (bias ? bias[n + r] : 0.f);
 }
 
-#define TILES(RN)                                                           \
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {                                 \
-        switch (M - m0 < 4 ? M - m0 : 4) {                                  \
-        case 1: tile(kind, w, scales, bias, K, N, x, n, m0, RN, 1, y); break; \
-        case 2: tile(kind, w, scales, bias, K, N, x, n, m0, RN, 2, y); break; \
-        case 3: tile(kind, w, scales, bias, K, N, x, n, m0, RN, 3, y); break; \
-        default: tile(kind, w, scales, bias, K, N, x, n, m0, RN, 4, y); break; \
-        }                                                                   \
+#define TILES(RN)                                                     \
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {                           \
+        switch (M - m0 < 4 ? M - m0 : 4) {                            \
+        case 1: tile(w, bias, K, N, x, n, m0, RN, 1, y); break;       \
+        case 2: tile(w, bias, K, N, x, n, m0, RN, 2, y); break;       \
+        case 3: tile(w, bias, K, N, x, n, m0, RN, 3, y); break;       \
+        default: tile(w, bias, K, N, x, n, m0, RN, 4, y); break;      \
+        }                                                             \
     }
-
-/* 5 to 8 activation rows in one tile of 2 weight rows (AVX-512: 16 accumulators),
- * so each weight is expanded once for all of them. */
-#define TILES8(RN)                                                          \
-    switch (M) {                                                            \
-    case 5: tile(kind, w, scales, bias, K, N, x, n, 0, RN, 5, y); break;    \
-    case 6: tile(kind, w, scales, bias, K, N, x, n, 0, RN, 6, y); break;    \
-    case 7: tile(kind, w, scales, bias, K, N, x, n, 0, RN, 7, y); break;    \
-    default: tile(kind, w, scales, bias, K, N, x, n, 0, RN, 8, y); break;   \
-    }
-
-/* Row n of a quantised weight as the floats tile_w8 / tile_w4 expand it to
- * (int8: q itself, the scale is applied after the sum; int4: fma(q, d, m)), so
- * that tile_f32 over this row computes bit for bit what they compute. */
-static void expand_row(int kind, const void *w, const void *scales, int64_t K, int64_t n,
-                       float *out) {
-    if (kind == 8) {
-        const int8_t *q = (const int8_t *)w + n * K;
-        for (int64_t k = 0; k < K; k++) out[k] = (float)q[k];
-        return;
-    }
-    const int64_t nb = K / QK;
-    const uint8_t *q = (const uint8_t *)w + n * K / 2;
-    const uint16_t *dm = (const uint16_t *)scales + n * nb * 2;
-    for (int64_t b = 0; b < nb; b++) {
-        const float d = fp16_to_fp32(dm[b]), mn = fp16_to_fp32(dm[nb + b]);
-        for (int j = 0; j < QK / 2; j++) {
-            out[b * QK + j] = fmaf((float)(q[b * QK / 2 + j] & 0x0f), d, mn);
-            out[b * QK + j + QK / 2] = fmaf((float)(q[b * QK / 2 + j] >> 4), d, mn);
-        }
-    }
-}
-
-/* Rows n..n+RN of y for activation rows m0..m0+RM from expanded weights. */
-INLINE void tile_expanded(int kind, const float *wf, const void *scales, const float *bias,
-                          int64_t K, int64_t N, const float *x, int64_t n, int64_t m0, int RN,
-                          int RM, float *y) {
-    float out[32];
-    tile_f32(wf, K, x + m0 * K, RN, RM, out);
-    for (int r = 0; r < RN; r++) {
-        const float s = kind == 8 ? ((const float *)scales)[n + r] : 1.f;
-        for (int m = 0; m < RM; m++)
-            y[(m0 + m) * N + n + r] = (kind == 8 ? out[r * RM + m] * s : out[r * RM + m]) +
-                                      (bias ? bias[n + r] : 0.f);
-    }
-}
-
-/* With AVX-512's 32 registers, 6 activation rows a tile: 24 accumulators. */
-#ifdef CF_AVX512
-#define XRM 6
-#else
-#define XRM 4
-#endif
-#define XTILES(RN)                                                                    \
-    for (int64_t m0 = 0; m0 < M; m0 += XRM) {                                         \
-        switch (M - m0 < XRM ? M - m0 : XRM) {                                        \
-        case 1: tile_expanded(kind, wf, scales, bias, K, N, x, n, m0, RN, 1, y); break; \
-        case 2: tile_expanded(kind, wf, scales, bias, K, N, x, n, m0, RN, 2, y); break; \
-        case 3: tile_expanded(kind, wf, scales, bias, K, N, x, n, m0, RN, 3, y); break; \
-        case 4: tile_expanded(kind, wf, scales, bias, K, N, x, n, m0, RN, 4, y); break; \
-        case 5: tile_expanded(kind, wf, scales, bias, K, N, x, n, m0, RN, 5, y); break; \
-        default: tile_expanded(kind, wf, scales, bias, K, N, x, n, m0, RN, XRM, y); break; \
-        }                                                                             \
-    }
-
-/* Many rows (a batch, a prompt): expand each group of weight rows to fp32 once,
- * in a per-thread scratch, and run the dense tiles over all activation rows.
- * The same numbers as the direct tiles (see expand_row). */
-static int linear_expanded(const cf_lin *l, const float *x, int64_t M, float *y, int threads,
-                           int64_t rn) {
-    const int kind = l->kind;
-    const void *w = l->w, *scales = l->scales;
-    const float *bias = l->bias;
-    const int64_t N = l->n, K = l->k, groups = N / rn;
-    int failed = 0;
-#pragma omp parallel num_threads(threads)
-    {
-        float *wf = malloc((size_t)(rn * K) * sizeof(float));
-        if (!wf) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(static)
-        for (int64_t g = 0; g < groups; g++) {
-            if (!wf) continue;
-            const int64_t n = g * rn;
-            for (int64_t r = 0; r < rn; r++) expand_row(kind, w, scales, K, n + r, wf + r * K);
-            if (rn == 4) {
-                XTILES(4)
-            } else {
-                XTILES(2)
-            }
-        }
-        free(wf);
-    }
-    if (failed) return -1;
-    float *wf = malloc((size_t)K * sizeof(float));
-    if (!wf) return -1;
-    for (int64_t n = groups * rn; n < N; n++) {
-        expand_row(kind, w, scales, K, n, wf);
-        XTILES(1)
-    }
-    free(wf);
-    return 0;
-}
 
 /* y (M, N) = x (M, K) W^T (+ bias); see cf_lin. Returns 0, or -1 when out of memory. */
 int cf_linear(const cf_lin *l, const float *x, int64_t M, float *y, int threads) {
-    const int kind = l->kind;
-    const void *w = l->w, *scales = l->scales;
-    const float *bias = l->bias;
+    if (l->kind != 32) return linear_q(l, x, M, y, threads);
+    const float *w = l->w, *bias = l->bias;
     const int64_t N = l->n, K = l->k;
     /* Groups of 4 weight rows (with AVX2, 2 when 4 activation rows: 8
      * accumulators plus the loaded vectors fit its 16 registers; AVX-512 has
@@ -401,20 +547,6 @@ int cf_linear(const cf_lin *l, const float *x, int64_t M, float *y, int threads)
 #else
     const int64_t rn = M >= 4 ? 2 : 4, groups = N / rn;
 #endif
-#ifdef CF_AVX512
-    if (kind != 32 && M > 4 && M <= 8) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t g = 0; g < N / 2; g++) {
-            const int64_t n = g * 2;
-            TILES8(2)
-        }
-        for (int64_t n = N / 2 * 2; n < N; n++) {
-            TILES8(1)
-        }
-        return 0;
-    }
-#endif
-    if (kind != 32 && M > 4) return linear_expanded(l, x, M, y, threads, rn);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t g = 0; g < groups; g++) {
         const int64_t n = g * rn;
@@ -437,27 +569,34 @@ int cf_qlinear(int kind, const float *x, int64_t M, int64_t K, const void *w, co
     return cf_linear(&l, x, M, y, threads);
 }
 
-/* The fp32 weight (N, K) back from either layout (for large-batch prefill,
- * where a dense matmul of many rows beats the integer path). */
+/* The fp32 weight (N, K) of kind 5 or 9 (the reference the tests compare with, and
+ * torch's matmul of a long input when the C forward step does not run). */
 void cf_dequantize(int kind, const void *w, const void *scales, int64_t N, int64_t K, float *out,
                    int threads) {
     const int64_t nb = K / QK;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         float *o = out + n * K;
-        if (kind == 8) {
-            const int8_t *q = (const int8_t *)w + n * K;
+        const int64_t g = n / RG, r = n % RG;
+        if (kind == 9) {
+            const uint8_t *q = (const uint8_t *)w + g * nb * 512 + r * 4;
             const float s = ((const float *)scales)[n];
-            for (int64_t k = 0; k < K; k++) o[k] = (float)q[k] * s;
+            for (int64_t b = 0; b < nb; b++)
+                for (int c = 0; c < 8; c++)
+                    for (int j = 0; j < 4; j++)
+                        o[b * QK + 4 * c + j] = (float)(q[b * 512 + 64 * c + j] - 128) * s;
         } else {
-            const uint8_t *q = (const uint8_t *)w + n * K / 2;
-            const uint16_t *dm = (const uint16_t *)scales + n * nb * 2;
+            const uint8_t *q = (const uint8_t *)w + g * nb * 256 + r * 4;
+            const uint16_t *dm = (const uint16_t *)scales + g * nb * 32 + r;
             for (int64_t b = 0; b < nb; b++) {
-                const float d = fp16_to_fp32(dm[b]), mn = fp16_to_fp32(dm[nb + b]);
-                for (int j = 0; j < QK / 2; j++) {
-                    o[b * QK + j] = (float)(q[b * QK / 2 + j] & 0x0f) * d + mn;
-                    o[b * QK + j + QK / 2] = (float)(q[b * QK / 2 + j] >> 4) * d + mn;
-                }
+                /* q * d is exact in fp32 (4 bits times fp16's 11): one rounding, as GGUF's */
+                const float d = fp16_to_fp32(dm[b * 32]), mn = fp16_to_fp32(dm[b * 32 + 16]);
+                for (int c = 0; c < 4; c++)
+                    for (int j = 0; j < 4; j++) {
+                        const uint8_t v = q[b * 256 + 64 * c + j];
+                        o[b * QK + 4 * c + j] = (float)(v & 0x0f) * d + mn;
+                        o[b * QK + 16 + 4 * c + j] = (float)(v >> 4) * d + mn;
+                    }
             }
         }
     }
