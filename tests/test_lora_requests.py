@@ -148,5 +148,9 @@ def test_an_adapter_in_use_cannot_be_removed(setup):
     with pytest.raises(AdapterError, match="1 request"):
         eng.remove_adapter("a")
     eng.abort(h)
+    prepared = eng.prepare(Request([1, 2, 3], GREEDY, adapter="a"))  # validated, not added
     assert eng.remove_adapter("a") and "a" not in eng.adapters
     assert not eng.remove_adapter("a")
+    # unloaded between validation and add: a clear error, not a crash
+    with pytest.raises(ValueError, match="'a' is not loaded"):
+        eng.add(Request([1, 2, 3], GREEDY, adapter="a"), prepared=prepared)

@@ -96,3 +96,29 @@ def test_queue_limit(engine):
     assert [e for e in b.events()][-1].completion.completion_tokens == 2
     assert [e for e in a.events()][-1].completion.completion_tokens == 100
     svc.close(10)
+
+
+def test_a_submitted_request_binds_its_processors_once(engine):
+    """submit validates in the caller's thread; the engine then reuses that work (a
+    grammar's parser was built twice per request before)."""
+    from chatforge.generation.processors import LogitsProcessor
+
+    class Counted(LogitsProcessor):
+        binds = 0
+
+        def bind(self, engine):
+            Counted.binds += 1
+            return self
+
+        def process_row(self, view, logits):
+            return logits
+
+    svc = EngineService(engine, max_batch=2)
+    try:
+        req = _req(engine, "Hello there", 3)
+        req.processors = [Counted()]
+        done = [ev.completion for ev in svc.submit(req).events() if ev.completion]
+        assert done[0].completion_tokens == 3
+        assert Counted.binds == 1
+    finally:
+        svc.close()

@@ -91,6 +91,15 @@ class EngineConfig:
             raise ValueError(f"threads must be >= 1 or None (got {self.threads})")
 
 
+@dataclass
+class Prepared:
+    """A request validated by :meth:`Engine.prepare`: its reply budget and its
+    processors bound to one sequence (so it serves one :meth:`Engine.add`)."""
+
+    budget: int
+    processors: list[Any]
+
+
 class Engine:
     """Generates completions for token prompts; see the module docstring.
 
@@ -173,7 +182,15 @@ class Engine:
     def budget_for(self, req: Request) -> int:
         """Reply tokens allowed for ``req`` (validating it); raises ContextOverflowError
         when the prompt leaves no room, ValueError for anything else out of range."""
-        return self._check(req)[0]
+        return self.prepare(req).budget
+
+    def prepare(self, req: Request) -> Prepared:
+        """Validate ``req`` (as :meth:`budget_for`) and bind its logits processors to a
+        new sequence: pass the result to :meth:`add` (``prepared=``, once) so a caller
+        that validates in its own thread does not do the work twice (a grammar's parser
+        is built here)."""
+        budget, processors = self._check(req)
+        return Prepared(budget, processors)
 
     def _check(self, req: Request) -> tuple[int, list[Any]]:
         """(reply budget, the request's processors bound to a new sequence), validated."""
@@ -226,18 +243,30 @@ class Engine:
                 )
         return budget, processors
 
-    def add(self, request: Request, on_event: Callable[[StreamEvent], None] | None = None) -> int:
+    def add(
+        self,
+        request: Request,
+        on_event: Callable[[StreamEvent], None] | None = None,
+        prepared: Prepared | None = None,
+    ) -> int:
         """Queue a request; returns its handle. Validates it now (ValueError /
-        ContextOverflowError). Its events go to ``on_event`` (called on the thread
-        that runs :meth:`step`) or, without one, are kept for :meth:`events`."""
-        budget, processors = self._check(request)
+        ContextOverflowError) unless ``prepared`` (:meth:`prepare` of this request)
+        is given. Its events go to ``on_event`` (called on the thread that runs
+        :meth:`step`) or, without one, are kept for :meth:`events`."""
+        if prepared is None:
+            prepared = self.prepare(request)
         with self._lock:
+            salt = b""
+            if request.adapter is not None:  # checked again: it may have been unloaded since
+                adapter = next((a for a in self.runner.adapters if a.name == request.adapter), None)
+                if adapter is None:
+                    raise ValueError(f"the LoRA adapter {request.adapter!r} is not loaded")
+                salt = adapter.key
             handle = self._next_id
             self._next_id += 1
-            seq = Seq(handle, request, budget, self.tokenizer, on_event)
-            seq.processors = processors
-            if request.adapter is not None:
-                seq.salt = self._adapter(request.adapter).key
+            seq = Seq(handle, request, prepared.budget, self.tokenizer, on_event)
+            seq.processors = prepared.processors
+            seq.salt = salt
             if request.prompt_logprobs is not None:
                 seq.prompt_logprobs.append(None)  # the first token has no context
             self._seqs[handle] = seq
@@ -270,9 +299,6 @@ class Engine:
     def adapters(self) -> list[str]:
         """Names of the LoRA adapters requests may name (``Request.adapter``)."""
         return [a.name for a in getattr(self.runner, "adapters", ())]
-
-    def _adapter(self, name: str) -> Any:
-        return next(a for a in self.runner.adapters if a.name == name)
 
     def add_adapter(self, directory: str | Path, name: str | None = None) -> str:
         """Load a LoRA adapter directory so requests can name it; returns its name.

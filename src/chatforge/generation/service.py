@@ -133,7 +133,7 @@ class EngineService:
     def submit(self, request: Request, loop: asyncio.AbstractEventLoop | None = None) -> Handle:
         """Queue a request. Raises ContextOverflowError (too long), ValueError (a field out
         of range) or QueueFullError now."""
-        self.engine.budget_for(request)  # validate in the caller's thread, before queueing
+        prepared = self.engine.prepare(request)  # validated in the caller's thread
         with self._lock:
             if self.fatal is not None:
                 raise ChatforgeError(f"the engine stopped: {self.fatal}")
@@ -149,7 +149,7 @@ class EngineService:
             key = next(self._keys)
             handle = Handle(self, key, loop)
             self._handles[key] = handle
-            self._inbox.append(("add", (key, request)))
+            self._inbox.append(("add", (key, request, prepared)))
         self._wake.set()
         return handle
 
@@ -170,12 +170,14 @@ class EngineService:
             inbox, self._inbox = self._inbox, []
         for kind, arg in inbox:
             if kind == "add":
-                key, req = arg
+                key, req, prepared = arg
                 handle = self._handles.get(key)
                 if handle is None:  # cancelled before it was added
                     continue
                 try:
-                    handle.engine_id = self.engine.add(req, on_event=self._forward(key))
+                    handle.engine_id = self.engine.add(
+                        req, on_event=self._forward(key), prepared=prepared
+                    )
                     self._notify("add", key)
                 except Exception as e:  # validated at submit; report anything else
                     self._finish(key, e)
