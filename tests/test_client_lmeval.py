@@ -33,7 +33,8 @@ QUESTIONS = [
 ]
 PROMPT = "Question: {q}\nAnswer:"
 
-TASK_YAML = """\
+# A task over a local JSON file: what both tasks below start with.
+DATA_YAML = """\
 task: {task}
 dataset_path: json
 dataset_kwargs:
@@ -41,6 +42,10 @@ dataset_kwargs:
     test: {data}
   cache_dir: {cache}
 test_split: test
+"""
+TASK_YAML = (
+    DATA_YAML
+    + """\
 output_type: multiple_choice
 doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
 doc_to_choice: choices
@@ -54,6 +59,7 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 """
+)
 
 
 @pytest.fixture()
@@ -192,14 +198,9 @@ def test_local_completions_matches_hf_backend(
 
 GEN_TASK = "chatforge_tiny_gen"
 # lm-eval adds the tokenizer's eos text to ``until``; OpenAI takes at most 4 stops (we 16)
-GEN_YAML = """\
-task: {task}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  cache_dir: {cache}
-test_split: test
+GEN_YAML = (
+    DATA_YAML
+    + """\
 output_type: generate_until
 doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
 doc_to_target: answer
@@ -210,6 +211,7 @@ generation_kwargs:
 metric_list:
   - metric: exact_match
 """
+)
 
 
 @pytest.mark.parametrize("model_fixture", ["tiny_llama_dir", "tiny_gpt2_dir"])

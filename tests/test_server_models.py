@@ -212,6 +212,24 @@ def test_serve_options_are_checked_before_loading(tiny_llama_dir, adapters, tmp_
     assert [(s.name, s.adapter_dir) for s in specs] == [(ref, None), ("bot", a.resolve())]
 
 
+def test_a_named_model_whose_adapter_changes_more_than_linears_is_served_merged(
+    tiny_llama_dir, tmp_path
+):
+    import json
+
+    from chatforge.models.fast.lora import unsupported_settings
+    from chatforge.models.recipes import create_recipe
+
+    saved = make_adapter(tiny_llama_dir, tmp_path / "saved", seed=5)
+    conf = json.loads((saved / "adapter_config.json").read_text())
+    conf["modules_to_save"] = ["lm_head"]
+    (saved / "adapter_config.json").write_text(json.dumps(conf))
+    assert unsupported_settings(conf) == ["modules_to_save"]
+    create_recipe("saved-bot", str(tiny_llama_dir), adapter=str(saved), force=True)
+    (spec,) = served_models(["saved-bot"], [], "fp32", "none")
+    assert spec.adapter_dir is None and spec.base == "saved-bot (merged)"
+
+
 def test_serve_cli_rejects_bad_values(capsys):
     from cli_helpers import run
 

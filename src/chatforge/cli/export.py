@@ -34,9 +34,9 @@ def export_command(
     that vLLM and TGI load unchanged. A LoRA adapter is exported merged into its base."""
     import sys
 
-    from chatforge.models.export import ExportConfig, export_model
+    from chatforge.models.export import DEFAULT_QUANTIZE, export_model
 
-    cfg = ExportConfig(model, out, format, quantize, force)  # flag errors before loading
-    written = export_model(cfg.ref, cfg.out, cfg.format, quantize, cfg.force)
-    what = f"GGUF ({cfg.quantize})" if cfg.format == "gguf" else "Hugging Face directory"
+    written = export_model(model, out, format, quantize, force)  # checks flags before loading
+    gguf = format.lower() == "gguf"  # export_model accepted it: gguf or hf
+    what = f"GGUF ({(quantize or DEFAULT_QUANTIZE).lower()})" if gguf else "Hugging Face directory"
     print(f"wrote {what}: {written}", file=sys.stderr)

@@ -152,20 +152,31 @@ def generate_command(
                 f"{given[0]} applies to a local model, not to --api-base "
                 "(--max-concurrency sets the requests in flight)"
             )
-        summary = _remote(
+        from chatforge.batch.remote import (
+            DEFAULT_CONCURRENCY,
+            generate_batch_remote,
+            remote_config,
+        )
+        from chatforge.remote import resolve_api_key
+
+        if max_concurrency is not None and max_concurrency < 1:
+            raise ChatforgeError(f"--max-concurrency must be >= 1 (got {max_concurrency})")
+        config = remote_config(flags.preset, **flags.given())  # settings an endpoint takes
+        key, source = resolve_api_key(api_key, api_key_env)
+        summary = generate_batch_remote(
             api_base,
-            api_key,
-            api_key_env,
             model,
-            flags,
             input,
             output,
-            tmpl,
-            system,
-            n,
-            max_concurrency,
-            fail_fast,
-            progress,
+            template=tmpl,
+            system=system,
+            config=config,
+            n=n,
+            max_concurrency=max_concurrency or DEFAULT_CONCURRENCY,
+            fail_fast=fail_fast,
+            progress=progress,
+            api_key=key,
+            key_source=source,
         )
         _report(summary, output, err, "nothing to do")
         return
@@ -203,47 +214,6 @@ def generate_command(
         progress=progress,
     )
     _report(summary, output, err, "nothing to do (the model was not loaded)")
-
-
-def _remote(
-    api_base,
-    api_key,
-    api_key_env,
-    model,
-    flags,
-    input,
-    output,
-    tmpl,
-    system,
-    n,
-    max_concurrency,
-    fail_fast,
-    progress,
-):
-    """``generate --api-base``: the flags as an endpoint's settings, then the run."""
-    from chatforge.batch.remote import DEFAULT_CONCURRENCY, generate_batch_remote, remote_config
-    from chatforge.errors import ChatforgeError
-    from chatforge.remote import resolve_api_key
-
-    if max_concurrency is not None and max_concurrency < 1:
-        raise ChatforgeError(f"--max-concurrency must be >= 1 (got {max_concurrency})")
-    config = remote_config(flags.preset, **flags.given())
-    key, source = resolve_api_key(api_key, api_key_env)
-    return generate_batch_remote(
-        api_base,
-        model,
-        input,
-        output,
-        template=tmpl,
-        system=system,
-        config=config,
-        n=n,
-        max_concurrency=max_concurrency or DEFAULT_CONCURRENCY,
-        fail_fast=fail_fast,
-        progress=progress,
-        api_key=key,
-        key_source=source,
-    )
 
 
 def _report(summary, output: Path, err: Console, idle: str) -> None:

@@ -249,16 +249,13 @@ def per_request_adapter(directory) -> bool:
     linear layers (no saved modules such as a resized embedding, no DoRA, no biases)."""
     import json
 
+    from chatforge.models.fast.lora import unsupported_settings
+
     try:
         conf = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False  # loading it merged reports what is wrong
-    return not (
-        conf.get("modules_to_save")
-        or conf.get("use_dora")
-        or conf.get("bias") not in (None, "none")
-        or conf.get("alpha_pattern")
-    )
+    return not unsupported_settings(conf)
 
 
 def _check_address(host: str, port: int) -> None:

@@ -128,10 +128,6 @@ class ServerState:
         """Why the default model failed to load."""
         return self._base.error
 
-    def model_names(self) -> set[str]:
-        """Every name a request may use for any model."""
-        return {n for r in self.pool.routes for n in self.pool.names(r)}
-
 
 @dataclass
 class ServedModel:
@@ -293,7 +289,7 @@ def create_app(
         fatal = next((s.fatal for s in services if s.fatal is not None), None)
         if fatal is not None:  # an engine thread died: say so, and why
             return JSONResponse({"status": "error", "error": fatal}, status_code=503)
-        models = {r.name: pool.base_of(r).status for r in pool.routes if r.listed}
+        models = {r.name: pool.base_of(r).status for r in pool.routes}
         if state.status == "ready" and not state.draining:
             running = sum(s.load[0] for s in services)
             waiting = sum(s.load[1] for s in services)
@@ -336,7 +332,6 @@ def create_app(
         cards = [
             model_card(route, name)
             for route in pool.routes
-            if route.listed
             for name in [route.name, *route.listed_names]
         ]
         return {"object": "list", "data": cards}
@@ -645,14 +640,10 @@ def _build_pool(
             listed_names=list(spec.listed_names),
             own_names=spec.own_names and spec.adapter_dir is None,
         )
-        if any(route.name and route.name in pool_names for pool_names in _all_names(routes)):
+        if route.name and any(route.name in r.names for r in routes):
             raise ChatforgeError(f"two models are served as {route.name!r}; name them apart")
         routes.append(route)
     return ModelPool(routes, bases, make_service, ttl=ttl, memory_mb=memory_mb)
-
-
-def _all_names(routes: list[Route]) -> list[set[str]]:
-    return [{r.name, *r.aliases} for r in routes]
 
 
 def _own_names(pool: ModelPool, base: Base, loaded: Any) -> None:
@@ -664,7 +655,7 @@ def _own_names(pool: ModelPool, base: Base, loaded: Any) -> None:
     alias = ALIASES.get(loaded.info.ref)
     if alias is not None and alias.hub_id:
         own.add(alias.hub_id)
-    taken = {n for r in pool.routes for n in pool.names(r) if r.base != base.key}
+    taken = {n for r in pool.routes for n in r.names if r.base != base.key}
     for route in pool.routes:
         if route.base == base.key and route.own_names:
             if not route.name:

@@ -44,9 +44,13 @@ class Route:
     system: str | None = None  # used when a chat request has no system message
     defaults: Any = None  # a GenerationConfig: settings a request leaves out
     aliases: set[str] = field(default_factory=set)  # other names that reach it
-    listed: bool = True  # shown by /v1/models
     listed_names: list[str] = field(default_factory=list)  # aliases /v1/models shows too
     own_names: bool = False  # also answers to the loaded model's own names
+
+    @property
+    def names(self) -> set[str]:
+        """Every name that reaches this route."""
+        return {self.name, *self.aliases}
 
 
 @dataclass
@@ -133,13 +137,10 @@ class ModelPool:
         """The first route: the one routes without a ``model`` field use."""
         return self.routes[0]
 
-    def names(self, route: Route) -> set[str]:
-        return {route.name, *route.aliases}
-
     def find(self, name: str) -> Route | None:
         """The route a request's ``model`` names, or None."""
         for route in self.routes:
-            if name in self.names(route):
+            if name in route.names:
                 return route
         return None
 
@@ -149,7 +150,7 @@ class ModelPool:
             return self.default
         route = self.find(name)
         if route is None:
-            served = ", ".join(repr(r.name) for r in self.routes if r.listed)
+            served = ", ".join(repr(r.name) for r in self.routes)
             raise APIError(
                 404,
                 f"the model {name!r} does not exist; this server serves {served}",
@@ -163,14 +164,11 @@ class ModelPool:
 
     # -- loading ------------------------------------------------------------------
 
-    async def target(self, name: str | None, wait: bool = True) -> Target:
-        """The loaded base for ``name``; loads it when needed (``wait``: the request
-        waits for the load; else 503 while it loads)."""
+    async def target(self, name: str | None) -> Target:
+        """The loaded base for ``name``; loads it when needed (the request waits)."""
         route = self.resolve(name)
         base = self.base_of(route)
         if not base.ready:
-            if not wait and base.status == "loading":
-                raise APIError(503, f"the model {route.name!r} is still loading", retry_after=1)
             await self.ensure(base)
         base.last_used = base.picked_at = time.monotonic()
         return Target(route, base)

@@ -95,6 +95,19 @@ def _parts(dec, linear: str) -> list[int]:
     return [getattr(dec.layers[0], linear).out_features]
 
 
+def unsupported_settings(conf: dict) -> list[str]:
+    """The settings of a peft ``adapter_config.json`` that per-request application
+    cannot honour (it changes only linear layers): DoRA, trained biases, saved modules
+    such as a resized embedding, per-module alpha. Empty when it can be applied."""
+    bad = {
+        "use_dora": bool(conf.get("use_dora")),
+        "bias": conf.get("bias") not in (None, "none"),
+        "modules_to_save": bool(conf.get("modules_to_save")),
+        "alpha_pattern": bool(conf.get("alpha_pattern")),
+    }
+    return [key for key, on in bad.items() if on]
+
+
 def load_adapter(directory: str | Path, dec, name: str | None = None) -> LoraAdapter:
     """Read a peft LoRA adapter directory for decoder ``dec`` (a FastDecoder).
 
@@ -116,17 +129,13 @@ def load_adapter(directory: str | Path, dec, name: str | None = None) -> LoraAda
         raise AdapterError(f"cannot read {cfg_file}: {e}") from e
     if str(conf.get("peft_type", "LORA")).upper() != "LORA":
         raise AdapterError(f"{path} is a {conf.get('peft_type')} adapter; only LoRA is supported")
-    for key, bad in (
-        ("use_dora", lambda v: bool(v)),
-        ("bias", lambda v: v not in (None, "none")),
-        ("modules_to_save", lambda v: bool(v)),
-        ("alpha_pattern", lambda v: bool(v)),
-    ):
-        if bad(conf.get(key)):
-            raise AdapterError(
-                f"{path}: {key}={conf.get(key)!r} is not supported per request; "
-                "load the adapter merged instead (chatforge chat/serve on the adapter directory)"
-            )
+    unsupported = unsupported_settings(conf)
+    if unsupported:
+        key = unsupported[0]
+        raise AdapterError(
+            f"{path}: {key}={conf.get(key)!r} is not supported per request; "
+            "load the adapter merged instead (chatforge chat/serve on the adapter directory)"
+        )
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
         raise AdapterError(f"{path} has no adapter_model.safetensors")
