@@ -18,6 +18,7 @@ from chatforge.models.fast import kernel_variants as kv
 from chatforge.models.fast import native
 from chatforge.models.fast.linear import Int4Linear, Int8Linear
 from cli_helpers import run
+from test_native import q8_0
 
 AVX2 = {"avx2", "fma", "f16c"}
 AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
@@ -76,7 +77,7 @@ def test_installed_variants_match_the_library_compiled_at_first_use():
     ref = native.load_library(compiled)
     torch.manual_seed(0)
     w, x = torch.randn(40, 96), torch.randn(3, 96)
-    lins = Int8Linear(w, None), Int4Linear(w, None)
+    lins = Int8Linear(w, None), Int4Linear(w, None), q8_0(w, None)
     for name, path in installed.items():
         lib = native.load_library(path, name)
         assert lib.cf_has_avx2() == (name != "generic")

@@ -24,8 +24,21 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def q8_0(w: torch.Tensor, b: torch.Tensor | None) -> Int8Linear:
+    """``w`` as Q8_0 blocks (llama.cpp's rounding: d = amax / 127 per 32 inputs, fp16),
+    taken as they are (kind 8)."""
+    n, k = w.shape
+    blocks = w.view(n, k // 32, 32)
+    d = (blocks.abs().amax(-1) / 127).half()  # (N, K/32)
+    q = torch.round(blocks / d.float().clamp(min=1e-12)[..., None]).clamp(-127, 127)
+    return Int8Linear.from_blocks(q.to(torch.int8).view(n, k), d, b)
+
+
+LAYERS = [Int8Linear, Int4Linear, q8_0]  # kinds 9, 5, 8
+
+
 @needs_native
-@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+@pytest.mark.parametrize("cls", LAYERS)
 @pytest.mark.parametrize("rows", [1, 3, 4, 7])
 def test_quantised_linear_matches_its_dequantised_weight(cls, rows):
     torch.manual_seed(0)
@@ -35,10 +48,14 @@ def test_quantised_linear_matches_its_dequantised_weight(cls, rows):
     assert lin.native
     deq = lin.dequantize()
     # The dequantised weight is the original within one quantisation step.
-    step = (
-        (w.abs().amax(1, keepdim=True) / 127) if cls is Int8Linear else (w.amax() - w.amin()) / 15
-    )
-    assert ((deq - w).abs() <= step * 0.51 + 1e-6).all()
+    if cls is Int4Linear:
+        step = (w.amax() - w.amin()) / 15
+    elif cls is q8_0:
+        step = w.view(n, 3, 32).abs().amax(-1, keepdim=True).expand(n, 3, 32).reshape(n, k) / 127
+    else:
+        step = w.abs().amax(1, keepdim=True) / 127
+    # (Q8_0's scale is fp16: 127 * d's rounding adds up to ~0.06 of a step.)
+    assert ((deq - w).abs() <= step * (0.6 if cls is q8_0 else 0.51) + 1e-6).all()
     x = torch.randn(rows, k)
     ref = x @ deq.T + b
     got = lin(x)
@@ -68,9 +85,9 @@ def _cf_qlinear(lib, lin, x: torch.Tensor, threads: int = 2) -> torch.Tensor:
 
 
 @needs_native
-@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+@pytest.mark.parametrize("cls", LAYERS)
 def test_every_variant_computes_the_reference_and_is_batch_invariant(cls):
-    """The integer kernels (kind 9, kind 5) of every variant this CPU runs, against the
+    """The integer kernels (kinds 9, 5, 8) of every variant this CPU runs, against the
     dequantised weight in fp32; a row's output is bit-identical whatever the number of
     rows, the other rows, the threads or the variant."""
     libs = _variants()
@@ -134,7 +151,7 @@ def test_plain_c_build_computes_what_the_vector_build_does(tmp_path):
     torch.manual_seed(1)
     w = torch.randn(20, 64)
     x = torch.randn(5, 64)
-    for lin in (Int8Linear(w, None), Int4Linear(w, None)):
+    for lin in (Int8Linear(w, None), Int4Linear(w, None), q8_0(w, None)):
         y = torch.empty(5, 20)
         rc = plain.cf_qlinear(
             lin.kind, x.data_ptr(), 5, 64, lin.weight_q.data_ptr(), lin.scales.data_ptr(),

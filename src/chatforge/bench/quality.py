@@ -99,8 +99,8 @@ def quality_check(loaded: Any, settings=SETTINGS, conversations: int = 40) -> li
 
 
 def _gguf_weights(loaded: Any) -> Any:
-    """The 4-bit blocks of the GGUF ``loaded`` was converted from (None if it was not)."""
-    from chatforge.models.fast.gguf_weights import source_q4_weights
+    """The quantised blocks of the GGUF ``loaded`` was converted from (None if it was not)."""
+    from chatforge.models.fast.gguf_weights import source_gguf_weights
     from chatforge.models.meta import ModelMeta
 
-    return source_q4_weights(ModelMeta.read(loaded.info.path), loaded.model.config.model_type)
+    return source_gguf_weights(ModelMeta.read(loaded.info.path), loaded.model.config.model_type)

@@ -93,8 +93,8 @@ QuantizeOpt = Annotated[
         "--quantize",
         "-q",
         help="Weight-only quantisation of the fast path: none, int8, int4, gguf (a .gguf "
-        "model's own 4-bit weights) or auto (default: gguf for a .gguf model with Q4_0/Q4_1 "
-        "weights, else int8).",
+        "model's own quantised weights) or auto (default: gguf for a .gguf model with "
+        "Q4_0/Q4_1/Q8_0 weights, else int8).",
     ),
 ]
 SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")]

@@ -311,6 +311,76 @@ def load_transformers(directory: Path, dtype: str = "fp32", base: str | None = N
     return model
 
 
+def _fast_settings(
+    meta: ModelMeta | None, model_type: str, short: str, quant: str
+) -> tuple[str, str, Any]:
+    """The fast path's dtype and quantisation for the requested ones (``auto``
+    resolved), and the GGUF blocks it runs (``quant == "gguf"``, else None)."""
+    short = AUTO_SETTING[0] if short == "auto" else short
+    gguf = None
+    if quant in ("auto", "gguf"):
+        from chatforge.models.fast.gguf_weights import source_gguf_weights
+
+        gguf = source_gguf_weights(meta, model_type)
+    if quant == "auto":
+        # A model converted from a GGUF with Q4/Q8_0 blocks runs those very
+        # weights (the model llama.cpp runs; no second rounding); others the
+        # fastest setting that passes the checks.
+        quant = "gguf" if gguf is not None else AUTO_SETTING[1]
+    elif quant == "gguf" and gguf is None:
+        raise ModelLoadError(
+            "--quantize gguf runs a .gguf file's own quantised weights; this model "
+            "was not converted from a (Llama-family) .gguf file with Q4_0/Q4_1/Q8_0 "
+            "weights that is still there unchanged; use int8, int4 or none"
+        )
+    return short, quant, gguf if quant == "gguf" else None
+
+
+def _torch_dtype(short: str) -> Any:
+    import torch
+
+    return torch.float32 if short == "fp32" else torch.bfloat16
+
+
+@dataclass
+class _Pack:
+    """Where the fast decoder of a GGUF model's conversion is saved (packed.py), the
+    settings it is built with, and the file's blocks when they had to be read."""
+
+    path: Path
+    short: str
+    quant: str
+    gguf: Any = None
+
+
+def _pack_file(directory: Path, meta: ModelMeta | None, short: str, quant: str) -> _Pack | None:
+    """The pack of this model for these settings; None for models that are not a GGUF
+    file's conversion (a directory of the user's can change under the same name; a
+    conversion is per file content) or settings that repack nothing."""
+    from chatforge.models.fast.packed import pack_path
+    from chatforge.models.gguf import source_gguf
+
+    if source_gguf(meta) is None or not (directory / "config.json").is_file():
+        return None
+    if quant in ("auto", "gguf"):
+        # A pack of the file's blocks exists only where the file has them: "auto"
+        # is settled without parsing the file again (seconds for a large vocabulary).
+        s = AUTO_SETTING[0] if short == "auto" else short
+        path = pack_path(directory, "gguf", _torch_dtype(s))
+        if path.is_file():
+            return _Pack(path, s, "gguf")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except Exception:  # the full load below reports what is wrong
+        return None
+    short, quant, gguf = _fast_settings(meta, config.model_type, short, quant)
+    if quant == "none":
+        return None  # nothing repacked: transformers' weights are the decoder's
+    return _Pack(pack_path(directory, quant, _torch_dtype(short)), short, quant, gguf)
+
+
 def load_model(
     ref: str = DEFAULT_MODEL,
     dtype: str | None = "auto",
@@ -325,11 +395,13 @@ def load_model(
     stores its weights in fewer bytes. Unsupported architectures run through
     transformers' modules (``info.engine`` says which).
 
-    The defaults are the CLI's: ``auto`` is :data:`AUTO_SETTING` (fp32
-    activations, int8 weights) where the fast path runs, else fp32 without
-    quantisation; pass ``dtype="fp32", quantize="none"`` for transformers' exact
-    numbers. Once the fast decoder is built, transformers' copy of the weights is
-    released (``LoadedModel.model`` loads it again on first use).
+    The defaults are the CLI's: ``auto`` is a GGUF model's own quantised blocks
+    (``gguf``), else :data:`AUTO_SETTING` (fp32 activations, int8 weights) where
+    the fast path runs, else fp32 without quantisation; pass ``dtype="fp32",
+    quantize="none"`` for transformers' exact numbers. Once the fast decoder is
+    built, transformers' copy of the weights is released (``LoadedModel.model``
+    loads it again on first use); a GGUF model's decoder is saved beside its
+    conversion and later loads read it back without transformers' weights.
 
     ``base``, for a LoRA adapter directory only: merge the adapter into this model
     instead of the base the directory records (same architecture and sizes).
@@ -338,10 +410,10 @@ def load_model(
     >>> lm.info.context_length               # doctest: +SKIP
     8192
     """
-    import torch
     from transformers import AutoTokenizer
 
     from chatforge.conversation import detect_format, get_format
+    from chatforge.models.fast.packed import load_pack, save_pack
     from chatforge.noise import quiet_libraries
 
     quiet_libraries()
@@ -357,43 +429,43 @@ def load_model(
             tokenizer = AutoTokenizer.from_pretrained(directory)
     except Exception as e:
         raise ModelLoadError(f"could not load the tokenizer in {directory}: {e}") from e
-    # "auto" loads transformers' weights in fp32 and picks the fast path's dtype below.
-    model = load_transformers(directory, "bf16" if short == "bf16" else "fp32", base=base)
-    # What the engine and ModelInfo need from transformers' model, taken before the
-    # fast path's build empties it.
-    architecture = (model.config.architectures or [type(model).__name__])[0]
-    n_params = sum(p.numel() for p in model.parameters())
-    context_length = context_length_of(model.config, tokenizer)
-    eos_token_id = model.generation_config.eos_token_id
-    fast_model, fast_reason = None, "disabled"
-    if fast:
+    fast_model, fast_reason, model, facts = None, "disabled", None, None
+    # A GGUF model's fast decoder, saved by an earlier load (packed.py): no
+    # transformers weights to read, nothing to repack.
+    pack = _pack_file(directory, meta, short, quant) if fast and base is None else None
+    if pack is not None:
+        loaded = load_pack(pack.path)
+        if loaded is not None:
+            fast_model, facts = loaded
+            fast_reason, short, quant = None, pack.short, pack.quant
+    if fast_model is None:
+        # "auto" loads transformers' weights in fp32 and picks the fast path's dtype below.
+        model = load_transformers(directory, "bf16" if short == "bf16" else "fp32", base=base)
+        # What the engine and ModelInfo need from transformers' model, taken before the
+        # fast path's build empties it.
+        facts = {
+            "architecture": (model.config.architectures or [type(model).__name__])[0],
+            "n_params": sum(p.numel() for p in model.parameters()),
+            "context_length": context_length_of(model.config, tokenizer),
+            "eos_token_id": model.generation_config.eos_token_id,
+        }
+    if fast and fast_model is None:
         from chatforge.models.fast import build_fast_model, unsupported_reason
 
         fast_reason = unsupported_reason(model)
         if fast_reason is None:
-            if short == "auto":
-                short = AUTO_SETTING[0]
-            gguf = None
-            if quant in ("auto", "gguf"):
-                from chatforge.models.fast.gguf_weights import source_q4_weights
-
-                gguf = source_q4_weights(meta, model.config.model_type)
-            if quant == "auto":
-                # A model converted from a GGUF with 4-bit blocks runs those very
-                # weights (the model llama.cpp runs; no second rounding); others the
-                # fastest setting that passes the checks.
-                quant = "gguf" if gguf is not None else AUTO_SETTING[1]
-            elif quant == "gguf" and gguf is None:
-                raise ModelLoadError(
-                    "--quantize gguf runs a .gguf file's own 4-bit weights; this model "
-                    "was not converted from a (Llama-family) .gguf file with Q4_0/Q4_1 "
-                    "weights that is still there unchanged; use int8, int4 or none"
-                )
-            fast_dtype = torch.float32 if short == "fp32" else torch.bfloat16
+            if pack is not None and (pack.quant != "gguf" or pack.gguf is not None):
+                short, quant, gguf = pack.short, pack.quant, pack.gguf
+            else:  # (a pack found by name but unreadable: the blocks are read here)
+                short, quant, gguf = _fast_settings(meta, model.config.model_type, short, quant)
             # release: each part of transformers' model is freed once converted, so
             # memory peaks near one model, not two; the model is dropped after it.
-            fast_model = build_fast_model(model, fast_dtype, quant, release=True, gguf=gguf)
+            fast_model = build_fast_model(
+                model, _torch_dtype(short), quant, release=True, gguf=gguf
+            )
             model = None
+            if pack is not None:
+                save_pack(fast_model, pack.path, facts)
     short = "fp32" if short == "auto" else short
     quant = "none" if quant == "auto" else quant
     if quant != "none" and fast_model is None:
@@ -405,9 +477,9 @@ def load_model(
         ref=str(ref),
         name=(meta.name if meta and meta.name else display),
         path=directory,
-        architecture=architecture,
-        n_params=n_params,
-        context_length=context_length,
+        architecture=facts["architecture"],
+        n_params=facts["n_params"],
+        context_length=facts["context_length"],
         prompt_format=fmt_name,
         dtype=short,
         quantize=quant,
@@ -423,6 +495,6 @@ def load_model(
         format=fmt,
         fast=fast_model,
         fast_reason=fast_reason,
-        eos_token_id=eos_token_id,
+        eos_token_id=facts["eos_token_id"],
         _hf=model,
     )

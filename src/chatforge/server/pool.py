@@ -100,7 +100,7 @@ def model_bytes(loaded: Any) -> int:
     """Bytes a loaded model's weights take (the fast path's, else transformers')."""
     fast = getattr(loaded, "fast", None)
     if fast is not None:
-        return int(fast.weight_bytes + fast.embed.numel() * fast.embed.element_size())
+        return int(fast.weight_bytes + fast.embed_bytes)
     model = loaded.model
     return sum(p.numel() * p.element_size() for p in model.parameters())
 

@@ -17,11 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from chatforge.models.fast.gguf_weights import GGUFWeights
+from chatforge.models.fast.gguf_weights import BlockEmbedding, GGUFWeights
 from chatforge.models.fast.linear import (
     QUANT_MODES,
     DenseLinear,
-    Int4Linear,
     _QuantLinear,
     make_linear,
 )
@@ -200,8 +199,8 @@ def build_fast_model(
     two; ``model`` is unusable afterwards (also when the build fails part way).
 
     ``quantize="gguf"`` (with ``gguf``, the file ``model`` was converted from): the
-    file's Q4_0/Q4_1 weights go into the int4 kernels as they are; its other tensors
-    (e.g. a Q8_0 embedding, hence the tied LM head) are quantised as ``int8``.
+    file's Q4_0/Q4_1/Q8_0 weights go into our kernels as they are (embeddings too,
+    looked up from their blocks); its other tensors are quantised as ``int8``.
     """
     if quantize not in (*QUANT_MODES, "gguf"):
         raise ValueError(f"unknown quantization {quantize!r}; use one of {', '.join(QUANT_MODES)}")
@@ -265,7 +264,9 @@ def _from_llama(
     )
     # Embeddings and LM head first: they are the largest tensors, and converting them
     # while no layer has been touched yet keeps the peak low (see _Source).
-    embed, head = _embed_and_head(model, inner.embed_tokens, dtype, quantize, group_size, src)
+    embed, head = _embed_and_head(
+        model, inner.embed_tokens, dtype, quantize, group_size, src, blocks
+    )
     layers = []
     for i, blk in enumerate(inner.layers):
         at, mlp = blk.self_attn, blk.mlp
@@ -284,16 +285,30 @@ def _from_llama(
             ]
         )
 
-        def lin(names: list[str], weight: Any, bias: Any, i: int = i) -> Any:
-            """The file's Q4 blocks of ``blk.{i}.<names>`` stacked, else ``weight`` quantised."""
-            q4 = None if blocks is None else blocks.q4_rows([f"blk.{i}.{n}" for n in names])
-            if q4 is not None:
-                return Int4Linear.from_blocks(*q4, None if bias is None else _w(bias))
-            return _lin(weight, bias, dtype, quantize, group_size)
+        def lin(names: list[str], weight: Any, bias: Any, i: int = i, rows: Any = None) -> Any:
+            """The file's blocks of ``blk.{i}.<names>`` stacked (``rows``: see
+            GGUFWeights.linear), else ``weight`` quantised."""
+            b = None if bias is None else _w(bias)
+            full = [f"blk.{i}.{n}" for n in names]
+            own = None if blocks is None else blocks.linear(full, b, rows)
+            return own if own is not None else _lin(weight, bias, dtype, quantize, group_size)
+
+        qkv_rows: list[Any] | None = None  # the file's Q/K rows as they are
+        if blocks is not None and blocks.qk_order == "halves":
+            qkv_rows = [
+                lambda t: _interleave(t, n_heads, head_dim),
+                lambda t: _interleave(t, n_kv, head_dim),
+                None,
+            ]
+        qkv_blocks = blocks is None or blocks.qk_order is not None
 
         layer = Layer(
             norm1=Norm(blk.input_layernorm.weight.detach().to(dtype), None, fc.eps, rms=True),
-            qkv=lin(["attn_q.weight", "attn_k.weight", "attn_v.weight"], qkv_w, qkv_b),
+            qkv=lin(
+                ["attn_q.weight", "attn_k.weight", "attn_v.weight"], qkv_w, qkv_b, rows=qkv_rows
+            )
+            if qkv_blocks
+            else _lin(qkv_w, qkv_b, dtype, quantize, group_size),  # row order unknown
             out=lin(["attn_output.weight"], at.o_proj.weight, at.o_proj.bias),
             norm2=Norm(
                 blk.post_attention_layernorm.weight.detach().to(dtype), None, fc.eps, rms=True
@@ -323,14 +338,30 @@ def _from_llama(
 
 
 def _embed_and_head(
-    model: Any, embedding: Any, dtype, quantize: str, group_size: int, src: _Source
-) -> tuple[Tensor, Any]:
-    """The token embeddings (``dtype``) and the LM head (a linear), in that order.
+    model: Any,
+    embedding: Any,
+    dtype,
+    quantize: str,
+    group_size: int,
+    src: _Source,
+    blocks: GGUFWeights | None = None,
+) -> tuple[Tensor | BlockEmbedding, Any]:
+    """The token embeddings (``dtype``, or a GGUF file's blocks) and the LM head (a
+    linear), in that order.
 
     A tied head (one tensor for both) is quantised from our copy of the
     embeddings when that copy has the model's values (same dtype), so the
     model's tensor is freed before the quantisation's temporaries exist.
     """
+    if blocks is not None:
+        own = blocks.embedding("token_embd.weight")
+        # No output.weight in the file: the head is tied to the embeddings.
+        head_name = "output.weight" if blocks.kind("output.weight") else "token_embd.weight"
+        head = blocks.linear([head_name])
+        if own is not None and head is not None:
+            src.done(embedding)
+            src.done(model.get_output_embeddings(), head)
+            return own, head
     weight = embedding.weight
     head_w = model.get_output_embeddings().weight
     tied = head_w.data_ptr() == weight.data_ptr() and head_w.shape == weight.shape

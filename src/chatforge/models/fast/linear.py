@@ -22,7 +22,7 @@ from torch import Tensor
 from chatforge.models.fast import native
 
 QUANT_MODES = ("none", "int8", "int4")
-GROUP = 16  # weight rows the kernels interleave (kinds 5 and 9)
+GROUP = 16  # weight rows the kernels interleave (kinds 5, 8 and 9)
 
 
 class DenseLinear:
@@ -59,7 +59,7 @@ class _QuantLinear:
     bias: Tensor | None  # fp32
     in_features: int
     out_features: int
-    kind: int  # 9 | 5: the native kernel's layout (see kernels/qlinear.c)
+    kind: int  # 9 | 8 | 5: the native kernel's layout (see kernels/qlinear.c)
     native: bool  # stored in the native kernel's layout
     weight_q: Tensor
     scales: Tensor
@@ -133,7 +133,9 @@ def _native_ok(k: int) -> bool:
 class Int8Linear(_QuantLinear):
     """Weight-only int8, one scale per output channel (symmetric): w = q * s.
 
-    Native layout (kind 9): ``repack_q8``'s interleaved groups, fp32 scales (N,)."""
+    Native layout (kind 9): ``repack_q8``'s interleaved groups, fp32 scales (N,).
+    A GGUF file's Q8_0 blocks (one fp16 scale per 32 inputs) are taken as they are
+    by :meth:`from_blocks` (kind 8)."""
 
     kind = 9
 
@@ -150,6 +152,26 @@ class Int8Linear(_QuantLinear):
 
     def _torch_matmul(self, x: Tensor) -> Tensor:
         return torch.ops.aten._weight_int8pack_mm(x, self.weight_q, self.scales)
+
+    @classmethod
+    def from_blocks(cls, q: Tensor, d: Tensor, bias: Tensor | None = None) -> Int8Linear:
+        """A layer holding Q8_0 blocks as they are: ``q`` (N, K) int8, ``d`` (N, K/32)
+        fp16, w = q * d (kind 8: ``repack_q8``'s interleaved groups, ``d`` as (G, K/32,
+        16)). Where our kernel cannot run, the blocks are expanded and quantised per
+        channel for torch's."""
+        n, k = q.shape
+        if not _native_ok(k):
+            w = q.float().view(n, k // native.QK, native.QK) * d.float()[..., None]
+            return cls(w.view(n, k), bias)
+        layer = cls.__new__(cls)
+        layer.kind = 8
+        layer.out_features, layer.in_features = n, k
+        layer.native = True
+        layer.weight_q = repack_q8(q.contiguous())
+        layer.scales = _pad_rows(d.to(torch.float16)).view(-1, GROUP, k // native.QK)
+        layer.scales = layer.scales.transpose(1, 2).contiguous()  # (G, K/32, 16)
+        layer.bias = None if bias is None else bias.detach().float().contiguous()
+        return layer
 
 
 class Int4Linear(_QuantLinear):

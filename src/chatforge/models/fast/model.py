@@ -145,7 +145,8 @@ class FastDecoder:
     """The forward pass of a supported architecture, over a paged KV cache."""
 
     cfg: FastConfig
-    embed: Tensor  # (V, hidden) token embeddings
+    # (V, hidden) token embeddings, or a GGUF file's blocks (gguf_weights.BlockEmbedding)
+    embed: Any
     layers: list[Layer]
     norm: Norm  # final norm
     head: Linear  # hidden -> vocab
@@ -199,12 +200,16 @@ class FastDecoder:
 
     # -- pieces ---------------------------------------------------------------------
 
+    def _lookup(self, ids: Tensor) -> Tensor:
+        e = self.embed
+        return F.embedding(ids, e) if isinstance(e, Tensor) else e(ids).to(self.cfg.dtype)
+
     def _embed(self, tokens: Tensor, positions: Tensor, types: Tensor | None) -> Tensor:
-        x = F.embedding(tokens, self.embed)  # (B, T, hidden)
+        x = self._lookup(tokens)  # (B, T, hidden)
         if self.pos_embed is not None:
             x = x + F.embedding(positions, self.pos_embed)
         if types is not None:  # GPT-2 token types share the token embedding table
-            x = x + F.embedding(types, self.embed)
+            x = x + self._lookup(types)
         return x.to(self.cfg.dtype)
 
     def _lin(self, layer: Layer, name: str, h: Tensor, lora: _Lora | None) -> Tensor:
@@ -355,3 +360,9 @@ class FastDecoder:
             for lin in (layer.qkv, layer.out, layer.up, layer.down)
         )
         return total + self.head.nbytes
+
+    @property
+    def embed_bytes(self) -> int:
+        """Bytes the token embeddings take (looked up, not read whole, per token)."""
+        e = self.embed
+        return e.numel() * e.element_size() if isinstance(e, Tensor) else e.nbytes

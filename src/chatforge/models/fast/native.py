@@ -357,8 +357,9 @@ def available() -> bool:
 def qlinear(kind: int, x: Tensor, w: Tensor, scales: Tensor, bias: Tensor | None, n: int) -> Tensor:
     """y (M, N) fp32 = x (M, K) fp32 times the weight (N, K) transposed (+ bias).
 
-    ``kind`` 32: ``w`` fp32 (N, K); 9: int8, 5: Q4_1 blocks, in the layouts of
-    ``linear.repack_q8`` / ``repack_q4`` (see kernels/qlinear.c). All contiguous.
+    ``kind`` 32: ``w`` fp32 (N, K); 9: int8 (a scale per row), 8: Q8_0 blocks, 5:
+    Q4_1 blocks, in the layouts of ``linear.repack_q8`` / ``repack_q4`` (see
+    kernels/qlinear.c). All contiguous.
     """
     lib = kernels()
     assert lib is not None
@@ -384,7 +385,7 @@ def qlinear(kind: int, x: Tensor, w: Tensor, scales: Tensor, bias: Tensor | None
 def dequantize(
     kind: int, w: Tensor, scales: Tensor, n: int, k: int, out: Tensor | None = None
 ) -> Tensor:
-    """The fp32 (N, K) weight of a quantised layer, kind 9 or 5 (into ``out`` when given)."""
+    """The fp32 (N, K) weight of a quantised layer, kind 9, 8 or 5 (into ``out`` when given)."""
     lib = kernels()
     assert lib is not None
     if out is None:

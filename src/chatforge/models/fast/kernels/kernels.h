@@ -21,6 +21,7 @@ static inline float hsum(__m256 v) {
  * of 16 interleaved rows; the byte order is described in qlinear.c):
  *   kind 32: fp32 (n, k);
  *   kind 9:  uint8 q + 128 (G, k/32, 8, 16, 4), scales fp32 (n,)       w = q * s
+ *   kind 8:  uint8 q + 128 (G, k/32, 8, 16, 4), scales fp16 (G, k/32, 16) w = q * d
  *   kind 5:  uint8 (G, k/32, 4, 16, 4), scales fp16 (G, k/32, 2, 16)   w = q * d + m
  * Layout mirrored by ctypes in native.py: keep the two in step. */
 typedef struct {

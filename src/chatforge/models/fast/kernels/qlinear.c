@@ -14,6 +14,7 @@
  * vpmaddwd; plain C: integer loops). Only then is it scaled to float, per block:
  *     kind 5 (Q4_1):  y += (d * xs) * sum(q * xq) + m * (xs * sum(xq))
  *     kind 9 (int8):  y += xs * sum(q * xq), and at the end y *= s (the row's scale)
+ *     kind 8 (Q8_0):  y += (d * xs) * sum(q * xq)
  * with xq = 128 * x1 + x2. Expanding each weight to fp32 (the previous kernels) made
  * int4 compute-bound at batch 1 and prefill several times slower than integers.
  * Why two digits: one int8 digit per activation (llama.cpp's Q8 blocks, ~0.5 %
@@ -43,6 +44,8 @@
  *            of row r in chunk c is q[4c + i] + 128 (vpdpbusd's unsigned operand;
  *            the 128 * sum(xq) this adds is subtracted per block). scales fp32
  *            (N,).                                                    w = q * s
+ *   kind 8:  Q8_0 blocks (a GGUF file's 8-bit tensors as they are). q as kind 9's;
+ *            scales fp16 (N/16, K/32, 16): the 16 rows' d per block. w = q * d
  * Groups of rows are split over OpenMP threads (the same libgomp torch uses, so
  * one thread pool).
  */
@@ -342,19 +345,24 @@ INLINE void tile_q4(const uint8_t *w, const uint16_t *dm, int64_t nb, const xqua
 #endif
 }
 
-/* A group of 16 kind-9 weight rows (w at the group) against activation rows
- * m0..m0+RM: out[m * 16 + r], before the rows' scales. */
-INLINE void tile_q8(const uint8_t *w, int64_t nb, const xquant *xq, int64_t m0, int RM, float *out) {
+/* A group of 16 kind-9 or kind-8 weight rows (w at the group) against activation
+ * rows m0..m0+RM: out[m * 16 + r]. Kind 8 passes its blocks' scales ds (at the
+ * group); kind 9 passes NULL and its rows' scales are applied by the caller. */
+INLINE void tile_q8(const uint8_t *w, const uint16_t *ds, int64_t nb, const xquant *xq, int64_t m0,
+                    int RM, float *out) {
 #if defined(CF_AVX512)
     __m512 f[XM];
     for (int m = 0; m < RM; m++) f[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *wb = w + b * 512;
         prefetch(wb + PREFETCH_BLOCKS * 512, 512);
+        const __m512 d =
+            ds ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ds + b * 16))) : _mm512_setzero_ps();
         for (int m = 0; m < RM; m++) {
             const int64_t i = (m0 + m) * nb + b;
             const __m512i acc = dot_q8(wb, xq->q + i * 2 * QK, xq->off[i]);
-            f[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(xq->s[i]), f[m]);
+            const __m512 xs = _mm512_set1_ps(xq->s[i]);
+            f[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), ds ? _mm512_mul_ps(d, xs) : xs, f[m]);
         }
     }
     for (int m = 0; m < RM; m++) _mm512_storeu_ps(out + m * RG, f[m]);
@@ -366,6 +374,8 @@ INLINE void tile_q8(const uint8_t *w, int64_t nb, const xquant *xq, int64_t m0, 
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *wb = w + b * 512 + 32 * h;
             prefetch(wb + PREFETCH_BLOCKS * 512, 512);
+            const __m256 d = ds ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ds + b * 16 + 8 * h)))
+                                : _mm256_setzero_ps();
             for (int m = 0; m < RM; m++) {
                 const int64_t i = (m0 + m) * nb + b;
                 const int8_t *x = xq->q + i * 2 * QK;
@@ -381,7 +391,8 @@ INLINE void tile_q8(const uint8_t *w, int64_t nb, const xquant *xq, int64_t m0, 
                     d2 = _mm256_add_epi32(d2, _mm256_madd_epi16(p2, ones));
                 }
                 const __m256i acc = _mm256_add_epi32(_mm256_slli_epi32(a, 7), d2);
-                f[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(xq->s[i]), f[m]);
+                const __m256 xs = _mm256_set1_ps(xq->s[i]);
+                f[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), ds ? _mm256_mul_ps(d, xs) : xs, f[m]);
             }
         }
         for (int m = 0; m < RM; m++) _mm256_storeu_ps(out + m * RG + 8 * h, f[m]);
@@ -398,7 +409,8 @@ INLINE void tile_q8(const uint8_t *w, int64_t nb, const xquant *xq, int64_t m0, 
                 for (int c = 0; c < 8; c++)
                     for (int j = 0; j < 4; j++)
                         acc += (q[64 * c + j] - 128) * (128 * x[4 * c + j] + x[32 + 4 * c + j]);
-                f = fmaf((float)acc, xq->s[i], f);
+                const float xs = xq->s[i];
+                f = fmaf((float)acc, ds ? fp16_to_fp32(ds[b * 16 + r]) * xs : xs, f);
             }
             out[m * RG + r] = f;
         }
@@ -413,13 +425,14 @@ INLINE void group_tile(const cf_lin *l, const xquant *xq, int64_t g, int64_t m0,
         tile_q4((const uint8_t *)l->w + g * nb * 256, (const uint16_t *)l->scales + g * nb * 32, nb,
                 xq, m0, RM, out);
     else
-        tile_q8((const uint8_t *)l->w + g * nb * 512, nb, xq, m0, RM, out);
+        tile_q8((const uint8_t *)l->w + g * nb * 512,
+                l->kind == 8 ? (const uint16_t *)l->scales + g * nb * 16 : NULL, nb, xq, m0, RM, out);
 }
 
 #define GROUP_TILE(R) \
     case R: group_tile(l, &xq, g, m0, R, out); break;
 
-/* Kinds 5 and 9, any number of rows: quantise the activations, then the groups of
+/* Kinds 5, 8 and 9, any number of rows: quantise the activations, then the groups of
  * 16 weight rows over the threads, each against tiles of up to XM activation rows
  * (its weights, a few KiB, stay in L1 across the tiles of a prompt). */
 static int linear_q(const cf_lin *l, const float *x, int64_t M, float *y, int threads) {
@@ -569,7 +582,7 @@ int cf_qlinear(int kind, const float *x, int64_t M, int64_t K, const void *w, co
     return cf_linear(&l, x, M, y, threads);
 }
 
-/* The fp32 weight (N, K) of kind 5 or 9 (the reference the tests compare with, and
+/* The fp32 weight (N, K) of kind 5, 8 or 9 (the reference the tests compare with, and
  * torch's matmul of a long input when the C forward step does not run). */
 void cf_dequantize(int kind, const void *w, const void *scales, int64_t N, int64_t K, float *out,
                    int threads) {
@@ -578,13 +591,15 @@ void cf_dequantize(int kind, const void *w, const void *scales, int64_t N, int64
     for (int64_t n = 0; n < N; n++) {
         float *o = out + n * K;
         const int64_t g = n / RG, r = n % RG;
-        if (kind == 9) {
+        if (kind == 9 || kind == 8) {
             const uint8_t *q = (const uint8_t *)w + g * nb * 512 + r * 4;
-            const float s = ((const float *)scales)[n];
-            for (int64_t b = 0; b < nb; b++)
+            const uint16_t *ds = (const uint16_t *)scales + g * nb * 16 + r;
+            for (int64_t b = 0; b < nb; b++) {
+                const float s = kind == 9 ? ((const float *)scales)[n] : fp16_to_fp32(ds[b * 16]);
                 for (int c = 0; c < 8; c++)
                     for (int j = 0; j < 4; j++)
                         o[b * QK + 4 * c + j] = (float)(q[b * 512 + 64 * c + j] - 128) * s;
+            }
         } else {
             const uint8_t *q = (const uint8_t *)w + g * nb * 256 + r * 4;
             const uint16_t *dm = (const uint16_t *)scales + g * nb * 32 + r;
