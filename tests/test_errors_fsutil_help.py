@@ -12,7 +12,7 @@ import pytest
 from chatforge.cli.app import main
 from chatforge.cli.options import flag_for, user_message
 from chatforge.errors import ChatforgeError, InputError, ParamError
-from chatforge.fsutil import atomic_file, atomic_write
+from chatforge.fsutil import atomic_file, atomic_path, atomic_write
 from chatforge.generation.config import GenerationConfig
 from chatforge.generation.processors import LogitBias
 from chatforge.server.errors import APIError
@@ -257,3 +257,16 @@ def test_train_help_shows_the_defaults(capsys, monkeypatch):
 def test_no_command_shows_bool_metavars(capsys, monkeypatch):
     for argv in (["serve"], ["eval"], ["data", "inspect"], ["tokenizer", "train"], []):
         assert "<bool>" not in _help(argv, capsys, monkeypatch), argv
+
+
+def test_atomic_path_replaces_on_success_and_keeps_the_old_file_on_failure(tmp_path):
+    target = tmp_path / "pack.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("crash mid-write")
+    assert target.read_bytes() == b"old" and sorted(tmp_path.iterdir()) == [target]
+    with atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and tmp != target
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and sorted(tmp_path.iterdir()) == [target]

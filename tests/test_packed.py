@@ -99,11 +99,13 @@ def test_a_pack_that_cannot_be_written_costs_nothing(ggufs, monkeypatch, caplog)
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("chatforge.fsutil.atomic_write", full_disk)
+    monkeypatch.setattr("chatforge.models.fast.packed.save_file", full_disk, raising=False)
+    monkeypatch.setattr("safetensors.torch.save_file", full_disk)
     with caplog.at_level(logging.WARNING, logger="chatforge.models.fast.packed"):
         again = load_model(str(ggufs["q4_0"]))
     assert "No space left" in caplog.text
     assert _packs(again) == [] and _greedy(again) == want
+    assert list(again.info.path.glob(".fast-*")) == []  # no temporary file left
 
 
 def test_packs_are_named_by_settings_and_kernels(ggufs, monkeypatch, reads):

@@ -57,9 +57,9 @@ def save_pack(dec: FastDecoder, path: Path, info: dict[str, Any]) -> bool:
     """Write ``dec`` (and ``info``, JSON-able facts the loader needs) to ``path``.
     False, having logged why, when it is not packable or cannot be written (a pack is
     a cache: the model works without one)."""
-    from safetensors.torch import save
+    from safetensors.torch import save_file
 
-    from chatforge.fsutil import atomic_write
+    from chatforge.fsutil import atomic_path
 
     if not packable(dec):
         return False
@@ -85,8 +85,9 @@ def save_pack(dec: FastDecoder, path: Path, info: dict[str, Any]) -> bool:
     if dec.rope is not None:
         tensors["rope"] = torch.view_as_real(dec.rope)  # safetensors has no complex dtype
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    try:
-        atomic_write(path, save(tensors, metadata={"chatforge": json.dumps(meta)}))
+    try:  # (straight to the file: no second copy of the tensors in memory)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"chatforge": json.dumps(meta)})
     except OSError as e:
         log.warning("could not save the fast decoder to %s: %s", path, e)
         return False
