@@ -66,17 +66,24 @@ def make_tiny_gpt2(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def make_tiny_llama(path: Path, seed: int = 0, positions: int = 128) -> Path:
-    """A 2-layer random Llama (GQA) with a ChatML chat template, ``positions`` long."""
+def make_tiny_llama(
+    path: Path, seed: int = 0, positions: int = 128, hidden: int = 32, arch: str = "llama"
+) -> Path:
+    """A 2-layer random Llama (GQA; or ``arch`` "qwen2") with a ChatML chat template,
+    ``positions`` long, ``hidden`` wide."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    config_cls, model_cls = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }[arch]
     tok = _tiny_tokenizer(chat=True)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    cfg = config_cls(
         vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -86,7 +93,7 @@ def make_tiny_llama(path: Path, seed: int = 0, positions: int = 128) -> Path:
         pad_token_id=tok.eos_token_id,
         tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(cfg)
+    model = model_cls(cfg)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

@@ -104,34 +104,6 @@ def test_the_bundled_model_runs_its_own_q4_1_weights():
     assert "Paris" in reply.text
 
 
-def _tiny_chat_model(arch: str, path):
-    """A random 2-layer ``arch`` model (64 wide: whole blocks) with the tiny chat tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    from conftest import _tiny_tokenizer
-
-    tok = _tiny_tokenizer(chat=True)
-    torch.manual_seed(2)
-    config_cls, model_cls = {
-        "llama": (LlamaConfig, LlamaForCausalLM),
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    }[arch]
-    cfg = config_cls(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=False,
-    )
-    model_cls(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize("quantize", ["q8_0", "q4_0"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_a_gguf_models_own_blocks_answer_as_its_dequantised_weights(arch, quantize, tmp_path):
@@ -140,8 +112,9 @@ def test_a_gguf_models_own_blocks_answer_as_its_dequantised_weights(arch, quanti
     same weights dequantised (the model transformers reads from the file)."""
     from chatforge import load_model
     from chatforge.models.export import export_model
+    from conftest import make_tiny_llama
 
-    src = _tiny_chat_model(arch, tmp_path / arch)
+    src = make_tiny_llama(tmp_path / arch, seed=2, hidden=64, arch=arch)  # 64: whole blocks
     out = export_model(str(src), tmp_path / "m.gguf", quantize=quantize)
     own = load_model(str(out))
     assert own.info.quantize == "gguf"

@@ -38,24 +38,9 @@ def atomic_file(
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_file writes new files: mode must be 'w' or 'wb' (got {mode!r})")
-    target = Path(path)
-    tmp, fd = _create_temp(target)
-    try:
-        kwargs: dict[str, Any] = {} if mode == "wb" else {"encoding": encoding, "newline": ""}
-        try:
-            f = open(fd, mode, **kwargs)  # noqa: SIM115 - closed below
-        except BaseException:
-            os.close(fd)
-            raise
-        with f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        _remove(tmp)
-        raise
-    _fsync_dir(target.parent)
+    kwargs: dict[str, Any] = {} if mode == "wb" else {"encoding": encoding, "newline": ""}
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
+        yield f  # (closed before atomic_path fsyncs and renames it)
 
 
 @contextmanager

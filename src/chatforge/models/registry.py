@@ -25,6 +25,7 @@ from chatforge.models.meta import ModelMeta
 from chatforge.paths import data_dir, models_cache_dir
 
 DEFAULT_MODEL = "smollm2"
+PACK_PREFIX = "fast-"  # the engine's saved decoders in a conversion (models/fast/packed.py)
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,8 @@ def _params_from_safetensors(directory: Path) -> int | None:
     import struct
 
     total = 0
-    files = list(directory.glob("*.safetensors"))
+    # fast-*.safetensors: the engine's saved decoder (models/fast/packed.py), not the model.
+    files = [f for f in directory.glob("*.safetensors") if not f.name.startswith(PACK_PREFIX)]
     if not files:
         return None
     for f in files:

@@ -30,6 +30,7 @@ from torch import Tensor
 from chatforge.models.fast.gguf_weights import BlockEmbedding
 from chatforge.models.fast.linear import DenseLinear, Int4Linear, Int8Linear, _QuantLinear
 from chatforge.models.fast.model import FastConfig, FastDecoder, Layer, Norm
+from chatforge.models.registry import PACK_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ def pack_path(directory: Path, quantize: str, dtype: torch.dtype) -> Path:
 
     here = Path(kernel_variants.__file__).parent
     short = "fp32" if dtype == torch.float32 else "bf16"
-    return directory / f"fast-{quantize}-{short}-{kernel_variants.source_hash(here)}.safetensors"
+    name = f"{PACK_PREFIX}{quantize}-{short}-{kernel_variants.source_hash(here)}.safetensors"
+    return directory / name
 
 
 def packable(dec: FastDecoder) -> bool:
