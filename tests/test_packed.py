@@ -132,6 +132,17 @@ def test_packs_are_named_by_settings_and_kernels(ggufs, monkeypatch, reads):
     assert any(n.startswith("fast-int8-fp32-") for n in names)  # other settings kept
 
 
+def test_without_our_kernels_a_pack_is_not_used(ggufs, monkeypatch, reads):
+    lm = load_model(str(ggufs["q8_0"]))
+    assert _packs(lm)
+    reads.clear()
+    monkeypatch.setattr("chatforge.models.fast.native.available", lambda: False)
+    monkeypatch.setattr("chatforge.models.fast.native.kernels", lambda: None)
+    torch_path = load_model(str(ggufs["q8_0"]))  # built again, on torch's kernels
+    assert reads == [lm.info.path] and not torch_path.fast.layers[0].up.native
+    assert _greedy(torch_path)  # runs (torch's int8 of the blocks: not bit-equal to ours)
+
+
 def test_a_users_model_directory_is_not_packed(tiny_llama_dir):
     lm = load_model(str(tiny_llama_dir))
     assert lm.info.quantize == "int8" and _packs(lm) == []

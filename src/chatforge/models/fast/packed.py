@@ -102,9 +102,12 @@ def save_pack(dec: FastDecoder, path: Path, info: dict[str, Any]) -> bool:
 
 
 def load_pack(path: Path) -> tuple[FastDecoder, dict[str, Any]] | None:
-    """The decoder saved at ``path`` and its ``info``; None when there is none. A pack
-    that cannot be read is removed (the caller builds the decoder again)."""
-    if not path.is_file():
+    """The decoder saved at ``path`` and its ``info``; None when there is none or our
+    kernels cannot run here now (``CHATFORGE_NATIVE=0``, no build: its layouts are
+    theirs). A pack that cannot be read is removed (the caller builds the decoder again)."""
+    from chatforge.models.fast import native
+
+    if not path.is_file() or not native.available():
         return None
     try:
         return _load(path)
