@@ -267,6 +267,19 @@ def _from_llama(
     embed, head = _embed_and_head(
         model, inner.embed_tokens, dtype, quantize, group_size, src, blocks
     )
+    # The file's Q/K rows as they are, or reordered into ours where llama.cpp keeps
+    # transformers' order (GGUFWeights.qk_order); where the order is unknown no Q/K
+    # blocks are taken (None: the projection is quantised from transformers' weights).
+    qkv_names: list[str] | None = ["attn_q.weight", "attn_k.weight", "attn_v.weight"]
+    qkv_rows: list[Any] | None = None
+    if blocks is not None and blocks.qk_order == "halves":
+        qkv_rows = [
+            lambda t: _interleave(t, n_heads, head_dim),
+            lambda t: _interleave(t, n_kv, head_dim),
+            None,
+        ]
+    elif blocks is not None and blocks.qk_order is None:
+        qkv_names = None
     layers = []
     for i, blk in enumerate(inner.layers):
         at, mlp = blk.self_attn, blk.mlp
@@ -285,30 +298,20 @@ def _from_llama(
             ]
         )
 
-        def lin(names: list[str], weight: Any, bias: Any, i: int = i, rows: Any = None) -> Any:
+        def lin(
+            names: list[str] | None, weight: Any, bias: Any, i: int = i, rows: Any = None
+        ) -> Any:
             """The file's blocks of ``blk.{i}.<names>`` stacked (``rows``: see
             GGUFWeights.linear), else ``weight`` quantised."""
-            b = None if bias is None else _w(bias)
-            full = [f"blk.{i}.{n}" for n in names]
-            own = None if blocks is None else blocks.linear(full, b, rows)
+            own = None
+            if blocks is not None and names is not None:
+                b = None if bias is None else _w(bias)
+                own = blocks.linear([f"blk.{i}.{n}" for n in names], b, rows)
             return own if own is not None else _lin(weight, bias, dtype, quantize, group_size)
-
-        qkv_rows: list[Any] | None = None  # the file's Q/K rows as they are
-        if blocks is not None and blocks.qk_order == "halves":
-            qkv_rows = [
-                lambda t: _interleave(t, n_heads, head_dim),
-                lambda t: _interleave(t, n_kv, head_dim),
-                None,
-            ]
-        qkv_blocks = blocks is None or blocks.qk_order is not None
 
         layer = Layer(
             norm1=Norm(blk.input_layernorm.weight.detach().to(dtype), None, fc.eps, rms=True),
-            qkv=lin(
-                ["attn_q.weight", "attn_k.weight", "attn_v.weight"], qkv_w, qkv_b, rows=qkv_rows
-            )
-            if qkv_blocks
-            else _lin(qkv_w, qkv_b, dtype, quantize, group_size),  # row order unknown
+            qkv=lin(qkv_names, qkv_w, qkv_b, rows=qkv_rows),
             out=lin(["attn_output.weight"], at.o_proj.weight, at.o_proj.bias),
             norm2=Norm(
                 blk.post_attention_layernorm.weight.detach().to(dtype), None, fc.eps, rms=True

@@ -202,7 +202,7 @@ class FastDecoder:
 
     def _lookup(self, ids: Tensor) -> Tensor:
         e = self.embed
-        return F.embedding(ids, e) if isinstance(e, Tensor) else e(ids).to(self.cfg.dtype)
+        return F.embedding(ids, e) if isinstance(e, Tensor) else e(ids)  # (_embed casts)
 
     def _embed(self, tokens: Tensor, positions: Tensor, types: Tensor | None) -> Tensor:
         x = self._lookup(tokens)  # (B, T, hidden)

@@ -34,7 +34,7 @@ from chatforge.models.registry import PACK_PREFIX
 
 log = logging.getLogger(__name__)
 
-PACK_VERSION = 1  # of this file's format (the tensor names and the metadata)
+PACK_VERSION = 2  # of this file's format (the tensor names and the metadata)
 LINEARS = ("qkv", "out", "up", "down")
 _CLASSES: dict[str, type] = {"dense": DenseLinear, "int8": Int8Linear, "int4": Int4Linear}
 
@@ -80,8 +80,6 @@ def save_pack(dec: FastDecoder, path: Path, info: dict[str, Any]) -> bool:
             )
         _put_norm(tensors, f"layers.{i}.norm1", layer.norm1)
         _put_norm(tensors, f"layers.{i}.norm2", layer.norm2)
-    meta["eps"] = dec.norm.eps
-    meta["rms"] = dec.norm.rms
     if dec.pos_embed is not None:
         tensors["pos_embed"] = dec.pos_embed
     if dec.rope is not None:
@@ -130,7 +128,7 @@ def _load(path: Path) -> tuple[FastDecoder, dict[str, Any]]:
     cfg = dict(meta["cfg"])
     cfg["dtype"] = getattr(torch, cfg["dtype"])
     fc = FastConfig(**cfg)
-    eps, rms = meta["eps"], meta["rms"]
+    eps, rms = fc.eps, fc.arch != "gpt2"  # every norm's, as convert.py builds them
     lins = meta["linears"]
 
     def norm(name: str) -> Norm:
