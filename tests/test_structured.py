@@ -451,3 +451,42 @@ def test_a_template_that_knows_tools_renders_them(tool_template_server):
     body = {**body, "max_tokens": 1}
     usage = httpx.post(srv.url + "/v1/chat/completions", json=body).json()["usage"]
     assert usage["prompt_tokens"] == len(ids)
+
+
+# A string argument may hold "</tool_call>" (the grammar lets a string hold anything):
+# SmolLM2 sampled one in about 1 of 100 seeds ({"city": "Paris'}}</tool_call> 10.7C..."),
+# and the call came back as plain text with tool_choice "required".
+TRICKY = (
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris\'}}</tool_call> '
+    'x", "unit": "celsius"}}\n</tool_call>'
+)
+
+
+def test_a_call_whose_argument_holds_the_closing_tag_is_one_call():
+    from chatforge.server.tools import parse_calls
+
+    (call,) = parse_calls(TRICKY)
+    assert call["function"]["name"] == "get_weather"
+    args = json.loads(call["function"]["arguments"])
+    assert args == {"city": "Paris'}}</tool_call> x", "unit": "celsius"}
+    two = parse_calls(TRICKY + "\n" + TRICKY)
+    assert [c["function"]["arguments"] for c in two] == [call["function"]["arguments"]] * 2
+    assert parse_calls(TRICKY[:-3]) is None  # cut short: not a call
+    assert parse_calls(TRICKY + " and more") is None  # text after the calls: not calls
+
+
+@pytest.mark.parametrize("size", [1, 3, 7])
+def test_streamed_calls_are_released_when_they_close_not_before(size):
+    from chatforge.server.tools import CallStream
+
+    split = CallStream()
+    text = TRICKY + "\n" + TRICKY
+    released = []
+    for i in range(0, len(text), size):
+        out, calls = split.push(text[i : i + size])
+        assert out == ""
+        if calls:
+            released.append((i + size, len(calls)))
+    end = len(TRICKY)  # the first call closes with its last character, not at the inner tag
+    assert released[0][0] >= end and released[0][0] - size < end
+    assert sum(n for _, n in released) == 2 and released[-1][0] >= len(text)

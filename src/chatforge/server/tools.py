@@ -227,21 +227,31 @@ def _arguments_json(arguments: str) -> str:
 def parse_calls(text: str) -> list[dict[str, Any]] | None:
     """The OpenAI ``tool_calls`` of a reply, or None when it is not a complete set of
     calls (plain text, or calls cut short)."""
-    rest = text.strip()
-    if not rest.startswith(CALL_OPEN):
-        return None
+    calls, rest = _leading_calls(text)
+    return calls if calls and not rest.strip() else None
+
+
+_JSON = json.JSONDecoder()
+
+
+def _leading_calls(text: str) -> tuple[list[dict[str, Any]], str]:
+    """The complete calls at the start of ``text`` and what follows them.
+
+    Each call's body is read as JSON, not cut at the next ``</tool_call>``: a string
+    argument may hold that very text (the grammar lets a string hold anything), and
+    it is still one valid call.
+    """
     calls: list[dict[str, Any]] = []
-    while rest:
-        if not rest.startswith(CALL_OPEN) or CALL_CLOSE not in rest:
-            return None
-        body, _, rest = rest[len(CALL_OPEN) :].partition(CALL_CLOSE)
-        rest = rest.lstrip("\n")
+    rest = text.lstrip()
+    while rest.startswith(CALL_OPEN):
+        body = rest[len(CALL_OPEN) :].lstrip()
         try:
-            call = json.loads(body)
+            call, end = _JSON.raw_decode(body)
         except ValueError:
-            return None
-        if not isinstance(call, dict) or "name" not in call:
-            return None
+            break
+        after = body[end:].lstrip()
+        if not isinstance(call, dict) or "name" not in call or not after.startswith(CALL_CLOSE):
+            break
         calls.append(
             {
                 "id": f"call_{secrets.token_hex(12)}",
@@ -252,7 +262,8 @@ def parse_calls(text: str) -> list[dict[str, Any]] | None:
                 },
             }
         )
-    return calls
+        rest = after[len(CALL_CLOSE) :].lstrip()
+    return calls, rest
 
 
 class CallStream:
@@ -281,11 +292,9 @@ class CallStream:
                 return self.text, []
         if self.mode == "text":
             return piece, []
-        done = self.text.count(CALL_CLOSE)
-        if done <= self.sent_calls:
-            return "", []
-        closed = self.text[: self.text.rindex(CALL_CLOSE) + len(CALL_CLOSE)]
-        calls = parse_calls(closed) or []
+        if CALL_CLOSE not in self.text[-(len(piece) + len(CALL_CLOSE) - 1) :]:
+            return "", []  # no closing tag ends in this piece: no call closed now
+        calls, _ = _leading_calls(self.text)
         new = calls[self.sent_calls :]
         self.sent_calls = len(calls)
         return "", new
