@@ -5,8 +5,8 @@ Each measurement runs in a fresh process (peak RSS only ever grows) and reports
 
 * ``chatforge``: ``load_model(ref, dtype, quantize)`` + one greedy reply through
   the model's engine;
-* ``transformers``: ``AutoModelForCausalLM.from_pretrained(dir)`` (fp32) + a
-  short ``generate``, on the same directory and prompt.
+* ``transformers``: ``AutoModelForCausalLM.from_pretrained`` (fp32; of the GGUF
+  file itself for a GGUF model) + a short ``generate``, on the same prompt.
 
 We report both peaks and their ratio (ours / transformers').
 
@@ -43,9 +43,13 @@ TRANSFORMERS_CHILD = """
 import json, resource, sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-path, n, prompt = sys.argv[1:4]
+path, n, prompt, gguf = sys.argv[1:5]
 tok = AutoTokenizer.from_pretrained(path)
-model = AutoModelForCausalLM.from_pretrained(path).eval()
+if gguf:  # a GGUF model: transformers reads the file itself (dequantised, fp32)
+    gguf = __import__("pathlib").Path(gguf)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
+else:
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
 ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
 ids = ids["input_ids"] if not isinstance(ids, list) else ids
 with torch.no_grad():
@@ -67,11 +71,13 @@ def run_child(code: str, *args: str) -> dict:
 
 def measure(ref: str, dtype: str, quantize: str, new_tokens: int = 16) -> dict:
     """Peak RSS (MB) of chatforge's load + reply and of transformers' load + generate."""
+    from chatforge.models.gguf import weights_source
     from chatforge.models.loading import resolve
 
-    directory = str(resolve(ref)[0])  # converts a GGUF alias once, outside the measurement
+    directory = resolve(ref)[0]  # converts a GGUF alias once, outside the measurement
+    gguf = weights_source(directory)  # where a GGUF model's weights are (None: directory)
     ours = run_child(CHATFORGE_CHILD, ref, dtype, quantize, str(new_tokens), PROMPT)
-    hf = run_child(TRANSFORMERS_CHILD, directory, str(new_tokens), PROMPT)
+    hf = run_child(TRANSFORMERS_CHILD, str(directory), str(new_tokens), PROMPT, str(gguf or ""))
     return {
         "model": ref,
         "chatforge": ours,

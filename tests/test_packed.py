@@ -78,9 +78,9 @@ def test_the_decoder_is_saved_once_and_read_back(ggufs, q, reads):
     assert _greedy(again) == _greedy(built)
     assert again.model is not None  # transformers' model still loads where asked
     # `models list` counts the model's parameters, not the saved decoder's tensors.
-    from chatforge.models.registry import _params_from_safetensors
+    from chatforge.models.registry import _describe_dir
 
-    assert _params_from_safetensors(again.info.path) == built.info.n_params
+    assert _describe_dir(again.info.path)[0] == built.info.n_params
 
 
 def test_an_unreadable_pack_is_removed_and_rebuilt(ggufs, caplog):

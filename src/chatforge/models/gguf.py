@@ -1,14 +1,18 @@
-"""Convert a GGUF file into a cached Hugging Face directory (safetensors).
+"""Convert a GGUF file into a cached Hugging Face directory: its config and tokenizer.
 
-Transformers can read GGUF but dequantises every tensor on each load (~20 s for
-SmolLM2-135M); we do that once and keep the result in the cache directory, so
-later loads read safetensors in a few seconds. The cache is keyed by the file's
-content (SHA-256), so the same GGUF reached by an alias, by its path or as a copy
-shares one conversion. The conversion is atomic: it is written to a temporary
-directory (``.tmp-<name>-<pid>-<ns>``), fsynced and renamed, and its
-``chatforge.json`` marks it complete, so an interrupted conversion is never
-mistaken for a model; temp dirs whose process is gone are removed by the next
-conversion or ``chatforge models list``.
+The weights stay in the GGUF file: the fast path runs its quantised blocks as they
+are, and transformers' model is built from its tensors in memory when asked
+(:mod:`chatforge.models.gguf_model`, seconds), so the cache holds no fp32 expansion
+(538 MB for SmolLM2-135M, where the file is 98 MB). Conversions made by older
+versions, which did hold one, give it up the next time they are used
+(:func:`ensure_converted`).
+
+The cache is keyed by the file's content (SHA-256), so the same GGUF reached by an
+alias, by its path or as a copy shares one conversion. The conversion is atomic: it
+is written to a temporary directory (``.tmp-<name>-<pid>-<ns>``), fsynced and
+renamed, and its ``chatforge.json`` marks it complete, so an interrupted conversion
+is never mistaken for a model; temp dirs whose process is gone are removed by the
+next conversion or ``chatforge models list``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from chatforge.errors import ModelLoadError
 from chatforge.models.meta import ModelMeta
@@ -313,6 +318,7 @@ def ensure_converted(
     digest = file_digest(path)
     found = find_converted(digest) or adopt_legacy(path, digest, legacy_name)
     if found is not None:
+        _keep_up(found, path)
         return found, False
     check_gguf(path)  # fail on a truncated or corrupt file before converting it
     target = models_cache_dir() / _target_name(path, digest)
@@ -345,48 +351,128 @@ def convert_gguf(path: Path, name: str | None = None, display_name: str | None =
 
 
 def _convert_into(path: Path, out: Path, display_name: str, extra: dict | None = None) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    """Write the config, generation config and tokenizer of the GGUF file ``path`` into
+    ``out``; its weights stay in the file (``extra["weights"] = "gguf"``)."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from chatforge.models.loading import _quiet_transformers
 
     out.mkdir(parents=True)
+    extra = {**(extra or {}), WEIGHTS_KEY: IN_GGUF}
     # The meta file goes first with complete=False: a crash leaves a directory that
     # is recognisably partial.
     ModelMeta(
-        prompt_format=None, name=display_name, source=str(path), complete=False, extra=extra or {}
+        prompt_format=None, name=display_name, source=str(path), complete=False, extra=extra
     ).write(out)
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     print(
-        f"Converting {path.name} once into {out.parent} (about 20 s; later loads are fast)...",
+        f"Reading {path.name}'s settings and tokenizer once into {out.parent} "
+        "(about 10 s; the weights stay in the file)...",
         file=sys.stderr,
         flush=True,
     )
     try:
         # The GGUF reader draws its own tqdm bars; keep them off the user's terminal.
-        with contextlib.redirect_stderr(io.StringIO()):
+        with _quiet_transformers(), contextlib.redirect_stderr(io.StringIO()):
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:  # gguf's reader raises many kinds of errors on bad files
         raise ModelLoadError(f"could not read GGUF file {path}: {_short(e)}") from e
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:  # as it was (chatforge.noise turns them off for good)
-            hf_logging.enable_progress_bar()
-    # The weights are dequantised floats now; drop the GGUF quantisation marker so
-    # save_pretrained writes ordinary safetensors.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config.name_or_path = display_name
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    if model_class is None:
+        raise ModelLoadError(
+            f"{path} holds a {config.model_type!r} model, which transformers cannot run "
+            "as a causal language model"
+        )
+    _gpt2_settings(config)
+    # What transformers' save_pretrained of the dequantised model wrote (older versions).
+    config.architectures = [model_class]
+    config.dtype = torch.float32
+    extra["n_params"] = gguf_params(path)
     with contextlib.redirect_stderr(io.StringIO()):
-        model.save_pretrained(out, safe_serialization=True)
+        config.save_pretrained(out)
+        GenerationConfig.from_model_config(config).save_pretrained(out)
         tok.save_pretrained(out)
     fmt = "chat_template" if getattr(tok, "chat_template", None) else None
     ModelMeta(
-        prompt_format=fmt, name=display_name, source=str(path), complete=True, extra=extra or {}
+        prompt_format=fmt, name=display_name, source=str(path), complete=True, extra=extra
     ).write(out)
+
+
+def _gpt2_settings(config: Any) -> None:
+    """transformers' GGUF reader files a GPT-2's context length and feed-forward width
+    under ``n_ctx`` and ``feed_forward_length``, which its GPT-2 does not read (it would
+    build 1024 positions for a 128-position file, and fail to load it): put them where
+    it does."""
+    if config.model_type != "gpt2":
+        return
+    if isinstance(getattr(config, "n_ctx", None), int):
+        config.n_positions = config.n_ctx
+    if isinstance(getattr(config, "feed_forward_length", None), int):
+        config.n_inner = config.feed_forward_length
+
+
+def gguf_params(path: Path) -> int:
+    """The number of weights in a GGUF file (its tensors' elements; a tied head is not a
+    tensor of its own), read from the tensor table without touching the data."""
+    from gguf import GGUFReader
+
+    return sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)
+
+
+# -- weights kept in the GGUF file ----------------------------------------------
+
+WEIGHTS_KEY = "weights"  # chatforge.json extra: where the weights are
+IN_GGUF = "gguf"  # ... in the source GGUF file, not in the directory
+
+
+def weights_in_gguf(meta: ModelMeta | None) -> bool:
+    """Whether a conversion keeps its weights in its GGUF file (no copy in the directory)."""
+    return bool(meta and (meta.extra or {}).get(WEIGHTS_KEY) == IN_GGUF)
+
+
+def weights_source(directory: Path, meta: ModelMeta | None = None) -> Path | None:
+    """The GGUF file holding ``directory``'s weights; None where the directory holds
+    its own. Fails clearly when the file has moved or changed since the conversion."""
+    meta = meta if meta is not None else ModelMeta.read(directory)
+    if not weights_in_gguf(meta):
+        return None
+    source = source_gguf(meta)
+    if source is None:
+        raise ModelLoadError(
+            f"the weights of {directory} are read from {meta.source}, which is gone or has "
+            "changed since it was converted; load the .gguf file by its path again (its "
+            "settings are read once more, in seconds)"
+        )
+    return source
+
+
+def _keep_up(directory: Path, path: Path) -> None:
+    """A found conversion of ``path`` (same content): record ``path`` as its source where
+    the recorded one is gone, and give up an older version's fp32 copy of the weights."""
+    meta = ModelMeta.read(directory)
+    if meta is None:
+        return
+    changed = False
+    if source_gguf(meta) is None:  # moved or deleted; this copy has the same bytes
+        meta.source, changed = str(path.resolve()), True
+    weight_files = [
+        *directory.glob("model*.safetensors"),
+        *directory.glob("model.safetensors.index.json"),
+    ]
+    if not weights_in_gguf(meta) and weight_files:
+        from chatforge.models.registry import _params_from_safetensors
+
+        n = _params_from_safetensors(directory)
+        meta.extra = {**meta.extra, WEIGHTS_KEY: IN_GGUF, "n_params": n}
+        changed = True
+    if changed:
+        with contextlib.suppress(OSError):
+            meta.write(directory)  # first: the weights are read from the file from now on
+            for f in weight_files if weights_in_gguf(meta) else ():
+                f.unlink(missing_ok=True)
+                log.info("removed %s: the weights are read from %s", f, meta.source)
 
 
 def _short(e: BaseException) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from chatforge.errors import ModelLoadError
-from chatforge.models.gguf import ensure_converted
+from chatforge.models.gguf import ensure_converted, weights_in_gguf
 from chatforge.models.meta import ModelMeta
 from chatforge.models.registry import ALIASES, DEFAULT_MODEL, resolve_alias
 
@@ -173,7 +173,7 @@ def _check_hf_dir(path: Path) -> Path:
             "(config.json, *.safetensors, tokenizer files)"
         )
     weights = list(path.glob("*.safetensors")) + list(path.glob("pytorch_model*.bin"))
-    if not weights and not (path / "adapter_config.json").exists():
+    if not weights and not (path / "adapter_config.json").exists() and not weights_in_gguf(meta):
         raise ModelLoadError(f"model directory {path} has no weights (*.safetensors)")
     return path
 
@@ -233,8 +233,6 @@ def adapter_base(directory: Path) -> str | None:
 def _load_adapter(directory: Path, torch_dtype: Any, base: str | None = None) -> Any:
     """A LoRA adapter directory (``chatforge train --lora``): load its base (``base``, else
     the one the directory records), merge the adapter."""
-    from transformers import AutoModelForCausalLM
-
     base = base or adapter_base(directory)
     if not base:
         raise ModelLoadError(f"{directory} holds a LoRA adapter but names no base model")
@@ -243,7 +241,7 @@ def _load_adapter(directory: Path, torch_dtype: Any, base: str | None = None) ->
     except ImportError as e:
         raise ModelLoadError(f"{directory} holds a LoRA adapter; pip install peft") from e
     base_dir, _, _ = resolve(str(base))
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype)
+    model = _weights(base_dir, torch_dtype)
     try:
         return PeftModel.from_pretrained(model, directory).merge_and_unload()
     except Exception as e:  # e.g. shapes that differ: an adapter trained on another model
@@ -287,14 +285,16 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_transformers(directory: Path, dtype: str = "fp32", base: str | None = None) -> Any:
+def load_transformers(
+    directory: Path, dtype: str = "fp32", base: str | None = None, gguf: Any = None
+) -> Any:
     """transformers' model in ``directory`` (``fp32`` or ``bf16``), in eval mode.
 
     A LoRA adapter directory loads its base model (``base``, else the one it
-    records) and merges the adapter.
+    records) and merges the adapter. A GGUF conversion's weights are read from its
+    file (``gguf``: that file already open as ``GGUFWeights``, to parse it once).
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     try:
@@ -302,13 +302,27 @@ def load_transformers(directory: Path, dtype: str = "fp32", base: str | None = N
             if (directory / "adapter_config.json").exists():  # LoRA adapter + base reference
                 model = _load_adapter(directory, torch_dtype, base)
             else:
-                model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype)
+                model = _weights(directory, torch_dtype, gguf)
     except ModelLoadError:
         raise
     except Exception as e:
         raise ModelLoadError(f"could not load the model in {directory}: {e}") from e
     model.eval()
     return model
+
+
+def _weights(directory: Path, torch_dtype: Any, gguf: Any = None) -> Any:
+    """transformers' model of a model directory: its safetensors, or for a GGUF
+    conversion the file's tensors (the directory holds no copy of them)."""
+    from transformers import AutoModelForCausalLM
+
+    from chatforge.models.gguf import weights_source
+    from chatforge.models.gguf_model import model_from_gguf
+
+    source = weights_source(directory)
+    if source is not None:
+        return model_from_gguf(directory, source, torch_dtype, gguf)
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype)
 
 
 def _fast_settings(
@@ -440,7 +454,11 @@ def load_model(
             fast_reason, short, quant = None, pack.short, pack.quant
     if fast_model is None:
         # "auto" loads transformers' weights in fp32 and picks the fast path's dtype below.
-        model = load_transformers(directory, "bf16" if short == "bf16" else "fp32", base=base)
+        # (A GGUF conversion's weights come from its file, opened once for both.)
+        opened = pack.gguf if pack is not None else None
+        model = load_transformers(
+            directory, "bf16" if short == "bf16" else "fp32", base=base, gguf=opened
+        )
         # What the engine and ModelInfo need from transformers' model, taken before the
         # fast path's build empties it.
         facts = {

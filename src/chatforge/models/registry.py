@@ -226,6 +226,9 @@ def _describe_dir(directory: Path) -> tuple[int | None, int | None, str | None]:
     except (OSError, ValueError):
         pass
     meta = ModelMeta.read(directory)
+    if n_params is None and meta is not None:  # a GGUF conversion: counted when converted
+        recorded = meta.extra.get("n_params")
+        n_params = recorded if isinstance(recorded, int) else None
     if meta and meta.prompt_format:
         fmt = meta.prompt_format
     elif (directory / "chat_template.jinja").exists() or "chat_template" in _read(
