@@ -11,6 +11,9 @@ For each setting (``--quantize``, fp32 activations):
 
     python bench/bench_answers.py                      # gguf and int8 on smollm2
     python bench/bench_answers.py --quantize int4 --json bench/results/answers.json
+
+Where llama-cpp-python is installed (``make bench``), llama.cpp's sampled Paris figure on
+the same file, prompt tokens and preset settings is measured beside ours.
 """
 
 from __future__ import annotations
@@ -82,8 +85,44 @@ def main() -> None:
         }
         rows.append(row)
         print(json.dumps(row))
+    peer = _llama_cpp_paris(args.model, ids(QUESTION), args.samples)
+    if peer is not None:
+        print(json.dumps(peer))
     if args.json:
-        args.json.write_text(json.dumps({"model": args.model, "results": rows}, indent=2) + "\n")
+        out = {"model": args.model, "results": rows, "llama_cpp": peer}
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+
+
+def _llama_cpp_paris(model: str, prompt: list[int], samples: int) -> dict | None:
+    """The sampled Paris figure of llama.cpp on the same GGUF file, same prompt tokens and
+    the default preset's settings (seeds 0..n-1); None without llama-cpp-python or a file."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    from chatforge.generation.config import DEFAULT_PRESET, PRESETS
+    from chatforge.models.registry import resolve_alias
+
+    alias = resolve_alias(model)
+    path = alias[0] if alias else Path(model)
+    if path.suffix.lower() != ".gguf" or not path.is_file():
+        return None
+    p = PRESETS[DEFAULT_PRESET]
+    llm = Llama(model_path=str(path), n_ctx=512, n_threads=2, verbose=False)
+    hits = 0
+    for seed in range(samples):
+        out = llm.create_completion(
+            prompt,
+            max_tokens=64,
+            temperature=p["temperature"],
+            top_p=p.get("top_p", 1.0),
+            min_p=p.get("min_p", 0.0),
+            repeat_penalty=p.get("repetition_penalty", 1.0),
+            top_k=0,  # off, as in the preset
+            seed=seed,
+        )
+        hits += "Paris" in out["choices"][0]["text"]
+    return {"engine": "llama.cpp", "paris_sampled": hits, "samples": samples}
 
 
 if __name__ == "__main__":

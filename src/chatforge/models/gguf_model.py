@@ -77,8 +77,9 @@ def _assign(
             weights=values, name=t.name, tensor_key_mapping=names, parsed_parameters=parsed
         )
         if out.name in names:  # (a processor may have stored it itself: GPT-2's head)
-            parsed["tensors"][names[out.name]] = torch.from_numpy(np.copy(out.weights))
-    state = {k: v.to(dtype) for k, v in parsed["tensors"].items()}
+            tensor = torch.from_numpy(np.copy(out.weights)).to(dtype)  # one copy kept
+            parsed["tensors"][names[out.name]] = tensor
+    state = {k: v.to(dtype) for k, v in parsed["tensors"].items()}  # (those, as well)
     missing = model.load_state_dict(state, strict=False, assign=True).missing_keys
     model.tie_weights()  # a tied head: the embeddings' tensor, not a file tensor
     params = dict(model.named_parameters(remove_duplicate=False))
