@@ -64,6 +64,8 @@ def test_the_decoder_is_saved_once_and_read_back(ggufs, q, reads):
     assert reads == [built.info.path]
     (pack,) = _packs(built)
     assert pack.name.startswith("fast-gguf-fp32-")
+    # As readable as the conversion's other files (safetensors writes 0600 files).
+    assert pack.stat().st_mode & 0o777 == (built.info.path / "config.json").stat().st_mode & 0o777
     again = load_model(str(ggufs[q]))
     assert reads == [built.info.path]  # transformers' weights were not read again
     assert again.info.quantize == "gguf" and again.info.engine == "fast"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,11 @@ def save_pack(dec: FastDecoder, path: Path, info: dict[str, Any]) -> bool:
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     try:  # (straight to the file: no second copy of the tensors in memory)
         with atomic_path(path) as tmp:
+            mode = tmp.stat().st_mode  # the usual one (0666 less the umask)
             save_file(tensors, str(tmp), metadata={"chatforge": json.dumps(meta)})
+            # safetensors writes its own private (0600) file in place of ours; a cache
+            # other accounts share must stay readable to them, as every other file is.
+            os.chmod(tmp, mode)
     except OSError as e:
         log.warning("could not save the fast decoder to %s: %s", path, e)
         return False
