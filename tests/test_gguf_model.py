@@ -117,3 +117,38 @@ def test_a_conversion_that_cannot_finish_leaves_nothing(tmp_path, monkeypatch):
     assert not any(
         p.name.startswith(("bad", cache.TEMP_PREFIX)) for p in cache.models_cache_dir().iterdir()
     )
+
+
+@pytest.mark.parametrize("endian", ["LITTLE", "BIG"])
+def test_the_fast_reader_reads_what_ggufs_own_reader_reads(tmp_path, endian):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "llama", endianess=getattr(gguf.GGUFEndian, endian))
+    w.add_name("fields and tensors")
+    w.add_context_length(64)
+    w.add_token_list([f"tok{i}" for i in range(300)])
+    w.add_token_scores([float(i) / 7 for i in range(300)])
+    w.add_array("custom.ints", [3, -1, 7])
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 64)).astype(np.float32)
+    w.add_tensor("a", x)
+    for kind in ("Q8_0", "Q4_1"):
+        qtype = getattr(gguf.GGMLQuantizationType, kind)
+        w.add_tensor(kind, gguf.quants.quantize(x, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    theirs, ours = gguf.GGUFReader(str(path)), cache.open_gguf(path)
+    assert type(ours) is not gguf.GGUFReader  # (the fast one did read it)
+    assert list(ours.fields) == list(theirs.fields)
+    for name, field in theirs.fields.items():
+        assert ours.fields[name].types == field.types, name
+        assert ours.fields[name].contents() == field.contents(), name
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors, strict=True):
+        assert a.tensor_type == b.tensor_type and a.data.shape == b.data.shape
+        assert a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data)
+    assert cache.gguf_params(ours) == 3 * x.size

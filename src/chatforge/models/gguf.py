@@ -18,6 +18,7 @@ next conversion or ``chatforge models list``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -39,11 +40,12 @@ log = logging.getLogger(__name__)
 GGUF_MAGIC = b"GGUF"
 
 
-def check_gguf(path: Path, parse: bool = True) -> None:
+def check_gguf(path: Path, parse: bool = True) -> Any:
     """Fail with a clear message when ``path`` is missing or not a GGUF file.
 
-    ``parse`` also reads its header and tensor table (seconds on a 100 MB file), which
-    is only worth it before a conversion: a cached one was converted from these bytes.
+    ``parse`` also reads its header and tensor table (0.7 s on SmolLM2's file), which
+    is only worth it before a conversion: a cached one was converted from these bytes;
+    the parsed file (:func:`open_gguf`) is returned.
     """
     if not path.exists():
         raise ModelLoadError(f"GGUF file {path} does not exist")
@@ -57,15 +59,50 @@ def check_gguf(path: Path, parse: bool = True) -> None:
             "re-download or re-export it"
         )
     if not parse:
-        return
-    try:  # parse the header and tensor table (memory-mapped: fast) before any conversion
-        from gguf import GGUFReader
-
-        GGUFReader(str(path))
+        return None
+    try:  # parse the header and tensor table (memory-mapped) before any conversion
+        return open_gguf(path)
     except Exception as e:
         raise ModelLoadError(
             f"could not read GGUF file {path}: {_short(e)}; it may be truncated or corrupt"
         ) from e
+
+
+def open_gguf(path: str | os.PathLike[str]) -> Any:
+    """gguf's ``GGUFReader`` of ``path`` (fields, tensors memory-mapped), parsed 3x faster.
+
+    The reader slices its memory map once per metadata value (~150k times for a
+    49k-token vocabulary) and a slice of an ``np.memmap`` runs Python code of its own
+    (``__array_finalize__``), so parsing SmolLM2's file took 2.1 s; slicing a plain
+    array view of the same map takes 0.7 s. Same fields and tensors, still mapped
+    (tested against the plain reader). Should a later gguf read differently, its own
+    reader is used.
+    """
+    from gguf import GGUFReader
+
+    try:
+        return _fast_reader()(str(path))
+    except Exception:  # a file it cannot read either (its error), or a changed gguf
+        return GGUFReader(str(path))
+
+
+@functools.cache
+def _fast_reader() -> type:
+    import numpy as np
+    from gguf import GGUFReader
+
+    class FastReader(GGUFReader):
+        def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> Any:
+            plain = self.__dict__.get("_plain")
+            if plain is None:  # a plain ndarray over the same mapping
+                plain = self._plain = self.data.view(np.ndarray)
+            count = int(count)
+            size = np.dtype(dtype).itemsize * count
+            arr = plain[offset : offset + size].view(dtype=dtype)[:count]
+            order = self.byte_order if override_order is None else override_order
+            return arr.view(arr.dtype.newbyteorder(order))
+
+    return FastReader
 
 
 def legacy_cache_key(path: Path) -> str:
@@ -320,13 +357,14 @@ def ensure_converted(
     if found is not None:
         _keep_up(found, path)
         return found, False
-    check_gguf(path)  # fail on a truncated or corrupt file before converting it
+    # Fail on a truncated or corrupt file before converting it (one parse: it counts too).
+    n_params = gguf_params(check_gguf(path))
     target = models_cache_dir() / _target_name(path, digest)
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temp_dirs(target.parent)
     tmp = temp_dir_for(target)
     t0 = time.perf_counter()
-    extra = {"sha256": digest, "gguf_bytes": path.stat().st_size}
+    extra = {"sha256": digest, "gguf_bytes": path.stat().st_size, "n_params": n_params}
     try:  # KeyboardInterrupt included: the finally removes the partial conversion
         _convert_into(path, tmp, display_name or path.stem, extra)
         _fsync_tree(tmp)
@@ -368,7 +406,7 @@ def _convert_into(path: Path, out: Path, display_name: str, extra: dict | None =
     ).write(out)
     print(
         f"Reading {path.name}'s settings and tokenizer once into {out.parent} "
-        "(about 10 s; the weights stay in the file)...",
+        "(a few seconds; the weights stay in the file)...",
         file=sys.stderr,
         flush=True,
     )
@@ -389,7 +427,6 @@ def _convert_into(path: Path, out: Path, display_name: str, extra: dict | None =
     # What transformers' save_pretrained of the dequantised model wrote (older versions).
     config.architectures = [model_class]
     config.dtype = torch.float32
-    extra["n_params"] = gguf_params(path)
     with contextlib.redirect_stderr(io.StringIO()):
         config.save_pretrained(out)
         GenerationConfig.from_model_config(config).save_pretrained(out)
@@ -413,12 +450,10 @@ def _gpt2_settings(config: Any) -> None:
         config.n_inner = config.feed_forward_length
 
 
-def gguf_params(path: Path) -> int:
-    """The number of weights in a GGUF file (its tensors' elements; a tied head is not a
-    tensor of its own), read from the tensor table without touching the data."""
-    from gguf import GGUFReader
-
-    return sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)
+def gguf_params(reader: Any) -> int:
+    """The number of weights in a parsed GGUF file (:func:`open_gguf`): its tensors'
+    elements (a tied head is no tensor of its own), from the tensor table alone."""
+    return sum(int(t.n_elements) for t in reader.tensors)
 
 
 # -- weights kept in the GGUF file ----------------------------------------------

@@ -46,10 +46,10 @@ class GGUFWeights:
     """The tensors of one GGUF file (memory-mapped), by llama.cpp name."""
 
     def __init__(self, path: str | Path) -> None:
-        import gguf
+        from chatforge.models.gguf import open_gguf
 
         self.path = Path(path)
-        reader = gguf.GGUFReader(str(self.path))
+        reader = open_gguf(self.path)
         self.tensors = {t.name: t for t in reader.tensors}
         arch = reader.fields.get("general.architecture")
         self.arch = arch.contents() if arch is not None else None
