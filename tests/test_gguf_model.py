@@ -152,3 +152,35 @@ def test_the_fast_reader_reads_what_ggufs_own_reader_reads(tmp_path, endian):
         assert a.tensor_type == b.tensor_type and a.data.shape == b.data.shape
         assert a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data)
     assert cache.gguf_params(ours) == 3 * x.size
+
+
+def test_a_lora_adapter_on_a_gguf_base_is_merged_into_the_files_weights(tmp_path, tiny_llama_dir):
+    """An adapter trained on a GGUF model (its base: the .gguf file) loads its base from
+    the file, as the conversion holds no weights."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    out = export_model(str(tiny_llama_dir), tmp_path / "m.gguf", quantize="q8_0")
+    base = load_model(str(out), quantize="none")
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    peft = get_peft_model(base.model, cfg)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_" in name:  # B starts at zero: a no-op adapter proves nothing
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    ids = torch.tensor([[5, 70, 20, 31, 9, 3]])
+    with torch.no_grad():
+        want = peft(ids).logits
+    adapter = tmp_path / "adapter"
+    peft.save_pretrained(adapter)
+    base.tokenizer.save_pretrained(adapter)  # with the base's config: what training writes
+    shutil.copy(base.info.path / "config.json", adapter)
+    settings = json.loads((adapter / "adapter_config.json").read_text())
+    settings["base_model_name_or_path"] = str(out)
+    (adapter / "adapter_config.json").write_text(json.dumps(settings))
+    merged = load_model(str(adapter), quantize="none")
+    with torch.no_grad():
+        got = merged.model(ids).logits
+    assert float((got - want).abs().max()) < 1e-4
