@@ -184,3 +184,16 @@ def test_a_lora_adapter_on_a_gguf_base_is_merged_into_the_files_weights(tmp_path
     with torch.no_grad():
         got = merged.model(ids).logits
     assert float((got - want).abs().max()) < 1e-4
+
+
+def test_models_info_says_where_a_gguf_models_weights_are(tmp_path, tiny_llama_dir, capsys):
+    from cli_helpers import run
+
+    out = export_model(str(tiny_llama_dir), tmp_path / "m.gguf", quantize="q8_0")
+    code, text, err = run(["models", "info", str(out)], capsys)
+    assert code == 0, err
+    weights = next(line for line in text.splitlines() if line.startswith("weights"))
+    assert str(out.resolve()) in weights and "read from the file" in weights
+    code, text, err = run(["models", "info", str(tiny_llama_dir)], capsys)
+    weights = next(line for line in text.splitlines() if line.startswith("weights"))
+    assert weights.split()[-1] == str(tiny_llama_dir)  # a directory with its own weights

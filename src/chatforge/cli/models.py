@@ -120,16 +120,19 @@ def _rich_table(rows: list[list[str]]) -> None:
 def _info_rows(loaded) -> list[tuple[str, str]]:
     """What ``models info`` prints about a loaded model, as (label, value) rows."""
     from chatforge.models.fast import native
+    from chatforge.models.gguf import weights_source
 
     info = loaded.info
     kernels = native.kernel_path()
     if info.engine != "fast":
         kernels += " (unused: transformers' modules run this model)"
     quant = info.quantize if info.quantize != "none" else "none (full weights)"
+    source = weights_source(info.path)  # a GGUF conversion holds no weights of its own
     return [
         ("model", info.ref),
         ("name", info.name),
         ("path", str(info.path)),
+        ("weights", f"{source} (read from the file)" if source else str(info.path)),
         ("architecture", info.architecture),
         ("parameters", f"{info.n_params / 1e6:.1f}M ({info.n_params:,})"),
         ("context length", str(info.context_length)),
