@@ -1,8 +1,18 @@
-"""The training progress bar (rich): step, loss, tokens/s and time left."""
+"""The training progress bar (rich): step, loss, tokens/s and time left.
+
+Where the output is not a terminal (a log file, ``nohup``, CI) a live bar shows nothing
+until the run ends (hours, for a long one), so there a plain line is printed instead,
+at most every :data:`PLAIN_EVERY_S` seconds and at the last step.
+"""
 
 from __future__ import annotations
 
+import datetime
+import math
 from typing import Any
+
+PLAIN_EVERY_S = 30.0
+"""Seconds between two progress lines where the output is not a terminal."""
 
 
 class TrainProgress:
@@ -14,9 +24,15 @@ class TrainProgress:
         self._progress = None
         self._task = None
         self._by_time = False
+        self._plain: tuple[int | None, float | None] | None = None  # (steps, minutes)
+        self._printed = -math.inf  # elapsed seconds at the last plain line
 
     def start(self, total_steps: int | None, max_minutes: float | None, done: int) -> None:
         if not self.enabled:
+            return
+        if not self.console.is_terminal:
+            self._plain = (total_steps, max_minutes)
+            self._printed = -math.inf
             return
         from rich.progress import (
             BarColumn,
@@ -53,6 +69,8 @@ class TrainProgress:
         self._progress.start()
 
     def update(self, step: int, loss: float, tokens_per_s: float, elapsed: float) -> None:
+        if self._plain is not None:
+            self._line(step, loss, tokens_per_s, elapsed)
         if self._progress is None:
             return
         completed = elapsed if self._by_time else step
@@ -68,3 +86,25 @@ class TrainProgress:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+    def _line(self, step: int, loss: float, tokens_per_s: float, elapsed: float) -> None:
+        """A plain progress line (no terminal), at most every PLAIN_EVERY_S and at the end."""
+        total, minutes = self._plain or (None, None)
+        last = step == total or (minutes is not None and elapsed >= minutes * 60)
+        if elapsed - self._printed < PLAIN_EVERY_S and not last:
+            return
+        self._printed = elapsed
+        of = f"{step}/{total}" if total else str(step)
+        left = ""
+        if total and step:
+            left = f", {_clock(elapsed / step * (total - step))} left"
+        self.console.print(
+            f"training: step {of}, loss {loss:.4f}, {tokens_per_s:,.0f} tok/s, "
+            f"{_clock(elapsed)} elapsed{left}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def _clock(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))
