@@ -505,7 +505,7 @@ def _keep_up(directory: Path, path: Path) -> None:
     if changed:
         with contextlib.suppress(OSError):
             meta.write(directory)  # first: the weights are read from the file from now on
-            for f in weight_files if weights_in_gguf(meta) else ():
+            for f in weight_files:  # an older version's fp32 copy
                 f.unlink(missing_ok=True)
                 log.info("removed %s: the weights are read from %s", f, meta.source)
 

@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from chatforge.errors import ModelLoadError
-from chatforge.models.gguf import ensure_converted, weights_in_gguf
+from chatforge.models.gguf import ensure_converted, weights_in_gguf, weights_source
 from chatforge.models.meta import ModelMeta
 from chatforge.models.registry import ALIASES, DEFAULT_MODEL, resolve_alias
 
@@ -316,7 +316,6 @@ def _weights(directory: Path, torch_dtype: Any, gguf: Any = None) -> Any:
     conversion the file's tensors (the directory holds no copy of them)."""
     from transformers import AutoModelForCausalLM
 
-    from chatforge.models.gguf import weights_source
     from chatforge.models.gguf_model import model_from_gguf
 
     source = weights_source(directory)
