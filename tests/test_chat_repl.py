@@ -20,6 +20,7 @@ from chatforge.repl import (
     ChatRepl,
     MarkdownPrinter,
     PlainPrinter,
+    format_stats,
     split_blocks,
     use_markdown,
 )
@@ -324,6 +325,28 @@ def test_markdown_printer_renders_as_it_streams(text):
     assert plain.getvalue() == "**bold**\n"
 
 
+def test_markdown_replies_show_angle_brackets_as_written():
+    # Regression: rich reads "<...>" as HTML and drops it: SmolLM2's
+    # "<<Caring for Houseplants>>" heading showed as "<>".
+    emitted: list[str] = []
+
+    class Recording(MarkdownPrinter):
+        def _emit(self, line):
+            emitted.append(line.plain.rstrip())
+            super()._emit(line)
+
+    printer = Recording(Console(file=_Tty(), force_terminal=True, width=60), fps=1e9)
+    printer.write("<<Caring for Houseplants>>\n\nUse a <tag> and **bold** here.\n\n<div>x</div>")
+    printer.close()
+    assert emitted == [
+        "<<Caring for Houseplants>>",
+        "",
+        "Use a <tag> and bold here.",
+        "",
+        "<div>x</div>",
+    ]
+
+
 def test_repl_uses_markdown_printer_when_asked():
     repl, out, _ = _repl(markdown=True)
     assert isinstance(repl.printer(), MarkdownPrinter)
@@ -350,6 +373,61 @@ def test_interrupted_reply_is_not_sent_back_to_the_model(tiny_llama_dir):
     reply = session.send("More")
     assert reply.finish_reason in ("stop", "length")
     assert _roles(session) == ["user", "user", "assistant"]
+
+
+def test_keys_are_not_echoed_while_a_markdown_reply_is_drawn():
+    # Regression: Ctrl-C during a Markdown reply printed a line twice (3 of 3 tries in
+    # tmux): the terminal echoed "^C" into the live area, and the redraw's cursor
+    # arithmetic then left a line behind that the final draw printed again.
+    import os
+    import pty
+    import termios
+
+    master, slave = pty.openpty()
+    keys = os.fdopen(slave, "r")
+    echo_seen: list[bool] = []
+
+    class Interrupting(FakeSession):
+        def stream(self, text):
+            self.conversation.add_user(text)
+            try:
+                echo_seen.append(bool(termios.tcgetattr(slave)[3] & termios.ECHO))
+                yield "# partial"
+                raise KeyboardInterrupt
+            finally:
+                self.last = Reply("partial", "interrupted", 3, 1, 0.1, config=self.config)
+
+    try:
+        assert termios.tcgetattr(slave)[3] & termios.ECHO
+        repl, _, _ = _repl(Interrupting(), markdown=True, keys=keys)
+        assert repl.say("Hi") is False
+        assert echo_seen == [False]  # quiet while the reply was drawn...
+        assert termios.tcgetattr(slave)[3] & termios.ECHO  # ...and echoing again after
+        # Plain output (a pipe, --plain) leaves the terminal alone.
+        echo_seen.clear()
+        repl, _, _ = _repl(Interrupting(), markdown=False, keys=keys)
+        repl.say("Hi")
+        assert echo_seen == [True]
+    finally:
+        keys.close()
+        os.close(master)
+
+
+def test_an_interrupted_reply_keeps_its_time_to_first_token(tiny_llama_dir):
+    # Regression: /stats after Ctrl-C said "time to first token: -" though tokens came.
+    from chatforge import ChatSession, load_model
+
+    session = ChatSession(load_model(str(tiny_llama_dir)), GenerationConfig(temperature=0))
+    session.config = session.config.replace(max_new_tokens=20)
+    gen = session.stream("Hi")
+    next(gen)
+    next(gen)
+    gen.close()
+    last = session.last
+    assert last.finish_reason == "interrupted" and last.completion_tokens >= 1
+    assert last.first_token_seconds is not None
+    assert 0 < last.first_token_seconds <= last.seconds
+    assert "time to first token: -" not in "\n".join(format_stats(last))
 
 
 def test_ctrl_c_in_the_repl_shows_the_reply_but_keeps_it_from_the_model():

@@ -14,7 +14,7 @@ from chatforge.generation.config import DEFAULT_MAX_NEW_TOKENS, PRESETS, Generat
 
 def test_defaults() -> None:
     cfg = GenerationConfig()
-    assert cfg.temperature == 0.7
+    assert cfg.temperature == 1.0  # neutral: the model's own distribution (OpenAI's default)
     assert cfg.top_k == 0
     assert cfg.top_p == 1.0
     assert cfg.min_p == 0.0
@@ -147,7 +147,7 @@ def test_reply_budget_rejects_nonsense_arguments() -> None:
 def test_replace_and_to_dict() -> None:
     cfg = GenerationConfig(stop=["</s>"], seed=3)
     other = cfg.replace(temperature=0.2)
-    assert other.temperature == 0.2 and cfg.temperature == 0.7
+    assert other.temperature == 0.2 and cfg.temperature == 1.0
     assert other.stop == ("</s>",) and other.seed == 3
     with pytest.raises(ValueError, match="unknown generation parameter 'temp'"):
         cfg.replace(temp=1.0)
@@ -202,7 +202,7 @@ def test_set_param_parses_text() -> None:
     assert cfg.set_param("stop", "User:|\\n\\n").stop == ("User:", "\n\n")
     assert cfg.set_param("do-sample", "false").do_sample is False
     assert cfg.set_param("do_sample", "auto").do_sample is None
-    assert cfg.temperature == 0.7  # the original is unchanged
+    assert cfg.temperature == 1.0  # the original is unchanged
 
 
 def test_set_param_off_clears_optional_settings() -> None:
@@ -245,3 +245,48 @@ def test_the_python_api_and_the_cli_share_defaults(tiny_llama_dir) -> None:
     cli = GenerationFlags().config(default_preset=DEFAULT_PRESET)
     assert ChatSession(load_model(str(tiny_llama_dir))).config == cli == GenerationConfig.default()
     assert cli.min_p == PRESETS[DEFAULT_PRESET]["min_p"]
+
+
+def test_one_rule_for_defaults_the_constructor_is_neutral_the_entry_points_use_the_preset(
+    tiny_llama_dir,
+) -> None:
+    # Regression: GenerationConfig() started at temperature 0.7, neither OpenAI's neutral
+    # default nor the balanced preset the README documents for chat/generate/the API.
+    from chatforge import load_model
+    from chatforge.chat import ChatSession
+    from chatforge.remote import RemoteSession
+
+    neutral = GenerationConfig()
+    # Every "can be off" setting is off, and the temperature is OpenAI's 1.
+    assert neutral.temperature == 1.0 and not neutral.greedy
+    assert (neutral.top_k, neutral.top_p, neutral.min_p) == (0, 1.0, 0.0)
+    assert (neutral.repetition_penalty, neutral.no_repeat_ngram_size) == (1.0, 0)
+    assert (neutral.presence_penalty, neutral.frequency_penalty) == (0.0, 0.0)
+    assert neutral.logit_bias is None and neutral.json_schema is None
+    # The preset is what default() gives, and what every optional config falls back to.
+    preset = GenerationConfig.default()
+    assert preset == GenerationConfig(**PRESETS["balanced"])
+    assert ChatSession(load_model(str(tiny_llama_dir))).config == preset
+    assert RemoteSession("http://127.0.0.1:9/v1", model="x").config == preset
+    doc = GenerationConfig.__doc__ or ""
+    assert "constructor is neutral" in doc and "default" in doc
+
+
+def test_generate_batch_without_a_config_uses_the_preset(
+    tiny_llama_dir, monkeypatch, tmp_path
+) -> None:
+    from chatforge import load_model
+    from chatforge.batch import runner
+
+    seen: list[GenerationConfig] = []
+    real = runner.GenerationConfig.default
+
+    def spy(**kw):
+        cfg = real(**kw)
+        seen.append(cfg)
+        return cfg
+
+    monkeypatch.setattr(runner.GenerationConfig, "default", spy)
+    lm = load_model(str(tiny_llama_dir))
+    runner.generate_batch(lm, ["hi"], tmp_path / "out.jsonl", progress=False)
+    assert seen == [real()]

@@ -119,7 +119,9 @@ def test_web_chat_streams_a_reply(browser_page):
         """
         const set = (id, v) => { const el = document.getElementById(id); el.value = v;
                                   el.dispatchEvent(new Event('input')); };
-        set('system', 'You are a test.'); set('temperature', '0'); set('max-tokens', '12');
+        const preset = document.getElementById('preset');
+        preset.value = 'precise'; preset.dispatchEvent(new Event('change'));
+        set('system', 'You are a test.'); set('max-tokens', '12');
         set('input', 'Hello page');
         document.getElementById('form').requestSubmit();
         true
@@ -148,3 +150,55 @@ def test_web_chat_streams_a_reply(browser_page):
     # New chat clears the conversation.
     page.eval("document.getElementById('new-chat').click(); true")
     assert page.eval("document.querySelectorAll('.msg').length") == 0
+
+
+def test_the_page_starts_from_the_cli_preset_and_sends_every_knob(browser_page):
+    # Regression: the page sent its own defaults (temperature 0.7, top-p 0.9, no min-p or
+    # penalty), not the balanced preset of chat/generate.
+    from chatforge.generation.config import DEFAULT_PRESET, GenerationConfig
+
+    page, srv = browser_page
+    page.wait_for("document.getElementById('status').textContent.startsWith('model: tiny')")
+    preset = GenerationConfig.default()
+    shown = page.eval(
+        """({preset: document.getElementById('preset').value,
+             t: document.getElementById('temperature').value,
+             p: document.getElementById('top-p').value,
+             minp: document.getElementById('min-p').value,
+             k: document.getElementById('top-k').value,
+             rep: document.getElementById('repetition-penalty').value,
+             label: document.getElementById('min-p-value').textContent})"""
+    )
+    assert shown["preset"] == DEFAULT_PRESET
+    assert float(shown["t"]) == preset.temperature and float(shown["p"]) == preset.top_p
+    assert float(shown["minp"]) == preset.min_p == float(shown["label"])
+    assert int(shown["k"]) == preset.top_k
+    assert float(shown["rep"]) == preset.repetition_penalty
+    # What it sends: capture the request body the page posts.
+    body = page.eval(
+        """
+        window.__sent = null;
+        const real = window.fetch;
+        window.fetch = (url, opts) => {
+          if (String(url).endsWith('/v1/chat/completions')) window.__sent = JSON.parse(opts.body);
+          return real(url, opts);
+        };
+        document.getElementById('max-tokens').value = '3';
+        document.getElementById('input').value = 'hi';
+        document.getElementById('form').requestSubmit();
+        true
+        """
+    )
+    assert body is True
+    sent = page.wait_for("window.__sent")
+    assert sent["temperature"] == preset.temperature and sent["top_p"] == preset.top_p
+    assert sent["min_p"] == preset.min_p and sent["top_k"] == preset.top_k
+    assert sent["repetition_penalty"] == preset.repetition_penalty
+    # Another preset fills every knob, switching off what it does not set.
+    page.wait_for("document.querySelector('.msg.assistant.done') !== null")
+    page.eval(
+        "const p = document.getElementById('preset'); p.value = 'precise';"
+        "p.dispatchEvent(new Event('change')); true"
+    )
+    assert float(page.eval("document.getElementById('temperature').value")) == 0.0
+    assert float(page.eval("document.getElementById('repetition-penalty').value")) == 1.0

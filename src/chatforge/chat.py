@@ -139,10 +139,13 @@ class ChatSession(SessionBase):
         req = plan.request
         t0 = time.perf_counter()
         parts: list[str] = []
+        first: float | None = None  # seconds to the first text, kept if Ctrl-C ends the reply
         completion: Completion | None = None
         try:
             for ev in self.engine.stream([req]):
                 if ev.text:
+                    if first is None:
+                        first = time.perf_counter() - t0
                     parts.append(ev.text)
                     yield ev.text
                 if ev.completion is not None:
@@ -158,6 +161,7 @@ class ChatSession(SessionBase):
                         self.engine.tokenizer.encode("".join(parts), add_special_tokens=False)
                     ),
                     seconds=time.perf_counter() - t0,
+                    first_token_seconds=first,
                 )
             if completion.finish_reason == "error":  # nothing was said: take the turn back
                 self.conversation.messages.pop()

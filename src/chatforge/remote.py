@@ -81,7 +81,7 @@ class RemoteSession(SessionBase):
         self.model = model
         self.model_name = model
         self.key_source = key_source if api_key else None
-        self.config = config or GenerationConfig()
+        self.config = config or GenerationConfig.default()  # as ChatSession
         # Local servers need no key, but the client insists on one.
         self.client = OpenAI(
             base_url=api_base, api_key=api_key or "none", timeout=timeout, max_retries=2

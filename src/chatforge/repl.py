@@ -15,6 +15,7 @@ Replies go to ``out`` (stdout), as Markdown in a terminal (see
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Iterator
@@ -159,11 +160,10 @@ class MarkdownPrinter:
         return self._done + ([Text("")] if self._done and tail else []) + tail
 
     def _render(self, markdown: str) -> list[Any]:
-        from rich.markdown import Markdown
         from rich.text import Text
 
         rendered = self.console.render_lines(
-            Markdown(markdown), self.console.options, pad=False, new_lines=False
+            reply_markdown(markdown), self.console.options, pad=False, new_lines=False
         )
         lines = [Text.assemble(*((s.text, s.style) for s in line)) for line in rendered]
         # Blank lines around a block are the space between blocks, which _lines
@@ -189,6 +189,23 @@ class MarkdownPrinter:
             self.live.update(Group(*lines[self.printed :]), refresh=True)
 
 
+def reply_markdown(text: str) -> Any:
+    """``text`` as rich Markdown, with HTML read as text.
+
+    rich drops HTML tags it does not know, so a reply's ``<<Caring for Houseplants>>``
+    showed as ``<>`` and ``a <tag> here`` as ``a  here``; a model's reply is not a web
+    page, and every character it wrote must reach the screen.
+    """
+    from markdown_it import MarkdownIt
+    from rich.markdown import Markdown
+
+    md = Markdown("")
+    md.markup = text
+    parser = MarkdownIt("commonmark", {"html": False}).enable("strikethrough").enable("table")
+    md.parsed = parser.parse(text)
+    return md
+
+
 def split_blocks(text: str) -> list[str]:
     """Markdown ``text`` cut at blank lines outside code fences (the last block may
     still be growing); rendered one by one they look as the whole text does."""
@@ -210,6 +227,35 @@ def split_blocks(text: str) -> list[str]:
         current.append(partial)
     blocks.append("\n".join(current))
     return blocks
+
+
+@contextlib.contextmanager
+def no_echo(stream: Any) -> Iterator[None]:
+    """Keep the terminal from echoing keys while a reply is drawn in place.
+
+    The Markdown printer redraws its live area by moving the cursor up over the lines
+    it drew; a key the terminal echoes in between (Ctrl-C's ``^C``, text typed ahead)
+    moves the cursor where the printer does not know, and the redraw then leaves a
+    line behind that is printed again (Ctrl-C printed a line twice). Typed-ahead keys
+    are kept (TCSANOW, not TCSAFLUSH) for the next prompt. Not a terminal: nothing to do.
+    """
+    try:
+        import termios
+
+        fd = stream.fileno()
+        saved = termios.tcgetattr(fd) if stream.isatty() else None
+    except (ImportError, AttributeError, OSError, ValueError):  # no termios, odd stream
+        saved = None
+    if saved is None:
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~termios.ECHO  # lflag
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 def use_markdown(plain: bool, out: TextIO) -> bool:
@@ -359,8 +405,10 @@ class ChatRepl:
         preset: str | None = DEFAULT_PRESET,
         verbose: bool = False,
         markdown: bool = False,
+        keys: Any = None,
     ) -> None:
         self.session = session
+        self.keys = keys if keys is not None else sys.stdin  # the terminal keys come from
         self.err = err
         self.out = out if out is not None else sys.stdout
         self.writer = writer
@@ -386,15 +434,17 @@ class ChatRepl:
         before = session.last
         gen = session.stream(text)
         interrupted = False
-        printer = self.printer()
-        try:
-            for piece in gen:
-                printer.write(piece)
-        except KeyboardInterrupt:
-            gen.close()  # records the partial reply as "interrupted"
-            interrupted = True
-        finally:
-            printer.close()
+        quiet = no_echo(self.keys) if self.markdown else contextlib.nullcontext()
+        with quiet:
+            printer = self.printer()
+            try:
+                for piece in gen:
+                    printer.write(piece)
+            except KeyboardInterrupt:
+                gen.close()  # records the partial reply as "interrupted"
+                interrupted = True
+            finally:
+                printer.close()
         reply = session.last
         if reply is not None and reply is not before:
             self._after_reply(reply, interrupted)

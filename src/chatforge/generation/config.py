@@ -172,12 +172,23 @@ def load_json_schema(text: str) -> dict[str, Any]:
 class GenerationConfig:
     """How to pick reply tokens and when to stop. Validated on construction.
 
+    One rule for defaults: **the constructor is neutral**. A field you do not give is
+    off (no top-k, top-p, min-p or penalties) and the temperature is 1, the model's own
+    distribution, as in OpenAI's API and Hugging Face's sampling. Opinions live in the
+    presets: :meth:`default` is the ``balanced`` preset that ``chatforge chat`` and
+    ``generate`` start from, and every chatforge entry point whose config is optional
+    (:class:`~chatforge.chat.ChatSession`, :class:`~chatforge.remote.RemoteSession`,
+    :func:`~chatforge.batch.generate_batch`) uses :meth:`default` when given none. The
+    server and a bare :class:`~chatforge.generation.types.Request` keep the constructor's
+    OpenAI semantics.
+
     Build it directly, from a preset (:meth:`from_preset`), or change one field at
     a time with :meth:`replace` / :meth:`set_param`; every path validates.
     """
 
-    temperature: float = 0.7
-    """Softmax temperature; higher is more random. ``0`` means greedy decoding."""
+    temperature: float = 1.0
+    """Softmax temperature; higher is more random. ``0`` means greedy decoding. The
+    constructor's ``1`` samples from the model's own distribution (OpenAI's default)."""
     top_k: int = 0
     """Sample only among the ``top_k`` most likely tokens. ``0`` turns it off."""
     top_p: float = 1.0
@@ -377,9 +388,10 @@ class GenerationConfig:
 
     @classmethod
     def default(cls, **overrides: Any) -> GenerationConfig:
-        """The defaults of ``chatforge chat``/``generate``: :data:`DEFAULT_PRESET` with
-        ``overrides`` on top (the dataclass's own defaults are neutral: no filters or
-        penalties, for the server's OpenAI semantics)."""
+        """The defaults of ``chatforge chat``/``generate`` and of every API whose config is
+        optional: :data:`DEFAULT_PRESET` with ``overrides`` on top. The constructor's own
+        defaults are neutral (temperature 1, no filters or penalties: OpenAI's semantics),
+        see the class docstring."""
         return cls.from_preset(DEFAULT_PRESET, **overrides)
 
     @classmethod

@@ -27,7 +27,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,7 @@ from chatforge.server.errors import APIError
 from chatforge.server.guard import HostGuard, check_json_content_type
 from chatforge.server.logprobs import chat_logprobs, legacy_logprobs
 from chatforge.server.metrics import register_metrics
+from chatforge.server.page import render_page
 from chatforge.server.pool import Base, ModelPool, Route, Target
 from chatforge.server.schemas import (
     AdapterRequest,
@@ -306,8 +306,7 @@ def create_app(
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
-        html = resources.files("chatforge.server").joinpath("static/index.html").read_text("utf-8")
-        return HTMLResponse(html)
+        return HTMLResponse(render_page())
 
     def model_card(route: Route, name: str | None = None) -> dict:
         base = pool.base_of(route)
