@@ -76,7 +76,7 @@ class BuildKernels(build_ext):
         link = ["-fopenmp"] if kv.OPENMP in flags else []
         with tempfile.TemporaryDirectory(dir=self._temp_root()) as tmp:
             stamp = Path(tmp) / "cf_source_hash.c"  # lets the loader spot a stale build
-            stamp.write_text(kv.hash_source(FAST))
+            stamp.write_text(kv.stamp_source(FAST))
             objects = self.compiler.compile(
                 [*ext.sources, str(stamp)],
                 output_dir=tmp,

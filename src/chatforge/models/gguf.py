@@ -264,17 +264,6 @@ def _converted_from(directory: Path, meta: ModelMeta, path: Path) -> bool:
     return same and newer
 
 
-def converted_dir(path: Path, name: str | None = None) -> Path:
-    """Where the conversion of ``path`` lives (or will live) in the cache.
-
-    ``name`` is an alias's old fixed directory name, reused when it holds this file.
-    """
-    path = Path(path).expanduser()
-    digest = file_digest(path)
-    found = find_converted(digest) or adopt_legacy(path, digest, name)
-    return found or models_cache_dir() / _target_name(path, digest)
-
-
 # -- interrupted conversions ----------------------------------------------------
 
 TEMP_PREFIX = ".tmp-"
@@ -378,14 +367,6 @@ def ensure_converted(
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted %s in %.1fs into %s", path, time.perf_counter() - t0, target)
     return target, True
-
-
-def convert_gguf(path: Path, name: str | None = None, display_name: str | None = None) -> Path:
-    """Return a cached HF directory for the GGUF file, converting it first if needed.
-
-    ``name`` is an alias's old fixed cache directory, reused when it holds this file.
-    """
-    return ensure_converted(path, display_name, legacy_name=name)[0]
 
 
 def _convert_into(path: Path, out: Path, display_name: str, extra: dict | None = None) -> None:

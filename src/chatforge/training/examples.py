@@ -67,9 +67,6 @@ class ExampleStats:
     dropped: int = 0  # examples with no loss-carrying token (or failing to encode)
     drop_reasons: list[str] = field(default_factory=list)  # first few reasons
 
-    def as_dict(self) -> dict[str, int]:
-        return {k: v for k, v in self.__dict__.items() if k != "drop_reasons"}
-
 
 def apply_train_on(mask: list[bool], train_on: str) -> list[bool]:
     """The loss mask for ``train_on`` given the assistant mask of a conversation."""

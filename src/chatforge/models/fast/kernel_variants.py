@@ -25,6 +25,7 @@ PREFIX = "_kernels_"  # chatforge.models.fast._kernels_avx2 (a .so, loaded with 
 SOURCES = ("kernels/qlinear.c", "kernels/decode.c")  # relative to this directory
 HEADERS = ("kernels/kernels.h",)
 HASH_SYMBOL = "cf_source_hash"  # a string in each built library: source_hash() at build time
+# (stamp_source() is the C file that defines it; source_hash() is the hash itself)
 OPENMP = "-fopenmp"  # dropped (and the build retried) where the compiler lacks it
 
 _AVX512 = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c")
@@ -68,7 +69,7 @@ def source_hash(directory: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def hash_source(directory: Path) -> str:
+def stamp_source(directory: Path) -> str:
     """C source defining HASH_SYMBOL, compiled into each variant to detect stale builds."""
     return f'const char {HASH_SYMBOL}[] = "{source_hash(directory)}";\n'
 
