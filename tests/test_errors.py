@@ -1,18 +1,14 @@
-"""One error type (ParamError) shown as a flag or an API field, bugs shown as bugs,
-atomic file writes, and ``--help`` showing every default."""
+"""One error type (ParamError) shown as a flag or an API field, and bugs shown as bugs."""
 
 from __future__ import annotations
 
-import os
 import pickle
-import re
 
 import pytest
 
 from chatforge.cli.app import main
 from chatforge.cli.options import flag_for, user_message
 from chatforge.errors import ChatforgeError, InputError, ParamError
-from chatforge.fsutil import atomic_file, atomic_path, atomic_write
 from chatforge.generation.config import GenerationConfig
 from chatforge.generation.processors import LogitBias
 from chatforge.server.errors import APIError
@@ -160,113 +156,3 @@ def test_a_user_error_stays_one_line(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(chatforge.training.config, "TrainConfig", _boom(ParamError("lr", "bad")))
     assert main(_train(tmp_path)) == 2
     assert capsys.readouterr().err == "error: --lr bad\n"
-
-
-# ------------------------------------------------------------------ atomic_write
-
-
-def _leftovers(directory) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if p.name != "f.txt")
-
-
-def test_atomic_write_writes_text_and_bytes(tmp_path):
-    target = tmp_path / "f.txt"
-    atomic_write(target, "héllo\n")
-    assert target.read_text(encoding="utf-8") == "héllo\n"
-    atomic_write(str(target), b"\x00\x01")
-    assert target.read_bytes() == b"\x00\x01"
-    assert _leftovers(tmp_path) == []
-
-
-def test_atomic_write_makes_files_as_open_does(tmp_path):
-    atomic_write(tmp_path / "f.txt", "x")
-    (tmp_path / "plain.txt").write_text("x")
-    assert os.stat(tmp_path / "f.txt").st_mode == os.stat(tmp_path / "plain.txt").st_mode
-
-
-@pytest.mark.parametrize("failing", ["fsync", "replace"])
-def test_a_failed_write_keeps_the_old_file_and_no_temp(failing, tmp_path, monkeypatch):
-    target = tmp_path / "f.txt"
-    target.write_text("old")
-
-    def fail(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(os, failing, fail)
-    with pytest.raises(OSError, match="No space left"):
-        atomic_write(target, "new content")
-    monkeypatch.undo()
-    assert target.read_text() == "old"
-    assert _leftovers(tmp_path) == []
-
-
-def test_an_exception_inside_atomic_file_keeps_the_old_file(tmp_path):
-    target = tmp_path / "f.txt"
-    target.write_text("old")
-    with pytest.raises(RuntimeError), atomic_file(target) as f:
-        f.write("half of the new")
-        raise RuntimeError("interrupted")
-    assert target.read_text() == "old"
-    assert _leftovers(tmp_path) == []
-
-
-# ------------------------------------------------------------------ --help
-
-
-def _help(argv: list[str], capsys, monkeypatch) -> str:
-    monkeypatch.setenv("COLUMNS", "300")
-    monkeypatch.setenv("TERMINAL_WIDTH", "300")
-    assert main([*argv, "--help"]) == 0
-    return " ".join(capsys.readouterr().out.split())
-
-
-@pytest.mark.parametrize("command", ["chat", "generate"])
-def test_generation_help_shows_the_defaults(command, capsys, monkeypatch):
-    from chatforge.generation.config import DEFAULT_MAX_NEW_TOKENS, PRESETS
-
-    text = _help([command], capsys, monkeypatch)
-    balanced = PRESETS["balanced"]
-    assert f"[default: {balanced['temperature']} (preset balanced)]" in text
-    for name in ("top_p", "min_p", "repetition_penalty"):
-        assert f"[default: {balanced[name]} (preset balanced)]" in text, name
-    assert "default: 0.2 (preset balanced)" in text
-    assert f"[default: {DEFAULT_MAX_NEW_TOKENS}" in text
-    assert "<bool>" not in text
-
-
-def test_train_help_shows_the_defaults(capsys, monkeypatch):
-    from chatforge.training.config import TrainConfig
-    from chatforge.training.model import DEFAULT_SCRATCH_CONTEXT, MAX_DEFAULT_CONTEXT
-
-    text = _help(["train"], capsys, monkeypatch)
-    assert "<bool>" not in text
-    lr = re.search(r"--lr .*?\[default: ([^\]]*)\]", text).group(1)
-    base = {"data": ["d"], "output": "o"}
-    for kind, cfg in {
-        "fine-tuning": TrainConfig(**base, model="m"),
-        "--lora": TrainConfig(**base, model="m", lora=True),
-        "--init gpt2": TrainConfig(**base, init="gpt2", tokenizer="t"),
-    }.items():
-        shown = re.search(rf"([0-9.e-]+) (?:with )?{re.escape(kind)}", lr).group(1)
-        assert float(shown) == cfg.lr, kind
-    context = re.search(r"--context .*?\[default: ([^\]]*)\]", text).group(1)
-    assert str(MAX_DEFAULT_CONTEXT) in context and str(DEFAULT_SCRATCH_CONTEXT) in context
-    assert re.search(r"--epochs .*?\[default: 1", text)
-
-
-def test_no_command_shows_bool_metavars(capsys, monkeypatch):
-    for argv in (["serve"], ["eval"], ["data", "inspect"], ["tokenizer", "train"], []):
-        assert "<bool>" not in _help(argv, capsys, monkeypatch), argv
-
-
-def test_atomic_path_replaces_on_success_and_keeps_the_old_file_on_failure(tmp_path):
-    target = tmp_path / "pack.bin"
-    target.write_bytes(b"old")
-    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
-        tmp.write_bytes(b"half")
-        raise RuntimeError("crash mid-write")
-    assert target.read_bytes() == b"old" and sorted(tmp_path.iterdir()) == [target]
-    with atomic_path(target) as tmp:
-        assert tmp.parent == tmp_path and tmp != target
-        tmp.write_bytes(b"new")
-    assert target.read_bytes() == b"new" and sorted(tmp_path.iterdir()) == [target]
