@@ -234,18 +234,29 @@ def cli(argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 def test_cli_generate_end_to_end(tmp_path, capsys, tiny_llama_dir):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
     inp = write(tmp_path / "in.jsonl", '{"q": "hi"}\n{"z": 1}\n{"q": "there"}\n')
     out = tmp_path / "out.jsonl"
-    argv = ["generate", str(inp), "-o", str(out), "--model", str(tiny_llama_dir)]
+    argv = ["generate", str(inp), "-o", str(out), "--model", str(model)]
     argv += ["--template", "Say {q}", "--max-new-tokens", "4", "-t", "0", "--system", "Be brief."]
     code, stdout, err = cli(argv, capsys)
     assert code == 0, err
     assert "3 records: 2 done, 1 errors, 0 skipped (already in output)" in err
-    assert "needs field 'q'" in err
+    assert "needs field 'q'" in err and "errors by kind: 1 missing field" in err
     got = rows(out)
     assert [r["id"] for r in got] == [0, 1, 2] and got[2]["prompt"] == "Say there"
+    assert got[0]["settings"] == {
+        "model": str(model),
+        "api_base": None,
+        "template": "Say {q}",
+        "system": "Be brief.",
+        "n": 1,
+    }
     # All rows there: said so, and the model is not even loaded (its directory is gone).
-    argv[argv.index("--model") + 1] = str(tmp_path / "no-such-model")
+    shutil.rmtree(model)
     code, _, err = cli(argv, capsys)
     assert code == 0, err
     assert "all 3 records already have a row" in err and "not loaded" in err
@@ -280,6 +291,15 @@ def test_a_finished_output_does_not_load_the_model(tmp_path, llama):
         (["{tmp}/in.txt", "--template", "{}"], "template fields must be named"),
         (["{tmp}/in.txt", "--template", "{a"], "bad template"),
         (["{tmp}/in.txt", "--template-file", "/nope.txt"], "template file /nope.txt does not"),
+        # Placeholders are plain field names: nothing in them is evaluated (issue 22.7).
+        (
+            ["{tmp}/in.txt", "--template", "Q: {foods.__class__}"],
+            "template placeholder {foods.__class__} is not a plain field name: attribute",
+        ),
+        (["{tmp}/in.txt", "-T", "Q: {text[0]}"], "placeholder {text[0]} is not a plain field"),
+        (["{tmp}/in.txt", "-T", "Q: {text!r}"], "{text!r} is not a plain field name: conv"),
+        (["{tmp}/in.txt", "-T", "{text:.2f}"], "{text:.2f} is not a plain field name: format"),
+        (["{tmp}/in.txt", "-T", "{text:>{w}}"], "placeholder {text:>{w}} is not a plain"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(args, needle, tmp_path, capsys, tiny_llama_dir):
@@ -403,3 +423,123 @@ def test_disk_full_writing_the_csv_header_closes_the_file(tmp_path, monkeypatch)
     assert out.read_bytes() == b""
     with RowWriter(out):  # not left locked by a leaked handle
         pass
+
+
+# -- issue 22: settings fingerprint, runs where nothing succeeds, CSV quotes, templates --
+
+
+def test_cli_resume_with_other_settings_is_refused(tmp_path, capsys, tiny_llama_dir, tiny_gpt2_dir):
+    inp = write(tmp_path / "in.txt", "".join(f"prompt {i}\n" for i in range(4)))
+    out = tmp_path / "out.jsonl"
+    base = ["generate", str(inp), "-o", str(out), "--no-progress", "--max-new-tokens", "3"]
+    same = ["-t", "0.7", "--seed", "1", "-T", "A: {text}"]
+    first = [*base, "--model", str(tiny_llama_dir), *same]
+    code, _, err = cli(first, capsys)
+    assert code == 0, err
+    # Killed after two rows, halfway through the third.
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text(lines[0] + lines[1] + lines[2][:20])
+    before = out.read_bytes()
+    other = [
+        (["--model", str(tiny_gpt2_dir), *same], "model=", "tiny-llama", "tiny-gpt2"),
+        (["--model", str(tiny_llama_dir), *same, "-t", "0.2"], "", "temperature=0.7",
+         "temperature=0.2"),
+        (["--model", str(tiny_llama_dir), *same, "-T", "B: {text}"], "", "template='A: {text}'",
+         "template='B: {text}'"),
+        (["--model", str(tiny_llama_dir), *same, "--system", "Be brief."], "", "system=none",
+         "system='Be brief.'"),
+        (["--model", str(tiny_llama_dir), *same, "--n", "2"], "", "n=1", "n=2"),
+    ]  # fmt: skip
+    for flags, common, theirs, mine in other:
+        code, _, err = cli([*base, *flags], capsys)
+        assert code == 2, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        head, tail = err.split("; this run has ")
+        assert head.startswith(f"error: {out} holds 2 rows made with {common}"), err
+        assert theirs in head and mine in tail and mine not in head, err
+        assert tail.rstrip().endswith("use another --output, or --force-resume to add to it")
+        assert out.read_bytes() == before  # refused: not even the torn row was cut
+    # The same settings resume as before.
+    code, _, err = cli(first, capsys)
+    assert code == 0 and "2 done, 0 errors, 2 skipped" in err and "cut a torn" in err, err
+    # --force-resume adds to it, and says nothing about the mix.
+    write(inp, "".join(f"prompt {i}\n" for i in range(5)))
+    code, _, err = cli([*first, "-T", "B: {text}", "--force-resume"], capsys)
+    assert code == 0 and "1 done, 0 errors, 4 skipped" in err, err
+    assert [r["settings"]["template"] for r in rows(out)] == ["A: {text}"] * 4 + ["B: {text}"]
+    # A finished output made with other settings is refused too (not "nothing to do").
+    code, _, err = cli(first, capsys)
+    assert code == 2 and f"{out} holds 1 row made with template='B: {{text}}'" in err, err
+
+
+def test_settings_fingerprint_csv_and_older_outputs(tmp_path, llama, gpt2):
+    from chatforge.batch.output import KEYED_CSV_COLUMNS
+    from chatforge.errors import ChatforgeError
+
+    inp = write(tmp_path / "in.txt", "a\nb\nc\n")
+    out = tmp_path / "out.csv"
+    generate_batch(llama, inp, out, config=GREEDY, progress=False)
+    assert json.loads(rows(out)[0]["settings"])["template"] is None
+    hotter = GenerationConfig(temperature=0.5, max_new_tokens=6)
+    with pytest.raises(ChatforgeError, match=r"holds 3 rows made with .*temperature=0"):
+        generate_batch(llama, inp, out, config=hotter, progress=False)
+    # A model given as a function is checked once loaded, before any row is written.
+    write(inp, "a\nb\nc\nd\n")
+    with pytest.raises(ChatforgeError, match="holds 3 rows made with model="):
+        generate_batch(lambda: gpt2, inp, out, config=GREEDY, progress=False)
+    assert len(rows(out)) == 3
+    s = generate_batch(lambda: gpt2, inp, out, config=GREEDY, progress=False, force_resume=True)
+    assert (s.done, s.skipped) == (1, 3)
+    # A file from before rows had settings resumes whatever the settings, keeping its header.
+    old = tmp_path / "old.csv"
+    with open(old, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(KEYED_CSV_COLUMNS)
+        w.writerow(["0"] + [""] * (len(KEYED_CSV_COLUMNS) - 2) + ["#0"])
+    s = generate_batch(llama, inp, old, config=hotter, progress=False)
+    assert (s.done, s.skipped) == (3, 1)
+    assert list(rows(old)[0]) == list(KEYED_CSV_COLUMNS)
+
+
+def test_cli_exits_1_when_no_record_succeeds(tmp_path, capsys, tiny_llama_dir):
+    inp = write(tmp_path / "in.jsonl", '{"z": 1}\n{oops\n{"z": 2}\n')
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", str(inp), "-o", str(out), "--model", str(tiny_llama_dir)]
+    code, _, err = cli([*argv, "-T", "Q: {q}", "--max-new-tokens", "3", "--no-progress"], capsys)
+    assert code == 1, err
+    assert "errors by kind: 2 missing field, 1 unreadable record" in err
+    assert "3 records: 0 done, 3 errors" in err
+    assert "error: no record succeeded: all 3 records this run tried failed" in err
+    assert [r["error"] is not None for r in rows(out)] == [True] * 3  # the rows are written
+
+
+def test_csv_unterminated_quote_is_one_malformed_record(tmp_path, capsys, tiny_llama_dir):
+    inp = write(tmp_path / "in.csv", 'prompt\n"unterminated, quote\nnext\n')
+    recs = list(read_records(inp))
+    assert [r.source for r in recs] == [f"{inp}:2", f"{inp}:3"]
+    assert recs[0].error.startswith(f"{inp}:2: malformed CSV row (a quote in it is never closed")
+    assert recs[1].error is None and recs[1].fields == {"prompt": "next"}
+    # A quote closed on a later line is still one record over several lines.
+    ok = write(tmp_path / "ok.csv", 'prompt\n"two\nlines"\nlast')
+    assert [r.fields["prompt"] for r in read_records(ok)] == ["two\nlines", "last"]
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", str(inp), "-o", str(out), "--model", str(tiny_llama_dir)]
+    code, _, err = cli([*argv, "--max-new-tokens", "3", "--no-progress"], capsys)
+    assert code == 0, err
+    assert f"{inp}:2: malformed CSV row" in err and "1 unreadable record" in err
+    got = rows(out)
+    assert [r["source"] for r in got] == [f"{inp}:2", f"{inp}:3"]
+    assert got[0]["error"] is not None and got[1]["prompt"] == "next"
+    bad_header = write(tmp_path / "bad.csv", '"prompt\nnext\n')
+    argv = ["generate", str(bad_header), "-o", str(tmp_path / "bad.jsonl"), *argv[4:]]
+    code, _, err = cli([*argv, "--no-progress"], capsys)
+    assert code == 2 and f"{bad_header}:1: the CSV header has a quote that is never" in err
+
+
+def test_template_inserts_values_as_text():
+    from chatforge.batch import PromptTemplate
+
+    t = PromptTemplate("{{literal}} Q: {q} {q} }}")
+    assert t.fields == ("q",)
+    assert t.render({"q": "{x.__class__}"}) == "{literal} Q: {x.__class__} {x.__class__} }"
+    assert t.render({"q": 3.5}) == "{literal} Q: 3.5 3.5 }"

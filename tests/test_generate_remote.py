@@ -172,6 +172,7 @@ def test_endpoint_errors(server, watched, tmp_path, capsys, monkeypatch):
     assert "maximum context length" in got[1]["error"] and got[1]["source"].endswith(":2")
     assert "answered 500: boom (no row written: a rerun retries it)" in err
     assert "4 records: 2 done, 2 errors" in err
+    assert "errors by kind: 1 not answered, 1 rejected by the endpoint" in err
     watched.fail_marker = None
     code, _, err = remote(server, inp, out, capsys, "--max-new-tokens", "3", "--template", "{q}")
     assert code == 0 and "1 done, 0 errors, 3 skipped" in err
@@ -192,6 +193,36 @@ def test_endpoint_errors(server, watched, tmp_path, capsys, monkeypatch):
     argv = ["generate", str(inp), "-o", str(gone), "--api-base", server.url + "/v1"]
     code, _, err = run([*argv, "--model", "nope", "--no-progress", "-T", "{q}"], capsys)
     assert code == 2 and "answered 404" in err and len(err.strip().splitlines()) == 1
+
+
+def test_resume_with_other_settings_is_refused(server, watched, tiny_llama_dir, tmp_path, capsys):
+    inp = write_input(tmp_path / "in.jsonl")
+    out = tmp_path / "out.jsonl"
+    assert remote(server, inp, out, capsys, *GREEDY)[0] == 0
+    assert rows(out)[0]["settings"]["api_base"] == server.url + "/v1"
+    before = out.read_bytes()
+    watched.calls = 0
+    code, _, err = remote(server, inp, out, capsys, *GREEDY, "-t", "0.5")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{out} holds 6 rows made with temperature=0.0; this run has temperature=0.5" in err
+    # A local run into the endpoint's output (another model, no endpoint) is refused too.
+    argv = ["generate", str(inp), "-o", str(out), "--model", str(tiny_llama_dir)]
+    code, _, err = run([*argv, "--no-progress", *GREEDY], capsys)
+    assert code == 2 and f"made with model=tiny api_base={server.url}/v1" in err, err
+    assert "api_base=none" in err
+    assert out.read_bytes() == before and watched.calls == 0
+    code, _, err = remote(server, inp, out, capsys, *GREEDY, "-t", "0.5", "--force-resume")
+    assert code == 0 and "nothing to do" in err and watched.calls == 0
+
+
+def test_exit_1_when_the_endpoint_rejects_every_record(server, watched, tmp_path, capsys):
+    inp = write_input(tmp_path / "in.jsonl", ["word " * 400, "word " * 401])
+    out = tmp_path / "out.jsonl"
+    code, _, err = remote(server, inp, out, capsys, "--max-new-tokens", "3", "--template", "{q}")
+    assert code == 1, err
+    assert "errors by kind: 2 rejected by the endpoint" in err
+    assert "error: no record succeeded: all 2 records this run tried failed" in err
+    assert [r["output"] for r in rows(out)] == [None, None]
 
 
 @pytest.mark.parametrize(

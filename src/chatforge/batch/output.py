@@ -12,6 +12,11 @@ their bare ``id``, as they were then. A torn last row (no final newline, or
 one that does not parse) is cut off, and only it: rows in the middle that do
 not parse are left alone (they are someone's data) and merely ignored.
 
+It also reads back the settings the rows were made with (their fingerprints,
+see :mod:`~chatforge.batch.settings`): given this run's fingerprint, a file
+made with other settings is refused before anything in it changes (not even
+a torn last row is cut), unless ``force_resume``.
+
 A write that fails (a full disk) is undone, so no torn row is left, and
 becomes a one-line :class:`~chatforge.errors.ChatforgeError` saying that the
 rows written so far are kept and a rerun resumes.
@@ -24,12 +29,13 @@ import errno
 import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from chatforge.batch.records import id_key
+from chatforge.batch.settings import Fingerprints
 from chatforge.errors import ChatforgeError
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv")
@@ -49,11 +55,18 @@ CSV_COLUMNS = (
     "params",
     "model",
     "key",
+    "settings",
 )
 """The CSV header; nested values (lists, dicts) are stored as JSON text in their cell."""
 
-LEGACY_CSV_COLUMNS = CSV_COLUMNS[:-1]
+LEGACY_CSV_COLUMNS = CSV_COLUMNS[:-2]
 """The header before rows had a ``key``; such files are still resumed (by ``id``)."""
+
+KEYED_CSV_COLUMNS = CSV_COLUMNS[:-1]
+"""The header before rows had ``settings``; such files are still resumed (by ``key``),
+and rows appended to them keep that header (so they record no settings)."""
+
+_KNOWN_HEADERS = (CSV_COLUMNS, KEYED_CSV_COLUMNS, LEGACY_CSV_COLUMNS)
 
 
 def check_output(path: str | Path) -> Path:
@@ -81,6 +94,7 @@ class Existing:
     rows: int = 0  # finished rows, including those without an id
     torn_bytes: int = 0  # bytes of a torn last row that were cut off
     bad_rows: int = 0  # unreadable rows in the middle (kept, ignored)
+    fingerprints: Fingerprints = field(default_factory=Fingerprints)  # settings of the rows
 
     def has(self, key: str, legacy_key: str) -> bool:
         """Whether the record with these keys (Record.key, Record.legacy_key) is done."""
@@ -88,9 +102,19 @@ class Existing:
 
 
 class RowWriter:
-    """Appends result rows to a ``.jsonl`` or ``.csv`` file; see the module docstring."""
+    """Appends result rows to a ``.jsonl`` or ``.csv`` file; see the module docstring.
 
-    def __init__(self, path: str | Path) -> None:
+    ``fingerprint`` (see :func:`~chatforge.batch.settings.fingerprint`) is this run's:
+    rows already in the file that were made with other settings make the writer
+    refuse the file, unless ``force_resume``.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        fingerprint: dict[str, Any] | None = None,
+        force_resume: bool = False,
+    ) -> None:
         self.path = check_output(path)
         self.csv = self.path.suffix.lower() == ".csv"
         self.columns = CSV_COLUMNS  # an old file keeps its own header (see _scan_csv)
@@ -101,12 +125,24 @@ class RowWriter:
         self._lock()
         self.written = 0  # rows appended by this writer
         try:
-            self.existing = self._scan_csv() if self.csv else self._scan_jsonl()
+            self.existing, repair = self._scan_csv() if self.csv else self._scan_jsonl()
+            if fingerprint is not None:
+                self.check_fingerprint(fingerprint, force_resume)
+            repair()  # only now: a refused file is left exactly as it was
             if self.csv and os.fstat(self._f.fileno()).st_size == 0:
                 self._write_bytes(self._csv_line(list(CSV_COLUMNS)))
         except BaseException:
             self._f.close()
             raise
+
+    def check_fingerprint(self, fingerprint: dict[str, Any], force_resume: bool = False) -> None:
+        """Raise a one-line :class:`ChatforgeError` when the file holds rows made with
+        other settings than ``fingerprint`` (unless ``force_resume``)."""
+        if force_resume:
+            return
+        message = self.existing.fingerprints.conflict(str(self.path), fingerprint)
+        if message is not None:
+            raise ChatforgeError(message)
 
     # -- writing -----------------------------------------------------------------
 
@@ -197,7 +233,10 @@ class RowWriter:
             os.fsync(self._f.fileno())
         self._f.seek(0, os.SEEK_END)
 
-    def _scan_jsonl(self) -> Existing:
+    # The scans only read; each returns what it found and a function that makes the
+    # repairs (cutting a torn last row), called once the file is accepted.
+
+    def _scan_jsonl(self) -> tuple[Existing, Callable[[], None]]:
         data = self._read_all()
         existing = Existing()
         keep = 0  # end offset of the last finished row
@@ -217,21 +256,25 @@ class RowWriter:
                     existing.ids.add(row["key"])
                 elif "id" in row:
                     existing.legacy_ids.add(id_key(row["id"]))
+                existing.fingerprints.add(row.get("settings"), row.get("params"))
             if last:
                 keep = len(data)
                 break
             pos = keep = end + 1
-        self._cut(keep, existing, len(data))
-        if keep > 0 and not data[:keep].endswith(b"\n"):
-            # A whole row that lost only its newline: keep it, end the line.
-            self._write_bytes(b"\n")
-        return existing
 
-    def _scan_csv(self) -> Existing:
+        def repair() -> None:
+            self._cut(keep, existing, len(data))
+            if keep > 0 and not data[:keep].endswith(b"\n"):
+                # A whole row that lost only its newline: keep it, end the line.
+                self._write_bytes(b"\n")
+
+        return existing, repair
+
+    def _scan_csv(self) -> tuple[Existing, Callable[[], None]]:
         data = self._read_all()
         existing = Existing()
         if not data:
-            return existing
+            return existing, lambda: None
         offsets: list[int] = []  # byte offset where each line ends
         lines: list[str] = []
         pos = 0
@@ -254,19 +297,17 @@ class RowWriter:
             header = next(reader)
         except (StopIteration, csv.Error):
             header = []
-        if tuple(header) == LEGACY_CSV_COLUMNS:
-            self.columns = LEGACY_CSV_COLUMNS
-        elif tuple(header) != CSV_COLUMNS:
+        if tuple(header) in _KNOWN_HEADERS:
+            self.columns = tuple(header)
+        else:
             if consumed == len(lines) and not data.endswith(b"\n"):
-                header = []  # our own header, torn: start over
-                self._cut(0, existing, len(data))
-                self._write_bytes(self._csv_line(list(CSV_COLUMNS)))
-                return existing
-            self._f.close()
+                # Our own header, torn: start over (the header is written after repair).
+                return existing, lambda: self._cut(0, existing, len(data))
             raise ChatforgeError(
                 f"{self.path} is a CSV file with other columns than chatforge writes; "
                 "pick a new output file"
             )
+        col = {name: i for i, name in enumerate(self.columns)}
         keep = offsets[consumed - 1]
         while True:
             try:
@@ -288,15 +329,26 @@ class RowWriter:
                 existing.bad_rows += 1
                 continue
             existing.rows += 1
-            if self.columns == CSV_COLUMNS and row[-1] != "":
-                existing.ids.add(row[-1])
+            if "key" in col and row[col["key"]] != "":
+                existing.ids.add(row[col["key"]])
             else:
-                existing.legacy_ids.add(row[0])
-        self._cut(keep, existing, len(data))
-        return existing
+                existing.legacy_ids.add(row[col["id"]])
+            if "settings" in col:
+                existing.fingerprints.add(
+                    _json_cell(row[col["settings"]]), _json_cell(row[col["params"]])
+                )
+        return existing, lambda: self._cut(keep, existing, len(data))
 
 
 _DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # no space, or quota
+
+
+def _json_cell(text: str) -> Any:
+    """A CSV cell holding JSON (``settings``, ``params``), or ``None``."""
+    try:
+        return json.loads(text) if text else None
+    except json.JSONDecodeError:
+        return None
 
 
 def _parse_json_row(line: bytes) -> dict | None:

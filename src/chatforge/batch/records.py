@@ -2,9 +2,11 @@
 
 Each reader yields one :class:`Record` per record in file order. A record that
 cannot be read (a malformed JSON line, a CSV row with the wrong number of
-fields, a line that is not UTF-8) is still yielded, with ``error`` set and its
-``file:line`` in the message, so the run can write an error row for it and go
-on instead of losing the whole file to one bad line.
+fields, a quote that is never closed, a line that is not UTF-8) is still
+yielded, with ``error`` set and its ``file:line`` in the message, so the run
+can write an error row for it and go on instead of losing the whole file to
+one bad line. (A CSV quote that is never closed would otherwise take every
+line after it into one field; the lines after it are read as records.)
 
 Record ids: the record's own ``id`` field when it has one, else its index (the
 0-based position among the file's records; blank lines are not records). The
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,20 +164,54 @@ def _read_jsonl(path: Path) -> Iterator[Record]:
         index += 1
 
 
-class _LineCounter:
-    """Feeds ``csv.reader`` and counts the lines it has consumed (a quoted field may span lines)."""
+_EOF = "\ud800<end of file>"
+"""What :class:`_LineSource` hands ``csv.reader`` after the last line. A lone surrogate
+never comes out of UTF-8 decoding, so this text cannot be in the file: seeing it at
+the end of a field means a quote opened in that field was never closed."""
+
+
+class _LineSource:
+    """Feeds ``csv.reader``: counts the lines it has consumed (a quoted field may span
+    lines), keeps the lines of the record being read, and ends with :data:`_EOF`.
+
+    ``csv.reader`` silently takes everything up to the end of the file into a field
+    whose quote is never closed; the :data:`_EOF` marker shows that happened, and
+    :meth:`reread_after` hands the swallowed lines back to be read as records.
+    """
 
     def __init__(self, f: Iterable[str]) -> None:
         self._it = iter(f)
-        self.lines = 0
+        self._back: deque[str] = deque()  # lines to read again (see reread_after)
+        self._ended = False
+        self.lines = 0  # lines consumed
+        self.record: list[str] = []  # the lines consumed since start_record()
 
-    def __iter__(self) -> _LineCounter:
+    def __iter__(self) -> _LineSource:
         return self
 
     def __next__(self) -> str:
-        line = next(self._it)
+        if self._back:
+            line = self._back.popleft()
+        else:
+            line = next(self._it, None)
+            if line is None:
+                if self._ended:
+                    raise StopIteration
+                self._ended = True
+                return _EOF
         self.lines += 1
+        self.record.append(line)
         return line
+
+    def start_record(self) -> None:
+        self.record = []
+
+    def reread_after(self, first: int) -> None:
+        """Read the current record's lines again, except its first (line ``first``)."""
+        again = self.record[1:]
+        self._back.extendleft(reversed(again))
+        self.lines = first
+        self._ended = False
 
 
 def _read_csv(path: Path) -> Iterator[Record]:
@@ -183,14 +220,19 @@ def _read_csv(path: Path) -> Iterator[Record]:
     except OSError as e:
         raise ChatforgeError(f"cannot read input file {path}: {e.strerror}") from e
     with f:
-        counter = _LineCounter(f)
+        counter = _LineSource(f)
         reader = csv.reader(counter)
         try:
             header = next(reader, None)
         except (csv.Error, UnicodeDecodeError) as e:
             raise ChatforgeError(f"{path}:1: cannot read the CSV header ({e})") from e
-        if not header:
+        if not header or header == [_EOF]:
             return
+        if header[-1].endswith(_EOF):
+            raise ChatforgeError(
+                f"{path}:1: the CSV header has a quote that is never closed "
+                "(it runs to the end of the file)"
+            )
         header = [h.strip() for h in header]
         if len(set(header)) != len(header) or not all(header):
             raise ChatforgeError(
@@ -200,6 +242,7 @@ def _read_csv(path: Path) -> Iterator[Record]:
         while True:
             start = counter.lines + 1
             source = f"{path}:{start}"
+            counter.start_record()
             try:
                 row = next(reader)
             except StopIteration:
@@ -209,6 +252,19 @@ def _read_csv(path: Path) -> Iterator[Record]:
                 raise ChatforgeError(f"{source}: not UTF-8 text ({e.reason})") from e
             except csv.Error as e:
                 yield Record(index, index, {}, source, f"{source}: malformed CSV row ({e})")
+                index += 1
+                continue
+            if row == [_EOF]:
+                return
+            if row and row[-1].endswith(_EOF):
+                # An unclosed quote took in every line after it: this record is
+                # malformed, and the lines after its first are records of their own.
+                counter.reread_after(start)
+                msg = (
+                    f"{source}: malformed CSV row (a quote in it is never closed; "
+                    "the lines after this one are read as records of their own)"
+                )
+                yield Record(index, index, {}, source, msg)
                 index += 1
                 continue
             if not row or all(not cell.strip() for cell in row):

@@ -38,7 +38,9 @@ from chatforge.batch.runner import (
     _Job,
     count_todo,
     records_opener,
+    resolved_params,
 )
+from chatforge.batch.settings import fingerprint, run_settings
 from chatforge.batch.template import PromptTemplate
 from chatforge.errors import ChatforgeError, InputError, ParamError
 from chatforge.generation.config import (
@@ -157,11 +159,13 @@ class _Fatal(ChatforgeError):
 
 
 class _Failed(Exception):
-    """One request failed; ``retry`` when it may pass on a rerun."""
+    """One request failed; ``retry`` when it may pass on a rerun; ``kind`` as the
+    summary counts it (see :data:`~chatforge.batch.runner.ERROR_KINDS`)."""
 
-    def __init__(self, message: str, retry: bool) -> None:
+    def __init__(self, message: str, retry: bool, kind: str = "endpoint error") -> None:
         super().__init__(message)
         self.retry = retry
+        self.kind = "not answered" if retry else kind
 
 
 def generate_batch_remote(
@@ -179,6 +183,7 @@ def generate_batch_remote(
     api_key: str | None = None,
     key_source: str | None = None,
     timeout: float = 600.0,
+    force_resume: bool = False,
 ) -> BatchSummary:
     """Generate a reply for every input record with the endpoint at ``api_base``
     (``model`` as it names it) and append one row per record to ``output``.
@@ -187,7 +192,9 @@ def generate_batch_remote(
     ``key_source``, where it came from, for a 401's message), ``max_concurrency``
     requests in flight and a per-request ``timeout`` in seconds. ``config`` defaults
     to :func:`remote_config`; with a seed, sample ``j`` uses ``seed + j`` (one
-    request per sample). The rows' ``model`` is ``{"name", "ref", "api_base"}``.
+    request per sample). The rows' ``model`` is ``{"name", "ref", "api_base"}``; their
+    ``settings`` record ``model`` and ``api_base``, so resuming with another endpoint or
+    model is refused unless ``force_resume``, as a local run's.
     """
     config = config if config is not None else remote_config()
     openai_params(config)  # unsendable settings fail before anything is sent
@@ -201,7 +208,9 @@ def generate_batch_remote(
     open_records = records_opener(inputs)
     check_output(output)
     client = _client(api_base, api_key, timeout)
-    with RowWriter(output) as writer:
+    settings = run_settings(model, tmpl.text, system, n, api_base=api_base)
+    fp = fingerprint(settings, resolved_params(config))
+    with RowWriter(output, fp, force_resume) as writer:
         total, todo = count_todo(open_records(), writer)
         if todo == 0:
             return BatchSummary(
@@ -211,7 +220,7 @@ def generate_batch_remote(
                 torn_bytes=writer.existing.torn_bytes,
             )
         info = {"name": model, "ref": model, "api_base": api_base}
-        run = _RemoteRun(writer, tmpl, system, config, n, fail_fast, info)
+        run = _RemoteRun(writer, tmpl, system, config, n, fail_fast, info, settings)
         run.client, run.api_base, run.key_source = client, api_base, key_source
         run.concurrency = max_concurrency
         run.execute(open_records, total, todo, progress)
@@ -274,7 +283,7 @@ class _RemoteRun(RowsRun):
                         job.completions[j] = future.result()
                     except _Failed as e:
                         if job.error is None:
-                            job.error = f"{job.record.source}: {e}"
+                            job.fail(e.kind, f"{job.record.source}: {e}")
                             job.retry = e.retry
                     # A failed sample makes the row an error row (written at once).
         except BaseException as e:
@@ -313,7 +322,7 @@ class _RemoteRun(RowsRun):
                 raise _Fatal(text) from None
             if e.status_code == 429 or e.status_code >= 500:
                 raise _Failed(f"{text} {RERUN}", retry=True) from None
-            raise _Failed(text, retry=False) from None
+            raise _Failed(text, retry=False, kind="rejected by the endpoint") from None
         except openai.APITimeoutError as e:
             text = describe_api_error(e, self.api_base, self.key_source)
             raise _Failed(f"{text} (timed out) {RERUN}", retry=True) from None

@@ -5,11 +5,13 @@ the template (:mod:`~chatforge.batch.template`), encodes each prompt as chat
 messages with the model's format, and feeds the engine a window of requests at
 a time. Rows go to the output (:mod:`~chatforge.batch.output`) in input order
 as soon as a prefix of the window is complete, so a crash loses only rows that
-were not finished; a rerun skips the ids already in the output.
+were not finished; a rerun skips the ids already in the output. A rerun with
+other settings (model, template, system prompt, ``n``, generation settings) is
+refused unless ``force_resume`` (see :mod:`~chatforge.batch.settings`).
 
 Records that cannot run (unreadable, a missing template field, a prompt too
 long for the context) get an error row before any generation and the run goes
-on, unless ``fail_fast``.
+on, unless ``fail_fast``. The summary counts errors by kind (:data:`ERROR_KINDS`).
 """
 
 from __future__ import annotations
@@ -24,15 +26,30 @@ from typing import Any
 
 from chatforge.batch.output import RowWriter, check_output
 from chatforge.batch.records import Record, check_input, read_records, records_from
+from chatforge.batch.settings import fingerprint, model_key, run_settings
 from chatforge.batch.template import PromptTemplate, TemplateError
 from chatforge.conversation import Message
-from chatforge.errors import ChatforgeError, ParamError
+from chatforge.errors import ChatforgeError, ContextOverflowError, ParamError
 from chatforge.generation.config import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
 from chatforge.generation.engine import Completion, Engine, Request
 from chatforge.generation.plan import plan_request
 
 # Rows that may wait, finished, behind one unfinished earlier row (x batch_size).
 _MAX_PENDING = 64
+
+ERROR_KINDS = (
+    "unreadable record",  # a malformed line or CSV row, text that is not UTF-8
+    "duplicate id",
+    "missing field",  # the template (or the default prompt/text) needs a field the record lacks
+    "empty prompt",
+    "prompt too long",  # no room for a reply in the model's context
+    "invalid request",  # the engine refused the request for another reason
+    "generation failed",
+    "rejected by the endpoint",  # --api-base: a 4xx answer
+    "endpoint error",  # --api-base: another error answer
+    "not answered",  # --api-base: timeout, 429, 5xx; no row written, a rerun retries
+)
+"""The kinds of error a run counts (:attr:`BatchSummary.error_kinds`)."""
 
 
 class BatchStopped(ChatforgeError):
@@ -53,6 +70,7 @@ class BatchSummary:
     completion_tokens: int = 0  # generated tokens, all samples
     torn_bytes: int = 0  # bytes of a torn last row cut from the output before resuming
     error_messages: list[str] = field(default_factory=list)  # the first few error messages
+    error_kinds: dict[str, int] = field(default_factory=dict)  # kind -> errors (ERROR_KINDS)
 
     @property
     def tokens_per_second(self) -> float:
@@ -62,6 +80,16 @@ class BatchSummary:
     @property
     def records_per_second(self) -> float:
         return (self.done + self.errors) / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def failed(self) -> bool:
+        """Every record this run tried failed (none succeeded): the CLI exits 1."""
+        return self.done == 0 and self.errors > 0
+
+    def errors_by_kind(self) -> str:
+        """``"errors by kind: 40 missing field, 20 prompt too long"`` (most first)."""
+        kinds = sorted(self.error_kinds.items(), key=lambda kv: (-kv[1], kv[0]))
+        return "errors by kind: " + ", ".join(f"{count} {kind}" for kind, count in kinds)
 
     def __str__(self) -> str:
         return (
@@ -80,11 +108,18 @@ class _Job:
     requests: list[Request] = field(default_factory=list)  # one per sample
     completions: dict[int, Completion] = field(default_factory=dict)  # sample -> result
     error: str | None = None  # why it produced no output
+    kind: str | None = None  # the error's kind (one of ERROR_KINDS)
     retry: bool = False  # the error may pass (a remote endpoint's): no row, a rerun retries
 
     @property
     def finished(self) -> bool:
         return self.error is not None or len(self.completions) == len(self.requests)
+
+    def fail(self, kind: str, message: str) -> _Job:
+        """Record why the job produced no output (the first reason wins)."""
+        if self.error is None:
+            self.error, self.kind = message, kind
+        return self
 
 
 ProgressFn = Callable[[int, int], None]
@@ -103,6 +138,8 @@ def generate_batch(
     fail_fast: bool = False,
     progress: bool | ProgressFn = True,
     dtype: str = "auto",
+    force_resume: bool = False,
+    model_name: str | None = None,
 ) -> BatchSummary:
     """Generate a reply for every input record and append one row per record to ``output``.
 
@@ -114,6 +151,9 @@ def generate_batch(
         inputs: a ``.txt`` / ``.jsonl`` / ``.csv`` file, or Python records (strings
             become ``{"text": s}``, mappings are the fields).
         output: a ``.jsonl`` or ``.csv`` file; rows already in it are skipped (resume).
+            Rows made with other settings (model, template, system prompt, ``n``,
+            generation settings) make it a :class:`~chatforge.errors.ChatforgeError`
+            naming what differs, before the model is loaded or the file touched.
         template: ``str.format`` template over the record's fields; ``None`` uses the
             record's ``prompt`` or ``text`` field.
         system: a system prompt sent before each record's prompt.
@@ -126,6 +166,10 @@ def generate_batch(
             call a function ``progress(records, tokens)``.
         dtype: ``fp32``, ``bf16`` or ``auto`` when ``model`` is a reference (``auto``:
             as ``load_model``'s default and the CLI's, the fast path's best setting).
+        force_resume: add to an output whose rows were made with other settings.
+        model_name: the model's reference, recorded in each row's ``settings``, when
+            ``model`` is a function (so a mismatch is found before it is called);
+            without it the loaded model's ``info.ref`` is checked once it is loaded.
 
     Returns:
         A :class:`BatchSummary`.
@@ -145,10 +189,14 @@ def generate_batch(
         from chatforge.models import load_model, parse_dtype
 
         parse_dtype(dtype)
-        ref = model
+        ref = model_name = model
         model = lambda: load_model(ref, dtype=dtype)  # noqa: E731 - loaded only if needed
+    elif not callable(model):
+        model_name = model.info.ref
+    settings = run_settings(model_name, tmpl.text, system, n)
+    params = resolved_params(config)
 
-    with RowWriter(output) as writer:
+    with RowWriter(output, fingerprint(settings, params), force_resume) as writer:
         total, todo = count_todo(open_records(), writer)
         if todo == 0:  # every row is there: no model to load
             return BatchSummary(
@@ -159,7 +207,10 @@ def generate_batch(
             )
         if callable(model):
             model = model()
-        run = _Run(model, writer, tmpl, system, config, n, batch_size, fail_fast)
+            if settings["model"] is None:  # now known: check it before any row is written
+                settings["model"] = model_key(model.info.ref)
+                writer.check_fingerprint(fingerprint(settings, params), force_resume)
+        run = _Run(model, writer, tmpl, system, config, n, batch_size, fail_fast, settings)
         run.execute(open_records, total, todo, progress)
     return run.summary
 
@@ -209,6 +260,7 @@ class RowsRun:
         n: int,
         fail_fast: bool,
         model_info: dict[str, Any],
+        settings: dict[str, Any],
     ) -> None:
         self.writer = writer
         self.template = template
@@ -219,7 +271,8 @@ class RowsRun:
         self.summary = BatchSummary(output=writer.path)
         self.on_progress: ProgressFn | None = None
         self.model_info = model_info
-        self.params = _resolved_params(config)
+        self.settings = settings  # each row's "settings" (see chatforge.batch.settings)
+        self.params = resolved_params(config)
         self._seen: dict[str, str] = {}  # id key -> source of its first record in this input
 
     def execute(
@@ -277,20 +330,18 @@ class RowsRun:
         """A job holding the record's rendered prompt, or the error that stops it."""
         job = _Job(record)
         if record.error is not None:
-            job.error = record.error
-            return job
+            return job.fail("unreadable record", record.error)
         first = self._seen.get(record.key)
         if first is not None:
-            job.error = f"{record.source}: duplicate id {record.id!r} (first at {first})"
-            return job
+            msg = f"{record.source}: duplicate id {record.id!r} (first at {first})"
+            return job.fail("duplicate id", msg)
         self._seen[record.key] = record.source
         try:
             job.prompt = self.template.render(record.fields)
         except TemplateError as e:
-            job.error = f"{record.source}: {e}"
-            return job
+            return job.fail("missing field", f"{record.source}: {e}")
         if not job.prompt.strip():
-            job.error = f"{record.source}: the prompt is empty"
+            job.fail("empty prompt", f"{record.source}: the prompt is empty")
         return job
 
     def _messages(self, prompt: str) -> list[Message]:
@@ -322,6 +373,8 @@ class RowsRun:
         for job in ready:
             if job.error is not None:
                 self.summary.errors += 1
+                kinds = self.summary.error_kinds
+                kinds[job.kind or "error"] = kinds.get(job.kind or "error", 0) + 1
                 if len(self.summary.error_messages) < 5:
                     self.summary.error_messages.append(job.error)
             else:
@@ -357,6 +410,7 @@ class RowsRun:
         row["model"] = self.model_info
         # The resume key, unlike "id", is unique even when a record has no id of its own.
         row["key"] = rec.key
+        row["settings"] = self.settings  # with "params", what a rerun must match to resume
         return row
 
 
@@ -373,8 +427,10 @@ class _Run(RowsRun):
         n: int,
         batch_size: int,
         fail_fast: bool,
+        settings: dict[str, Any],
     ) -> None:
-        super().__init__(writer, template, system, config, n, fail_fast, _model_identity(loaded))
+        info = _model_identity(loaded)
+        super().__init__(writer, template, system, config, n, fail_fast, info, settings)
         self.loaded = loaded
         self.engine = Engine.shared(loaded)
         self.batch_size = batch_size
@@ -417,8 +473,9 @@ class _Run(RowsRun):
                 for handle, completion in done:
                     job, j = owner.pop(handle)
                     job.completions[j] = completion
-                    if completion.finish_reason == "error" and job.error is None:
-                        job.error = f"{job.record.source}: generation failed: {completion.error}"
+                    if completion.finish_reason == "error":
+                        msg = f"{job.record.source}: generation failed: {completion.error}"
+                        job.fail("generation failed", msg)
                 done.clear()
         except BaseException:
             for handle in owner:  # interrupted: leave nothing running in the shared engine
@@ -450,8 +507,8 @@ class _Run(RowsRun):
             )
             self.engine.budget_for(plan.request)
         except ValueError as e:
-            job.error = f"{record.source}: {e}"
-            return job
+            kind = "prompt too long" if isinstance(e, ContextOverflowError) else "invalid request"
+            return job.fail(kind, f"{record.source}: {e}")
         for j in range(self.n):
             cfg = self.config
             if cfg.seed is not None and j > 0:
@@ -461,7 +518,7 @@ class _Run(RowsRun):
         return job
 
 
-def _resolved_params(config: GenerationConfig) -> dict[str, Any]:
+def resolved_params(config: GenerationConfig) -> dict[str, Any]:
     """The settings as they take effect (the default reply length filled in)."""
     params = config.to_dict()
     if params["max_new_tokens"] is None and params["max_length"] is None:

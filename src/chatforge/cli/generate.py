@@ -55,6 +55,14 @@ def generate_command(
             show_default=False,
         ),
     ],
+    force_resume: Annotated[
+        bool,
+        typer.Option(
+            "--force-resume",
+            help="Add to an --output whose rows were made with other settings "
+            "(model, template, system prompt, --n, generation settings).",
+        ),
+    ] = False,
     template: Annotated[
         str | None,
         typer.Option(
@@ -177,6 +185,7 @@ def generate_command(
             progress=progress,
             api_key=key,
             key_source=source,
+            force_resume=force_resume,
         )
         _report(summary, output, err, "nothing to do")
         return
@@ -212,12 +221,15 @@ def generate_command(
         batch_size=batch_size or DEFAULT_BATCH_SIZE,
         fail_fast=fail_fast,
         progress=progress,
+        force_resume=force_resume,
+        model_name=recipe.name if recipe is not None else model,
     )
     _report(summary, output, err, "nothing to do (the model was not loaded)")
 
 
 def _report(summary, output: Path, err: Console, idle: str) -> None:
-    """The run's summary (and its first error rows) on stderr."""
+    """The run's summary (its first errors, and errors by kind) on stderr; exit 1 when
+    every record the run tried failed."""
     from chatforge.batch.remote import RERUN
 
     if summary.torn_bytes:
@@ -237,7 +249,17 @@ def _report(summary, output: Path, err: Console, idle: str) -> None:
         err.print(f"[yellow]{label}:[/] {message}", highlight=False, soft_wrap=True)
     if summary.errors > len(summary.error_messages):
         err.print(f"[dim]... see the 'error' field in {output}[/]", highlight=False)
+    if summary.errors:
+        err.print(summary.errors_by_kind(), highlight=False, soft_wrap=True)
     err.print(str(summary), highlight=False, soft_wrap=True)
+    if summary.failed:
+        err.print(
+            f"[red]error:[/] no record succeeded: all {summary.errors} records this run "
+            "tried failed",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
 
 
 class _nullctx:
