@@ -8,8 +8,9 @@ import json
 import pytest
 
 from chatforge import GenerationConfig, load_model
-from chatforge.batch.remote import generate_batch_remote, openai_params, remote_config
+from chatforge.batch.remote import generate_batch_remote
 from chatforge.errors import ParamError
+from chatforge.openai_api import remote_config, request_params
 from chatforge.server import create_app
 from cli_helpers import run
 from serverkit import ServerThread, slow_steps
@@ -228,11 +229,11 @@ def test_exit_1_when_the_endpoint_rejects_every_record(server, watched, tmp_path
 @pytest.mark.parametrize(
     ("flags", "needle"),
     [
-        (["--top-k", "5"], "--top-k cannot be sent to an OpenAI-compatible endpoint"),
-        (["--min-p", "0.1"], "--min-p cannot be sent"),
-        (["--repetition-penalty", "1.2"], "--repetition-penalty cannot be sent"),
-        (["--max-length", "50"], "--max-length cannot be sent"),
-        (["--preset", "balanced"], "--preset balanced sets min_p, repetition_penalty"),
+        (["--max-length", "50"], "--max-length cannot be sent to an OpenAI-compatible"),
+        (
+            ["--stop", "a", "--stop", "b", "--stop", "c", "--stop", "d", "--stop", "e"],
+            "--stop takes at most 4 strings",
+        ),
         (["--batch-size", "4"], "--batch-size applies to a local model"),
         (["--quantize", "int8"], "--quantize applies to a local model"),
         (["--max-concurrency", "0"], "--max-concurrency must be >= 1"),
@@ -253,19 +254,19 @@ def test_local_only_and_remote_only_flags(tiny_llama_dir, tmp_path, capsys):
     argv = ["generate", str(inp), "-o", str(tmp_path / "o.jsonl"), "--model", str(tiny_llama_dir)]
     code, _, err = run([*argv, "--max-concurrency", "2"], capsys)
     assert code == 2 and "--max-concurrency applies to --api-base" in err
-    # Settings at their off value are fine; the default preset sends what an endpoint takes.
-    assert openai_params(remote_config(None, top_k=0, min_p=0.0, repetition_penalty=1.0)) == {
+    # Settings at their off value are not sent; the default preset sends what an endpoint takes.
+    assert request_params(remote_config(None, top_k=0, min_p=0.0, repetition_penalty=1.0)) == {
         "temperature": 0.2,
         "top_p": 0.9,
         "max_tokens": 256,
     }
-    assert openai_params(remote_config("precise", max_new_tokens=4, stop=("x",), seed=1)) == {
+    assert request_params(remote_config("precise", max_new_tokens=4, stop=("x",), seed=1)) == {
         "temperature": 0.0,
         "max_tokens": 4,
         "stop": ["x"],
         "seed": 1,
     }
-    with pytest.raises(ParamError, match="top_k cannot be sent"):
+    with pytest.raises(ParamError, match="max_length cannot be sent"):
         generate_batch_remote(
-            "http://x/v1", "m", ["a"], tmp_path / "x.jsonl", config=GenerationConfig(top_k=3)
+            "http://x/v1", "m", ["a"], tmp_path / "x.jsonl", config=GenerationConfig(max_length=9)
         )

@@ -7,51 +7,31 @@ so ``chatforge chat --api-base URL`` is the same experience as a local chat::
     chat = RemoteSession("http://127.0.0.1:8000/v1", "smollm2")
     print(chat.send("What is the capital of France?").text)
 
-The endpoint owns the context: the whole conversation is sent each turn.
+The endpoint owns the context: the whole conversation is sent each turn. The request
+fields, the client, the key and the error lines come from :mod:`chatforge.openai_api`
+(its ``resolve_api_key``, ``describe_api_error`` and constants are re-exported here).
 """
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 from chatforge.chat import Reply, SessionBase, model_messages
 from chatforge.conversation import Conversation
 from chatforge.errors import ChatforgeError
 from chatforge.generation.config import GenerationConfig
-
-MAX_REMOTE_STOP = 4  # OpenAI's limit on stop sequences
-API_KEY_ENV = "CHATFORGE_API_KEY"
-"""The variable a remote chat reads its key from when no flag names one."""
-KEY_HELP = f"pass --api-key KEY, --api-key-env NAME, or set {API_KEY_ENV}"
-
-
-def resolve_api_key(
-    api_key: str | None = None,
-    api_key_env: str | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> tuple[str | None, str | None]:
-    """The key for a remote endpoint and where it came from, for error messages.
-
-    Precedence: ``api_key`` (``--api-key``), then the variable named by
-    ``api_key_env`` (``--api-key-env``, which must then be set), then
-    :data:`API_KEY_ENV`, then ``OPENAI_API_KEY``. Returns ``(None, None)`` when
-    there is no key (a local server needs none).
-    """
-    env = os.environ if environ is None else environ
-    if api_key:
-        return api_key, "--api-key"
-    if api_key_env:
-        key = env.get(api_key_env)
-        if not key:  # named explicitly, so it must be set
-            raise ChatforgeError(f"the environment variable {api_key_env} is not set")
-        return key, f"${api_key_env} (--api-key-env)"
-    for name in (API_KEY_ENV, "OPENAI_API_KEY"):
-        if env.get(name):
-            return env[name], f"${name}"
-    return None, None
+from chatforge.openai_api import (
+    API_KEY_ENV,
+    KEY_HELP,
+    MAX_REMOTE_STOP,
+    describe_api_error,
+    openai_client,
+    remote_config,
+    request_params,
+    resolve_api_key,
+)
 
 
 class RemoteSession(SessionBase):
@@ -68,58 +48,33 @@ class RemoteSession(SessionBase):
         key_source: str | None = None,
     ) -> None:
         """``key_source`` says where ``api_key`` came from (e.g. ``--api-key``); a 401
-        from the endpoint names it, so the user knows which key to fix."""
-        try:
-            from openai import OpenAI
-        except ImportError:
-            raise ChatforgeError(
-                "chatting with a remote endpoint needs the openai package: "
-                "pip install 'chatforge[remote]'"
-            ) from None
-
+        from the endpoint names it, so the user knows which key to fix. ``config``
+        defaults to :func:`~chatforge.openai_api.remote_config` (what every endpoint
+        takes of the default preset); a setting no request can carry (``max_length``)
+        is refused here, and when :attr:`config` is set later."""
         self.api_base = api_base
         self.model = model
         self.model_name = model
         self.key_source = key_source if api_key else None
-        self.config = config or GenerationConfig.default()  # as ChatSession
-        # Local servers need no key, but the client insists on one.
-        self.client = OpenAI(
-            base_url=api_base, api_key=api_key or "none", timeout=timeout, max_retries=2
-        )
+        self.config = config or remote_config()
+        self.client = openai_client(api_base, api_key, timeout=timeout)
         self.conversation = Conversation(system=system)
         self.last: Reply | None = None
 
-    def request_params(self) -> dict[str, Any]:
-        """Our generation settings as chat-completion parameters.
+    @property
+    def config(self) -> GenerationConfig:
+        """The generation settings; setting them checks that a request can carry them."""
+        return self._config
 
-        Standard ones go as they are; ``top_k``/``min_p``/``repetition_penalty``
-        (understood by chatforge, OpenRouter, vLLM) only when switched on, so a
-        strict endpoint is not sent fields it rejects unless the user asked.
-        """
-        c = self.config
-        params: dict[str, Any] = {"temperature": 0.0 if c.greedy else c.temperature}
-        if c.top_p != 1.0:
-            params["top_p"] = c.top_p
-        if c.max_new_tokens is not None:
-            params["max_tokens"] = c.max_new_tokens
-        if c.stop:
-            if len(c.stop) > MAX_REMOTE_STOP:
-                raise ChatforgeError(
-                    f"remote endpoints take at most {MAX_REMOTE_STOP} stop strings"
-                )
-            params["stop"] = list(c.stop)
-        if c.seed is not None:
-            params["seed"] = c.seed
-        extra = {}
-        if c.top_k:
-            extra["top_k"] = c.top_k
-        if c.min_p:
-            extra["min_p"] = c.min_p
-        if c.repetition_penalty != 1.0:
-            extra["repetition_penalty"] = c.repetition_penalty
-        if extra:
-            params["extra_body"] = extra
-        return params
+    @config.setter
+    def config(self, config: GenerationConfig) -> None:
+        request_params(config)  # a ParamError names what cannot be sent
+        self._config = config
+
+    def request_params(self) -> dict[str, Any]:
+        """:attr:`config` as chat-completion fields
+        (:func:`~chatforge.openai_api.request_params`: extras only when switched on)."""
+        return request_params(self.config, endpoint="chat")
 
     def stream(self, text: str) -> Iterator[str]:
         """Add a user message and yield the reply as it streams in.
@@ -139,7 +94,7 @@ class RemoteSession(SessionBase):
                 messages=[m.to_dict() for m in messages],
                 stream=True,
                 stream_options={"include_usage": True},
-                **self.request_params(),
+                extra_body=self.request_params(),  # sent as they are, extras included
             )
         except openai.APIError as e:
             raise ChatforgeError(self._describe(e)) from None
@@ -186,34 +141,17 @@ class RemoteSession(SessionBase):
         return describe_api_error(e, self.api_base, self.key_source)
 
 
-def describe_api_error(e: Exception, api_base: str, key_source: str | None = None) -> str:
-    """One line saying what went wrong talking to ``api_base`` (an ``openai`` error);
-    a 401 says where the key came from (``key_source``) and how to give another."""
-    import openai
-
-    if isinstance(e, openai.APIStatusError):
-        message = e.message
-        body = e.body if isinstance(e.body, dict) else {}
-        inner = body.get("error", body) if isinstance(body, dict) else {}
-        if isinstance(inner, dict) and inner.get("message"):
-            message = inner["message"]
-        text = f"{api_base} answered {e.status_code}: {message}"
-        if e.status_code == 401:
-            text += _key_hint(key_source)
-        return text
-    if isinstance(e, openai.APIConnectionError):
-        return f"cannot reach {api_base}: {e.__cause__ or e}"
-    return f"{api_base}: {e}"
-
-
-def _key_hint(key_source: str | None) -> str:
-    """Where the rejected key came from, and how to give another."""
-    if key_source is None:
-        return f"; no API key was given: {KEY_HELP}"
-    return f"; the API key came from {key_source}: check it, or {KEY_HELP}"
-
-
 def _cached_tokens(usage: Any) -> int:
     """Prompt tokens the endpoint served from its cache (0 when it does not say)."""
     details = getattr(usage, "prompt_tokens_details", None) if usage is not None else None
     return int(getattr(details, "cached_tokens", 0) or 0)
+
+
+__all__ = [
+    "API_KEY_ENV",
+    "KEY_HELP",
+    "MAX_REMOTE_STOP",
+    "RemoteSession",
+    "describe_api_error",
+    "resolve_api_key",
+]

@@ -10,8 +10,9 @@ an error row, as a bad record does locally. Failures that may pass (a timeout, 4
 that would fail every record (cannot connect, a bad key, an unknown model) stop the
 run with one error, keeping the rows written so far.
 
-Only settings an OpenAI chat completion takes can be sent (see :func:`openai_params`):
-asking for another (``top_k``, ``min_p``, ...) is an error, never silently dropped.
+The settings go as :func:`chatforge.openai_api.request_params` maps them, as
+``chat --api-base`` sends them: extras (``top_k``, ``min_p``, ...) only when switched
+on; a setting no request can carry (``max_length``) is an error, never silently dropped.
 
 >>> generate_batch_remote("http://127.0.0.1:8000/v1", "smollm2",  # doctest: +SKIP
 ...                       "prompts.txt", "answers.jsonl", max_concurrency=8)
@@ -42,105 +43,20 @@ from chatforge.batch.runner import (
 )
 from chatforge.batch.settings import fingerprint, run_settings
 from chatforge.batch.template import PromptTemplate
-from chatforge.errors import ChatforgeError, InputError, ParamError
-from chatforge.generation.config import (
-    DEFAULT_MAX_NEW_TOKENS,
-    DEFAULT_PRESET,
-    PRESETS,
-    GenerationConfig,
+from chatforge.errors import ChatforgeError, ParamError
+from chatforge.generation.config import GenerationConfig
+from chatforge.openai_api import (
+    describe_api_error,
+    openai_client,
+    remote_config,
+    request_params,
 )
-from chatforge.remote import MAX_REMOTE_STOP, describe_api_error
 
 DEFAULT_CONCURRENCY = 4
 """Requests in flight at once when no ``max_concurrency`` is given."""
 
 RERUN = "(no row written: a rerun retries it)"
 """How the message of a failure that may pass ends (its record gets no row)."""
-
-SENDABLE = frozenset(
-    {
-        "temperature",
-        "top_p",
-        "max_new_tokens",
-        "stop",
-        "seed",
-        "presence_penalty",
-        "frequency_penalty",
-        "logit_bias",
-        "json_schema",
-        "do_sample",
-    }
-)
-"""GenerationConfig fields an OpenAI chat completion request can carry."""
-
-# The others, and the value at which each is off (and need not be sent).
-_UNSENDABLE = {
-    "top_k": 0,
-    "min_p": 0.0,
-    "repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0,
-    "max_length": None,
-}
-
-
-def remote_config(preset: str | None = None, **given: Any) -> GenerationConfig:
-    """The settings for an endpoint: ``given`` over the preset's sendable values.
-
-    With no ``preset`` the default one (:data:`DEFAULT_PRESET`) contributes only what
-    an endpoint takes (its temperature and top-p); a ``preset`` asked for by name
-    must consist of such values, since the others could not be honoured.
-    """
-    if preset is not None:
-        key = preset.strip().lower()
-        if key not in PRESETS:
-            raise InputError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-        extra = sorted(set(PRESETS[key]) - SENDABLE)
-        if extra:
-            raise ParamError(
-                "preset",
-                f"{key} sets {', '.join(extra)}, which an OpenAI-compatible endpoint cannot "
-                "take; give --temperature/--top-p instead (or --preset precise)",
-            )
-    preset_values = PRESETS[(preset or DEFAULT_PRESET).strip().lower()]
-    base = {k: v for k, v in preset_values.items() if k in SENDABLE}
-    given = {k: v for k, v in given.items() if v is not None}
-    return GenerationConfig(**{**base, **given})
-
-
-def openai_params(config: GenerationConfig) -> dict[str, Any]:
-    """``config`` as chat-completion parameters; a :class:`ParamError` names a setting
-    (``top_k``, ``min_p``, ``repetition_penalty``, ``no_repeat_ngram_size``,
-    ``max_length``) that is switched on but cannot be sent."""
-    for name, off in _UNSENDABLE.items():
-        if getattr(config, name) != off:
-            raise ParamError(
-                name,
-                f"cannot be sent to an OpenAI-compatible endpoint (got {getattr(config, name)}); "
-                "leave it out, or run the model locally (without --api-base)",
-            )
-    params: dict[str, Any] = {
-        "temperature": 0.0 if config.greedy else config.temperature,
-        "max_tokens": config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
-    }
-    if config.top_p != 1.0 and not config.greedy:
-        params["top_p"] = config.top_p
-    if config.stop:
-        if len(config.stop) > MAX_REMOTE_STOP:
-            raise ParamError("stop", f"takes at most {MAX_REMOTE_STOP} strings with --api-base")
-        params["stop"] = list(config.stop)
-    if config.seed is not None:
-        params["seed"] = config.seed
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(config, name):
-            params[name] = getattr(config, name)
-    if config.logit_bias:
-        params["logit_bias"] = {str(k): v for k, v in config.logit_bias.items()}
-    if config.json_schema is not None:
-        params["response_format"] = {
-            "type": "json_schema",
-            "json_schema": {"name": "reply", "schema": config.json_schema, "strict": True},
-        }
-    return params
 
 
 @dataclass
@@ -191,13 +107,13 @@ def generate_batch_remote(
     Arguments are :func:`~chatforge.batch.generate_batch`'s, plus ``api_key`` (and
     ``key_source``, where it came from, for a 401's message), ``max_concurrency``
     requests in flight and a per-request ``timeout`` in seconds. ``config`` defaults
-    to :func:`remote_config`; with a seed, sample ``j`` uses ``seed + j`` (one
+    to :func:`~chatforge.openai_api.remote_config`; with a seed, sample ``j`` uses ``seed + j`` (one
     request per sample). The rows' ``model`` is ``{"name", "ref", "api_base"}``; their
     ``settings`` record ``model`` and ``api_base``, so resuming with another endpoint or
     model is refused unless ``force_resume``, as a local run's.
     """
     config = config if config is not None else remote_config()
-    openai_params(config)  # unsendable settings fail before anything is sent
+    request_params(config)  # unsendable settings fail before anything is sent
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ParamError("n", f"must be an integer >= 1 (got {n!r})")
     if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int):
@@ -207,7 +123,7 @@ def generate_batch_remote(
     tmpl = template if isinstance(template, PromptTemplate) else PromptTemplate(template)
     open_records = records_opener(inputs)
     check_output(output)
-    client = _client(api_base, api_key, timeout)
+    client = openai_client(api_base, api_key, timeout=timeout)
     settings = run_settings(model, tmpl.text, system, n, api_base=api_base)
     fp = fingerprint(settings, resolved_params(config))
     with RowWriter(output, fp, force_resume) as writer:
@@ -221,23 +137,11 @@ def generate_batch_remote(
             )
         info = {"name": model, "ref": model, "api_base": api_base}
         run = _RemoteRun(writer, tmpl, system, config, n, fail_fast, info, settings)
-        run.client, run.api_base, run.key_source = client, api_base, key_source
+        run.client, run.api_base = client, api_base
+        run.key_source = key_source if api_key else None
         run.concurrency = max_concurrency
         run.execute(open_records, total, todo, progress)
     return run.summary
-
-
-def _client(api_base: str, api_key: str | None, timeout: float) -> Any:
-    try:
-        from openai import OpenAI
-    except ImportError:
-        raise ChatforgeError(
-            "generating with a remote endpoint needs the openai package: "
-            "pip install 'chatforge[remote]'"
-        ) from None
-    # A local server needs no key, but the client insists on one. One client serves
-    # every thread (its connection pool is shared and thread-safe).
-    return OpenAI(base_url=api_base, api_key=api_key or "none", timeout=timeout, max_retries=2)
 
 
 class _RemoteRun(RowsRun):
@@ -251,7 +155,7 @@ class _RemoteRun(RowsRun):
     def run(self, records: Iterable[Record]) -> None:
         """Send records' requests, ``concurrency`` at a time, writing rows in order."""
         t0 = time.perf_counter()
-        base = openai_params(self.config)
+        base = request_params(self.config, endpoint="chat")
         self._stop_event = threading.Event()
         owner: dict[Future, tuple[_Job, int]] = {}
         pending: deque[_Job] = deque()
@@ -314,7 +218,7 @@ class _RemoteRun(RowsRun):
         t0 = time.perf_counter()
         try:
             r = self.client.chat.completions.create(
-                model=self.model_info["ref"], messages=messages, **params
+                model=self.model_info["ref"], messages=messages, extra_body=params
             )
         except openai.APIStatusError as e:
             text = describe_api_error(e, self.api_base, self.key_source)
@@ -347,8 +251,5 @@ class _RemoteRun(RowsRun):
 __all__ = [
     "DEFAULT_CONCURRENCY",
     "RERUN",
-    "SENDABLE",
     "generate_batch_remote",
-    "openai_params",
-    "remote_config",
 ]

@@ -129,6 +129,11 @@ def chat_command(
     model = model_ref(name, model)
     recipe = None if api_base else named_model(model)
     config, system, preset = recipe_settings(recipe, flags, system)
+    if api_base:
+        from chatforge.openai_api import remote_config, request_params
+
+        config = remote_config(flags.preset, **flags.given())  # as generate --api-base
+        request_params(config)  # a setting no request can carry fails now
     parse_dtype(dtype)
     quantize = parse_quantize(quantize or "auto")
     budget = BudgetConfig(max_history_share=max_history_share)
@@ -194,7 +199,8 @@ def chat_command(
 def _remote_session(
     api_base: str, api_key: str | None, api_key_env: str | None, model: str, config, system
 ):
-    from chatforge.remote import RemoteSession, resolve_api_key
+    from chatforge.openai_api import resolve_api_key
+    from chatforge.remote import RemoteSession
 
     key, source = resolve_api_key(api_key, api_key_env)
     return RemoteSession(

@@ -160,16 +160,12 @@ def generate_command(
                 f"{given[0]} applies to a local model, not to --api-base "
                 "(--max-concurrency sets the requests in flight)"
             )
-        from chatforge.batch.remote import (
-            DEFAULT_CONCURRENCY,
-            generate_batch_remote,
-            remote_config,
-        )
-        from chatforge.remote import resolve_api_key
+        from chatforge.batch.remote import DEFAULT_CONCURRENCY, generate_batch_remote
+        from chatforge.openai_api import remote_config, resolve_api_key
 
         if max_concurrency is not None and max_concurrency < 1:
             raise ChatforgeError(f"--max-concurrency must be >= 1 (got {max_concurrency})")
-        config = remote_config(flags.preset, **flags.given())  # settings an endpoint takes
+        config = remote_config(flags.preset, **flags.given())  # as chat --api-base
         key, source = resolve_api_key(api_key, api_key_env)
         summary = generate_batch_remote(
             api_base,

@@ -177,10 +177,11 @@ class GenerationConfig:
     distribution, as in OpenAI's API and Hugging Face's sampling. Opinions live in the
     presets: :meth:`default` is the ``balanced`` preset that ``chatforge chat`` and
     ``generate`` start from, and every chatforge entry point whose config is optional
-    (:class:`~chatforge.chat.ChatSession`, :class:`~chatforge.remote.RemoteSession`,
-    :func:`~chatforge.batch.generate_batch`) uses :meth:`default` when given none. The
-    server and a bare :class:`~chatforge.generation.types.Request` keep the constructor's
-    OpenAI semantics.
+    (:class:`~chatforge.chat.ChatSession`, :func:`~chatforge.batch.generate_batch`) uses
+    :meth:`default` when given none; those talking to an endpoint
+    (:class:`~chatforge.remote.RemoteSession`, ``--api-base``) use its values every
+    endpoint takes (:func:`~chatforge.openai_api.remote_config`). The server and a bare
+    :class:`~chatforge.generation.types.Request` keep the constructor's OpenAI semantics.
 
     Build it directly, from a preset (:meth:`from_preset`), or change one field at
     a time with :meth:`replace` / :meth:`set_param`; every path validates.

@@ -168,10 +168,12 @@ class _Sampling(_Body):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    # chatforge extras (also accepted by OpenRouter and vLLM)
+    # chatforge extras (the first three also accepted by OpenRouter and vLLM); the
+    # names chatforge.openai_api.EXTRAS sends
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
+    no_repeat_ngram_size: int | None = None
     response_format: ResponseFormat | None = None
 
 
@@ -360,6 +362,7 @@ def generation_config(
         "top_k": req.top_k,
         "min_p": req.min_p,
         "repetition_penalty": req.repetition_penalty,
+        "no_repeat_ngram_size": req.no_repeat_ngram_size,
         "presence_penalty": req.presence_penalty,
         "frequency_penalty": req.frequency_penalty,
         "logit_bias": req.logit_bias,
