@@ -196,6 +196,107 @@ def test_local_completions_matches_hf_backend(
         assert api_results[metric] == hf_results[metric], metric
 
 
+EOS_TASK = "chatforge_tiny_eos_mc"
+# Answers of one token each (space included) in the tiny vocabulary, as in tasks whose
+# choices are " A"/" B"/...: a model that ends its reply right after one of them
+# generates EOS as the one token lm-eval's loglikelihood request asks for.
+EOS_QUESTIONS = [
+    ("Which country has Paris as its capital?", [" France", " dragon", " music", " day"], 0),
+    ("Do you like music?", [" Yes", " I", " It"], 0),
+    ("What breathes fire?", [" music", " dragon", " France"], 1),
+    ("What comes after the night?", [" again", " day", " nice"], 1),
+    ("What do we listen to?", [" the", " music", " capital"], 1),
+    ("What is Paris to France?", [" dragon", " live", " capital"], 2),
+    ("What do you say for a gift?", [" thank", " was", " upon"], 0),
+]
+
+
+def _eos_prone_model(src: Path, dst: Path) -> tuple[Path, list[list[bool]]]:
+    """A copy of the tiny Llama that often ends its reply after an answer, as an instruct
+    model does: its lm_head row of EOS is scaled so that EOS is the greedy token after about
+    half of the (question, answer) pairs. Returns it and, per pair, whether EOS follows.
+
+    Scaling that row scales the EOS logit alone, so the scale is chosen from one forward
+    pass: halfway (in log) between two pairs' thresholds, well away from either."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    eos = tok.eos_token_id
+    thresholds = []  # per pair: the scale above which EOS is the greedy next token
+    for q, choices, _ in EOS_QUESTIONS:
+        ctx = PROMPT.format(q=q)
+        for c in choices:
+            ids = tok.encode(ctx + c)
+            assert (
+                ids[: len(tok.encode(ctx))] == tok.encode(ctx)
+                and len(ids) == len(tok.encode(ctx)) + 1
+            ), (q, c)  # one token, whatever lm-eval does with the context
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits[0, -1]  # (V,)
+            best_other = float(torch.cat([logits[:eos], logits[eos + 1 :]]).max())
+            lo = float(logits[eos])
+            thresholds.append(best_other / lo if lo > 0 else float("inf"))
+    ordered = sorted(thresholds)
+    k = len(ordered) // 2
+    assert ordered[k] < float("inf") and ordered[k] / ordered[k - 1] > 1.01, ordered
+    scale = (ordered[k - 1] * ordered[k]) ** 0.5
+    with torch.no_grad():
+        model.lm_head.weight[eos] *= scale
+    shutil.copytree(src, dst)
+    model.save_pretrained(dst)
+    ends, i = [], 0
+    for _, choices, _ in EOS_QUESTIONS:
+        ends.append([t < scale for t in thresholds[i : i + len(choices)]])
+        i += len(choices)
+    return dst, ends
+
+
+def test_local_completions_scores_answers_the_model_ends_after(tiny_llama_dir, tmp_path, offline):
+    """When the token lm-eval's echo + max_tokens=1 request generates is EOS, it is still
+    reported (lm-eval drops the last logprobs entry, taking it for the generated one): the
+    loglikelihoods and accuracy through the server equal lm-eval's hf backend on the same
+    fp32 weights. (Without it, the answer's own token was dropped: loglikelihood 0.)"""
+    model_dir, ends = _eos_prone_model(tiny_llama_dir, tmp_path / "eos-prone")
+    flat = [e for row in ends for e in row]
+    assert sum(flat) >= len(flat) // 2 and not all(flat), ends
+    task_dir = tmp_path / "tasks"
+    task_dir.mkdir()
+    data = task_dir / "eos.jsonl"
+    rows = [{"question": q, "choices": c, "label": label} for q, c, label in EOS_QUESTIONS]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (task_dir / f"{EOS_TASK}.yaml").write_text(
+        TASK_YAML.format(task=EOS_TASK, data=data, cache=tmp_path / "hf-datasets-cache"),
+        encoding="utf-8",
+    )
+    lm = load_model(str(model_dir), dtype="fp32", quantize="none")
+    assert lm.info.quantize == "none" and lm.info.dtype == "fp32", lm.info
+    with ServerThread(create_app(lm, model_id="tiny-served")) as srv:
+        api_results, api_samples = _evaluate(
+            "local-completions", _api_args(srv, model_dir, batch_size=4), task_dir, EOS_TASK
+        )
+    hf_results, hf_samples = _evaluate("hf", _hf_args(model_dir), task_dir, EOS_TASK)
+
+    assert len(api_samples) == len(hf_samples) == len(EOS_QUESTIONS)
+    deltas, greedy = [], []
+    for api, hf in zip(api_samples, hf_samples, strict=True):
+        assert api["doc_id"] == hf["doc_id"]
+        ours, theirs = _loglikelihoods(api), _loglikelihoods(hf)
+        assert len(ours) == len(theirs) == len(EOS_QUESTIONS[api["doc_id"]][1])
+        for (ll, g), (ref_ll, ref_g) in zip(ours, theirs, strict=True):
+            deltas.append(abs(ll - ref_ll))
+            greedy.append((g, ref_g))
+    assert max(deltas) < 2e-3, (max(deltas), deltas)
+    assert all(g == ref_g for g, ref_g in greedy), greedy
+    for api, hf in zip(api_samples, hf_samples, strict=True):
+        assert api["acc"] == hf["acc"] and api["acc_norm"] == hf["acc_norm"], api["doc_id"]
+    for metric in ("acc,none", "acc_norm,none"):
+        assert api_results[metric] == hf_results[metric], metric
+
+
 GEN_TASK = "chatforge_tiny_gen"
 # lm-eval adds the tokenizer's eos text to ``until``; OpenAI takes at most 4 stops (we 16)
 GEN_YAML = (

@@ -112,9 +112,18 @@ def test_stop_token_ends_the_reply_and_is_not_in_the_text(loaded):
     free = eng.generate([Request(ids, cfg)])[0]
     eng.stop_token_ids = {free.token_ids[5]}
     first = free.token_ids.index(free.token_ids[5])
-    stopped = eng.generate([Request(ids, cfg)])[0]
+    stopped = eng.generate([Request(ids, cfg, logprobs=0)])[0]
     assert stopped.finish_reason == "stop"
-    assert stopped.token_ids == free.token_ids[:first]
+    # The stop token is the last generated token (as vLLM counts it: its logprob, usage),
+    # but its text is not in the reply.
+    assert (
+        stopped.token_ids
+        == free.token_ids[: first + 1]
+        == [t.token_id for t in stopped.logprobs or []]
+    )
+    assert stopped.completion_tokens == first + 1
+    cut = eng.generate([Request(ids, cfg.replace(max_new_tokens=first))])[0] if first else None
+    assert stopped.text == (cut.text if cut else "")
 
 
 def test_stop_string_cuts_the_text_and_streaming_never_shows_it(loaded):

@@ -136,6 +136,81 @@ def test_streamed_completion_logprobs_and_echo(server):
     assert first["choices"][0]["text"] == "Hello there"
 
 
+def _sse_events(server, route: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", server.url + route, json=body, timeout=60) as r:
+        return [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+
+
+def test_a_stop_token_that_ends_the_reply_is_a_generated_token(server, fp32):
+    """echo + logprobs 1 + max_tokens 1 (lm-eval's loglikelihood request) when the token
+    generated is EOS: like any generated token it is the last logprobs entry, with the
+    model's logprob, and counts in completion_tokens; it adds no text. (It was left out,
+    and lm-eval, which drops the last entry, lost a continuation token.)"""
+    tok = fp32.tokenizer
+    eos = tok.eos_token_id
+    assert tok.convert_ids_to_tokens(eos) == "<|im_end|>"
+    ids = tok.encode("The capital of France is Paris")
+    force = {"temperature": 0, "logprobs": 1, "logit_bias": {str(eos): 100}}
+    r = _post(server, "/v1/completions", prompt=ids, max_tokens=1, echo=True, **force)
+    assert r.status_code == 200, r.text
+    choice, usage = r.json()["choices"][0], r.json()["usage"]
+    lp = choice["logprobs"]
+    assert choice["finish_reason"] == "stop" and usage["completion_tokens"] == 1
+    assert choice["text"] == tok.decode(ids)  # the echoed prompt, nothing generated
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) == len(ids) + 1
+    assert lp["tokens"][-1] == "<|im_end|>" and lp["text_offset"][-1] == len(choice["text"])
+    ref = _ref_logprobs(fp32, ids)
+    assert abs(lp["token_logprobs"][-1] - float(ref[-1, eos])) < 1e-3  # before the bias
+    ((best, best_lp),) = lp["top_logprobs"][-1].items()
+    assert abs(best_lp - float(ref[-1].max())) < 1e-3
+    # What lm-eval sums for the continuation " Paris": everything but the last entry.
+    cont = len(tok.encode("The capital of France is"))
+    ours = sum(lp["token_logprobs"][cont:-1])
+    assert abs(ours - sum(float(ref[i - 1, ids[i]]) for i in range(cont, len(ids)))) < 1e-3
+
+    # Without echo, streamed or not (and a larger budget: EOS still ends it first).
+    plain = _post(server, "/v1/completions", prompt=ids, max_tokens=5, **force).json()
+    (choice,) = plain["choices"]
+    assert choice["text"] == "" and choice["finish_reason"] == "stop"
+    assert choice["logprobs"]["tokens"] == ["<|im_end|>"] and choice["logprobs"]["text_offset"] == [
+        0
+    ]
+    assert choice["logprobs"]["token_logprobs"] == [lp["token_logprobs"][-1]]
+    assert plain["usage"]["completion_tokens"] == 1
+    body = {"model": "tiny", "prompt": ids, "max_tokens": 5, "stream": True, **force}
+    events = _sse_events(
+        server, "/v1/completions", {**body, "stream_options": {"include_usage": True}}
+    )
+    pieces = [c for e in events for c in e["choices"]]
+    assert "".join(c["text"] for c in pieces) == ""
+    streamed = [c["logprobs"] for c in pieces if c["logprobs"]]
+    assert [t for s in streamed for t in s["tokens"]] == ["<|im_end|>"]
+    assert [t for s in streamed for t in s["token_logprobs"]] == [lp["token_logprobs"][-1]]
+    assert [c["finish_reason"] for c in pieces if c["finish_reason"]] == ["stop"]
+    assert events[-1]["usage"]["completion_tokens"] == 1
+
+    # Chat: the stop token is the reply's last logprobs entry and counts in usage, but
+    # its text is not in the reply.
+    msgs = [{"role": "user", "content": "Hello there"}]
+    force = {"temperature": 0, "logprobs": True, "top_logprobs": 2, "logit_bias": {str(eos): 100}}
+    r = _post(server, "/v1/chat/completions", messages=msgs, max_tokens=5, **force).json()
+    (choice,) = r["choices"]
+    assert choice["message"]["content"] == "" and choice["finish_reason"] == "stop"
+    (entry,) = choice["logprobs"]["content"]
+    assert entry["token"] == "<|im_end|>" and entry["bytes"] == list(b"<|im_end|>")
+    assert entry["logprob"] < 0 and len(entry["top_logprobs"]) == 2
+    assert r["usage"]["completion_tokens"] == 1
+    body = {"model": "tiny", "messages": msgs, "max_tokens": 5, "stream": True, **force}
+    events = _sse_events(
+        server, "/v1/chat/completions", {**body, "stream_options": {"include_usage": True}}
+    )
+    pieces = [c for e in events for c in e["choices"]]
+    assert "".join(c["delta"].get("content") or "" for c in pieces) == ""
+    content = [t for c in pieces if c.get("logprobs") for t in c["logprobs"]["content"]]
+    assert content == [entry]
+    assert events[-1]["usage"]["completion_tokens"] == 1
+
+
 @pytest.mark.parametrize(
     ("route", "body", "param"),
     [

@@ -521,7 +521,14 @@ class Engine:
             seq.first_token_at = now
         entry = lp if lp is not None else TokenLogprob(tok, math.nan)
         if tok in self.stop_token_ids:
-            self._finish(seq, "stop", events)
+            # The stop token is one of the generated tokens, as in vLLM and OpenAI: it is
+            # in token_ids, completion_tokens, the logprobs and this last event's tokens
+            # (a scorer that reads the last token, lm-eval's echo + max_tokens=1, needs
+            # it), but it adds no text and is never fed to the model (the sequence ends).
+            seq.generated.append(tok)
+            if lp is not None:
+                seq.logprobs.append(lp)
+            self._finish(seq, "stop", events, tokens=[entry])
             return
         seq.append(tok)
         if lp is not None:

@@ -59,13 +59,13 @@ class TokenLogprob:
 class Completion:
     """The result of one request."""
 
-    text: str
-    token_ids: list[int]
+    text: str  # the reply; a stop token or stop string that ended it is not in it
+    token_ids: list[int]  # generated, with the stop token that ended it (as vLLM counts)
     finish_reason: (
         str  # "stop" (EOS, separator or stop string) | "length" | "interrupted" | "error"
     )
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # generated tokens; a stop token that ended the reply counts
     seconds: float  # from the request being queued to its end
     first_token_seconds: float | None = None  # time to first token, from being queued
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache

@@ -12,6 +12,12 @@ UTF-8 (a byte-level BPE token holding part of a multi-byte character, a Sentence
 label them ``bytes:`` plus each byte as ``\\xNN`` (``"bytes:\\xe2\\x80"``). ``bytes`` are
 the token's real bytes (see :func:`_raw_bytes`), so joining a reply's ``bytes`` gives
 the reply's UTF-8.
+
+A stop token that ended the reply (EOS, ``<|im_end|>``) is the last generated token, as
+vLLM and OpenAI's completions report it: it has its logprob and its label
+(``"<|im_end|>"``) and is counted in ``completion_tokens``, but its text is not part of
+the reply (so the joined ``bytes`` of a reply that ended that way are the reply's UTF-8
+plus the stop token's).
 """
 
 from __future__ import annotations
