@@ -121,6 +121,34 @@ def test_a_budget_too_small_for_the_schema_ends_by_length(tiny, engine):
     assert c.finish_reason == "length"
 
 
+LONG_TEXT = {
+    "type": "object",
+    "properties": {"text": {"type": "string", "minLength": 50}},
+    "required": ["text"],
+}
+
+
+@pytest.mark.parametrize("schema", [SCHEMA, LONG_TEXT], ids=["nested", "min-length"])
+def test_a_budget_of_the_shortest_reply_always_completes(tiny, engine, schema):
+    # The closing walk's estimate is a way to finish the reply can always follow, so a
+    # budget of exactly that many tokens (the end token included) holds a valid reply.
+    constraint = GrammarConstraint.from_json_schema(schema)
+    need = constraint.shortest_reply(engine, 1000)
+    assert need is not None and constraint.shortest_reply(engine, need - 1) is None
+    reqs = [
+        Request(
+            _prompt(tiny),
+            GenerationConfig(temperature=1.0, seed=seed, max_new_tokens=budget),
+            processors=[constraint],
+        )
+        for budget in (need, need + 3, need + 70)
+        for seed in range(4)
+    ]
+    for c in engine.generate(reqs):
+        assert c.finish_reason == "stop", c
+        jsonschema.validate(json.loads(c.text), schema)
+
+
 def test_one_constraint_serves_many_sequences(tiny, engine):
     # n choices share the request's processors: each needs its own parser state.
     constraint = GrammarConstraint.from_json_schema({"type": "array", "items": {"type": "integer"}})
@@ -292,6 +320,100 @@ def test_streamed_tool_calls_assemble_in_the_sdk(client):
     assert not any(c.choices[0].delta.content for c in chunks if c.choices)
 
 
+# A call whose shortest form is long: a 50-character string argument (issue 22).
+NOTE = {
+    "type": "function",
+    "function": {"name": "save_note", "parameters": LONG_TEXT},
+}
+
+
+def _streamed_choice(client, **kw) -> tuple[str, list[tuple[str, str]], str]:
+    """(content, [(name, arguments)], finish_reason) of a streamed chat reply."""
+    content, calls, finish = "", [], None
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            for call in choice.delta.tool_calls or []:
+                calls.append((call.function.name, call.function.arguments))
+            finish = choice.finish_reason or finish
+    return content, calls, finish
+
+
+def test_a_required_call_closes_within_a_small_budget_or_is_refused(client):
+    # Issue 22: with max_tokens 40-70, 14 of 30 such replies had no call (the raw
+    # "<tool_call>..." in content, nothing streamed). Each reply is now a valid call,
+    # the same streamed or not, or, below the shortest call, a 400 before generating.
+    made = refused = 0
+    for max_tokens in (40, 55, 70, 75, 80, 100):
+        for seed in range(3):
+            kw = dict(
+                model="tiny",
+                messages=[{"role": "user", "content": "Take a note."}],
+                tools=[NOTE],
+                tool_choice="required",
+                temperature=1.0,
+                seed=seed,
+                max_tokens=max_tokens,
+            )
+            try:
+                whole = client.chat.completions.create(**kw).choices[0]
+            except openai.BadRequestError as e:
+                assert e.body["param"] == "max_tokens" and "shortest call" in e.body["message"]
+                refused += 1
+                continue
+            assert whole.finish_reason == "tool_calls", (max_tokens, seed, whole)
+            assert whole.message.content is None and whole.message.tool_calls
+            _calls_valid(whole.message.tool_calls, [NOTE])
+            calls = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+            assert _streamed_choice(client, **kw) == ("", calls, "tool_calls")
+            made += 1
+    assert made and refused  # budgets on both sides of the shortest call were tried
+
+
+@pytest.mark.parametrize(
+    ("field", "choice", "stream"),
+    [
+        ("max_tokens", "required", False),
+        ("max_completion_tokens", {"type": "function", "function": {"name": "save_note"}}, True),
+    ],
+)
+def test_a_budget_too_small_for_a_required_call_is_a_400(server, field, choice, stream):
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Take a note."}],
+        "tools": [NOTE],
+        "tool_choice": choice,
+        field: 30,
+        "stream": stream,
+    }
+    r = httpx.post(server.url + "/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == field
+    assert "requires a call" in error["message"] and "only 30 tokens" in error["message"]
+    # "auto" may answer in text: nothing to refuse.
+    body = {**body, "tool_choice": "auto", "stream": False}
+    assert httpx.post(server.url + "/v1/chat/completions", json=body).status_code == 200
+
+
+def test_a_call_cut_short_is_never_markup_in_the_content(client):
+    # A stop string inside the call's markup ends the reply before the call is whole:
+    # no call then, and the markup is not passed off as the answer (streamed or not).
+    kw = dict(
+        model="tiny",
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=[WEATHER],
+        tool_choice="required",
+        stop=["arguments"],
+        seed=0,
+        max_tokens=100,
+    )
+    whole = client.chat.completions.create(**kw).choices[0]
+    assert whole.finish_reason == "stop"
+    assert whole.message.content is None and not whole.message.tool_calls
+    assert _streamed_choice(client, **kw) == ("", [], "stop")
+
+
 def test_auto_lets_the_model_answer_or_call(client):
     seen = set()
     for seed in range(6):
@@ -444,9 +566,18 @@ def test_a_template_that_knows_tools_renders_them(tool_template_server):
     assert "<|im_start|>tool\n21 C" in text
     assert "<tools>" not in text  # not our system-prompt rendering
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none")
+    # Seeded (issue 22: it failed now and then in a full run). Seed 31 once began a
+    # second call with too few tokens left for it and ended cut short, with no call.
     r = client.chat.completions.create(
-        model="tiny", messages=history, tools=[WEATHER], tool_choice="required", max_tokens=200
+        model="tiny",
+        messages=history,
+        tools=[WEATHER],
+        tool_choice="required",
+        temperature=1.0,
+        seed=31,
+        max_tokens=200,
     )
+    assert r.choices[0].finish_reason == "tool_calls"
     _calls_valid(r.choices[0].message.tool_calls, [WEATHER])
     body = {**body, "max_tokens": 1}
     usage = httpx.post(srv.url + "/v1/chat/completions", json=body).json()["usage"]

@@ -24,6 +24,7 @@ import functools
 import json
 import threading
 import weakref
+from collections import deque
 from collections.abc import Sequence
 from copy import copy
 from dataclasses import dataclass
@@ -166,8 +167,17 @@ class GrammarVocab:
     """Outside and inside a JSON string: per closing class, its token ids, shortest first."""
     by_length: Tensor
     """(V,) int64: token ids, shortest text first (ties among a class go to the shortest)."""
+    by_fill: Tensor
+    """(N,) int64: the tokens that can only add characters to a JSON string (no quote,
+    backslash or partial UTF-8), longest text first: how a string below its
+    ``minLength`` is filled in the fewest tokens."""
     stop_words: Tensor
     """(W,) int32: the stop tokens, packed."""
+
+
+def _fills_string(text: str) -> bool:
+    """Whether ``text`` only adds characters inside a JSON string (no escape, no end)."""
+    return bool(text) and not any(ch in text for ch in '"\\\ufffd')
 
 
 def _pack(ids: Sequence[int] | Tensor, width: int) -> Tensor:
@@ -208,6 +218,7 @@ def grammar_tokenizer(tokenizer: Any, vocab_size: int, stop_ids: Sequence[int]) 
     texts += [""] * (vocab_size - n)
     stops = set(stop_ids)
     by_length = sorted(range(vocab_size), key=lambda t: len(texts[t]))
+    by_fill = [t for t in reversed(by_length) if t not in stops and _fills_string(texts[t])]
     packed, listed = [], []
     for classify in (_class_outside, _class_in_string):
         klass = [_STOP if t in stops else classify(text) for t, text in enumerate(texts)]
@@ -220,6 +231,7 @@ def grammar_tokenizer(tokenizer: Any, vocab_size: int, stop_ids: Sequence[int]) 
         (packed[0], packed[1]),
         (listed[0], listed[1]),
         torch.tensor(by_length, dtype=torch.long),
+        torch.tensor(by_fill, dtype=torch.long),
         _pack(sorted(stops), vocab_size),
     )
     with _TOKENIZERS_LOCK:
@@ -228,7 +240,8 @@ def grammar_tokenizer(tokenizer: Any, vocab_size: int, stop_ids: Sequence[int]) 
 
 
 CLOSING_WINDOW = 64
-"""Reply tokens left at which a constrained reply starts checking it can still close."""
+"""Slack (tokens left beyond the estimated cost of closing) below which a constrained
+reply checks at every step that it can still close; above it, checks are spaced out."""
 CLOSING_MARGIN = 4
 """Tokens kept in hand beyond the estimated cost of closing."""
 
@@ -240,13 +253,18 @@ class GrammarConstraint(LogitsProcessor):
     the engine gives each sequence its own parser (:meth:`bind`), so one constraint
     may serve many requests (``n`` choices, a batch file).
 
-    With ``close=True`` a reply never ends cut short: within
-    :data:`CLOSING_WINDOW` tokens of its budget it estimates how many tokens the
-    shortest way to finish takes (walking the grammar greedily on a copy of the
-    parser), and once only that many are left it finishes: each step keeps, of the
-    allowed tokens, the best class (the end token, then what closes the open string or
-    brackets, separators, the rest) and the model picks among those. A 135M model that
-    lists ``"John", "John", ...`` forever still returns valid JSON.
+    With ``close=True`` a reply never ends cut short when its budget can hold the
+    grammar's shortest finish (:meth:`shortest_reply` says how long that is). The reply
+    keeps an estimate of the shortest way to finish from where it is (a walk on a copy
+    of the parser: forced text as llguidance tokenises it, the closing classes below,
+    strings below their ``minLength`` filled with the longest tokens), checked at
+    every step once the budget comes within :data:`CLOSING_WINDOW` tokens of it and
+    at spaced steps before. Once only that many tokens (plus :data:`CLOSING_MARGIN`)
+    are left it finishes: each step keeps, of the allowed tokens, the best class (the
+    end token, then what closes the open string or brackets, separators) and the
+    model picks among those; where none of them may come (forced text, a string that
+    must grow, a choice of branch) the estimated finish is followed token by token. A
+    135M model that lists ``"John", "John", ...`` forever still returns valid JSON.
     """
 
     def __init__(
@@ -267,6 +285,10 @@ class GrammarConstraint(LogitsProcessor):
         self.consumed = 0  # generated tokens fed to the matcher so far
         self.closing = False  # finishing the reply within its budget
         self.lexer = (False, False)  # JSON (inside a string, after a backslash) so far
+        # The shortest finish found from here (end token not included), while the reply
+        # has followed it since it was found; None: to be estimated again.
+        self.finish: deque[int] | None = None
+        self.next_check = 0  # generated tokens at which to check the closing cost again
 
     @classmethod
     def from_json_schema(
@@ -286,6 +308,16 @@ class GrammarConstraint(LogitsProcessor):
             raise ParamError(self.name, f"cannot be enforced: {bound.matcher.get_error()}")
         return bound
 
+    def shortest_reply(self, engine: Any, limit: int) -> int | None:
+        """Tokens (the end token included) of the shortest complete reply found for
+        ``engine``'s model, or None when it takes more than ``limit``.
+
+        A reply whose budget holds this many tokens always completes (``close=True``);
+        a request that must complete (a required tool call) can be refused below it.
+        """
+        finish = self.bind(engine)._shortest_finish(limit)
+        return None if finish is None else len(finish) + 1
+
     @classmethod
     def process(
         cls, procs: Sequence[LogitsProcessor], views: Sequence[SequenceView], logits: Tensor
@@ -296,8 +328,8 @@ class GrammarConstraint(LogitsProcessor):
             assert isinstance(p, GrammarConstraint) and p.matcher is not None, "not bound"
             p._catch_up(view.generated_ids)
             p._fill(mask[i])
-            if p._must_close(view):
-                mask[i] = p._best_class(mask[i], p.lexer)
+            if p._must_close(view, mask[i]):
+                mask[i] = p._closing_mask(mask[i], view)
         return logits.masked_fill(~unpack_bits(mask, v), float("-inf"))
 
     # -- one sequence ----------------------------------------------------------------
@@ -310,6 +342,12 @@ class GrammarConstraint(LogitsProcessor):
             self.lexer = _in_string_after(self.vocab.texts[t], self.lexer)
             if len(self.head) < len(self.close_after):
                 self.head += self.vocab.texts[t]
+            # A token on the estimated finish leaves the rest of it a way to finish; any
+            # other token may change the cost (a key that opens a nested object).
+            if self.finish and self.finish[0] == t:
+                self.finish.popleft()
+            else:
+                self.finish = None
         if new and not self.matcher.consume_tokens(new):
             raise RuntimeError(
                 f"the reply left the {self.name} grammar: {self.matcher.get_error()}"
@@ -322,55 +360,111 @@ class GrammarConstraint(LogitsProcessor):
         if m.is_error():
             raise RuntimeError(f"{self.name}: {m.get_error()}")
 
-    def _best_class(self, allowed: Tensor, lexer: tuple[bool, bool]) -> Tensor:
-        """Of the allowed tokens (packed (W,) int32), those of the best closing class
-        present (packed), for the JSON lexical state ``lexer``."""
-        return self._best(allowed, lexer)[0]
-
-    def _best(self, allowed: Tensor, lexer: tuple[bool, bool]) -> tuple[Tensor, Tensor]:
+    def _best(self, allowed: Tensor, lexer: tuple[bool, bool]) -> tuple[Tensor, Tensor, int]:
         """(the allowed tokens of the best class present, packed; that class's token
-        ids shortest first, or all ids when no class is present)."""
+        ids shortest first, or all ids when no class is present; the class)."""
         assert self.vocab is not None
         ctx = 1 if lexer[0] and not lexer[1] else 0
-        for words, ids in zip(self.vocab.class_words[ctx], self.vocab.class_ids[ctx], strict=True):
+        classes = zip(_CLASSES, self.vocab.class_words[ctx], self.vocab.class_ids[ctx], strict=True)
+        for klass, words, ids in classes:
             chosen = allowed & words
             if bool(chosen.any()):
-                return chosen, ids
-        return allowed, self.vocab.by_length
+                return chosen, ids, klass
+        return allowed, self.vocab.by_length, _OTHER
 
-    def _must_close(self, view: SequenceView) -> bool:
+    def _must_close(self, view: SequenceView, allowed: Tensor) -> bool:
+        """Whether the reply must finish now (``allowed``: this step's packed mask)."""
         if not self.close or self.closing or view.budget is None:
             return self.closing
-        left = view.budget - len(view.generated_ids)
-        if left > CLOSING_WINDOW or not self.head.startswith(self.close_after):
+        if not self.head.startswith(self.close_after):
             return False
-        # Every step: one token can raise the cost a lot (a key that opens a nested
-        # object), so an estimate is not reused. A reply that could end here does (cost
-        # 1): starting another call or item might not fit.
-        cost = self._closing_cost(left)
-        self.closing = cost == 1 or left <= cost + CLOSING_MARGIN
+        assert self.vocab is not None
+        generated = len(view.generated_ids)
+        left = view.budget - generated
+        if bool((allowed & self.vocab.stop_words).any()):
+            # It may end here or go on with another call or item, which can cost far more
+            # than one token: go on only if that fits (with the margin), and check the
+            # next step, where it begins.
+            more = self._shortest_finish(left, go_on=True)
+            self.closing = more is None or left - (len(more) + 1) <= CLOSING_MARGIN
+            self.finish = deque()
+            self.next_check = generated + 1
+            return self.closing
+        if self.finish is None:  # a known finish costs nothing to check; a walk does
+            if generated < self.next_check:
+                return False
+            self.finish = self._shortest_finish(left)
+        if self.finish is None:  # it cannot finish any more: close as best it can
+            self.closing = True
+            return True
+        slack = left - (len(self.finish) + 1)
+        self.closing = slack <= CLOSING_MARGIN
+        # Far from the budget, look again halfway to the window: a finish that grows
+        # (the model opens nested objects) is seen long before it stops fitting.
+        self.next_check = generated + max(1, (slack - CLOSING_WINDOW) // 2 + 1)
         return self.closing
 
-    def _closing_cost(self, limit: int) -> int:
-        """Tokens the shortest way to finish takes from here (at most ``limit``): the
-        closing policy run on a copy of the parser, ties going to the shortest token."""
+    def _closing_mask(self, allowed: Tensor, view: SequenceView) -> Tensor:
+        """Of the allowed tokens (packed (W,) int32), those a closing reply may take."""
+        chosen, _, klass = self._best(allowed, self.lexer)
+        if klass != _OTHER:  # the model picks what closes (``"`` or ``"]}``, ``}``...)
+            return chosen
+        # Nothing closing may come (forced text, a string below its minLength, a choice
+        # of branch): a free pick could cost more than is left, so follow the finish.
+        left = view.budget - len(view.generated_ids) if view.budget is not None else 0
+        if self.finish is None:
+            self.finish = self._shortest_finish(left)
+        if not self.finish:  # it cannot finish within the budget: the best class
+            return chosen
+        only = torch.zeros_like(allowed)
+        tok = self.finish[0]
+        only[tok >> 5] = _as_int32(1 << (tok & 31))
+        return only
+
+    def _shortest_finish(self, limit: int, go_on: bool = False) -> deque[int] | None:
+        """The tokens (the end token not included) of the shortest way found to finish
+        from here, when it takes at most ``limit`` tokens with the end token; else None.
+        ``go_on``: not ending here (the cost of one more call or item).
+
+        Greedy on a copy of the parser: text the grammar forces is taken as llguidance
+        tokenises it; otherwise the best closing class, ties going to the shortest
+        token, except inside a string that must grow (filled with the longest tokens).
+        """
         assert self.vocab is not None
         vocab = self.vocab
         m = self.matcher.deep_copy()
         row = torch.zeros(vocab.stop_words.numel(), dtype=torch.int32)
         lexer = self.lexer
-        for steps in range(1, limit + 1):
+        finish: deque[int] = deque()
+        while len(finish) < limit:
             self._fill(row, m)
-            if bool((row & vocab.stop_words).any()):
-                return steps
-            allowed, ordered = self._best(row, lexer)
-            tok = _first_allowed(allowed, ordered)
-            if tok is None:
-                return limit
-            lexer = _in_string_after(vocab.texts[tok], lexer)
-            if not m.consume_token(tok):
-                return limit
-        return limit
+            if go_on and not finish:  # the first token must not be the end
+                row &= ~vocab.stop_words
+            elif bool((row & vocab.stop_words).any()):
+                return finish
+            forced = [] if go_on and not finish else m.compute_ff_tokens()
+            steps = forced or [self._walk_token(row, lexer)]
+            for tok in steps:
+                if tok is None or not m.consume_token(tok):
+                    return None
+                lexer = _in_string_after(vocab.texts[tok], lexer)
+                finish.append(tok)
+        return None
+
+    def _walk_token(self, allowed: Tensor, lexer: tuple[bool, bool]) -> int | None:
+        """The token the shortest finish takes next where nothing is forced."""
+        assert self.vocab is not None
+        chosen, ordered, klass = self._best(allowed, lexer)
+        if klass == _OTHER and lexer[0] and not lexer[1]:  # a string that must grow
+            tok = _first_allowed(chosen, self.vocab.by_fill)
+            if tok is not None:
+                return tok
+        return _first_allowed(chosen, ordered)
+
+
+def _as_int32(word: int) -> int:
+    """An unsigned 32-bit mask word as the signed value an int32 tensor holds."""
+    return word - 2**32 if word >= 2**31 else word
 
 
 def _first_allowed(words: Tensor, ordered: Tensor) -> int | None:

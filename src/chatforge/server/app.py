@@ -64,10 +64,11 @@ from chatforge.server.schemas import (
 )
 from chatforge.server.tools import (
     CallStream,
+    check_call_budget,
     encode_with_template,
-    parse_calls,
     plan_tools,
     render_messages,
+    split_reply,
 )
 
 log = logging.getLogger("chatforge.server")
@@ -479,6 +480,10 @@ def create_app(
             raise _context_error(e, "messages") from None
         except (ValueError, TypeError) as e:  # e.g. a template that rejects the role order
             raise APIError(400, f"cannot render these messages: {e}", param="messages") from None
+        if tools is not None:  # a required call that cannot fit: a 400, not a cut reply
+            budget = config.reply_budget(len(planned.prompt_ids), loaded.info.context_length)
+            field = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+            await asyncio.to_thread(check_call_budget, tools, t.service.engine, budget, field)
         # The engine resolves the reply budget itself (max_tokens, the context).
         k = logprob_settings(req)
         constraint = [tools.constraint] if tools is not None and tools.constraint else []
@@ -735,10 +740,11 @@ def _finish(c: Completion, calls: bool = False) -> str:
 
 
 def _chat_choice(c: Completion, meta: _Meta, i: int) -> dict:
-    message: dict[str, Any] = {"role": "assistant", "content": c.text}
-    calls = parse_calls(c.text) if meta.render.tools else None
+    # With tools, as streamed: calls (a call cut short dropped) or text, never call markup.
+    content, calls = split_reply(c.text) if meta.render.tools else (c.text, None)
+    message: dict[str, Any] = {"role": "assistant", "content": content}
     if calls:
-        message = {"role": "assistant", "content": None, "tool_calls": calls}
+        message["tool_calls"] = calls
     return {
         "message": message,
         "logprobs": meta.render.chat(c.logprobs or []),

@@ -18,6 +18,12 @@ grammar (:func:`_grammar`): with
 constrained to the function's ``parameters`` schema; with ``"auto"`` either plain
 text (which may not begin with ``<tool_call>``) or calls, so a call is recognised
 and constrained from its first token; with ``"none"`` the tools are not shown.
+
+A call the request requires is closed within the reply budget (the grammar's closing,
+see :class:`~chatforge.generation.grammar.GrammarConstraint`), and a budget that cannot
+hold the shortest call is refused before generating (:func:`check_call_budget`). A
+reply that is calls never shows its markup as text: a call cut short (a stop string,
+an ``"auto"`` call begun too late) is dropped, streamed or not (:func:`split_reply`).
 """
 
 from __future__ import annotations
@@ -80,6 +86,28 @@ def plan_tools(
             close_after=CALL_OPEN if choice == "auto" else "",  # text needs no closing
         )
     return plan
+
+
+def check_call_budget(
+    plan: ToolPlan | None, engine: Any, budget: int, field: str = "max_tokens"
+) -> None:
+    """A 400 naming ``field`` when the request requires a call (``tool_choice``
+    "required" or a named function) and ``budget`` reply tokens cannot hold the
+    shortest one (e.g. a string parameter with a large ``minLength``): generating would
+    only end cut short, with no call."""
+    if plan is None or plan.constraint is None or plan.choice not in ("required", "function"):
+        return
+    if plan.constraint.shortest_reply(engine, budget) is not None:
+        return
+    need = plan.constraint.shortest_reply(engine, engine.context_length)
+    takes = f"takes {need} tokens" if need is not None else "does not fit in the context"
+    raise APIError(
+        400,
+        f"tool_choice requires a call, but the reply may have only {budget} tokens "
+        f"({field}, and what the context leaves after the prompt) and the shortest call "
+        f"to the functions' parameters schema {takes}: raise {field} or relax the schema",
+        param=field,
+    )
 
 
 def _call_schema(tool: ToolDef) -> dict[str, Any]:
@@ -222,6 +250,16 @@ def _arguments_json(arguments: str) -> str:
             f"an assistant tool call's arguments are not JSON: {arguments[:80]!r}",
             param="messages",
         ) from None
+
+
+def split_reply(text: str) -> tuple[str | None, list[dict[str, Any]] | None]:
+    """(content, tool_calls) of a finished reply, as a stream (:class:`CallStream`)
+    sends them: a reply that starts with a call is calls only, its complete calls
+    (None when there are none) and no content; a call cut short is dropped."""
+    if not text.lstrip().startswith(CALL_OPEN):
+        return text, None
+    calls, _ = _leading_calls(text)
+    return None, calls or None
 
 
 def parse_calls(text: str) -> list[dict[str, Any]] | None:
