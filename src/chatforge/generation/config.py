@@ -381,6 +381,14 @@ class GenerationConfig:
         self._check_names(changes)
         return dataclasses.replace(self, **changes)
 
+    def for_sample(self, j: int) -> GenerationConfig:
+        """The settings of sample ``j`` of several drawn for one prompt (``n``): with a
+        seed, sample ``j`` uses ``seed + j`` (mod 2**64), so each sample differs and a
+        rerun reproduces them all; without one, every sample draws a fresh seed."""
+        if self.seed is None or j == 0:
+            return self
+        return self.replace(seed=(self.seed + j) % 2**64)
+
     def to_dict(self) -> dict[str, Any]:
         """The settings as a JSON-able dict (for transcripts and output files)."""
         out = dataclasses.asdict(self)
