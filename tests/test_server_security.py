@@ -17,8 +17,9 @@ import httpx
 import pytest
 
 from chatforge import load_model
-from chatforge.server import Limits, create_app
-from chatforge.server import app as app_module
+from chatforge.server import Limits, create_app, transport
+from chatforge.server.errors import APIError
+from chatforge.server.routes import chat as chat_route
 from serverkit import ServerThread, wait_until
 
 LIMITS = Limits(max_tokens=8, max_n=4, max_body_bytes=256 * 1024)
@@ -467,7 +468,7 @@ def _loop_latency_during(srv, send) -> float:
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
 def test_prompt_rendering_runs_off_the_event_loop(tiny, monkeypatch, path):
     """Tokenising / templating a big prompt must not stall other requests."""
-    real_encode, real_plan = tiny.tokenizer.encode, app_module.plan_request
+    real_encode, real_plan = tiny.tokenizer.encode, chat_route.plan_request
 
     def slow_encode(*a, **kw):
         time.sleep(0.8)
@@ -478,7 +479,7 @@ def test_prompt_rendering_runs_off_the_event_loop(tiny, monkeypatch, path):
         return real_plan(*a, **kw)
 
     monkeypatch.setattr(tiny.tokenizer, "encode", slow_encode)
-    monkeypatch.setattr(app_module, "plan_request", slow_plan)
+    monkeypatch.setattr(chat_route, "plan_request", slow_plan)
     with ServerThread(create_app(tiny, model_id="tiny", limits=LIMITS)) as srv:
         body = chat() if "chat" in path else comp()
         worst = _loop_latency_during(srv, lambda: post(srv, path, body))
@@ -521,14 +522,14 @@ def test_collect_leaves_no_unretrieved_exceptions(tiny):
     async def main():
         asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: seen.append(ctx))
         handles = [FakeHandle("error"), FakeHandle("raise")]
-        with pytest.raises(app_module.APIError) as e:
-            await app_module._collect(handles, FakeRequest())
+        with pytest.raises(APIError) as e:
+            await transport.collect(handles, FakeRequest())
         assert e.value.status == 500
         assert handles[1].cancelled  # the choice still running is stopped
         # The client goes away while both choices run: both are stopped, nothing leaks.
         handles = [FakeHandle("slow"), FakeHandle("slow")]
-        with pytest.raises(app_module.APIError) as e:
-            await app_module._collect(handles, FakeRequest(gone=True))
+        with pytest.raises(APIError) as e:
+            await transport.collect(handles, FakeRequest(gone=True))
         assert e.value.status == 499
         assert all(h.cancelled for h in handles)
         await asyncio.sleep(0.1)

@@ -12,10 +12,13 @@ and what closes them:
   read the answer, but the model would still run. JSON routes accept only
   ``application/json`` (:func:`check_json_content_type`), which a cross-origin
   page can only send after a preflight that CORS (off by default) refuses.
+
+With ``--api-key``, :class:`BearerAuth` asks every route but the public ones for it.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,6 +26,38 @@ from chatforge.server.errors import APIError
 
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 """Host names always allowed (with any port)."""
+
+
+PUBLIC_PATHS = frozenset({"/health", "/", "/favicon.ico"})
+"""Routes anyone may fetch without the API key: the health probe, and the static chat
+page (a browser cannot send a bearer token when it navigates; the page asks for the
+key and sends it with its API calls)."""
+
+
+class BearerAuth:
+    """ASGI middleware: every route but the public ones needs ``Authorization: Bearer KEY``.
+
+    Plain ASGI rather than ``@app.middleware("http")``, whose request wrapping hides
+    client disconnects from the routes (which must see them to free batch places).
+    """
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app = app
+        self.key = api_key.encode()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self.key):
+                response = APIError(
+                    401,
+                    "missing or wrong API key; send 'Authorization: Bearer <key>'",
+                    code="invalid_api_key",
+                ).response()
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _host_name(value: str) -> str:

@@ -195,7 +195,7 @@ def register_metrics(app: FastAPI, state: Any) -> ServerMetrics:
     """Add ``GET /metrics`` and the request-counting middleware to ``app``; returns the
     metrics, whose :meth:`~ServerMetrics.observe` the app's EngineService must be given.
 
-    ``state`` is the app's :class:`~chatforge.server.app.ServerState` (its models'
+    ``state`` is the app's :class:`~chatforge.server.state.ServerState` (its models'
     services, once loaded, give the queue gauges). Call it after the app's other middleware is
     added: the last added is the outermost, so what they refuse (401, 403) is counted.
     """

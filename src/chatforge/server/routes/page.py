@@ -1,4 +1,4 @@
-"""The web chat page: one static HTML file, with the CLI's sampling presets filled in.
+"""``GET /``: the web chat page, one static HTML file, with the CLI's sampling presets filled in.
 
 The page must start from the same settings as ``chatforge chat`` (the default preset),
 so the server writes :data:`~chatforge.generation.config.PRESETS` and
@@ -12,6 +12,9 @@ import json
 import re
 from functools import lru_cache
 from importlib import resources
+
+from fastapi import APIRouter
+from fastapi.responses import HTMLResponse
 
 from chatforge.generation.config import DEFAULT_PRESET, PRESETS
 
@@ -34,3 +37,12 @@ def render_page() -> str:
     if n != 1:  # pragma: no cover - the file ships with the package
         raise RuntimeError("static/index.html has lost its sampling placeholder")
     return html
+
+
+router = APIRouter()
+
+
+@router.get("/", response_class=HTMLResponse)
+async def page() -> HTMLResponse:
+    """The web chat page (public: a browser cannot send a key when it navigates)."""
+    return HTMLResponse(render_page())
