@@ -184,6 +184,11 @@ def test_n_samples_seeded_runs_reproduce(tmp_path, llama):
         assert len(r["outputs"]) == 3 and r["output"] == r["outputs"][0]
         assert len(set(r["outputs"])) > 1  # different seeds per sample
         assert r["n"] == 3 and len(r["finish_reasons"]) == 3
+    # Sample j is a one-sample run with seed 7 + j (GenerationConfig.for_sample).
+    for j in range(3):
+        one = tmp_path / f"one{j}.jsonl"
+        generate_batch(llama, inp, one, config=cfg.replace(seed=7 + j), progress=False)
+        assert [r["output"] for r in rows(one)] == [r["outputs"][j] for r in ra]
 
 
 def test_csv_output_and_resume(tmp_path, llama):

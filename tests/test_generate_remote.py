@@ -29,6 +29,7 @@ class Watched:
         self.in_flight = 0
         self.max_in_flight = 0
         self.fail_marker: str | None = None
+        self.seeds: list[int | None] = []  # each request's "seed"
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["path"] != "/v1/chat/completions":
@@ -40,6 +41,7 @@ class Watched:
             body += message.get("body", b"")
             more = message.get("more_body", False)
         self.calls += 1
+        self.seeds.append(json.loads(body or b"{}").get("seed"))
         if self.fail_marker and self.fail_marker.encode() in body:
             headers = [(b"content-type", b"application/json")]
             await send({"type": "http.response.start", "status": 500, "headers": headers})
@@ -74,6 +76,7 @@ def watched(server):
     app = server.app
     app.calls = app.max_in_flight = 0
     app.fail_marker = None
+    app.seeds = []
     return app
 
 
@@ -159,6 +162,7 @@ def test_concurrency_keeps_input_order(server, watched, tmp_path, capsys):
     assert [r["prompt"] for r in got] == prompts
     assert all(len(r["outputs"]) == 2 and r["n"] == 2 for r in got)
     assert watched.calls == 20 and watched.max_in_flight > 1
+    assert sorted(watched.seeds) == [3] * 10 + [4] * 10  # sample j sends seed 3 + j
 
 
 def test_endpoint_errors(server, watched, tmp_path, capsys, monkeypatch):

@@ -159,6 +159,18 @@ def test_replace_and_to_dict() -> None:
     assert GenerationConfig(**data) == cfg  # round-trips
 
 
+def test_for_sample_is_the_one_seed_rule_for_n_samples() -> None:
+    cfg = GenerationConfig(temperature=0.7, top_k=5, seed=7)
+    assert cfg.for_sample(0) is cfg  # sample 0 is the run's own seed (chat --seed S)
+    assert [cfg.for_sample(j).seed for j in range(1, 4)] == [8, 9, 10]
+    assert cfg.for_sample(2) == cfg.replace(seed=9)  # nothing else changes
+    top = GenerationConfig(seed=2**64 - 1)
+    assert top.for_sample(1).seed == 0 and top.for_sample(3).seed == 2  # wraps at 2**64
+    unseeded = GenerationConfig(temperature=0.7)
+    assert all(unseeded.for_sample(j) is unseeded for j in range(3))  # None stays None
+    assert unseeded.for_sample(5).seed is None
+
+
 def test_presets() -> None:
     assert set(PRESETS) == {"precise", "balanced", "creative"}
     precise = GenerationConfig.from_preset("precise")
@@ -279,17 +291,17 @@ def test_generate_batch_without_a_config_uses_the_preset(
     tiny_llama_dir, monkeypatch, tmp_path
 ) -> None:
     from chatforge import load_model
-    from chatforge.batch import runner
+    from chatforge.batch import local
 
     seen: list[GenerationConfig] = []
-    real = runner.GenerationConfig.default
+    real = local.GenerationConfig.default
 
     def spy(**kw):
         cfg = real(**kw)
         seen.append(cfg)
         return cfg
 
-    monkeypatch.setattr(runner.GenerationConfig, "default", spy)
+    monkeypatch.setattr(local.GenerationConfig, "default", spy)
     lm = load_model(str(tiny_llama_dir))
-    runner.generate_batch(lm, ["hi"], tmp_path / "out.jsonl", progress=False)
+    local.generate_batch(lm, ["hi"], tmp_path / "out.jsonl", progress=False)
     assert seen == [real()]

@@ -6,10 +6,11 @@
 ...                config=GenerationConfig(temperature=0, max_new_tokens=64))
 """
 
+from chatforge.batch.jobs import BatchStopped, BatchSummary
+from chatforge.batch.local import generate_batch
 from chatforge.batch.output import CSV_COLUMNS, OUTPUT_SUFFIXES, RowWriter
 from chatforge.batch.records import INPUT_SUFFIXES, Record, read_records, records_from
 from chatforge.batch.remote import generate_batch_remote
-from chatforge.batch.runner import BatchStopped, BatchSummary, generate_batch
 from chatforge.batch.template import PromptTemplate, TemplateError
 
 __all__ = [

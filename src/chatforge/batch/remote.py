@@ -29,18 +29,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chatforge.batch.output import RowWriter, check_output
-from chatforge.batch.records import Record
-from chatforge.batch.runner import (
+from chatforge.batch.jobs import (
     BatchSummary,
+    Feed,
+    Job,
     ProgressFn,
     RowsRun,
-    _Feed,
-    _Job,
     count_todo,
     records_opener,
     resolved_params,
 )
+from chatforge.batch.output import RowWriter, check_output
+from chatforge.batch.records import Record
 from chatforge.batch.settings import fingerprint, run_settings
 from chatforge.batch.template import PromptTemplate
 from chatforge.errors import ChatforgeError, ParamError
@@ -76,7 +76,7 @@ class _Fatal(ChatforgeError):
 
 class _Failed(Exception):
     """One request failed; ``retry`` when it may pass on a rerun; ``kind`` as the
-    summary counts it (see :data:`~chatforge.batch.runner.ERROR_KINDS`)."""
+    summary counts it (see :data:`~chatforge.batch.jobs.ERROR_KINDS`)."""
 
     def __init__(self, message: str, retry: bool, kind: str = "endpoint error") -> None:
         super().__init__(message)
@@ -107,10 +107,11 @@ def generate_batch_remote(
     Arguments are :func:`~chatforge.batch.generate_batch`'s, plus ``api_key`` (and
     ``key_source``, where it came from, for a 401's message), ``max_concurrency``
     requests in flight and a per-request ``timeout`` in seconds. ``config`` defaults
-    to :func:`~chatforge.openai_api.remote_config`; with a seed, sample ``j`` uses ``seed + j`` (one
-    request per sample). The rows' ``model`` is ``{"name", "ref", "api_base"}``; their
-    ``settings`` record ``model`` and ``api_base``, so resuming with another endpoint or
-    model is refused unless ``force_resume``, as a local run's.
+    to :func:`~chatforge.openai_api.remote_config`; with a seed, sample ``j`` uses ``seed + j``
+    (:meth:`~chatforge.GenerationConfig.for_sample`; one request per sample). The rows'
+    ``model`` is ``{"name", "ref", "api_base"}``; their ``settings`` record ``model`` and
+    ``api_base``, so resuming with another endpoint or model is refused unless
+    ``force_resume``, as a local run's.
     """
     config = config if config is not None else remote_config()
     request_params(config)  # unsendable settings fail before anything is sent
@@ -155,11 +156,14 @@ class _RemoteRun(RowsRun):
     def run(self, records: Iterable[Record]) -> None:
         """Send records' requests, ``concurrency`` at a time, writing rows in order."""
         t0 = time.perf_counter()
-        base = request_params(self.config, endpoint="chat")
+        # One request per sample, each with its own seed (GenerationConfig.for_sample).
+        per_sample = [
+            request_params(self.config.for_sample(j), endpoint="chat") for j in range(self.n)
+        ]
         self._stop_event = threading.Event()
-        owner: dict[Future, tuple[_Job, int]] = {}
-        pending: deque[_Job] = deque()
-        feed = _Feed(iter(records), self.concurrency)
+        owner: dict[Future, tuple[Job, int]] = {}
+        pending: deque[Job] = deque()
+        feed = Feed(iter(records), self.concurrency)
         pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="chatforge-remote")
         try:
             while True:
@@ -170,9 +174,7 @@ class _RemoteRun(RowsRun):
                         assert job.prompt is not None
                         messages = [m.to_dict() for m in self._messages(job.prompt)]
                         for j in range(self.n):
-                            params = dict(base)
-                            if self.config.seed is not None and j > 0:
-                                params["seed"] = (self.config.seed + j) % 2**64
+                            params = dict(per_sample[j])
                             job.requests.append(params)
                             owner[pool.submit(self._call, messages, params)] = (job, j)
                 self._write_ready(pending)
