@@ -246,7 +246,9 @@ def create_command(
     adapter: Annotated[
         Path | None,
         typer.Option(
-            "--adapter", help="A LoRA adapter directory (chatforge train --lora) to merge."
+            "--adapter",
+            help="A LoRA adapter directory (chatforge train --lora) to run on the base; "
+            "its files are checked now.",
         ),
     ] = None,
     force: Annotated[

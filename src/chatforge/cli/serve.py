@@ -181,6 +181,7 @@ def served_models(refs: list[str], adapters: list[str], dtype: str, quantize: st
     from pathlib import Path
 
     from chatforge.models import load_model
+    from chatforge.models.adapter_files import AdapterError, check_adapter_files
     from chatforge.models.recipes import load_recipe_model, resolve_named
     from chatforge.server import ServedModel
 
@@ -231,6 +232,10 @@ def served_models(refs: list[str], adapters: list[str], dtype: str, quantize: st
             raise ParamError(
                 "--adapter", f"{directory} is not a LoRA adapter directory (no adapter_config.json)"
             )
+        try:  # its files now (milliseconds), not once the server has loaded the base
+            check_adapter_files(path, need_base=False)
+        except AdapterError as e:
+            raise ParamError("--adapter", f"{item}: {e}") from None
         host = next((s for s in specs if s.name == (on or specs[0].name)), None)
         if host is None:
             raise ParamError("--adapter", f"{on!r} is not one of the --model values")

@@ -166,6 +166,8 @@ def _check_hf_dir(path: Path) -> Path:
     meta = ModelMeta.read(path)
     if meta is not None and not meta.complete:
         raise ModelLoadError(f"{path} is an incomplete model directory (a save was interrupted)")
+    if (path / "adapter_config.json").exists():
+        return path  # a LoRA adapter: its files are checked where it loads (adapter_files.py)
     if not (path / "config.json").exists():
         what = "is empty" if not any(path.iterdir()) else "has no config.json"
         raise ModelLoadError(
@@ -219,31 +221,46 @@ def adapter_base(directory: Path) -> str | None:
     else peft's ``adapter_config.json``), or None when it names none."""
     import json
 
-    meta = ModelMeta.read(directory)
-    base = meta.extra.get("base_model") if meta else None
-    if not base:
-        try:
-            config = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
-    return str(base) if base else None
+    from chatforge.models.adapter_files import recorded_base
+
+    try:
+        config = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = None
+    return recorded_base(directory, config if isinstance(config, dict) else None)
 
 
 def _load_adapter(directory: Path, torch_dtype: Any, base: str | None = None) -> Any:
-    """A LoRA adapter directory (``chatforge train --lora``): load its base (``base``, else
-    the one the directory records), merge the adapter."""
-    base = base or adapter_base(directory)
-    if not base:
-        raise ModelLoadError(f"{directory} holds a LoRA adapter but names no base model")
+    """A LoRA adapter directory merged into transformers' model of its base (``base``,
+    else the one the directory records). Its files are checked first (no weights read)."""
+    from chatforge.models.adapter_files import check_adapter_files
+
+    files = check_adapter_files(directory, need_base=base is None)
+    base = base or files.base
+    base_dir, _ = _adapter_base_dir(directory, str(base))
+    return _merge(_weights(base_dir, torch_dtype), directory, str(base))
+
+
+def _adapter_base_dir(directory: Path, base: str) -> tuple[Path, bool]:
+    """The model directory of an adapter's base (not itself an adapter), and whether
+    resolving it converted a GGUF file now."""
+    base_dir, converted, _ = resolve(base)
+    if (base_dir / "adapter_config.json").exists():
+        raise ModelLoadError(
+            f"the base {base} of the LoRA adapter in {directory} is itself a LoRA adapter; "
+            "give the model it was trained on"
+        )
+    return base_dir, converted
+
+
+def _merge(model: Any, directory: Path, base: str) -> Any:
+    """peft's merge of the adapter in ``directory`` into transformers' ``model``."""
     try:
         from peft import PeftModel
     except ImportError as e:
         raise ModelLoadError(f"{directory} holds a LoRA adapter; pip install peft") from e
-    base_dir, _, _ = resolve(str(base))
-    model = _weights(base_dir, torch_dtype)
-    try:
-        return PeftModel.from_pretrained(model, directory).merge_and_unload()
+    try:  # (a str: peft takes a Path for a hub id)
+        return PeftModel.from_pretrained(model, str(directory)).merge_and_unload()
     except Exception as e:  # e.g. shapes that differ: an adapter trained on another model
         raise ModelLoadError(
             f"the LoRA adapter in {directory} does not fit the base model {base}: {e}"
@@ -416,32 +433,151 @@ def load_model(
     loads it again on first use); a GGUF model's decoder is saved beside its
     conversion and later loads read it back without transformers' weights.
 
-    ``base``, for a LoRA adapter directory only: merge the adapter into this model
+    A LoRA adapter directory loads its base exactly as the base loads alone (a GGUF
+    base: the file's blocks, the saved decoder) and applies the adapter to every
+    request on the fast path, unmerged, as ``Engine.add_adapter`` on the base does:
+    the same adapter gives the same greedy text whichever way it is loaded. Where
+    that cannot be (no fast path, ``fast=False``, an adapter that changes more than
+    linear layers) it is merged into transformers' model of the base. Its files are
+    checked before anything loads (:mod:`chatforge.models.adapter_files`).
+    ``base``, for a LoRA adapter directory only: put the adapter on this model
     instead of the base the directory records (same architecture and sizes).
 
     >>> lm = load_model("smollm2")           # doctest: +SKIP
     >>> lm.info.context_length               # doctest: +SKIP
     8192
     """
-    from transformers import AutoTokenizer
-
     from chatforge.conversation import detect_format, get_format
-    from chatforge.models.fast.packed import load_pack, save_pack
     from chatforge.noise import quiet_libraries
 
-    quiet_libraries()
-    short = parse_dtype(dtype)
-    quant = parse_quantize(quantize)
     t0 = time.perf_counter()
+    short = parse_dtype(dtype)
     directory, converted, display = resolve(str(ref))
-    if base is not None and not (directory / "adapter_config.json").exists():
+    is_adapter = (directory / "adapter_config.json").exists()
+    if base is not None and not is_adapter:
         raise ModelLoadError(f"{ref} is not a LoRA adapter directory: it takes no base model")
+    if is_adapter:  # its files first: before torch is imported or any weights are read
+        from chatforge.models.adapter_files import check_adapter_files
+
+        files = check_adapter_files(directory, need_base=base is None)
+    quiet_libraries()
+    quant = parse_quantize(quantize)
     meta = ModelMeta.read(directory)
+    built = None
+    if is_adapter:
+        base_dir, base_converted = _adapter_base_dir(directory, str(base or files.base))
+        converted = converted or base_converted
+        tokenizer = _tokenizer(directory if _has_tokenizer(directory) else base_dir)
+        if fast:
+            built = _adapter_on_base(directory, files, base_dir, short, quant, tokenizer)
+    else:
+        tokenizer = _tokenizer(directory)
+    if built is None:  # a model, or an adapter merged into its base (whose meta, naming
+        # the base's source, must not bring the base's pack or GGUF blocks along)
+        built = _build(directory, None if is_adapter else meta, short, quant, fast, tokenizer, base)
+    if built.quant != "none" and built.fast is None:
+        raise ModelLoadError(
+            f"--quantize {built.quant} needs the fast path, which this model has not "
+            f"({built.fast_reason})"
+        )
+    facts = built.facts
+    fmt_name = detect_format(tokenizer, meta.prompt_format if meta else None)
+    info = ModelInfo(
+        ref=str(ref),
+        name=(meta.name if meta and meta.name else display),
+        path=directory,
+        architecture=facts["architecture"],
+        n_params=facts["n_params"],
+        context_length=facts["context_length"],
+        prompt_format=fmt_name,
+        dtype=built.short,
+        quantize=built.quant,
+        engine="fast" if built.fast is not None else "transformers",
+        load_seconds=time.perf_counter() - t0,
+        converted=converted,
+        adapter_base=base,
+    )
+    fmt = get_format(fmt_name, tokenizer)
+    return LoadedModel(
+        tokenizer=tokenizer,
+        info=info,
+        format=fmt,
+        fast=built.fast,
+        fast_reason=built.fast_reason,
+        eos_token_id=facts["eos_token_id"],
+        _hf=built.model,
+    )
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in _TOKENIZER_FILES)
+
+
+def _tokenizer(directory: Path) -> Any:
+    from transformers import AutoTokenizer
+
     try:
         with _quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(directory)
+            return AutoTokenizer.from_pretrained(directory)
     except Exception as e:
         raise ModelLoadError(f"could not load the tokenizer in {directory}: {e}") from e
+
+
+@dataclass
+class _Built:
+    """A model's weights as loaded: the fast decoder (None without one), transformers'
+    model (None once released), the settings used and what ModelInfo needs."""
+
+    fast: Any
+    fast_reason: str | None
+    model: Any
+    facts: dict[str, Any]
+    short: str
+    quant: str
+
+
+def _adapter_on_base(
+    directory: Path, files: Any, base_dir: Path, short: str, quant: str, tokenizer: Any
+) -> _Built | None:
+    """The adapter in ``directory`` on its base's fast decoder, applied per row; the
+    base is loaded as it loads alone. None where per-row application cannot apply the
+    adapter (the caller merges it); an adapter on a base without a fast path is merged
+    into the base's transformers model loaded here."""
+    from chatforge.models.fast.lora import AdapterNotApplicable, load_adapter, per_row_problem
+
+    problem = per_row_problem(files.config, files.shapes)
+    if problem is not None:
+        log.info("merging the LoRA adapter in %s: %s", directory, problem)
+        return None
+    built = _build(base_dir, ModelMeta.read(base_dir), short, quant, True, tokenizer)
+    if built.fast is None:  # no fast path for this architecture: merged into transformers'
+        built.model = _merge(built.model, directory, str(files.base or base_dir))
+        return built
+    try:
+        adapter = load_adapter(directory, built.fast, name=directory.name)
+    except AdapterNotApplicable as e:  # (per_row_problem should have said so)
+        log.info("merging the LoRA adapter in %s: %s", directory, e)
+        return None
+    built.fast.set_own_adapter(adapter)
+    return built
+
+
+def _build(
+    directory: Path,
+    meta: ModelMeta | None,
+    short: str,
+    quant: str,
+    fast: bool,
+    tokenizer: Any,
+    base: str | None = None,
+) -> _Built:
+    """Load the weights of the model in ``directory`` (an adapter directory: merged into
+    ``base``, else the base it records) and build its fast decoder where it has one."""
+    from chatforge.models.fast.packed import load_pack, save_pack
+
     fast_model, fast_reason, model, facts = None, "disabled", None, None
     # A GGUF model's fast decoder, saved by an earlier load (packed.py): no
     # transformers weights to read, nothing to repack.
@@ -485,33 +621,4 @@ def load_model(
                 save_pack(fast_model, pack.path, facts)
     short = "fp32" if short == "auto" else short
     quant = "none" if quant == "auto" else quant
-    if quant != "none" and fast_model is None:
-        raise ModelLoadError(
-            f"--quantize {quant} needs the fast path, which this model has not ({fast_reason})"
-        )
-    fmt_name = detect_format(tokenizer, meta.prompt_format if meta else None)
-    info = ModelInfo(
-        ref=str(ref),
-        name=(meta.name if meta and meta.name else display),
-        path=directory,
-        architecture=facts["architecture"],
-        n_params=facts["n_params"],
-        context_length=facts["context_length"],
-        prompt_format=fmt_name,
-        dtype=short,
-        quantize=quant,
-        engine="fast" if fast_model is not None else "transformers",
-        load_seconds=time.perf_counter() - t0,
-        converted=converted,
-        adapter_base=base,
-    )
-    fmt = get_format(fmt_name, tokenizer)
-    return LoadedModel(
-        tokenizer=tokenizer,
-        info=info,
-        format=fmt,
-        fast=fast_model,
-        fast_reason=fast_reason,
-        eos_token_id=facts["eos_token_id"],
-        _hf=model,
-    )
+    return _Built(fast_model, fast_reason, model, facts, short, quant)

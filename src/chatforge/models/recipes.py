@@ -346,8 +346,11 @@ def _hub_cached(repo_id: str) -> bool:
 
 
 def check_adapter(adapter: str | Path, base: str) -> str:
-    """The absolute path of a LoRA adapter directory, after checking it is one and,
+    """The absolute path of a LoRA adapter directory, after checking it is one, that its
+    files are sound (:func:`~chatforge.models.adapter_files.check_adapter_files`) and,
     where both configs can be read, that its base has the shapes of ``base``."""
+    from chatforge.models.adapter_files import check_adapter_files
+
     path = Path(adapter).expanduser()
     if not path.is_dir():
         raise ModelLoadError(f"adapter directory {adapter} does not exist")
@@ -356,6 +359,9 @@ def check_adapter(adapter: str | Path, base: str) -> str:
             f"{path.resolve()} holds no adapter_config.json: it is not a LoRA adapter directory "
             "(one written by `chatforge train --lora` without --merge)"
         )
+    # Its files (config fields, the weights' header and names), in milliseconds: a
+    # corrupt adapter is refused here, not when the named model is first loaded.
+    check_adapter_files(path, need_base=False)
     base_path = Path(base)
     if base_path.is_dir():
         if (base_path / "adapter_config.json").exists():
@@ -389,12 +395,13 @@ def _config(directory: Path) -> dict[str, Any]:
 def load_recipe_model(
     recipe: Recipe, dtype: str | None = "auto", quantize: str | None = "auto"
 ) -> LoadedModel:
-    """Load a recipe's model: its base, with its LoRA adapter merged when it has one.
+    """Load a recipe's model: its base, with its LoRA adapter when it has one.
 
     With an adapter, the adapter directory's tokenizer and prompt format are used
-    (as when loading that directory) and its weights are merged into the recipe's
-    base, which may differ from the base the adapter records (it must have the same
-    shapes). ``info.name`` and ``info.ref`` are the recipe's name.
+    (as when loading that directory) and the adapter is put on the recipe's base
+    (applied per request on the fast path, as ``load_model`` does for an adapter
+    directory), which may differ from the base the adapter records (it must have the
+    same shapes). ``info.name`` and ``info.ref`` are the recipe's name.
     """
     from chatforge.models.loading import load_model
 

@@ -16,7 +16,6 @@ reordered as the converter reorders the weights (``convert._interleave``).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from chatforge.errors import ChatforgeError
+from chatforge.models.adapter_files import AdapterError, check_adapter_files
 
 LINEARS = ("qkv", "out", "up", "down")  # the order decode.c indexes them in
 MAX_RANK = 1024  # summed rank of one fused linear (decode.c's CF_LORA_MAX_R)
@@ -50,8 +49,9 @@ _KEY = re.compile(
 )
 
 
-class AdapterError(ChatforgeError):
-    """A LoRA adapter that cannot be loaded, or cannot be applied to this model."""
+class AdapterNotApplicable(AdapterError):
+    """A sound adapter that per-row application cannot apply (DoRA, trained biases, saved
+    modules, per-module alpha, LoRA on the LM head or embeddings): merging it can."""
 
 
 @dataclass
@@ -108,6 +108,22 @@ def unsupported_settings(conf: dict) -> list[str]:
     return [key for key, on in bad.items() if on]
 
 
+def per_row_problem(conf: dict, names) -> str | None:
+    """Why an adapter (its ``adapter_config.json`` and tensor names) cannot be applied
+    per row on the fast path, whatever the model; None when it can be (the shapes are
+    checked against the model by :func:`load_adapter`)."""
+    unsupported = unsupported_settings(conf)
+    if unsupported:
+        key = unsupported[0]
+        return f"{key}={conf.get(key)!r} is not applied per request"
+    for key in names:
+        m = _KEY.search(key)
+        module = m.group(2) if m else None
+        if m is None or (module.split(".")[-1] not in _LLAMA and module not in _GPT2):
+            return f"its weight {key!r} is on a layer only a merge changes"
+    return None
+
+
 def load_adapter(directory: str | Path, dec, name: str | None = None) -> LoraAdapter:
     """Read a peft LoRA adapter directory for decoder ``dec`` (a FastDecoder).
 
@@ -120,25 +136,16 @@ def load_adapter(directory: str | Path, dec, name: str | None = None) -> LoraAda
     from chatforge.models.fast.convert import _interleave
 
     path = Path(directory).expanduser()
-    cfg_file = path / "adapter_config.json"
-    if not cfg_file.is_file():
-        raise AdapterError(f"{path} is not a LoRA adapter directory (no adapter_config.json)")
-    try:
-        conf = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise AdapterError(f"cannot read {cfg_file}: {e}") from e
-    if str(conf.get("peft_type", "LORA")).upper() != "LORA":
-        raise AdapterError(f"{path} is a {conf.get('peft_type')} adapter; only LoRA is supported")
+    files = check_adapter_files(path, need_base=False)  # the files first: no weights read
+    conf = files.config
     unsupported = unsupported_settings(conf)
     if unsupported:
         key = unsupported[0]
-        raise AdapterError(
+        raise AdapterNotApplicable(
             f"{path}: {key}={conf.get(key)!r} is not supported per request; "
             "load the adapter merged instead (chatforge chat/serve on the adapter directory)"
         )
-    weights = path / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise AdapterError(f"{path} has no adapter_model.safetensors")
+    weights = files.weights
     try:
         tensors = load_file(str(weights))
     except Exception as e:  # noqa: BLE001 - a corrupt file: say which
@@ -154,7 +161,9 @@ def load_adapter(directory: str | Path, dec, name: str | None = None) -> LoraAda
         if dec.cfg.arch == "llama" and module:
             module = module.split(".")[-1]
         if m is None or module not in table:
-            raise AdapterError(f"{path}: cannot apply the adapter weight {key!r} to this model")
+            raise AdapterNotApplicable(
+                f"{path}: cannot apply the adapter weight {key!r} to this model per request"
+            )
         layer = int(m.group(1))
         if layer >= dec.cfg.n_layers:
             raise AdapterError(f"{path}: {key!r} names layer {layer}; the model has fewer")
@@ -197,6 +206,33 @@ def load_adapter(directory: str | Path, dec, name: str | None = None) -> LoraAda
     return LoraAdapter(
         name=name or path.name, path=path, layers=layers, base=conf.get("base_model_name_or_path")
     )
+
+
+def stacked(first: LoraAdapter, second: LoraAdapter) -> LoraAdapter:
+    """``second`` on top of ``first``: one adapter whose delta on each linear is the sum
+    of theirs (A^T's columns and B^T's rows concatenated: rank r1 + r2), named, keyed
+    and placed as ``second``. How a LoRA directory loaded as a model (``first``, its own
+    adapter) takes another adapter per request: as its merged weights plus that one."""
+    from dataclasses import replace
+
+    layers: list[dict[str, LoraLinear]] = []
+    for mine, theirs in zip(first.layers, second.layers, strict=True):
+        layer = dict(mine)
+        for name, d in theirs.items():
+            if name in layer:
+                a, b = layer[name], d
+                if a.rank + b.rank > MAX_RANK:
+                    raise AdapterError(
+                        f"{second.path}: rank {a.rank + b.rank} on one linear with the "
+                        f"model's own adapter; at most {MAX_RANK}"
+                    )
+                d = LoraLinear(
+                    a_t=torch.cat([a.a_t, b.a_t], 1).contiguous(),
+                    b_t=torch.cat([a.b_t, b.b_t], 0).contiguous(),
+                )
+            layer[name] = d
+        layers.append(layer)
+    return replace(second, layers=layers)
 
 
 def torch_delta(delta: LoraLinear, x: Tensor) -> Tensor:

@@ -160,13 +160,35 @@ class FastDecoder:
     native: Any = field(default=None, repr=False)
     # LoRA adapters applied per row (lora.py), in slot order; a row names its slot.
     adapters: list[Any] = field(default_factory=list, repr=False)
+    # The adapter of a LoRA directory loaded as a model: applied to every row that
+    # names no other (slot -1), on the base's own weights, so its numbers are those
+    # of the same adapter named per request on the base. Not one of ``adapters``
+    # (requests cannot name or remove it; an adapter added is stacked on it); its
+    # slot is the last one.
+    own_adapter: Any = field(default=None, repr=False)
     _lora_table: Any = field(default=None, repr=False)  # their C view (native_decode.py)
 
     def add_adapter(self, adapter: Any) -> None:
         """Make a :class:`~chatforge.models.fast.lora.LoraAdapter` available to rows
-        (replacing one of the same name); the caller makes sure no row runs meanwhile."""
+        (replacing one of the same name); the caller makes sure no row runs meanwhile.
+        On a model with its own adapter, rows naming this one run both (stacked)."""
+        if self.own_adapter is not None:
+            from chatforge.models.fast.lora import stacked
+
+            adapter = stacked(self.own_adapter, adapter)
         self.adapters = [a for a in self.adapters if a.name != adapter.name] + [adapter]
         self._rebuild_lora_table()
+
+    def set_own_adapter(self, adapter: Any) -> None:
+        """Apply ``adapter`` to every row that names no adapter (see ``own_adapter``)."""
+        self.own_adapter = adapter
+        self._rebuild_lora_table()
+
+    @property
+    def _slots(self) -> list[Any]:
+        """The adapters by slot: the named ones, then the model's own (if any)."""
+        own = self.own_adapter
+        return self.adapters if own is None else [*self.adapters, own]
 
     def remove_adapter(self, name: str) -> bool:
         """Forget adapter ``name``; True if it was there (slots of later ones shift)."""
@@ -187,7 +209,7 @@ class FastDecoder:
     def _rebuild_lora_table(self) -> None:
         from chatforge.models.fast.native_decode import NativeDecode
 
-        self._lora_table = NativeDecode.lora_table(self.adapters, self.cfg.n_layers)
+        self._lora_table = NativeDecode.lora_table(self._slots, self.cfg.n_layers)
 
     def new_cache(self, n_blocks: int = 16, block_size: int = 16) -> PagedKV:
         """An empty paged KV cache for this model (the engine grows it as it needs)."""
@@ -220,7 +242,7 @@ class FastDecoder:
             from chatforge.models.fast.lora import torch_delta
 
             for slot in lora.slots.unique().tolist():
-                delta = self.adapters[slot].layers[lora.layer].get(name) if slot >= 0 else None
+                delta = self._slots[slot].layers[lora.layer].get(name) if slot >= 0 else None
                 if delta is not None:
                     rows = lora.slots == slot  # (B,) sequences with this adapter
                     y[rows] = y[rows] + torch_delta(delta, h[rows])
@@ -275,9 +297,15 @@ class FastDecoder:
         norm (see :meth:`logits`). Positions below a row's own must already be in
         the cache (written by an earlier call, or by an earlier row of this one).
         ``lora_rows`` (R,): each row's adapter slot (:meth:`adapter_slot`), -1 for
-        none; None when no row has one.
+        none (the model's own adapter, where it has one); None when no row has one.
         """
         x = self._embed(tokens, positions, types)  # (R, hidden)
+        if self.own_adapter is not None:  # rows that name none run the model's own
+            own = len(self.adapters)
+            if lora_rows is None:
+                lora_rows = torch.full((tokens.shape[0],), own, dtype=torch.int32)
+            else:
+                lora_rows = torch.where(lora_rows < 0, own, lora_rows).to(torch.int32)
         if lora_rows is not None and not bool((lora_rows >= 0).any()):
             lora_rows = None
         if self.native:
