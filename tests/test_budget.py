@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from chatforge.conversation import BudgetConfig, EosFormat, Message, fit_prompt
+from chatforge.conversation import (
+    DEFAULT_MAX_NEW_TOKENS,
+    BudgetConfig,
+    EosFormat,
+    Message,
+    fit_prompt,
+    reply_budget,
+)
 from chatforge.errors import ContextOverflowError
 
 
@@ -31,7 +38,7 @@ def test_nothing_dropped_when_it_fits(fmt) -> None:
     assert out.dropped == [] and out.messages == msgs
     assert out.prompt_tokens == n and out.encoded.input_ids == fmt.encode(msgs).input_ids
     assert out.max_new_tokens == 20
-    # Without max_new_tokens the reply gets all the room left.
+    # Without max_new_tokens the reply gets all the room left (up to the default length).
     assert fit_prompt(fmt, msgs, n + 50, None).max_new_tokens == 50
 
 
@@ -115,3 +122,40 @@ def test_bad_input(fmt) -> None:
         BudgetConfig(max_history_share=0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         fit_prompt(fmt, [Message("user", "a")], 100, 0)
+
+
+# ------------------------------------------------------------------ the one reply-length rule
+
+
+def test_reply_budget_is_the_one_rule() -> None:
+    assert reply_budget(10) == DEFAULT_MAX_NEW_TOKENS
+    assert reply_budget(10, 100) == 90  # the context caps the default
+    assert reply_budget(10, 1000, max_new_tokens=50, max_length=40) == 30
+    # cap: a budget resolved earlier (Request.max_new_tokens) only lowers it.
+    assert reply_budget(10, 1000, max_new_tokens=50, cap=20) == 20
+    assert reply_budget(10, 1000, max_new_tokens=50, cap=80) == 50
+    # cap=0 scores the prompt: the whole prompt must fit, the length settings do not apply.
+    assert reply_budget(100, 100, max_length=50, cap=0) == 0
+    with pytest.raises(ContextOverflowError, match="context is 100 tokens; shorten it"):
+        reply_budget(101, 100, cap=0)
+    with pytest.raises(ContextOverflowError, match="leaves no room for a reply"):
+        reply_budget(100, 100)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        reply_budget(10, 100, cap=-1)
+
+
+def test_fit_prompt_answers_what_the_engine_will(fmt) -> None:
+    from chatforge.generation.config import GenerationConfig
+
+    msgs = _chat(1)
+    n = _n(fmt, msgs)
+    for max_new, max_length, context in [
+        (None, None, n + 1000),
+        (None, n + 40, n + 1000),
+        (30, None, n + 40),
+        (None, None, n + 20),
+    ]:
+        cfg = GenerationConfig(max_new_tokens=max_new, max_length=max_length)
+        out = fit_prompt(fmt, msgs, context, max_new, max_length=max_length)
+        assert out.dropped == []
+        assert out.max_new_tokens == cfg.reply_budget(n, context)

@@ -231,16 +231,48 @@ def test_greedy_is_the_same_alone_and_in_a_crowd(tiny_llama_dir, quantize):
 
 
 def test_presence_and_frequency_penalties_follow_openais_definition():
-    from chatforge.generation.processors import PresenceFrequencyPenalty, SequenceView
+    from chatforge.generation.sampling import SamplingParams, apply_penalties
 
     logits = torch.randn(2, 10)
-    views = [SequenceView([1, 2], [3, 3, 5]), SequenceView([3], [])]
-    procs = [PresenceFrequencyPenalty(0.5, 0.25), PresenceFrequencyPenalty(1.0, 1.0)]
-    out = PresenceFrequencyPenalty.process(procs, views, logits)
+    params = SamplingParams.from_configs(
+        [
+            GenerationConfig(presence_penalty=0.5, frequency_penalty=0.25),
+            GenerationConfig(presence_penalty=1.0, frequency_penalty=1.0),
+        ]
+    )
+    # Row 0: prompt [1, 2], reply [3, 3, 5]; row 1: prompt [3], no reply yet.
+    out = apply_penalties(logits, params, [[1, 2, 3, 3, 5], [3]], replies=[[3, 3, 5], []])
     expected = logits.clone()
     expected[0, 3] -= 0.25 * 2 + 0.5  # counted twice in the reply
     expected[0, 5] -= 0.25 * 1 + 0.5
     assert torch.allclose(out, expected)  # the prompt's tokens are not counted; row 1 untouched
+
+
+def test_a_configs_logit_bias_is_one_vectorised_call_per_step_and_only_for_its_rows(
+    lm, monkeypatch
+):
+    from chatforge.generation import sampling
+
+    calls = []
+    real = sampling.apply_logit_bias
+
+    def counting(logits, ids, values):
+        calls.append(logits.shape[0])
+        return real(logits, ids, values)
+
+    monkeypatch.setattr(sampling, "apply_logit_bias", counting)
+    eng = _engine(lm)
+    a, b = _ids(lm, "Hello there"), _ids(lm, "Thanks")
+    alone_b = eng.generate([Request(b, GREEDY)])[0].token_ids
+    forced = 7
+    biased = GREEDY.replace(logit_bias={forced: 100.0})
+    calls.clear()
+    out = eng.generate(
+        [Request(a, biased), Request(_ids(lm, "I dreamed"), biased), Request(b, GREEDY)]
+    )
+    assert out[0].token_ids == [forced] * 12 == out[1].token_ids
+    assert out[2].token_ids == alone_b  # a neighbour's bias does not leak
+    assert calls == [3] * 12  # all rows in one call per step
 
 
 def test_generation_config_bias_and_penalties_reach_the_engine(lm):

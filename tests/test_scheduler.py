@@ -50,18 +50,18 @@ def test_a_new_request_joins_at_the_next_step(lm):
     long = eng.add(_req(lm, TEXTS[1], 20))
     for _ in range(3):
         eng.step()
-    assert eng.load == (1, 0)
+    assert eng.occupancy == (1, 0)
     short = eng.add(_req(lm, TEXTS[0], 4))
     events = eng.step()
     assert {e.index for e in events} == {long, short}  # its first token came with this step
-    assert eng.load == (2, 0)
+    assert eng.occupancy == (2, 0)
     done = {}
     while eng.has_work:
         for e in eng.step():
             if e.completion:
                 done[e.index] = e.completion
                 if e.index == short:
-                    assert eng.load == (1, 0)  # it left while the long one keeps going
+                    assert eng.occupancy == (1, 0)  # it left while the long one keeps going
     assert done[short].completion_tokens == 4
     assert done[long].completion_tokens == 20
 
@@ -71,11 +71,11 @@ def test_max_batch_is_respected_and_waiting_requests_wait(lm):
     for t in TEXTS:
         eng.add(_req(lm, t, 6))
     eng.step()
-    assert eng.load == (2, 2)
+    assert eng.occupancy == (2, 2)
     seen_max = 0
     while eng.has_work:
         eng.step()
-        seen_max = max(seen_max, eng.load[0])
+        seen_max = max(seen_max, eng.occupancy[0])
     assert seen_max <= 2
 
 
@@ -108,9 +108,9 @@ def test_abort_frees_the_place(lm):
     a = eng.add(_req(lm, TEXTS[0], 50))
     b = eng.add(_req(lm, TEXTS[2], 3))
     eng.step()
-    assert eng.load == (1, 1)
+    assert eng.occupancy == (1, 1)
     assert eng.abort(a)
-    assert eng.load == (0, 1)
+    assert eng.occupancy == (0, 1)
     assert list(_drain(eng)) == [b]
     assert not eng.abort(12345)
 

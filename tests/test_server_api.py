@@ -389,24 +389,24 @@ def test_queue_full_429_and_disconnects_free_places(tiny):
         url = srv.url + "/v1/chat/completions"
         with httpx.Client(timeout=30) as a, httpx.Client(timeout=30) as b:
             ra = a.send(a.build_request("POST", url, json=body), stream=True)
-            assert wait_until(lambda: svc.load == (1, 0))
+            assert wait_until(lambda: svc.occupancy == (1, 0))
             rb = b.send(b.build_request("POST", url, json=body), stream=True)
-            assert wait_until(lambda: svc.load == (1, 1))
+            assert wait_until(lambda: svc.occupancy == (1, 1))
             full = httpx.post(url, json=body)
             assert full.status_code == 429 and full.headers["retry-after"] == "1"
             assert full.json()["error"]["type"] == "rate_limit_error"
             rb.close()  # a waiting client leaves
-            assert wait_until(lambda: svc.load == (1, 0), timeout=3)
+            assert wait_until(lambda: svc.occupancy == (1, 0), timeout=3)
             it = ra.iter_lines()
             assert next(it).startswith("data: ")
             t0 = time.time()
             ra.close()  # a running client leaves mid-stream
-            assert wait_until(lambda: svc.load == (0, 0), timeout=3)
+            assert wait_until(lambda: svc.occupancy == (0, 0), timeout=3)
             assert time.time() - t0 < 3  # well before its 100 tokens would be done
         # a non-streaming client that gives up is cancelled too
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(url, json={**body, "stream": False}, timeout=0.5)
-        assert wait_until(lambda: svc.load == (0, 0), timeout=3)
+        assert wait_until(lambda: svc.occupancy == (0, 0), timeout=3)
         ok = httpx.post(url, json={**body, "stream": False, "max_tokens": 2})
         assert ok.status_code == 200
 
@@ -418,7 +418,7 @@ def test_32_concurrent_streams_are_batched_and_framed(server):
 
     def watch():
         while not stop.is_set():
-            peak[0] = max(peak[0], svc.load[0])
+            peak[0] = max(peak[0], svc.occupancy[0])
             time.sleep(0.005)
 
     async def one(client: httpx.AsyncClient, i: int) -> list[str]:
@@ -448,7 +448,7 @@ def test_32_concurrent_streams_are_batched_and_framed(server):
         watcher.join()
     assert len(results) == 32
     assert peak[0] > 1, "concurrent requests should share the batch"
-    assert svc.load == (0, 0)
+    assert svc.occupancy == (0, 0)
 
 
 def test_a_repeated_prefix_is_reused_and_reported(client):

@@ -63,9 +63,9 @@ def test_async_submit_cancel_and_errors(engine):
                 break  # client went away: the request is cancelled
         for _ in range(50):
             await asyncio.sleep(0.02)
-            if svc.load == (0, 0):
+            if svc.occupancy == (0, 0):
                 break
-        assert svc.load == (0, 0)
+        assert svc.occupancy == (0, 0)
         h2 = svc.submit(_req(engine, "Thanks", 5), loop=loop)
         out = [ev async for ev in h2.aevents()]
         assert out[-1].completion.completion_tokens == 5
@@ -82,15 +82,15 @@ def test_queue_limit(engine):
     svc = EngineService(engine, max_batch=1, max_queue=1)
     a = svc.submit(_req(engine, "Hello", 100))
     for _ in range(100):
-        if svc.load == (1, 0):
+        if svc.occupancy == (1, 0):
             break
         time.sleep(0.01)
     b = svc.submit(_req(engine, "Thanks", 2))  # waits for the one place
     for _ in range(100):  # the service's max_batch holds even where the engine's is larger
-        if svc.engine.load == (1, 1):
+        if svc.engine.occupancy == (1, 1):
             break
         time.sleep(0.01)
-    assert svc.engine.load == (1, 1)
+    assert svc.engine.occupancy == (1, 1)
     with pytest.raises(QueueFullError, match="retry later"):
         svc.submit(_req(engine, "Hello", 3))
     assert [e for e in b.events()][-1].completion.completion_tokens == 2

@@ -1,6 +1,12 @@
 """Messages, the three prompt formats, and the context budget."""
 
-from chatforge.conversation.budget import BudgetConfig, FittedPrompt, fit_prompt
+from chatforge.conversation.budget import (
+    DEFAULT_MAX_NEW_TOKENS,
+    BudgetConfig,
+    FittedPrompt,
+    fit_prompt,
+    reply_budget,
+)
 from chatforge.conversation.formats import (
     FORMATS,
     SEP_TOKEN,
@@ -16,6 +22,7 @@ from chatforge.conversation.formats import (
 from chatforge.conversation.messages import ROLES, Conversation, Message, Turn, as_message
 
 __all__ = [
+    "DEFAULT_MAX_NEW_TOKENS",
     "FORMATS",
     "ROLES",
     "SEP_TOKEN",
@@ -34,4 +41,5 @@ __all__ = [
     "ensure_sep_token",
     "fit_prompt",
     "get_format",
+    "reply_budget",
 ]

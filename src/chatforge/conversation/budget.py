@@ -1,4 +1,8 @@
-"""The context budget: which turns of a conversation fit in the model's context.
+"""The context budget: how long a reply may be, and which turns fit in the context.
+
+:func:`reply_budget` is the one rule for "how many tokens may this reply
+have?": every caller (``GenerationConfig.reply_budget``, :func:`fit_prompt`,
+``plan_request``, the engine's request check) asks it, so they cannot disagree.
 
 The prompt plus the room left for the reply must fit in the limit
 (``min(context_length, max_length)``). When they do not, whole oldest turns
@@ -19,6 +23,80 @@ from typing import Any
 from chatforge.conversation.formats import Encoded, PromptFormat
 from chatforge.conversation.messages import Message, as_message
 from chatforge.errors import ContextOverflowError
+
+DEFAULT_MAX_NEW_TOKENS = 256
+"""Reply length used when neither ``max_new_tokens`` nor ``max_length`` is given."""
+
+
+def reply_budget(
+    prompt_tokens: int,
+    context_length: int | None = None,
+    *,
+    max_new_tokens: int | None = None,
+    max_length: int | None = None,
+    cap: int | None = None,
+) -> int:
+    """The number of tokens a reply to a ``prompt_tokens``-long prompt may have.
+
+    ``max_new_tokens`` counts the reply (None: :data:`DEFAULT_MAX_NEW_TOKENS`, unless
+    ``max_length`` is given, which then alone limits the reply), ``max_length`` counts
+    prompt + reply (as in Hugging Face); the reply is capped by ``max_length -
+    prompt_tokens`` and by ``context_length - prompt_tokens`` and is then >= 1, or a
+    :class:`ContextOverflowError` says which limit leaves no room.
+
+    ``cap`` is a budget resolved earlier for this prompt (``Request.max_new_tokens``,
+    e.g. what :func:`fit_prompt` left after dropping history): the answer is at most
+    that. ``cap=0`` asks for no reply (the prompt is only scored): the answer is 0 once
+    the whole prompt fits in the context, whatever the length settings.
+    """
+    if isinstance(prompt_tokens, bool) or not isinstance(prompt_tokens, int):
+        raise ValueError(f"prompt_tokens must be an integer (got {prompt_tokens!r})")
+    if prompt_tokens < 0:
+        raise ValueError(f"prompt_tokens must be >= 0 (got {prompt_tokens})")
+    if context_length is not None and context_length < 1:
+        raise ValueError(f"context_length must be >= 1 (got {context_length})")
+    if cap is not None and cap < 0:
+        raise ValueError(f"max_new_tokens must be >= 0 (got {cap})")
+
+    if cap == 0:  # score the prompt only: all of it must fit, nothing more
+        if context_length is not None and prompt_tokens > context_length:
+            raise ContextOverflowError(
+                f"the prompt is {prompt_tokens} tokens but the model's context is "
+                f"{context_length} tokens; shorten it",
+                prompt_tokens=prompt_tokens,
+                limit=context_length,
+            )
+        return 0
+
+    budget: int | None = max_new_tokens
+    if budget is None and max_length is None:
+        budget = DEFAULT_MAX_NEW_TOKENS
+
+    if max_length is not None:
+        room = max_length - prompt_tokens
+        if room < 1:
+            raise ContextOverflowError(
+                f"max_length {max_length} leaves no room for a reply: the prompt is "
+                f"already {prompt_tokens} tokens; raise it or use --max-new-tokens",
+                prompt_tokens=prompt_tokens,
+                limit=max_length,
+            )
+        budget = room if budget is None else min(budget, room)
+
+    if context_length is not None:
+        room = context_length - prompt_tokens
+        if room < 1:
+            raise ContextOverflowError(
+                f"the prompt is {prompt_tokens} tokens but the model's context is "
+                f"{context_length} tokens, which leaves no room for a reply; "
+                "shorten the prompt or drop history",
+                prompt_tokens=prompt_tokens,
+                limit=context_length,
+            )
+        budget = room if budget is None else min(budget, room)
+
+    assert budget is not None and budget >= 1
+    return budget if cap is None else min(budget, cap)
 
 
 @dataclass
@@ -54,7 +132,7 @@ class FittedPrompt:
     dropped: list[int]
     """Indices (into the input messages) of the dropped messages, oldest first."""
     max_new_tokens: int
-    """The reply budget after fitting (>= 1)."""
+    """The reply budget after fitting (>= 1), as :func:`reply_budget` resolves it."""
 
     @property
     def prompt_tokens(self) -> int:
@@ -85,7 +163,9 @@ def fit_prompt(
     """Drop oldest turns until the prompt and the reply fit; see the module docstring.
 
     ``max_length`` counts prompt + reply (as in Hugging Face); ``max_new_tokens``
-    counts the reply only and is lowered when less room is left (never below
+    counts the reply only. Turns are dropped until ``max_new_tokens`` (None:
+    ``min_reply_tokens``) fit beside the prompt; the reply budget of the prompt that
+    is kept is then :func:`reply_budget`'s (lowered when less room is left, never below
     ``min(min_reply_tokens, max_new_tokens)``). Raises :class:`ContextOverflowError`
     when even the system prompt and the newest user message leave too little room.
     """
@@ -146,7 +226,7 @@ def fit_prompt(
             prompt_tokens=n,
             limit=limit,
         )
-    reply = room if max_new_tokens is None else min(max_new_tokens, room)
+    reply = reply_budget(n, context_length, max_new_tokens=max_new_tokens, max_length=max_length)
     return FittedPrompt(kept, encoded, dropped, reply)
 
 

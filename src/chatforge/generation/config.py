@@ -10,7 +10,8 @@ decode step.
 Length semantics follow Hugging Face: ``max_new_tokens`` counts reply tokens
 only, ``max_length`` counts prompt + reply. :meth:`GenerationConfig.reply_budget`
 turns both (and the model's context length) into the number of tokens a reply
-may have for a given prompt.
+may have for a given prompt, by asking the one rule for it,
+:func:`chatforge.conversation.budget.reply_budget`.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
-from chatforge.errors import ContextOverflowError, InputError, ParamError
-
-DEFAULT_MAX_NEW_TOKENS = 256
-"""Reply length used when neither ``max_new_tokens`` nor ``max_length`` is given."""
+# The reply-length rule lives below this module (conversation/budget.py); its default
+# is re-exported here, where its users import it from.
+from chatforge.conversation.budget import DEFAULT_MAX_NEW_TOKENS as DEFAULT_MAX_NEW_TOKENS
+from chatforge.conversation.budget import reply_budget
+from chatforge.errors import InputError, ParamError
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Deterministic: always the most likely token.
@@ -315,50 +317,26 @@ class GenerationConfig:
         """True when replies take the most likely token at every step."""
         return self.do_sample is False or self.temperature == 0.0
 
-    def reply_budget(self, prompt_tokens: int, context_length: int | None = None) -> int:
-        """Number of new tokens a reply to a ``prompt_tokens``-long prompt may have (>= 1).
+    def reply_budget(
+        self, prompt_tokens: int, context_length: int | None = None, cap: int | None = None
+    ) -> int:
+        """Number of new tokens a reply to a ``prompt_tokens``-long prompt may have (>= 1;
+        0 only for ``cap=0``, a prompt scored without a reply).
 
         The budget is ``max_new_tokens`` (or :data:`DEFAULT_MAX_NEW_TOKENS` when neither
-        length is set), capped by ``max_length - prompt_tokens`` and by
-        ``context_length - prompt_tokens``. Raises :class:`ContextOverflowError` when
-        either cap leaves no room for even one token.
+        length is set), capped by ``max_length - prompt_tokens``, by ``context_length -
+        prompt_tokens`` and by ``cap`` (a budget resolved earlier). Raises
+        :class:`ContextOverflowError` when either cap leaves no room for even one token.
+        This is :func:`chatforge.conversation.budget.reply_budget` with this config's
+        lengths, the one rule every caller asks.
         """
-        if isinstance(prompt_tokens, bool) or not isinstance(prompt_tokens, int):
-            raise ValueError(f"prompt_tokens must be an integer (got {prompt_tokens!r})")
-        if prompt_tokens < 0:
-            raise ValueError(f"prompt_tokens must be >= 0 (got {prompt_tokens})")
-
-        budget: int | None = self.max_new_tokens
-        if budget is None and self.max_length is None:
-            budget = DEFAULT_MAX_NEW_TOKENS
-
-        if self.max_length is not None:
-            room = self.max_length - prompt_tokens
-            if room < 1:
-                raise ContextOverflowError(
-                    f"max_length {self.max_length} leaves no room for a reply: the prompt is "
-                    f"already {prompt_tokens} tokens; raise it or use --max-new-tokens",
-                    prompt_tokens=prompt_tokens,
-                    limit=self.max_length,
-                )
-            budget = room if budget is None else min(budget, room)
-
-        if context_length is not None:
-            if context_length < 1:
-                raise ValueError(f"context_length must be >= 1 (got {context_length})")
-            room = context_length - prompt_tokens
-            if room < 1:
-                raise ContextOverflowError(
-                    f"the prompt is {prompt_tokens} tokens but the model's context is "
-                    f"{context_length} tokens, which leaves no room for a reply; "
-                    "shorten the prompt or drop history",
-                    prompt_tokens=prompt_tokens,
-                    limit=context_length,
-                )
-            budget = room if budget is None else min(budget, room)
-
-        assert budget is not None and budget >= 1
-        return budget
+        return reply_budget(
+            prompt_tokens,
+            context_length,
+            max_new_tokens=self.max_new_tokens,
+            max_length=self.max_length,
+            cap=cap,
+        )
 
     # ------------------------------------------------------------------ copies
 

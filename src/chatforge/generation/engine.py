@@ -8,8 +8,12 @@ of nano-vllm's engine). A step is three pieces with one concern each:
    preemption), taking prompt prefixes from the prefix cache;
 2. the model runner builds tensors from those sequences and runs one forward
    pass over the paged KV cache;
-3. post-processing reads logprobs, applies the requests' logits processors,
-   samples, applies stop rules and detokenises.
+3. post-processing (:mod:`~chatforge.generation.postprocess`) reads logprobs,
+   applies the requests' logits processors, samples, applies stop rules and
+   detokenises.
+
+A request is checked before it is queued (:mod:`~chatforge.generation.validate`,
+which also resolves its reply budget).
 
 The KV of finished requests stays in the cache (block-granular, LRU, within
 ``kv_cache_mb``), so the next turn of a chat, a repeated system prompt or
@@ -26,43 +30,33 @@ callback or buffer, whoever called :meth:`step`.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from chatforge.errors import ChatforgeError, ContextOverflowError
+from chatforge.errors import ChatforgeError
 from chatforge.generation.fast_runner import FastRunner
 from chatforge.generation.kv import BlockManager, block_hashes
-from chatforge.generation.processors import SequenceView, apply_processors, config_processors
+from chatforge.generation.postprocess import Events, PostProcessor
+from chatforge.generation.processors import config_processors
 from chatforge.generation.runner import HFRunner, ModelRunner, Work
-from chatforge.generation.sampling import SamplingParams, sample
 from chatforge.generation.scheduler import Scheduler, SchedulerConfig
 from chatforge.generation.sequence import Sequence as Seq
 from chatforge.generation.sequence import Status
-from chatforge.generation.types import (
-    MAX_TOP_LOGPROBS,
-    Completion,
-    Request,
-    StreamEvent,
-    TokenLogprob,
-)
+from chatforge.generation.types import Completion, Request, StreamEvent, TokenLogprob
+from chatforge.generation.validate import check_request
 from chatforge.models.fast.lora import AdapterError, load_adapter
 from chatforge.threads import ThreadPolicy
 
 __all__ = ["Completion", "Engine", "EngineConfig", "Request", "StreamEvent", "TokenLogprob"]
 
 log = logging.getLogger(__name__)
-
-_LOGIT_CHUNK = 256  # rows of prompt logits materialised at once when scoring
 
 
 @dataclass
@@ -133,9 +127,9 @@ class Engine:
             blocks,
             prefix_cache=self.config.prefix_cache,
         )
+        self.post = PostProcessor(runner, retire=self._retire)
         self._seqs: dict[int, Seq] = {}  # live requests by handle
         self._done: dict[int, Seq] = {}  # finished, buffered events not yet read
-        self._emitters: dict[int, Seq] = {}  # sequences with events in the current step
         self._next_id = 0
         self._lock = threading.RLock()
         self.threads = ThreadPolicy(self.config.threads)
@@ -189,59 +183,19 @@ class Engine:
         new sequence: pass the result to :meth:`add` (``prepared=``, once) so a caller
         that validates in its own thread does not do the work twice (a grammar's parser
         is built here)."""
-        budget, processors = self._check(req)
-        return Prepared(budget, processors)
-
-    def _check(self, req: Request) -> tuple[int, list[Any]]:
-        """(reply budget, the request's processors bound to a new sequence), validated."""
-        n = len(req.prompt_ids)
-        if n < 1:
-            raise ValueError("a prompt must have at least one token")
-        bad = next((t for t in req.prompt_ids if not 0 <= int(t) < self.vocab_size), None)
-        if bad is not None:
-            raise ValueError(
-                f"prompt token id {bad} is outside this model's vocabulary "
-                f"(0..{self.vocab_size - 1})"
-            )
-        if req.token_type_ids is not None and len(req.token_type_ids) != n:
-            raise ValueError("token_type_ids must have one entry per prompt token")
-        for name in ("logprobs", "prompt_logprobs"):
-            k = getattr(req, name)
-            if k is not None and not (isinstance(k, int) and 0 <= k <= MAX_TOP_LOGPROBS):
-                raise ValueError(f"{name} must be an integer in 0..{MAX_TOP_LOGPROBS} (got {k!r})")
-        if req.adapter is not None and req.adapter not in self.adapters:
-            have = ", ".join(self.adapters) or "none"
-            raise ValueError(f"the LoRA adapter {req.adapter!r} is not loaded (loaded: {have})")
+        bm = self.blocks
+        budget = check_request(
+            req,
+            vocab_size=self.vocab_size,
+            context_length=self.context_length,
+            adapters=self.adapters,
+            kv_tokens=None if bm is None else bm.max_blocks * bm.block_size,
+            kv_cache_mb=self.config.kv_cache_mb,
+        )
         processors = [p.bind(self) for p in [*req.processors, *config_processors(req.config)]]
         for proc in processors:
             proc.validate(self.vocab_size)
-        if req.embed and (req.max_new_tokens != 0 or req.prompt_logprobs is not None):
-            # An embedding request's features are hidden states, not logits (HFRunner).
-            raise ValueError("an embedding request needs max_new_tokens=0 and no prompt_logprobs")
-        if req.max_new_tokens == 0:  # score the prompt only
-            if n > self.context_length:
-                raise ContextOverflowError(
-                    f"the prompt is {n} tokens but the model's context is "
-                    f"{self.context_length} tokens; shorten it",
-                    prompt_tokens=n,
-                    limit=self.context_length,
-                )
-            budget = 0
-        else:
-            budget = req.config.reply_budget(n, self.context_length)
-            if req.max_new_tokens is not None:
-                if req.max_new_tokens < 0:
-                    raise ValueError(f"max_new_tokens must be >= 0 (got {req.max_new_tokens})")
-                budget = min(budget, req.max_new_tokens)
-        if self.blocks is not None:
-            need = self.blocks.blocks_for(n + budget)
-            if need > self.blocks.max_blocks:
-                raise ValueError(
-                    f"this request needs {n + budget} tokens of KV cache but the engine's "
-                    f"budget (kv_cache_mb={self.config.kv_cache_mb}) holds "
-                    f"{self.blocks.max_blocks * self.blocks.block_size}; raise kv_cache_mb"
-                )
-        return budget, processors
+        return Prepared(budget, processors)
 
     def add(
         self,
@@ -340,7 +294,7 @@ class Engine:
         return self.scheduler.has_work
 
     @property
-    def load(self) -> tuple[int, int]:
+    def occupancy(self) -> tuple[int, int]:
         """(running, waiting) sequence counts."""
         return len(self.scheduler.running), len(self.scheduler.waiting)
 
@@ -364,70 +318,44 @@ class Engine:
         ``max_batch`` lowers the number of running sequences for this step (a service's
         own limit); None: the engine's ``max_batch``.
         """
+        cap = self.config.max_batch
+        limit = cap if max_batch is None else min(max_batch, cap)
         with self._lock:
             self.threads.apply()  # the thread count for this step (cheap; measures twice a second)
-            events: list[StreamEvent] = []
-            limit = (
-                self.config.max_batch
-                if max_batch is None
-                else min(max_batch, self.config.max_batch)
-            )
             scheduled = self.scheduler.schedule(limit)
             if not scheduled:
-                return events
-            if self.blocks is not None:
-                self.runner.ensure_blocks(self.blocks.n_blocks)
-            work = [
-                Work(
-                    seq,
-                    seq.num_computed,
-                    seq.num_computed + n,
-                    all_rows=_wants_rows(seq),
-                )
-                for seq, n in scheduled
-            ]
+                return []
+            events: Events = []  # this step's, in order, with their sequences
+            work = [Work.feed(seq, n) for seq, n in scheduled]
             features = self._run(work, events)
-            to_sample: list[tuple[Seq, Tensor]] = []
-            for w, f in zip(work, features, strict=True):
-                if w.seq.status is not Status.RUNNING:  # failed in _run
-                    continue
-                seq = w.seq
-                seq.num_computed = w.end
-                self._offer_blocks(seq)
-                try:
-                    if w.all_rows and f is not None and seq.wants_prompt_logprobs:
-                        self._prompt_logprobs(seq, w, f)
-                    if w.all_rows and f is not None and seq.request.embed:
-                        self._embed_rows(seq, w, f)
-                except Exception as e:  # noqa: BLE001 - one request's fault
-                    self._fail(seq, e, events)
-                    continue
-                if not w.samples:
-                    continue
-                if seq.budget == 0:  # scored, nothing to generate
-                    self._finish(seq, "length", events)
-                    continue
-                assert f is not None
-                to_sample.append((seq, f[-1:]))
-            if to_sample:
-                self._sample_and_accept(to_sample, events)
-            self._dispatch(events)
-            return events
+            self.post.process(work, features, events, self.stop_token_ids)
+            return self._dispatch(events)
 
-    def _run(self, work: list[Work], events: list[StreamEvent]) -> list[Tensor | None]:
-        """The forward pass; when it fails, each sequence alone, failing only the culprits."""
+    def _run(self, work: list[Work], events: Events) -> list[Tensor | None]:
+        """The forward pass; then what it computed joins the KV cache's books."""
+        if self.blocks is not None:
+            self.runner.ensure_blocks(self.blocks.n_blocks)
+        features = self._forward(work, events)
+        for w in work:
+            if w.seq.status is Status.RUNNING:  # its pass did not fail
+                w.seq.num_computed = w.end
+                self._offer_blocks(w.seq)
+        return features
+
+    def _forward(self, work: list[Work], events: Events) -> list[Tensor | None]:
+        """The runner's pass; when it fails, each sequence alone, failing only the culprits."""
         try:
             return self.runner.run(work)
         except Exception as e:  # noqa: BLE001
             if len(work) == 1:
-                self._fail(work[0].seq, e, events)
+                self.post.fail(work[0].seq, e, events)
                 return [None]
         out: list[Tensor | None] = []
         for w in work:  # rows are computed alone the same way: a retry changes nothing
             try:
                 out.append(self.runner.run([w])[0])
             except Exception as e:  # noqa: BLE001
-                self._fail(w.seq, e, events)
+                self.post.fail(w.seq, e, events)
                 out.append(None)
         return out
 
@@ -446,160 +374,25 @@ class Engine:
             bm.register(seq.block_table[b], seq.block_hashes[b])
         seq.registered = full
 
-    def _prompt_logprobs(self, seq: Seq, w: Work, features: Tensor) -> None:
-        """Logprobs of the prompt tokens this chunk's rows predict (row p predicts p + 1)."""
-        k = seq.request.prompt_logprobs or 0
-        rows = min(w.end, seq.num_prompt - 1) - w.start
-        # After a preemption the prompt is computed again: skip what was scored.
-        first = max(0, len(seq.prompt_logprobs) - w.start - 1)
-        for lo in range(first, rows, _LOGIT_CHUNK):
-            hi = min(rows, lo + _LOGIT_CHUNK)
-            lp = torch.log_softmax(self.runner.logits(features[lo:hi]), dim=-1)  # (n, V)
-            targets = seq.tokens[w.start + lo + 1 : w.start + hi + 1]
-            seq.prompt_logprobs += _token_logprobs(lp, targets, k)
-
-    def _embed_rows(self, seq: Seq, w: Work, features: Tensor) -> None:
-        """Add this chunk's final hidden states to the sequence's running sum (O(hidden)
-        memory however long the prompt); the mean is taken when it finishes."""
-        # After a preemption the prompt is computed again: skip what was summed.
-        first = max(0, seq.embed_rows - w.start)
-        rows = min(w.end, seq.num_prompt) - w.start
-        for lo in range(first, rows, _LOGIT_CHUNK):
-            hi = min(rows, lo + _LOGIT_CHUNK)
-            part = self.runner.hidden(features[lo:hi]).double().sum(0)  # (H,)
-            seq.embed_sum = part if seq.embed_sum is None else seq.embed_sum + part
-            seq.embed_rows = w.start + hi
-
-    def _sample_and_accept(self, items: list[tuple[Seq, Tensor]], events: list[StreamEvent]):
-        seqs = [s for s, _ in items]
-        try:
-            logits = self.runner.logits(torch.cat([f for _, f in items]))  # (B, V)
-            tokens, lps = self._sample(seqs, logits)
-        except Exception:  # noqa: BLE001 - find the row that failed, keep the others
-            tokens, lps = [], []
-            for seq, f in items:
-                try:
-                    t, lp = self._sample([seq], self.runner.logits(f))
-                    tokens.append(t[0])
-                    lps.append(lp[0])
-                except Exception as e:  # noqa: BLE001
-                    self._fail(seq, e, events)
-                    tokens.append(None)
-                    lps.append(None)
-        now = time.perf_counter()
-        for seq, tok, lp in zip(seqs, tokens, lps, strict=True):
-            if tok is not None:
-                self._accept(seq, tok, lp, now, events)
-
-    def _sample(self, seqs: list[Seq], logits: Tensor) -> tuple[list[int], list[Any]]:
-        """Tokens and (when asked for) logprobs for rows of raw ``logits`` (B, V)."""
-        logits = logits.float()
-        want = [s.request.logprobs is not None for s in seqs]
-        raw_lp = torch.log_softmax(logits, dim=-1) if any(want) else None  # (B, V)
-        processed = apply_processors(
-            [s.processors for s in seqs],
-            [SequenceView(s.tokens[: s.num_prompt], s.generated, s.budget) for s in seqs],
-            logits,
-        )
-        params = SamplingParams.from_configs([s.request.config for s in seqs])
-        tokens = sample(
-            processed, params, [s.generator for s in seqs], histories=[s.tokens for s in seqs]
-        ).tolist()
-        lps: list[Any] = []
-        for row, (seq, tok) in enumerate(zip(seqs, tokens, strict=True)):
-            if raw_lp is None or not want[row]:
-                lps.append(None)
-            else:
-                lps.append(_token_logprobs(raw_lp[row : row + 1], [tok], seq.request.logprobs)[0])
-        return tokens, lps
-
-    def _accept(
-        self, seq: Seq, tok: int, lp: TokenLogprob | None, now: float, events: list[StreamEvent]
-    ) -> None:
-        """Stop rules and detokenisation for one sampled token."""
-        if seq.first_token_at is None:
-            seq.first_token_at = now
-        entry = lp if lp is not None else TokenLogprob(tok, math.nan)
-        if tok in self.stop_token_ids:
-            # The stop token is one of the generated tokens, as in vLLM and OpenAI: it is
-            # in token_ids, completion_tokens, the logprobs and this last event's tokens
-            # (a scorer that reads the last token, lm-eval's echo + max_tokens=1, needs
-            # it), but it adds no text and is never fed to the model (the sequence ends).
-            seq.generated.append(tok)
-            if lp is not None:
-                seq.logprobs.append(lp)
-            self._finish(seq, "stop", events, tokens=[entry])
-            return
-        seq.append(tok)
-        if lp is not None:
-            seq.logprobs.append(lp)
-        text = seq.stream.push(tok)
-        reason = None
-        if seq.stream.stopped:
-            reason = "stop"
-        elif len(seq.generated) >= seq.budget:
-            reason = "length"
-        if reason is None:
-            self._emit(seq, StreamEvent(seq.id, text, None, [entry]), events)
-        else:
-            self._finish(seq, reason, events, text, [entry])
-
-    def _finish(
-        self,
-        seq: Seq,
-        reason: str,
-        events: list[StreamEvent],
-        text: str = "",
-        tokens: list[TokenLogprob] | None = None,
-        error: str | None = None,
-    ) -> None:
-        now = time.perf_counter()
-        if reason != "error" and seq.generated:
-            text += seq.stream.flush()  # the last piece goes out with the completion
-        req = seq.request
-        completion = Completion(
-            text=seq.stream.text,
-            token_ids=list(seq.generated),
-            finish_reason=reason,
-            prompt_tokens=seq.num_prompt,
-            completion_tokens=len(seq.generated),
-            seconds=now - seq.added_at,
-            first_token_seconds=(
-                None if seq.first_token_at is None else seq.first_token_at - seq.added_at
-            ),
-            cached_tokens=seq.cached_tokens,
-            logprobs=list(seq.logprobs) if req.logprobs is not None else None,
-            prompt_logprobs=list(seq.prompt_logprobs) if req.prompt_logprobs is not None else None,
-            error=error,
-        )
-        if req.embed and reason != "error":
-            completion.embedding = _mean_unit(seq)
-        self._emit(seq, StreamEvent(seq.id, text, completion, tokens or []), events)
+    def _retire(self, seq: Seq) -> None:
+        """A finished sequence (its completion in this step's events) leaves the engine."""
         self.scheduler.remove(seq)
         self.runner.release(seq)
         self._seqs.pop(seq.id, None)
         if seq.on_event is None:
             self._done[seq.id] = seq  # its buffer is read after it finished
 
-    def _fail(self, seq: Seq, exc: BaseException, events: list[StreamEvent]) -> None:
-        log.warning("request %s failed: %s: %s", seq.id, type(exc).__name__, exc)
-        self._finish(seq, "error", events, error=f"{type(exc).__name__}: {exc}")
-
-    def _emit(self, seq: Seq, event: StreamEvent, events: list[StreamEvent]) -> None:
-        events.append(event)
-        self._emitters[seq.id] = seq
-
-    def _dispatch(self, events: list[StreamEvent]) -> None:
-        emitters, self._emitters = self._emitters, {}
-        for ev in events:
-            seq = emitters[ev.index]
-            if seq.on_event is not None:
-                try:
-                    seq.on_event(ev)
-                except Exception:  # noqa: BLE001 - a listener's fault is not the engine's
-                    log.exception("event listener of request %s failed", seq.id)
-            else:
+    def _dispatch(self, events: Events) -> list[StreamEvent]:
+        """Each event to its request's callback, or its buffer; returns the events."""
+        for seq, ev in events:
+            if seq.on_event is None:
                 seq.buffer.append(ev)
+                continue
+            try:
+                seq.on_event(ev)
+            except Exception:  # noqa: BLE001 - a listener's fault is not the engine's
+                log.exception("event listener of request %s failed", seq.id)
+        return [ev for _, ev in events]
 
     # -- conveniences -------------------------------------------------------------------
 
@@ -676,35 +469,3 @@ class Engine:
                 raise ChatforgeError(f"embedding failed: {c.error}")
             out.append(c.embedding)
         return out
-
-
-def _wants_rows(seq: Seq) -> bool:
-    """Whether this step's work must return every fed row's features: the prompt rows
-    of a prompt-logprobs request that predict a prompt token, or any prompt row of an
-    embedding request."""
-    if seq.request.embed and seq.num_computed < seq.num_prompt:
-        return True
-    return seq.wants_prompt_logprobs and seq.num_computed < seq.num_prompt - 1
-
-
-def _mean_unit(seq: Seq) -> list[float] | None:
-    """The L2-normalised mean of a finished embedding request's summed rows."""
-    if seq.embed_sum is None or seq.embed_rows != seq.num_prompt:
-        return None
-    mean = seq.embed_sum / seq.num_prompt  # (H,) float64
-    return (mean / mean.norm().clamp_min(1e-12)).float().tolist()
-
-
-def _token_logprobs(lp: Tensor, targets: Sequence[int], k: int) -> list[TokenLogprob]:
-    """Rows of log-probabilities (n, V), the token each row chose, and the top ``k``."""
-    idx = torch.tensor(list(targets), dtype=torch.long)
-    chosen = lp.gather(1, idx[:, None])[:, 0].tolist()
-    tops: list[list[tuple[int, float]]] = [[] for _ in targets]
-    if k > 0:
-        values, ids = torch.topk(lp, k, dim=-1)
-        tops = [
-            list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)
-        ]
-    return [
-        TokenLogprob(int(t), float(c), top) for t, c, top in zip(targets, chosen, tops, strict=True)
-    ]

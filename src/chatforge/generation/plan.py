@@ -1,10 +1,13 @@
-"""From messages to an engine request: the one place the context budget is applied.
+"""From messages to an engine request: the one place history is fitted to the context.
 
 Chat, the server, batch generation and evaluation all call
 :func:`plan_request`: it renders the messages in the model's prompt format,
 fits them in the context (dropping whole oldest turns when asked to, and
-saying which) and resolves the reply budget, so every caller gets the same
-answer to "how long may this reply be?" and the same errors when nothing fits.
+saying which) and resolves the reply budget into ``Request.max_new_tokens``,
+so every caller gets the same answer to "how long may this reply be?" and the
+same errors when nothing fits. The answer comes from
+:func:`chatforge.conversation.budget.reply_budget`, the one rule that the engine
+also applies when it checks a request (it is then the same number).
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ def plan_request(
     else:
         enc = fmt.encode(msgs, add_generation_prompt=True)
         # Raises ContextOverflowError when the prompt leaves no room for a reply.
-        max_new = config.reply_budget(len(enc.input_ids), context_length)
+        max_new = config.reply_budget(len(enc.input_ids), context_length)  # the one rule
         kept, dropped = msgs, []
     request = Request(
         prompt_ids=list(enc.input_ids),

@@ -1,17 +1,18 @@
-"""Per-sequence logits processors: the engine's hook for constraints and biases.
+"""Per-sequence logits processors: the engine's hook for constraints.
 
-A request carries a list of processors (``Request.processors``). Before
-sampling, the engine hands every processor the logits of the sequences that
-carry one, *grouped by processor class*: a class sees all its rows at once as
-one ``(B, V)`` tensor, so a grammar mask, a ``logit_bias`` or a penalty is one
-vectorised operation per step, not a Python loop per token. A processor that
-only knows how to handle one row implements :meth:`LogitsProcessor.process_row`
-and inherits the row loop.
+A request carries a list of processors (``Request.processors``); a config's
+``json_schema`` adds a grammar (:func:`config_processors`). Before sampling, the
+engine hands every processor the logits of the sequences that carry one,
+*grouped by processor class*: a class sees all its rows at once as one
+``(B, V)`` tensor, so a grammar mask is one vectorised operation per step, not a
+Python loop per token. A processor that only knows how to handle one row
+implements :meth:`LogitsProcessor.process_row` and inherits the row loop.
 
 Processors run after the raw logits are read for logprobs (logprobs are of
-the model's own distribution, as OpenAI reports them) and before the
-repetition penalty, temperature and the filters of
-:mod:`~chatforge.generation.sampling`.
+the model's own distribution, as OpenAI reports them) and before the penalties
+(a config's ``logit_bias``, presence/frequency and repetition penalties),
+temperature and the filters of :mod:`~chatforge.generation.sampling`, which are
+sampling parameters, not processors.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor
 
 from chatforge.errors import ParamError
+from chatforge.generation.sampling import apply_logit_bias
 
 
 @dataclass(frozen=True)
@@ -65,70 +67,51 @@ class LogitsProcessor:
         return self
 
 
+def check_logit_bias(bias: Mapping[int, float], vocab_size: int) -> None:
+    """A ParamError naming ``logit_bias`` when it names a token outside the vocabulary."""
+    for tok in bias:
+        if not 0 <= tok < vocab_size:
+            raise ParamError(
+                "logit_bias",
+                f"names token {tok}, outside this model's vocabulary (0..{vocab_size - 1})",
+            )
+
+
 class LogitBias(LogitsProcessor):
-    """Add a bias to chosen tokens' logits (OpenAI's ``logit_bias``: -100 bans, 100 forces)."""
+    """Add a bias to chosen tokens' logits (OpenAI's ``logit_bias``: -100 bans, 100 forces)
+    as a processor of its own; a config's ``logit_bias`` is a sampling parameter."""
 
     def __init__(self, bias: Mapping[int, float]) -> None:
         self.bias = {int(k): float(v) for k, v in bias.items()}
 
     def validate(self, vocab_size: int) -> None:
-        for tok in self.bias:
-            if not 0 <= tok < vocab_size:
-                raise ParamError(
-                    "logit_bias",
-                    f"names token {tok}, outside this model's vocabulary (0..{vocab_size - 1})",
-                )
+        check_logit_bias(self.bias, vocab_size)
 
     @classmethod
     def process(
         cls, procs: Sequence[LogitsProcessor], views: Sequence[SequenceView], logits: Tensor
     ) -> Tensor:
-        # One (B, V) bias tensor for all rows, added in one operation.
-        bias = torch.zeros_like(logits)
+        # (B, K) ids and values for all rows, added in one operation.
+        width = max(len(p.bias) for p in procs if isinstance(p, LogitBias))
+        ids = torch.full((len(procs), width), -1, dtype=torch.long)
+        values = torch.zeros((len(procs), width), dtype=logits.dtype)
         for i, p in enumerate(procs):
             assert isinstance(p, LogitBias)
             if p.bias:
-                ids = torch.tensor(list(p.bias), dtype=torch.long)
-                bias[i, ids] = torch.tensor(list(p.bias.values()), dtype=logits.dtype)
-        return logits + bias
-
-
-class PresenceFrequencyPenalty(LogitsProcessor):
-    """OpenAI's penalties over the reply so far: ``logit - frequency * count - presence *
-    (count > 0)``, for every token generated (the prompt is not counted)."""
-
-    def __init__(self, presence: float, frequency: float) -> None:
-        self.presence = float(presence)
-        self.frequency = float(frequency)
-
-    @classmethod
-    def process(
-        cls, procs: Sequence[LogitsProcessor], views: Sequence[SequenceView], logits: Tensor
-    ) -> Tensor:
-        b, v = logits.shape
-        counts = torch.zeros(b, v, dtype=logits.dtype)  # (B, V) token counts of each reply
-        for i, view in enumerate(views):
-            if view.generated_ids:
-                ids = torch.tensor(list(view.generated_ids), dtype=torch.long)
-                counts[i].index_add_(0, ids, torch.ones(len(ids), dtype=logits.dtype))
-        presence = torch.tensor([p.presence for p in procs], dtype=logits.dtype)[:, None]
-        frequency = torch.tensor([p.frequency for p in procs], dtype=logits.dtype)[:, None]
-        return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+                ids[i, : len(p.bias)] = torch.tensor(list(p.bias), dtype=torch.long)
+                values[i, : len(p.bias)] = torch.tensor(list(p.bias.values()), dtype=logits.dtype)
+        return apply_logit_bias(logits, ids, values)
 
 
 def config_processors(config: Any) -> list[LogitsProcessor]:
-    """The processors a :class:`~chatforge.generation.config.GenerationConfig` asks for
-    (``logit_bias``, ``presence_penalty``, ``frequency_penalty``, ``json_schema``)."""
-    out: list[LogitsProcessor] = []
-    if config.json_schema is not None:  # first: the penalties only reorder allowed tokens
-        from chatforge.generation.grammar import GrammarConstraint
+    """The processors a :class:`~chatforge.generation.config.GenerationConfig` asks for:
+    a grammar for ``json_schema`` (its ``logit_bias`` and penalties are sampling
+    parameters, :class:`~chatforge.generation.sampling.SamplingParams`)."""
+    if config.json_schema is None:
+        return []
+    from chatforge.generation.grammar import GrammarConstraint
 
-        out.append(GrammarConstraint.from_json_schema(config.json_schema))
-    if config.logit_bias:
-        out.append(LogitBias(config.logit_bias))
-    if config.presence_penalty or config.frequency_penalty:
-        out.append(PresenceFrequencyPenalty(config.presence_penalty, config.frequency_penalty))
-    return out
+    return [GrammarConstraint.from_json_schema(config.json_schema)]
 
 
 def apply_processors(

@@ -37,6 +37,18 @@ class Work:
     """True: features of every fed row (prompt scoring). False: of the last row only,
     when the sequence samples after this step (``end == len(seq.tokens)``), else none."""
 
+    @classmethod
+    def feed(cls, seq: Sequence, n: int) -> Work:
+        """Feed ``seq``'s next ``n`` tokens (from the first not in the KV cache). Every fed
+        row's features come back where post-processing reads them all: the prompt rows of
+        a prompt-logprobs request that predict a prompt token, any prompt row of an
+        embedding request."""
+        start = seq.num_computed
+        all_rows = (seq.request.embed and start < seq.num_prompt) or (
+            seq.wants_prompt_logprobs and start < seq.num_prompt - 1
+        )
+        return cls(seq, start, start + n, all_rows)
+
     @property
     def samples(self) -> bool:
         return self.end == len(self.seq.tokens)

@@ -8,9 +8,16 @@ processors for a single row (``min_tokens_to_keep=1``).
 
 Order, as in Hugging Face, litgpt and gpt-fast::
 
-    repetition penalty -> no-repeat-ngram   (penalties: also applied to greedy rows)
+    logit bias -> presence/frequency -> repetition penalty -> no-repeat-ngram
+                                    (penalties: also applied to greedy rows)
     -> temperature -> top-k -> top-p -> min-p   (warpers: sampled rows only)
     -> sample (inverse CDF, one uniform per row from its own generator) or argmax (greedy rows)
+
+The logit bias and the presence/frequency penalties are OpenAI's (``logit_bias``,
+``presence_penalty``, ``frequency_penalty``: the latter two count the reply's
+tokens only); the repetition penalty and n-gram blocking are Hugging Face's (the
+prompt counts too). The engine runs a request's logits processors (a grammar)
+before all of these, and reads logprobs from the raw logits before that.
 
 Filtered tokens get ``-inf``; every filter keeps at least the most likely
 token, so a row never runs out of candidates. Probabilities are computed in
@@ -59,6 +66,14 @@ class SamplingParams:
     """(B,) float; 0 = off."""
     repetition_penalty: Tensor
     """(B,) float; 1 = off."""
+    presence_penalty: Tensor
+    """(B,) float; 0 = off. Subtracted once from every token already in the reply."""
+    frequency_penalty: Tensor
+    """(B,) float; 0 = off. Subtracted per occurrence of a token in the reply."""
+    logit_bias_ids: Tensor
+    """(B, K) long: the tokens each row biases, padded with -1 (K = 0: no bias anywhere)."""
+    logit_bias_values: Tensor
+    """(B, K) float: the bias added to each of those tokens' logits."""
     no_repeat_ngram_size: list[int]
     """Per row; 0 = off. A list because banning runs per row on the CPU."""
     greedy: Tensor
@@ -73,6 +88,10 @@ class SamplingParams:
                 self.top_p,
                 self.min_p,
                 self.repetition_penalty,
+                self.presence_penalty,
+                self.frequency_penalty,
+                self.logit_bias_ids,
+                self.logit_bias_values,
                 self.greedy,
             )
         }
@@ -97,6 +116,16 @@ class SamplingParams:
         def floats(values: list[float]) -> Tensor:
             return torch.tensor(values, dtype=torch.float64, device=device)
 
+        # logit_bias as (B, K) ids and values, padded with id -1 (ignored).
+        biases = [list((c.logit_bias or {}).items()) for c in configs]
+        width = max(len(b) for b in biases)
+        bias_ids = torch.full((len(configs), width), -1, dtype=torch.long)
+        bias_values = torch.zeros((len(configs), width), dtype=torch.float64)
+        for row, pairs in enumerate(biases):
+            if pairs:
+                bias_ids[row, : len(pairs)] = torch.tensor([t for t, _ in pairs])
+                bias_values[row, : len(pairs)] = torch.tensor([v for _, v in pairs])
+
         return cls(
             # Greedy rows get neutral warpers: they only use the penalised logits.
             temperature=floats(
@@ -111,12 +140,69 @@ class SamplingParams:
             top_p=floats([1.0 if g else c.top_p for c, g in zip(configs, greedy, strict=True)]),
             min_p=floats([0.0 if g else c.min_p for c, g in zip(configs, greedy, strict=True)]),
             repetition_penalty=floats([c.repetition_penalty for c in configs]),
+            presence_penalty=floats([c.presence_penalty for c in configs]),
+            frequency_penalty=floats([c.frequency_penalty for c in configs]),
+            logit_bias_ids=bias_ids.to(device),
+            logit_bias_values=bias_values.to(device),
             no_repeat_ngram_size=[c.no_repeat_ngram_size for c in configs],
             greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
         )
 
 
 # ---------------------------------------------------------------------- penalties
+
+
+def apply_logit_bias(logits: Tensor, ids: Tensor, values: Tensor) -> Tensor:
+    """Add ``values[i, j]`` to ``logits[i, ids[i, j]]``: OpenAI's ``logit_bias`` (-100
+    bans a token, 100 forces it), every row in one operation.
+
+    logits: (B, V); ids: (B, K) long, -1 (or any id outside ``[0, V)``) = padding;
+    values: (B, K). Rows without a bias come back bit-identical.
+    """
+    if ids.numel() == 0:
+        return logits
+    vocab = logits.shape[-1]
+    ids = ids.to(device=logits.device, dtype=torch.long)
+    valid = (ids >= 0) & (ids < vocab)  # (B, K)
+    active = valid.any(dim=-1)  # (B,)
+    if not bool(active.any()):
+        return logits
+    # Padding goes to a spare column that is dropped afterwards.
+    cols = ids.masked_fill(~valid, vocab)
+    vals = values.to(device=logits.device, dtype=logits.dtype).masked_fill(~valid, 0.0)
+    bias = logits.new_zeros(logits.shape[0], vocab + 1).scatter_add_(1, cols, vals)  # (B, V + 1)
+    return torch.where(active[:, None], logits + bias[:, :vocab], logits)
+
+
+def apply_presence_frequency_penalty(
+    logits: Tensor,
+    replies: Sequence[Sequence[int] | Tensor],
+    presence: Tensor,
+    frequency: Tensor,
+) -> Tensor:
+    """OpenAI's penalties: ``logit - frequency * count - presence * (count > 0)``, where
+    ``count`` is how often the token occurs in the row's reply so far (the prompt is
+    not counted).
+
+    logits: (B, V); replies: per row, the generated token ids; presence, frequency:
+    (B,), 0 = off. Rows with both off come back bit-identical.
+    """
+    p = presence.to(device=logits.device, dtype=logits.dtype)  # (B,)
+    f = frequency.to(device=logits.device, dtype=logits.dtype)  # (B,)
+    active = (p != 0) | (f != 0)
+    if not bool(active.any()):
+        return logits
+    batch, vocab = logits.shape
+    if len(replies) != batch:
+        raise ValueError(f"got {len(replies)} replies for {batch} rows")
+    ids = _padded_from(replies, logits.device)  # (B, L), -1 padded
+    invalid = (ids < 0) | (ids >= vocab)
+    ones = (~invalid).to(logits.dtype)
+    counts = logits.new_zeros(batch, vocab + 1)  # (B, V + 1), the spare column for padding
+    counts.scatter_add_(1, ids.masked_fill(invalid, vocab), ones)
+    counts = counts[:, :vocab]  # (B, V) occurrences of each token in each reply
+    penalised = logits - f[:, None] * counts - p[:, None] * (counts > 0).to(logits.dtype)
+    return torch.where(active[:, None], penalised, logits)
 
 
 def apply_repetition_penalty(
@@ -276,12 +362,23 @@ def _padded_from(histories: Sequence[Sequence[int] | Tensor], device: torch.devi
 
 
 def apply_penalties(
-    logits: Tensor, params: SamplingParams, histories: Sequence[Sequence[int] | Tensor]
+    logits: Tensor,
+    params: SamplingParams,
+    histories: Sequence[Sequence[int] | Tensor],
+    replies: Sequence[Sequence[int] | Tensor] | None = None,
 ) -> Tensor:
-    """Repetition penalty then n-gram blocking; ``histories``: per row, the ids so far."""
+    """Logit bias, presence/frequency penalties, repetition penalty, n-gram blocking, in
+    that order. ``histories``: per row, the ids so far (prompt + reply); ``replies``:
+    per row, the reply's ids only (None: no reply yet), for OpenAI's penalties."""
     batch = logits.shape[0]
     if params.batch_size != batch:
         raise ValueError(f"params are for {params.batch_size} rows but logits have {batch}")
+    logits = apply_logit_bias(logits, params.logit_bias_ids, params.logit_bias_values)
+    if bool(((params.presence_penalty != 0) | (params.frequency_penalty != 0)).any()):
+        replies = replies if replies is not None else [[] for _ in range(batch)]
+        logits = apply_presence_frequency_penalty(
+            logits, replies, params.presence_penalty, params.frequency_penalty
+        )
     if bool((params.repetition_penalty != 1.0).any()):
         history = _padded_from(histories, logits.device)
         logits = apply_repetition_penalty(logits, history, None, params.repetition_penalty)
@@ -303,6 +400,7 @@ def sample(
     params: SamplingParams,
     generators: Sequence[torch.Generator | None],
     histories: Sequence[Sequence[int] | Tensor] | None = None,
+    replies: Sequence[Sequence[int] | Tensor] | None = None,
 ) -> Tensor:
     """Pick the next token of every row: (B, V) raw logits -> (B,) long.
 
@@ -310,14 +408,15 @@ def sample(
     processed distribution with one uniform from their own generator (``None`` = the
     global RNG), so a seeded row draws the same tokens whatever else is in the batch.
     A token with probability 0 is never returned. ``histories``: per row, the ids so
-    far (prompt + generated), for the penalties.
+    far (prompt + generated), for the repetition penalties; ``replies``: per row, the
+    generated ids only, for the presence/frequency penalties.
     """
     batch = logits.shape[0]
     if len(generators) != batch:
         raise ValueError(f"sample got {len(generators)} generators for {batch} rows")
     if histories is None:
         histories = [[] for _ in range(batch)]
-    penalised = apply_penalties(logits, params, histories)  # (B, V)
+    penalised = apply_penalties(logits, params, histories, replies)  # (B, V)
     dead = torch.isneginf(penalised).all(dim=-1)  # (B,) rows with every token banned
     if bool(dead.any()):
         row = int(dead.nonzero()[0])

@@ -124,9 +124,9 @@ class EngineService:
         self._thread.start()
 
     @property
-    def load(self) -> tuple[int, int]:
-        """(running, waiting) sequence counts."""
-        running, waiting = self.engine.load
+    def occupancy(self) -> tuple[int, int]:
+        """(running, waiting) sequence counts (waiting: submitted, not yet running)."""
+        running, waiting = self.engine.occupancy
         with self._lock:
             return running, waiting + sum(1 for k, _ in self._inbox if k == "add")
 
@@ -139,7 +139,7 @@ class EngineService:
                 raise ChatforgeError(f"the engine stopped: {self.fatal}")
             if self._stop:
                 raise ChatforgeError("the engine is shutting down")
-            _, waiting = self.engine.load
+            _, waiting = self.engine.occupancy
             pending = sum(1 for k, _ in self._inbox if k == "add")
             if waiting + pending >= self.max_queue:
                 raise QueueFullError(

@@ -59,10 +59,10 @@ class _Live:
 class ServerMetrics:
     """The metrics of one app, in their own registry.
 
-    ``load`` returns ``(running, waiting)`` sequence counts (read at scrape time).
+    ``occupancy`` returns ``(running, waiting)`` sequence counts (read at scrape time).
     """
 
-    def __init__(self, load: Callable[[], tuple[int, int]]) -> None:
+    def __init__(self, occupancy: Callable[[], tuple[int, int]]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -102,10 +102,10 @@ class ServerMetrics:
         )
         Gauge(
             PREFIX + "queue_length", "Requests waiting for a place in the batch.", registry=r
-        ).set_function(lambda: load()[1])
+        ).set_function(lambda: occupancy()[1])
         Gauge(
             PREFIX + "running_sequences", "Sequences in the running batch.", registry=r
-        ).set_function(lambda: load()[0])
+        ).set_function(lambda: occupancy()[0])
         Gauge(
             PREFIX + "prefix_cache_hit_ratio",
             "Prompt tokens served from the prefix cache / prompt tokens, since start.",
@@ -200,11 +200,11 @@ def register_metrics(app: FastAPI, state: Any) -> ServerMetrics:
     added: the last added is the outermost, so what they refuse (401, 403) is counted.
     """
 
-    def load() -> tuple[int, int]:  # over every loaded model
-        loads = [b.service.load for b in state.pool.bases.values() if b.service is not None]
-        return sum(x[0] for x in loads), sum(x[1] for x in loads)
+    def occupancy() -> tuple[int, int]:  # (running, waiting) over every loaded model
+        counts = [b.service.occupancy for b in state.pool.bases.values() if b.service is not None]
+        return sum(x[0] for x in counts), sum(x[1] for x in counts)
 
-    metrics = ServerMetrics(load)
+    metrics = ServerMetrics(occupancy)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics_route() -> Response:

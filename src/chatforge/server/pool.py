@@ -74,7 +74,7 @@ class Base:
 
     def busy(self, now: float) -> bool:
         """Requests running or waiting, or one that just picked it (not yet submitted)."""
-        if self.service is not None and any(self.service.load):
+        if self.service is not None and any(self.service.occupancy):
             return True
         return now - self.picked_at < BUSY_GRACE_S
 
@@ -251,7 +251,7 @@ class ModelPool:
         now = time.monotonic()
         async with self._lock:
             for base in self.bases.values():
-                if base.service is not None and any(base.service.load):
+                if base.service is not None and any(base.service.occupancy):
                     base.last_used = now  # idle time counts from its last request's end
                 elif base.ready and not base.busy(now) and now - base.last_used > self.ttl:
                     log.info("unloading %s (idle for %.0f s)", base.key, now - base.last_used)

@@ -54,8 +54,8 @@ async def chat_completions(request: Request) -> Response:
     def encode() -> EngineRequest:
         ids = encode_with_template(loaded.format, messages, tools)
         if ids is not None:  # a template that renders tools itself
-            config.reply_budget(len(ids), loaded.info.context_length)  # fits?
-            return EngineRequest(prompt_ids=ids, config=config)
+            budget = config.reply_budget(len(ids), loaded.info.context_length)
+            return EngineRequest(prompt_ids=ids, config=config, max_new_tokens=budget)
         return plan_request(
             loaded.format,
             render_messages(messages, tools),
@@ -71,14 +71,11 @@ async def chat_completions(request: Request) -> Response:
     except (ValueError, TypeError) as e:  # e.g. a template that rejects the role order
         raise APIError(400, f"cannot render these messages: {e}", param="messages") from None
     if tools is not None:  # a required call that cannot fit: a 400, not a cut reply
-        budget = config.reply_budget(len(planned.prompt_ids), loaded.info.context_length)
+        budget = planned.max_new_tokens
         field = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         await asyncio.to_thread(check_call_budget, tools, t.service.engine, budget, field)
-    # The engine resolves the reply budget itself (max_tokens, the context).
     k = logprob_settings(req)
     constraint = [tools.constraint] if tools is not None and tools.constraint else []
-    base = dataclasses.replace(
-        planned, max_new_tokens=None, logprobs=k, processors=constraint, adapter=route.adapter
-    )
+    base = dataclasses.replace(planned, logprobs=k, processors=constraint, adapter=route.adapter)
     render = Render(loaded.tokenizer, k, tools=bool(constraint))
     return await respond(request, req, t, [base], "messages", CHAT, render, state.retry_after)

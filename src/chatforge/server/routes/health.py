@@ -22,8 +22,8 @@ async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "error", "error": fatal}, status_code=503)
     models = {r.name: pool.base_of(r).status for r in pool.routes}
     if state.status == "ready" and not state.draining:
-        running = sum(s.load[0] for s in services)
-        waiting = sum(s.load[1] for s in services)
+        running = sum(s.occupancy[0] for s in services)
+        waiting = sum(s.occupancy[1] for s in services)
         body = {"status": "ok", "model": state.model_id, "running": running}
         body["waiting"] = waiting
         if len(models) > 1:
