@@ -166,9 +166,9 @@ class Engine:
 
         ``config`` applies when this call makes it.
         """
-        engine = getattr(loaded, "_engine", None)
+        engine = getattr(loaded, "engine", None)
         if engine is None:
-            engine = loaded._engine = cls.from_loaded(loaded, config)
+            engine = loaded.engine = cls.from_loaded(loaded, config)
         return engine
 
     # -- requests -----------------------------------------------------------------------

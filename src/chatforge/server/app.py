@@ -89,7 +89,7 @@ def create_app(
         # The server's own engine (its --max-batch and --threads), and the model's shared
         # one from now on: whatever else uses this model shares its prefix cache.
         engine = Engine.from_loaded(loaded, EngineConfig(max_batch=max_batch, threads=threads))
-        loaded._engine = engine
+        loaded.engine = engine
         own_names(pool, base, loaded)
         return EngineService(
             engine, max_batch=max_batch, max_queue=max_queue, observers=[metrics.observe]
