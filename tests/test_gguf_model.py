@@ -13,6 +13,7 @@ import torch
 from chatforge import load_model
 from chatforge.errors import ModelLoadError
 from chatforge.models import gguf as cache
+from chatforge.models import gguf_file
 from chatforge.models.export import export_model
 from chatforge.models.meta import ModelMeta
 from chatforge.models.registry import _describe_dir
@@ -141,7 +142,7 @@ def test_the_fast_reader_reads_what_ggufs_own_reader_reads(tmp_path, endian):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    theirs, ours = gguf.GGUFReader(str(path)), cache.open_gguf(path)
+    theirs, ours = gguf.GGUFReader(str(path)), gguf_file.open_gguf(path)
     assert type(ours) is not gguf.GGUFReader  # (the fast one did read it)
     assert list(ours.fields) == list(theirs.fields)
     for name, field in theirs.fields.items():
@@ -151,7 +152,7 @@ def test_the_fast_reader_reads_what_ggufs_own_reader_reads(tmp_path, endian):
     for a, b in zip(ours.tensors, theirs.tensors, strict=True):
         assert a.tensor_type == b.tensor_type and a.data.shape == b.data.shape
         assert a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data)
-    assert cache.gguf_params(ours) == 3 * x.size
+    assert gguf_file.gguf_params(ours) == 3 * x.size
 
 
 def test_a_lora_adapter_on_a_gguf_base_is_merged_into_the_files_weights(tmp_path, tiny_llama_dir):

@@ -14,7 +14,7 @@ import torch
 
 from chatforge import load_model
 from chatforge.models.fast import build_fast_model
-from chatforge.models.fast.linear import DenseLinear, _QuantLinear
+from chatforge.models.fast.linear import DenseLinear, QuantLinear
 from chatforge.models.fast.model import FastDecoder, Layer, Norm
 from chatforge.models.registry import ALIASES, package_file
 
@@ -112,7 +112,7 @@ def _tensors(obj, prefix: str = ""):
     for name, v in vars(obj).items():
         if isinstance(v, torch.Tensor):
             yield prefix + name, v
-        elif isinstance(v, FastDecoder | Layer | Norm | DenseLinear | _QuantLinear):
+        elif isinstance(v, FastDecoder | Layer | Norm | DenseLinear | QuantLinear):
             yield from _tensors(v, f"{prefix}{name}.")
         elif isinstance(v, list):
             for i, x in enumerate(v):

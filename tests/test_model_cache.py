@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from chatforge.models import gguf as cache
-from chatforge.models import registry
+from chatforge.models import gguf_file, registry
 from chatforge.models.loading import resolve
 from chatforge.models.meta import ModelMeta
 from cli_helpers import run
@@ -97,7 +97,7 @@ def test_alias_path_and_copy_share_one_conversion(env, tmp_path):
     assert resolve(str(copy))[0] == first
     assert len(env.conversions) == 1 and _entries(env) == [first]
     meta = ModelMeta.read(first)
-    assert meta.extra["sha256"] == cache.sha256_file(env.gguf_file)
+    assert meta.extra["sha256"] == gguf_file.sha256_file(env.gguf_file)
 
 
 def test_different_content_gets_its_own_conversion(env, tmp_path):
@@ -110,13 +110,13 @@ def test_different_content_gets_its_own_conversion(env, tmp_path):
 
 def test_digest_is_remembered_until_the_file_changes(env, tmp_path, monkeypatch):
     f = write_gguf(tmp_path / "m.gguf")
-    digest = cache.file_digest(f)
-    monkeypatch.setattr(cache, "sha256_file", lambda p: pytest.fail("hashed again"))
-    assert cache.file_digest(f) == digest
+    digest = gguf_file.file_digest(f)
+    monkeypatch.setattr(gguf_file, "sha256_file", lambda p: pytest.fail("hashed again"))
+    assert gguf_file.file_digest(f) == digest
     monkeypatch.undo()
     monkeypatch.setenv("CHATFORGE_CACHE", str(env.root / "cache"))
     write_gguf(f, seed=5)
-    assert cache.file_digest(f) != digest
+    assert gguf_file.file_digest(f) != digest
 
 
 def test_old_path_keyed_conversion_is_reused(env, tmp_path):
@@ -125,7 +125,7 @@ def test_old_path_keyed_conversion_is_reused(env, tmp_path):
     _fake_model_dir(legacy, ModelMeta("chat_template", "old", str(f), True))
     directory, converted, _ = resolve(str(f))
     assert directory == legacy and not converted and not env.conversions
-    assert ModelMeta.read(legacy).extra["sha256"] == cache.sha256_file(f)
+    assert ModelMeta.read(legacy).extra["sha256"] == gguf_file.sha256_file(f)
 
 
 def test_old_alias_dir_is_reused_only_when_it_came_from_this_file(env):

@@ -10,7 +10,6 @@ and the old file, if any, is left as it was.
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,7 +66,7 @@ def _create_temp(target: Path) -> tuple[Path, int]:
     usual permissions (0666 less the umask), as ``open(target, "w")`` would."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     while True:
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+        tmp = target.with_name(f".{target.name}.{os.urandom(4).hex()}.tmp")  # (secrets.token_hex)
         try:
             return tmp, os.open(tmp, flags, 0o666)
         except FileExistsError:  # pragma: no cover - a 1 in 4 billion clash

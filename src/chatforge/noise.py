@@ -11,12 +11,16 @@ does its own context budgeting, progress reporting and checkpointing:
   not by our code).
 
 Each is silenced by its exact message, so every other warning still shows.
+:func:`quiet_transformers` turns transformers' warnings and progress bars off for
+the length of one load, where chatforge reports what matters itself.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 _DONE = False
 _DROPPED = ("Token indices sequence length is longer than the specified maximum",)
@@ -44,3 +48,20 @@ def quiet_libraries() -> None:
         hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover - transformers is a dependency
         pass
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' warnings and progress bars off while we load (we report what matters)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:  # as it was (quiet_libraries turns them off for good)
+            hf_logging.enable_progress_bar()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from chatforge.errors import ModelLoadError
+from chatforge.models.meta import ModelMeta
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -67,13 +68,22 @@ class AdapterFiles:
 def recorded_base(directory: Path, config: dict[str, Any] | None = None) -> str | None:
     """The base model an adapter directory records: chatforge's ``chatforge.json``
     (``extra.base_model``), else peft's ``base_model_name_or_path``; None when neither."""
-    from chatforge.models.meta import ModelMeta
-
     meta = ModelMeta.read(directory)
     base = meta.extra.get("base_model") if meta else None
     if not base and config is not None:
         base = config.get("base_model_name_or_path")
     return str(base) if isinstance(base, str | Path) and str(base).strip() else None
+
+
+def adapter_base(directory: Path) -> str | None:
+    """The base model a LoRA adapter directory records (chatforge's ``chatforge.json``,
+    else peft's ``adapter_config.json``), or None when it names none. Unlike
+    :func:`check_adapter_files`, a missing or broken config is no error here."""
+    try:
+        config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = None
+    return recorded_base(directory, config if isinstance(config, dict) else None)
 
 
 def check_adapter_files(directory: str | Path, need_base: bool = True) -> AdapterFiles:

@@ -18,7 +18,9 @@ chatforge feeds ``token_type_ids``) computes slightly different logits there; th
 
 Both outputs are written beside the target under a temporary name and renamed
 into place, so a failed export leaves no partial file and never damages an
-existing one.
+existing one. The request (:class:`ExportConfig`), its checks and the atomic output
+are in :mod:`chatforge.models.export_common`, shared with the GGUF writer
+(:mod:`chatforge.models.export_gguf`).
 """
 
 from __future__ import annotations
@@ -28,71 +30,29 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from chatforge.errors import ChatforgeError, ParamError
+from chatforge.models.adapter_files import adapter_base
+from chatforge.models.export_common import (
+    DEFAULT_QUANTIZE,
+    ExportConfig,
+    ExportError,
+    check_architecture,
+    install,
+    prompt_format,
+    temp_path,
+)
+from chatforge.models.export_gguf import write_gguf
+from chatforge.models.loading import load_transformers
+from chatforge.models.meta import ModelMeta
+from chatforge.models.recipes import resolve_named
+from chatforge.models.resolve import resolve
+from chatforge.noise import quiet_libraries, quiet_transformers
 
-if TYPE_CHECKING:
-    pass
+__all__ = ["DEFAULT_QUANTIZE", "ExportConfig", "ExportError", "export_model"]
 
 log = logging.getLogger(__name__)
-
-FORMATS = ("gguf", "hf")
-QUANTIZE_CHOICES = ("f16", "q8_0", "q4_0")
-DEFAULT_QUANTIZE = "f16"
-
-# transformers model_type -> (llama.cpp architecture, Q/K rows permuted for its RoPE)
-ARCHITECTURES: dict[str, tuple[str, bool]] = {
-    "llama": ("llama", True),
-    "mistral": ("llama", True),
-    "qwen2": ("qwen2", False),
-    "gpt2": ("gpt2", False),
-}
-
-
-class ExportError(ChatforgeError):
-    """A model cannot be exported as asked (unsupported architecture, tokenizer, target)."""
-
-
-@dataclass
-class ExportConfig:
-    """What to export, where and how; validated on creation."""
-
-    ref: str
-    """The model: an alias, model directory, LoRA adapter directory or .gguf file."""
-    out: Path
-    """The file (gguf) or directory (hf) to write."""
-    format: str = "gguf"
-    """``gguf`` (llama.cpp) or ``hf`` (a transformers directory: vLLM, TGI)."""
-    quantize: str | None = None
-    """GGUF weight type: f16, q8_0 or q4_0; None = f16. Not allowed with ``hf``."""
-    force: bool = False
-    """Replace an existing output (else it is an error)."""
-
-    def __post_init__(self) -> None:
-        self.out = Path(self.out).expanduser()
-        fmt = str(self.format).lower()
-        if fmt not in FORMATS:
-            raise ParamError("format", f"must be one of {', '.join(FORMATS)} (got {self.format!r})")
-        self.format = fmt
-        if self.quantize is not None:
-            q = str(self.quantize).lower()
-            if fmt == "hf":
-                raise ParamError(
-                    "quantize",
-                    "applies to --format gguf only; an hf export keeps the full fp32 weights "
-                    "(vLLM and TGI quantise at load time)",
-                )
-            if q not in QUANTIZE_CHOICES:
-                raise ParamError(
-                    "quantize",
-                    f"must be one of {', '.join(QUANTIZE_CHOICES)} (got {self.quantize!r})",
-                )
-            self.quantize = q
-        elif fmt == "gguf":
-            self.quantize = DEFAULT_QUANTIZE
 
 
 def export_model(
@@ -118,10 +78,6 @@ def export_model(
     """
     cfg = ExportConfig(ref, Path(out), format, quantize, force)
     _check_target(cfg)
-    from chatforge.models.loading import _quiet_transformers, load_transformers, resolve
-    from chatforge.models.recipes import resolve_named
-    from chatforge.noise import quiet_libraries
-
     quiet_libraries()
     t0 = time.perf_counter()
     recipe = resolve_named(str(ref))  # a named model: its base with its adapter merged
@@ -132,14 +88,12 @@ def export_model(
         display = recipe.name
     model_type = _config_model_type(directory)
     if cfg.format == "gguf" and model_type is not None:  # before loading the weights
-        _check_architecture(model_type)
-    with _quiet_transformers():
+        check_architecture(model_type)
+    with quiet_transformers():
         tokenizer = _load_tokenizer(directory)
     model = load_transformers(directory, "fp32", base=base)
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     if cfg.format == "gguf":
-        from chatforge.models.export_gguf import write_gguf
-
         write_gguf(cfg, model, tokenizer, directory, display)
     else:
         _write_hf(cfg, model, tokenizer, directory, display)
@@ -160,16 +114,6 @@ def _check_target(cfg: ExportConfig) -> None:
         raise ExportError(f"{out} is a directory; a GGUF export writes a file: choose a file name")
 
 
-def _check_architecture(model_type: str | None) -> str:
-    if model_type in ARCHITECTURES:
-        return model_type
-    supported = ", ".join(sorted(ARCHITECTURES))
-    raise ExportError(
-        f"cannot export architecture {model_type!r} to GGUF; supported: {supported} "
-        "(--format hf exports any transformers model)"
-    )
-
-
 def _config_model_type(directory: Path) -> str | None:
     """The model_type in config.json (None where there is none, e.g. a bare adapter)."""
     try:
@@ -182,8 +126,6 @@ def _config_model_type(directory: Path) -> str | None:
 
 def _base_dir(directory: Path) -> Path | None:
     """A LoRA adapter directory's base model directory (None for other directories)."""
-    from chatforge.models.loading import adapter_base, resolve
-
     if not (directory / "adapter_config.json").exists():
         return None
     base = adapter_base(directory)
@@ -205,37 +147,11 @@ def _load_tokenizer(directory: Path) -> Any:
         raise ExportError(f"could not load the tokenizer in {source}: {e}") from e
 
 
-# -- atomic output --------------------------------------------------------------
-
-
-def _temp_path(target: Path) -> Path:
-    return target.with_name(f".{target.name}.{os.getpid()}-{time.monotonic_ns()}.tmp")
-
-
-def _install(tmp: Path, target: Path) -> None:
-    """Move the finished ``tmp`` to ``target``; an existing target (``--force``) is
-    set aside first and deleted only once the new one is in place."""
-    old = None
-    if target.is_dir() and not target.is_symlink():
-        old = _temp_path(target).with_suffix(".old")
-        os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        if old is not None:
-            os.replace(old, target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 # -- hf -------------------------------------------------------------------------
 
 
 def _write_hf(cfg: ExportConfig, model: Any, tokenizer: Any, directory: Path, name: str) -> None:
-    from chatforge.models.meta import ModelMeta
-
-    tmp = _temp_path(cfg.out)
+    tmp = temp_path(cfg.out)
     try:
         tmp.mkdir()
         model.hf_quantizer = None
@@ -247,7 +163,7 @@ def _write_hf(cfg: ExportConfig, model: Any, tokenizer: Any, directory: Path, na
         _template_in_config(tmp, tokenizer)
         meta = ModelMeta.read(directory)
         ModelMeta(
-            prompt_format=_prompt_format(tokenizer, directory),
+            prompt_format=prompt_format(tokenizer, directory),
             name=(meta.name if meta and meta.name else name),
             source=cfg.ref,
         ).write(tmp)
@@ -255,7 +171,7 @@ def _write_hf(cfg: ExportConfig, model: Any, tokenizer: Any, directory: Path, na
             if p.is_file():
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
-        _install(tmp, cfg.out)
+        install(tmp, cfg.out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -272,11 +188,3 @@ def _template_in_config(directory: Path, tokenizer: Any) -> None:
     if "chat_template" not in data:
         data["chat_template"] = template
         path.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
-
-
-def _prompt_format(tokenizer: Any, directory: Path) -> str:
-    from chatforge.conversation import detect_format
-    from chatforge.models.meta import ModelMeta
-
-    meta = ModelMeta.read(directory)
-    return detect_format(tokenizer, meta.prompt_format if meta else None)

@@ -1,6 +1,7 @@
 """The GGUF side of ``chatforge export``: llama.cpp's metadata, tokenizer and tensors.
 
-Follows llama.cpp's ``convert_hf_to_gguf.py`` (see :mod:`chatforge.models.export`).
+Follows llama.cpp's ``convert_hf_to_gguf.py`` (see :mod:`chatforge.models.export`); what
+both exports share is in :mod:`chatforge.models.export_common`.
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ from typing import Any
 
 import numpy as np
 
-from chatforge.models.export import (
+from chatforge.conversation.formats import SEP_TOKEN
+from chatforge.models.export_common import (
     ARCHITECTURES,
     DEFAULT_QUANTIZE,
     ExportConfig,
     ExportError,
-    _check_architecture,
-    _install,
-    _prompt_format,
-    _temp_path,
+    check_architecture,
+    install,
+    prompt_format,
+    temp_path,
 )
 
 log = logging.getLogger(__name__)
@@ -65,9 +67,9 @@ _NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5
 def write_gguf(cfg: ExportConfig, model: Any, tokenizer: Any, directory: Path, name: str) -> None:
     import gguf
 
-    model_type = _check_architecture(getattr(model.config, "model_type", None))
+    model_type = check_architecture(getattr(model.config, "model_type", None))
     arch, _ = ARCHITECTURES[model_type]
-    fmt = _prompt_format(tokenizer, directory)
+    fmt = prompt_format(tokenizer, directory)
     if fmt == "sep" and model_type == "gpt2":
         log.warning(
             "llama.cpp has no token-type input: this sep-format GPT-2 will score "
@@ -81,7 +83,7 @@ def write_gguf(cfg: ExportConfig, model: Any, tokenizer: Any, directory: Path, n
     _add_vocab(writer, tokenizer, n_vocab, fmt)
     for tname, data, qtype in _tensors(model, model_type, cfg.quantize or DEFAULT_QUANTIZE):
         writer.add_tensor(tname, data, raw_dtype=qtype)
-    tmp = _temp_path(cfg.out)
+    tmp = temp_path(cfg.out)
     try:
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
@@ -89,7 +91,7 @@ def write_gguf(cfg: ExportConfig, model: Any, tokenizer: Any, directory: Path, n
         writer.close()
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        _install(tmp, cfg.out)
+        install(tmp, cfg.out)
     finally:
         writer.close()
         with contextlib.suppress(FileNotFoundError):
@@ -163,8 +165,6 @@ def _add_hparams(writer: Any, config: Any, model_type: str, n_vocab: int, quanti
 def _add_vocab(writer: Any, tokenizer: Any, n_vocab: int, fmt: str) -> None:
     """The BPE vocabulary, merges, special ids and chat template, from our tokenizer."""
     import gguf
-
-    from chatforge.conversation.formats import SEP_TOKEN
 
     with tempfile.TemporaryDirectory(prefix="chatforge-export-") as tmp:
         tokenizer.save_pretrained(tmp)  # one normalised copy: tokenizer.json + config

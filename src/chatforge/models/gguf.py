@@ -7,9 +7,10 @@ are, and transformers' model is built from its tensors in memory when asked
 versions, which did hold one, give it up the next time they are used
 (:func:`ensure_converted`).
 
-The cache is keyed by the file's content (SHA-256), so the same GGUF reached by an
-alias, by its path or as a copy shares one conversion. The conversion is atomic: it
-is written to a temporary directory (``.tmp-<name>-<pid>-<ns>``), fsynced and
+The cache is keyed by the file's content (SHA-256, remembered per version of the
+file by :mod:`chatforge.models.gguf_file`, which reads GGUF files), so the same GGUF
+reached by an alias, by its path or as a copy shares one conversion. The conversion
+is atomic: it is written to a temporary directory (``.tmp-<name>-<pid>-<ns>``), fsynced and
 renamed, and its ``chatforge.json`` marks it complete, so an interrupted conversion
 is never mistaken for a model; temp dirs whose process is gone are removed by the
 next conversion or ``chatforge models list``.
@@ -18,10 +19,8 @@ next conversion or ``chatforge models list``.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import io
-import json
 import logging
 import os
 import re
@@ -32,77 +31,18 @@ from pathlib import Path
 from typing import Any
 
 from chatforge.errors import ModelLoadError
-from chatforge.models.meta import ModelMeta
-from chatforge.paths import cache_dir, models_cache_dir
+from chatforge.models.gguf_file import (
+    check_gguf,
+    file_digest,
+    gguf_params,
+    short_error,
+    source_gguf,
+)
+from chatforge.models.meta import ModelMeta, params_from_safetensors
+from chatforge.noise import quiet_transformers
+from chatforge.paths import models_cache_dir
 
 log = logging.getLogger(__name__)
-
-GGUF_MAGIC = b"GGUF"
-
-
-def check_gguf(path: Path, parse: bool = True) -> Any:
-    """Fail with a clear message when ``path`` is missing or not a GGUF file.
-
-    ``parse`` also reads its header and tensor table (0.7 s on SmolLM2's file), which
-    is only worth it before a conversion: a cached one was converted from these bytes;
-    the parsed file (:func:`open_gguf`) is returned.
-    """
-    if not path.exists():
-        raise ModelLoadError(f"GGUF file {path} does not exist")
-    if not path.is_file():
-        raise ModelLoadError(f"{path} is not a file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise ModelLoadError(
-            f"{path} is not a valid GGUF file (it does not start with the GGUF magic bytes); "
-            "re-download or re-export it"
-        )
-    if not parse:
-        return None
-    try:  # parse the header and tensor table (memory-mapped) before any conversion
-        return open_gguf(path)
-    except Exception as e:
-        raise ModelLoadError(
-            f"could not read GGUF file {path}: {_short(e)}; it may be truncated or corrupt"
-        ) from e
-
-
-def open_gguf(path: str | os.PathLike[str]) -> Any:
-    """gguf's ``GGUFReader`` of ``path`` (fields, tensors memory-mapped), parsed 3x faster.
-
-    The reader slices its memory map once per metadata value (~150k times for a
-    49k-token vocabulary) and a slice of an ``np.memmap`` runs Python code of its own
-    (``__array_finalize__``), so parsing SmolLM2's file took 2.1 s; slicing a plain
-    array view of the same map takes 0.7 s. Same fields and tensors, still mapped
-    (tested against the plain reader). Should a later gguf read differently, its own
-    reader is used.
-    """
-    from gguf import GGUFReader
-
-    try:
-        return _fast_reader()(str(path))
-    except Exception:  # a file it cannot read either (its error), or a changed gguf
-        return GGUFReader(str(path))
-
-
-@functools.cache
-def _fast_reader() -> type:
-    import numpy as np
-    from gguf import GGUFReader
-
-    class FastReader(GGUFReader):
-        def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> Any:
-            plain = self.__dict__.get("_plain")
-            if plain is None:  # a plain ndarray over the same mapping
-                plain = self._plain = self.data.view(np.ndarray)
-            count = int(count)
-            size = np.dtype(dtype).itemsize * count
-            arr = plain[offset : offset + size].view(dtype=dtype)[:count]
-            order = self.byte_order if override_order is None else override_order
-            return arr.view(arr.dtype.newbyteorder(order))
-
-    return FastReader
 
 
 def legacy_cache_key(path: Path) -> str:
@@ -110,83 +50,6 @@ def legacy_cache_key(path: Path) -> str:
     st = path.stat()
     h = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
     return f"{path.stem}-{h[:10]}"
-
-
-# -- content hash -------------------------------------------------------------
-#
-# The cache is keyed by the SHA-256 of the whole file, so a bundled GGUF reached by
-# its alias and by its path (or a copy under another name) share one conversion.
-# A sampled hash (header + a few chunks) would be ~3 ms but could mistake an edited
-# file (one tensor patched) for its original and silently load the wrong weights;
-# the full hash costs ~60 ms warm / ~210 ms cold on the 98 MB bundled SmolLM2 file
-# (SHA-256 runs at ~1.6 GB/s with the CPU's SHA instructions, 2.5x blake2b here),
-# and it is remembered per (path, size, mtime, inode) in ``gguf-hashes.json`` so each
-# version of a file is read once, not on every load.
-
-HASH_INDEX = "gguf-hashes.json"
-_CHUNK = 1 << 20
-
-
-def _stamp(path: Path) -> list[int]:
-    """What changes when a file is rewritten: size, mtime (ns), inode, device."""
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
-
-
-def sha256_file(path: Path) -> str:
-    """The SHA-256 of the file's bytes (streamed, constant memory)."""
-    h = hashlib.sha256()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Atomic write (unique temp file + rename); failures are ignored: it is a cache."""
-    from chatforge.fsutil import atomic_write
-
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, json.dumps(data, indent=1))
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a GGUF file, remembered while its size, mtime and inode are unchanged."""
-    path = Path(path).resolve()
-    known = known_digest(path)
-    if known:
-        return known
-    stamp = _stamp(path)
-    digest = sha256_file(path)
-    index_path = cache_dir() / HASH_INDEX
-    index = {k: v for k, v in _read_json(index_path).items() if Path(k).exists()}
-    index[str(path)] = {"stamp": stamp, "sha256": digest}
-    _write_json(index_path, index)
-    return digest
-
-
-def known_digest(path: Path) -> str | None:
-    """The remembered SHA-256 of ``path`` if still valid, without reading the file."""
-    try:
-        path = Path(path).resolve()
-        stamp = _stamp(path)
-    except OSError:
-        return None
-    entry = _read_json(cache_dir() / HASH_INDEX).get(str(path))
-    if isinstance(entry, dict) and entry.get("stamp") == stamp and entry.get("sha256"):
-        return str(entry["sha256"])
-    return None
 
 
 # -- the cache ----------------------------------------------------------------
@@ -376,8 +239,6 @@ def _convert_into(path: Path, out: Path, display_name: str, extra: dict | None =
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from chatforge.models.loading import _quiet_transformers
-
     out.mkdir(parents=True)
     extra = {**(extra or {}), WEIGHTS_KEY: IN_GGUF}
     # The meta file goes first with complete=False: a crash leaves a directory that
@@ -393,11 +254,11 @@ def _convert_into(path: Path, out: Path, display_name: str, extra: dict | None =
     )
     try:
         # The GGUF reader draws its own tqdm bars; keep them off the user's terminal.
-        with _quiet_transformers(), contextlib.redirect_stderr(io.StringIO()):
+        with quiet_transformers(), contextlib.redirect_stderr(io.StringIO()):
             config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:  # gguf's reader raises many kinds of errors on bad files
-        raise ModelLoadError(f"could not read GGUF file {path}: {_short(e)}") from e
+        raise ModelLoadError(f"could not read GGUF file {path}: {short_error(e)}") from e
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
     if model_class is None:
         raise ModelLoadError(
@@ -429,12 +290,6 @@ def _gpt2_settings(config: Any) -> None:
         config.n_positions = config.n_ctx
     if isinstance(getattr(config, "feed_forward_length", None), int):
         config.n_inner = config.feed_forward_length
-
-
-def gguf_params(reader: Any) -> int:
-    """The number of weights in a parsed GGUF file (:func:`open_gguf`): its tensors'
-    elements (a tied head is no tensor of its own), from the tensor table alone."""
-    return sum(int(t.n_elements) for t in reader.tensors)
 
 
 # -- weights kept in the GGUF file ----------------------------------------------
@@ -478,9 +333,7 @@ def _keep_up(directory: Path, path: Path) -> None:
         *directory.glob("model.safetensors.index.json"),
     ]
     if not weights_in_gguf(meta) and weight_files:
-        from chatforge.models.registry import _params_from_safetensors
-
-        n = _params_from_safetensors(directory)
+        n = params_from_safetensors(directory)
         meta.extra = {**meta.extra, WEIGHTS_KEY: IN_GGUF, "n_params": n}
         changed = True
     if changed:
@@ -489,20 +342,3 @@ def _keep_up(directory: Path, path: Path) -> None:
             for f in weight_files:  # an older version's fp32 copy
                 f.unlink(missing_ok=True)
                 log.info("removed %s: the weights are read from %s", f, meta.source)
-
-
-def _short(e: BaseException) -> str:
-    """The first line of an exception's message (library errors can be long)."""
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
-def source_gguf(meta: ModelMeta | None) -> Path | None:
-    """The GGUF file a converted model came from, if it is still there unchanged."""
-    if meta is None or not meta.source or not meta.source.lower().endswith(".gguf"):
-        return None
-    path = Path(meta.source)
-    if not path.is_file():
-        return None
-    want = (meta.extra or {}).get("sha256")
-    return path if want is None or file_digest(path) == want else None

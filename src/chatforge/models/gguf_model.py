@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from chatforge.errors import ModelLoadError
+from chatforge.models.fast.gguf_weights import GGUFWeights
 
 
 def model_from_gguf(
@@ -40,8 +41,6 @@ def model_from_gguf(
         TensorProcessor,
         get_gguf_hf_weights_map,
     )
-
-    from chatforge.models.fast.gguf_weights import GGUFWeights
 
     config = AutoConfig.from_pretrained(directory)
     with no_init_weights():  # every weight is assigned below: no random init to pay for

@@ -1,40 +1,38 @@
-"""Resolve a model reference into a loaded model and tokenizer.
+"""Load a model reference into a model and tokenizer ready for the engine.
 
-References, in the order they are tried:
+The reference (alias, ``.gguf`` file, model directory, hub id) becomes a local
+directory in :mod:`chatforge.models.resolve`; this loads it: the tokenizer, the
+fast decoder (a GGUF model's saved one, or built from transformers' model) or
+transformers' model where there is no fast path, and a LoRA adapter directory on
+its base (applied per row on the fast path, else merged by peft).
 
-* an alias (``smollm2``): a model shipped by a Python package, converted once;
-* a path to a ``.gguf`` file: converted once into the cache;
-* a path to a Hugging Face model directory (config + safetensors + tokenizer);
-* a hub id (``owner/name``): from the local hub cache, or downloaded where the
-  hub is reachable; offline it fails fast with a clear message.
+The fast path's modules (``chatforge.models.fast``) and ``gguf_model`` import torch,
+so they are imported where a model is loaded, not at the top: ``chatforge --help``
+and ``models list`` import this module and must not pay for torch.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import re
-import socket
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
+from chatforge.conversation import detect_format, get_format
 from chatforge.errors import ModelLoadError
-from chatforge.models.gguf import ensure_converted, weights_in_gguf, weights_source
-from chatforge.models.meta import ModelMeta
-from chatforge.models.registry import ALIASES, DEFAULT_MODEL, resolve_alias
+from chatforge.models.adapter_files import check_adapter_files
+from chatforge.models.gguf import weights_source
+from chatforge.models.gguf_file import source_gguf
+from chatforge.models.meta import ModelMeta, context_length_of
+from chatforge.models.registry import DEFAULT_MODEL
+from chatforge.models.resolve import adapter_base_dir, resolve
+from chatforge.noise import quiet_libraries, quiet_transformers
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# Context lengths above this are tokenizer placeholders ("no limit"), not real limits.
-_HUGE = 10**8
 
 
 @dataclass
@@ -47,7 +45,7 @@ class ModelInfo:
     architecture: str  # e.g. "LlamaForCausalLM"
     n_params: int
     context_length: int
-    prompt_format: str  # "chat_template" | "sep" | "eos"
+    prompt_format: str  # "chat_template" | "sep" | "eos" | "text"
     dtype: str  # "fp32" | "bf16"
     quantize: str = "none"  # weight-only quantisation of the fast path: none | int8 | int4
     engine: str = "transformers"  # "fast" (our decoder code) | "transformers" (HF modules)
@@ -72,6 +70,9 @@ class LoadedModel:
     fast: Any = field(default=None)  # chatforge.models.fast.FastDecoder, when supported
     fast_reason: str | None = None  # why there is no fast path (None when there is)
     eos_token_id: Any = None  # the model's generation EOS (an id or a list of ids)
+    # The model's shared Engine (chatforge.generation.Engine.shared makes it on first use;
+    # a server installs its own): chat, batch, eval and serve share its prefix cache.
+    engine: Any = field(default=None, repr=False, compare=False)
     # transformers' model while held (None after the fast path's build released it).
     _hf: Any = field(default=None, repr=False, compare=False)
     _hf_lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -123,134 +124,13 @@ def parse_dtype(dtype: str | None) -> str:
     return "fp32" if DTYPES[key] == "float32" else "bf16"
 
 
-def context_length_of(config: Any, tokenizer: Any = None) -> int:
-    """The model's context length: positions from its config, else the tokenizer's limit."""
-    for attr in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and 0 < value < _HUGE:
-            return value
-    limit = getattr(tokenizer, "model_max_length", None)
-    if isinstance(limit, int) and 0 < limit < _HUGE:
-        return limit
-    return 2048
-
-
-def resolve(ref: str) -> tuple[Path, bool, str]:
-    """Turn a reference into a local HF directory: (directory, converted_now, display name)."""
-    alias = resolve_alias(ref)
-    if alias is not None:
-        gguf_path, cache_name, display = alias  # one cached copy per file content
-        directory, converted = ensure_converted(gguf_path, display, legacy_name=cache_name)
-        return directory, converted, display
-    path = Path(ref).expanduser()
-    if path.suffix.lower() == ".gguf":
-        directory, converted = ensure_converted(path)
-        return directory, converted, path.stem
-    if path.exists():
-        return _check_hf_dir(path), False, path.resolve().name
-    if HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
-        return _from_hub(ref), False, ref
-    known = ", ".join(sorted(ALIASES))
-    raise ModelLoadError(
-        f"model {ref!r} not found: no such directory or file, and it is not a known name "
-        f"({known}) or a hub id (owner/name); see `chatforge models list`"
-    )
-
-
-def _check_hf_dir(path: Path) -> Path:
-    if not path.is_dir():
-        raise ModelLoadError(
-            f"{path} is not a model directory or a .gguf file; "
-            "pass a Hugging Face model directory (config.json + weights + tokenizer)"
-        )
-    meta = ModelMeta.read(path)
-    if meta is not None and not meta.complete:
-        raise ModelLoadError(f"{path} is an incomplete model directory (a save was interrupted)")
-    if (path / "adapter_config.json").exists():
-        return path  # a LoRA adapter: its files are checked where it loads (adapter_files.py)
-    if not (path / "config.json").exists():
-        what = "is empty" if not any(path.iterdir()) else "has no config.json"
-        raise ModelLoadError(
-            f"model directory {path} {what}; expected a Hugging Face model directory "
-            "(config.json, *.safetensors, tokenizer files)"
-        )
-    weights = list(path.glob("*.safetensors")) + list(path.glob("pytorch_model*.bin"))
-    if not weights and not (path / "adapter_config.json").exists() and not weights_in_gguf(meta):
-        raise ModelLoadError(f"model directory {path} has no weights (*.safetensors)")
-    return path
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    url = urlparse(endpoint)
-    host, port = (
-        url.hostname or "huggingface.co",
-        url.port or (443 if url.scheme == "https" else 80),
-    )
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _from_hub(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-    except Exception:  # not in the local hub cache
-        pass
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    if offline or not _hub_reachable():
-        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub cannot be reached"
-        raise ModelLoadError(
-            f"cannot load {repo_id!r}: it is not in the local Hugging Face cache and {why}; "
-            "download it on a connected machine (huggingface-cli download) or pass a local "
-            "model directory or .gguf file"
-        )
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=10))
-    except Exception as e:
-        raise ModelLoadError(f"could not download {repo_id!r} from the hub: {e}") from e
-
-
-def adapter_base(directory: Path) -> str | None:
-    """The base model a LoRA adapter directory records (chatforge's ``chatforge.json``,
-    else peft's ``adapter_config.json``), or None when it names none."""
-    import json
-
-    from chatforge.models.adapter_files import recorded_base
-
-    try:
-        config = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        config = None
-    return recorded_base(directory, config if isinstance(config, dict) else None)
-
-
 def _load_adapter(directory: Path, torch_dtype: Any, base: str | None = None) -> Any:
     """A LoRA adapter directory merged into transformers' model of its base (``base``,
     else the one the directory records). Its files are checked first (no weights read)."""
-    from chatforge.models.adapter_files import check_adapter_files
-
     files = check_adapter_files(directory, need_base=base is None)
     base = base or files.base
-    base_dir, _ = _adapter_base_dir(directory, str(base))
+    base_dir, _ = adapter_base_dir(directory, str(base))
     return _merge(_weights(base_dir, torch_dtype), directory, str(base))
-
-
-def _adapter_base_dir(directory: Path, base: str) -> tuple[Path, bool]:
-    """The model directory of an adapter's base (not itself an adapter), and whether
-    resolving it converted a GGUF file now."""
-    base_dir, converted, _ = resolve(base)
-    if (base_dir / "adapter_config.json").exists():
-        raise ModelLoadError(
-            f"the base {base} of the LoRA adapter in {directory} is itself a LoRA adapter; "
-            "give the model it was trained on"
-        )
-    return base_dir, converted
 
 
 def _merge(model: Any, directory: Path, base: str) -> Any:
@@ -285,23 +165,6 @@ def parse_quantize(quantize: str | None) -> str:
     return q
 
 
-@contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """transformers' warnings and progress bars off while we load (we report what matters)."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:  # as it was (chatforge.noise turns them off for good)
-            hf_logging.enable_progress_bar()
-
-
 def load_transformers(
     directory: Path, dtype: str = "fp32", base: str | None = None, gguf: Any = None
 ) -> Any:
@@ -315,7 +178,7 @@ def load_transformers(
 
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             if (directory / "adapter_config.json").exists():  # LoRA adapter + base reference
                 model = _load_adapter(directory, torch_dtype, base)
             else:
@@ -388,7 +251,6 @@ def _pack_file(directory: Path, meta: ModelMeta | None, short: str, quant: str) 
     file's conversion (a directory of the user's can change under the same name; a
     conversion is per file content) or settings that repack nothing."""
     from chatforge.models.fast.packed import pack_path
-    from chatforge.models.gguf import source_gguf
 
     if source_gguf(meta) is None or not (directory / "config.json").is_file():
         return None
@@ -417,6 +279,7 @@ def load_model(
     quantize: str | None = "auto",
     fast: bool = True,
     base: str | None = None,
+    format: str | None = None,
 ) -> LoadedModel:
     """Load a model by reference (alias, directory, .gguf file or hub id).
 
@@ -442,30 +305,29 @@ def load_model(
     checked before anything loads (:mod:`chatforge.models.adapter_files`).
     ``base``, for a LoRA adapter directory only: put the adapter on this model
     instead of the base the directory records (same architecture and sizes).
+    ``format``: the prompt format (``chat_template``, ``sep``, ``eos`` or ``text``)
+    instead of the one the directory records or the tokenizer suggests.
 
     >>> lm = load_model("smollm2")           # doctest: +SKIP
     >>> lm.info.context_length               # doctest: +SKIP
     8192
     """
-    from chatforge.conversation import detect_format, get_format
-    from chatforge.noise import quiet_libraries
-
     t0 = time.perf_counter()
     short = parse_dtype(dtype)
+    if format is not None:
+        detect_format(None, format)  # an unknown name fails before anything loads
     directory, converted, display = resolve(str(ref))
     is_adapter = (directory / "adapter_config.json").exists()
     if base is not None and not is_adapter:
         raise ModelLoadError(f"{ref} is not a LoRA adapter directory: it takes no base model")
     if is_adapter:  # its files first: before torch is imported or any weights are read
-        from chatforge.models.adapter_files import check_adapter_files
-
         files = check_adapter_files(directory, need_base=base is None)
     quiet_libraries()
     quant = parse_quantize(quantize)
     meta = ModelMeta.read(directory)
     built = None
     if is_adapter:
-        base_dir, base_converted = _adapter_base_dir(directory, str(base or files.base))
+        base_dir, base_converted = adapter_base_dir(directory, str(base or files.base))
         converted = converted or base_converted
         tokenizer = _tokenizer(directory if _has_tokenizer(directory) else base_dir)
         if fast:
@@ -481,7 +343,7 @@ def load_model(
             f"({built.fast_reason})"
         )
     facts = built.facts
-    fmt_name = detect_format(tokenizer, meta.prompt_format if meta else None)
+    fmt_name = detect_format(tokenizer, format or (meta.prompt_format if meta else None))
     info = ModelInfo(
         ref=str(ref),
         name=(meta.name if meta and meta.name else display),
@@ -520,7 +382,7 @@ def _tokenizer(directory: Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             return AutoTokenizer.from_pretrained(directory)
     except Exception as e:
         raise ModelLoadError(f"could not load the tokenizer in {directory}: {e}") from e

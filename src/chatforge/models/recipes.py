@@ -22,20 +22,23 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote, unquote
 
 from chatforge.errors import ChatforgeError, InputError, ModelLoadError, ParamError
+from chatforge.fsutil import atomic_write
 from chatforge.generation.config import (
     _GREEDY_DROPS,
     DEFAULT_PRESET,
     PRESETS,
     GenerationConfig,
 )
+from chatforge.models.adapter_files import check_adapter_files
+from chatforge.models.gguf_file import check_gguf
+from chatforge.models.loading import LoadedModel, load_model
+from chatforge.models.registry import ALIASES, resolve_alias
+from chatforge.models.resolve import HUB_ID, check_hf_dir
 from chatforge.paths import data_dir
-
-if TYPE_CHECKING:
-    from chatforge.models.loading import LoadedModel
 
 RECIPES_DIR = "named-models"
 """The folder of the data directory that holds one ``NAME.json`` per named model."""
@@ -125,8 +128,6 @@ def _path(name: str) -> Path:
 
 def check_name(name: str) -> str:
     """``name`` if it can name a recipe, else a :class:`ChatforgeError` saying why."""
-    from chatforge.models.registry import ALIASES
-
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise InputError(
             f"model name {name!r} is not a simple name: use letters, digits and - _ . : "
@@ -172,8 +173,6 @@ def resolve_named(ref: str | None) -> Recipe | None:
     named model wins over a directory of the same name in the current folder."""
     if not ref:
         return None
-    from chatforge.models.registry import ALIASES
-
     if ref.lower() in ALIASES:
         return None
     return get_recipe(ref)
@@ -253,8 +252,6 @@ def create_recipe(
     adapter directory holds no ``adapter_config.json`` or does not fit the base, or
     a setting is not a valid :class:`GenerationConfig` value. No weights are loaded.
     """
-    from chatforge.fsutil import atomic_write
-
     check_name(name)
     if not force and get_recipe_quiet(name) is not None:
         raise InputError(
@@ -300,10 +297,6 @@ def get_recipe_quiet(name: str) -> Recipe | Path | None:
 def check_base(ref: str) -> str:
     """How a recipe stores the base model ``ref`` (bundled names lower-cased, paths
     absolute), after checking it resolves: cheaply, converting and loading nothing."""
-    from chatforge.models import gguf
-    from chatforge.models.loading import HUB_ID, _check_hf_dir
-    from chatforge.models.registry import ALIASES, resolve_alias
-
     if not isinstance(ref, str) or not ref.strip():
         raise ModelLoadError("--from needs a model: smollm2, a model directory, a .gguf file")
     if ref.lower() in ALIASES:
@@ -311,10 +304,10 @@ def check_base(ref: str) -> str:
         return ref.lower()
     path = Path(ref).expanduser()
     if path.suffix.lower() == ".gguf":
-        gguf.check_gguf(path, parse=False)
+        check_gguf(path, parse=False)
         return str(path.resolve())
     if path.exists():
-        directory = _check_hf_dir(path)
+        directory = check_hf_dir(path)
         return str(directory.resolve())
     if get_recipe_quiet(ref) is not None:
         raise ModelLoadError(
@@ -349,8 +342,6 @@ def check_adapter(adapter: str | Path, base: str) -> str:
     """The absolute path of a LoRA adapter directory, after checking it is one, that its
     files are sound (:func:`~chatforge.models.adapter_files.check_adapter_files`) and,
     where both configs can be read, that its base has the shapes of ``base``."""
-    from chatforge.models.adapter_files import check_adapter_files
-
     path = Path(adapter).expanduser()
     if not path.is_dir():
         raise ModelLoadError(f"adapter directory {adapter} does not exist")
@@ -393,7 +384,10 @@ def _config(directory: Path) -> dict[str, Any]:
 
 
 def load_recipe_model(
-    recipe: Recipe, dtype: str | None = "auto", quantize: str | None = "auto"
+    recipe: Recipe,
+    dtype: str | None = "auto",
+    quantize: str | None = "auto",
+    format: str | None = None,
 ) -> LoadedModel:
     """Load a recipe's model: its base, with its LoRA adapter when it has one.
 
@@ -401,10 +395,9 @@ def load_recipe_model(
     (as when loading that directory) and the adapter is put on the recipe's base
     (applied per request on the fast path, as ``load_model`` does for an adapter
     directory), which may differ from the base the adapter records (it must have the
-    same shapes). ``info.name`` and ``info.ref`` are the recipe's name.
+    same shapes). ``info.name`` and ``info.ref`` are the recipe's name. ``format``: a
+    prompt format instead of the model's own (as ``load_model`` takes it).
     """
-    from chatforge.models.loading import load_model
-
     if recipe.adapter:
         adapter = Path(recipe.adapter)
         if not (adapter / "adapter_config.json").is_file():
@@ -412,9 +405,11 @@ def load_recipe_model(
                 f"the named model {recipe.name!r} uses the LoRA adapter {adapter}, which is "
                 "gone; create it again with another --adapter"
             )
-        loaded = load_model(str(adapter), dtype=dtype, quantize=quantize, base=recipe.base)
+        loaded = load_model(
+            str(adapter), dtype=dtype, quantize=quantize, base=recipe.base, format=format
+        )
     else:
-        loaded = load_model(recipe.base, dtype=dtype, quantize=quantize)
+        loaded = load_model(recipe.base, dtype=dtype, quantize=quantize, format=format)
     loaded.info.name = recipe.name
     loaded.info.ref = recipe.name
     return loaded

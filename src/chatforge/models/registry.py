@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chatforge.errors import ChatforgeError, ModelLoadError
-from chatforge.models import gguf
-from chatforge.models.meta import ModelMeta
+from chatforge.fsutil import atomic_write
+from chatforge.models import gguf, gguf_file
+from chatforge.models.meta import ModelMeta, context_length_of, params_from_safetensors
 from chatforge.paths import data_dir, models_cache_dir
 
 DEFAULT_MODEL = "smollm2"
-PACK_PREFIX = "fast-"  # the engine's saved decoders in a conversion (models/fast/packed.py)
 
 
 @dataclass(frozen=True)
@@ -118,8 +118,6 @@ def _read_trained() -> list[dict]:
 
 def _write_trained(entries: list[dict]) -> None:
     """Atomic write of the index (unique temp file + rename)."""
-    from chatforge.fsutil import atomic_write
-
     path = _trained_index_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps({"models": entries}, indent=1))
@@ -185,33 +183,7 @@ def _dir_size(path: Path) -> int:
     return total
 
 
-def _params_from_safetensors(directory: Path) -> int | None:
-    """Parameter count read from safetensors headers (no weights loaded, no torch import:
-    the header is 8 bytes of length then JSON with each tensor's shape)."""
-    import struct
-
-    total = 0
-    # fast-*.safetensors: the engine's saved decoder (models/fast/packed.py), not the model.
-    files = [f for f in directory.glob("*.safetensors") if not f.name.startswith(PACK_PREFIX)]
-    if not files:
-        return None
-    for f in files:
-        with open(f, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(size))
-        for key, entry in header.items():
-            if key == "__metadata__":
-                continue
-            n = 1
-            for d in entry["shape"]:
-                n *= d
-            total += n
-    return total
-
-
 def _describe_dir(directory: Path) -> tuple[int | None, int | None, str | None]:
-    from chatforge.models.loading import context_length_of
-
     n_params = ctx = fmt = None
     try:
         cfg = json.loads((directory / "config.json").read_text())
@@ -222,7 +194,7 @@ def _describe_dir(directory: Path) -> tuple[int | None, int | None, str | None]:
         c = _C()
         c.__dict__.update(cfg)
         ctx = context_length_of(c)
-        n_params = _params_from_safetensors(directory)
+        n_params = params_from_safetensors(directory)
     except (OSError, ValueError):
         pass
     meta = ModelMeta.read(directory)
@@ -257,7 +229,7 @@ def bundled_digests() -> dict[str, str]:
         if path is None:
             continue
         with contextlib.suppress(OSError):
-            digest = gguf.file_digest(path)
+            digest = gguf_file.file_digest(path)
             out[digest] = name
             if gguf.find_converted(digest) is None:  # re-key a conversion by the old name
                 gguf.adopt_legacy(path, digest, alias.cache_name)
@@ -297,7 +269,7 @@ def _converted_row(d: Path, bundled: dict[str, str]) -> LocalModel:
     source = meta.source or ""
     if alias:
         ref = alias
-    elif source and digest and gguf.known_digest(Path(source)) == digest:
+    elif source and digest and gguf_file.known_digest(Path(source)) == digest:
         ref = source  # the original file, unchanged: loads this conversion
     else:
         ref = str(d)
@@ -413,7 +385,7 @@ def _cache_dirs() -> list[Path]:
 
 def _converted_for_file(path: Path) -> Path | None:
     """The cache entry converted from this GGUF file (by content, or its old key)."""
-    found = gguf.find_converted(gguf.file_digest(path))
+    found = gguf.find_converted(gguf_file.file_digest(path))
     legacy = models_cache_dir() / gguf.legacy_cache_key(path)
     return found or (legacy if gguf.is_complete(legacy) else None)
 
@@ -445,7 +417,7 @@ def _find_path(ref: str) -> Removal | None:
     if path.is_dir() and key.parent == root and not path.is_symlink():
         return _removal("converted", key)
     if path.is_file():
-        gguf.check_gguf(key, parse=False)  # not a GGUF: say so rather than hash it
+        gguf_file.check_gguf(key, parse=False)  # not a GGUF: say so rather than hash it
         found = _converted_for_file(key)
         if found is None:
             raise ChatforgeError(f"{ref} has no converted copy in the cache; nothing to remove")

@@ -18,13 +18,10 @@ import torch
 from torch import Tensor
 
 from chatforge.models.fast.gguf_weights import BlockEmbedding, GGUFWeights
-from chatforge.models.fast.linear import (
-    QUANT_MODES,
-    DenseLinear,
-    _QuantLinear,
-    make_linear,
-)
+from chatforge.models.fast.layout import interleave
+from chatforge.models.fast.linear import QUANT_MODES, DenseLinear, QuantLinear, make_linear
 from chatforge.models.fast.model import FastConfig, FastDecoder, Layer, Norm
+from chatforge.models.fast.native_decode import NativeDecode
 
 LLAMA_TYPES = ("llama", "qwen2", "mistral")
 STATIC_ROPE = ("default", "linear", "llama3")
@@ -118,7 +115,7 @@ def _own(obj: Any, shared: set[int]) -> None:
         if isinstance(v, Tensor):
             if v.numel() and _storage(v) in shared:
                 setattr(obj, name, v.clone())
-        elif isinstance(v, FastDecoder | Layer | Norm | DenseLinear | _QuantLinear):
+        elif isinstance(v, FastDecoder | Layer | Norm | DenseLinear | QuantLinear):
             _own(v, shared)
         elif isinstance(v, list):
             for x in v:
@@ -216,22 +213,8 @@ def build_fast_model(
         dec = _from_llama(model, dtype, quantize, group_size, src, gguf)
     src.done(model, dec)  # whatever was not freed part by part
     # The forward path (one C call per step, or torch ops) is chosen once, here.
-    from chatforge.models.fast.native_decode import NativeDecode
-
     dec.native = NativeDecode.build(dec)
     return dec
-
-
-def _interleave(t: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
-    """Reorder each head's rows from (0..D/2-1, D/2..D-1) to (0, D/2, 1, D/2+1, ...).
-
-    transformers rotates feature i with feature i + D/2; adjacent pairs let the
-    rotation be one complex multiply. Works on (H*D, K) weights and (H*D,) biases.
-    """
-    half = head_dim // 2
-    perm = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).flatten()
-    shape = t.shape
-    return t.reshape(n_heads, head_dim, -1)[:, perm].reshape(shape)
 
 
 def _lin(weight, bias, dtype, quantize, group_size):
@@ -274,8 +257,8 @@ def _from_llama(
     qkv_rows: list[Any] | None = None
     if blocks is not None and blocks.qk_order == "halves":
         qkv_rows = [
-            lambda t: _interleave(t, n_heads, head_dim),
-            lambda t: _interleave(t, n_kv, head_dim),
+            lambda t: interleave(t, n_heads, head_dim),
+            lambda t: interleave(t, n_kv, head_dim),
             None,
         ]
     elif blocks is not None and blocks.qk_order is None:
@@ -288,12 +271,12 @@ def _from_llama(
         if any(b is not None for b in biases):
             qb, kb, vb = (_w(b) if b is not None else None for b in biases)
             qkv_b = torch.cat(
-                [_interleave(qb, n_heads, head_dim), _interleave(kb, n_kv, head_dim), vb]
+                [interleave(qb, n_heads, head_dim), interleave(kb, n_kv, head_dim), vb]
             )
         qkv_w = torch.cat(
             [
-                _interleave(_w(at.q_proj.weight), n_heads, head_dim),
-                _interleave(_w(at.k_proj.weight), n_kv, head_dim),
+                interleave(_w(at.q_proj.weight), n_heads, head_dim),
+                interleave(_w(at.k_proj.weight), n_kv, head_dim),
                 _w(at.v_proj.weight),
             ]
         )

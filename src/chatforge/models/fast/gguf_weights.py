@@ -12,7 +12,7 @@ model that was already 4-bit). Its token embeddings stay blocks too
 
 Row order: llama.cpp's converter stores a Llama's ``attn_q``/``attn_k`` with each
 head's rotary halves interleaved, which is the order our decoder uses too (see
-``convert._interleave``), so those rows are taken as they are; a Qwen2's are in
+``layout.interleave``), so those rows are taken as they are; a Qwen2's are in
 transformers' order (llama.cpp rotates them NEOX-style) and are reordered, rows
 being independent of each other's blocks (:data:`QK_ORDER`).
 """
@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from chatforge.models.fast.linear import Int4Linear, Int8Linear, Linear
+from chatforge.models.gguf_file import open_gguf, source_gguf
 
 BLOCK = 32  # inputs per block
 Q4_KINDS = ("Q4_0", "Q4_1")
@@ -46,8 +47,6 @@ class GGUFWeights:
     """The tensors of one GGUF file (memory-mapped), by llama.cpp name."""
 
     def __init__(self, path: str | Path) -> None:
-        from chatforge.models.gguf import open_gguf
-
         self.path = Path(path)
         reader = open_gguf(self.path)
         self.tensors = {t.name: t for t in reader.tensors}
@@ -168,8 +167,6 @@ def source_gguf_weights(meta: Any, model_type: str) -> GGUFWeights | None:
     """The quantised blocks of the GGUF file a converted Llama-family model came from:
     None when it came from none, the file changed or moved, or it holds no Q4_0, Q4_1
     or Q8_0 tensor."""
-    from chatforge.models.gguf import source_gguf
-
     source = source_gguf(meta) if model_type != "gpt2" else None
     if source is None:
         return None

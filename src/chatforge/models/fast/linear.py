@@ -53,7 +53,7 @@ class DenseLinear:
         return n + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
 
 
-class _QuantLinear:
+class QuantLinear:
     """Shared call path: our kernel (fp32) or torch's (bf16); result in the caller's dtype."""
 
     bias: Tensor | None  # fp32
@@ -130,7 +130,7 @@ def _native_ok(k: int) -> bool:
     return k % native.QK == 0 and native.available()
 
 
-class Int8Linear(_QuantLinear):
+class Int8Linear(QuantLinear):
     """Weight-only int8, one scale per output channel (symmetric): w = q * s.
 
     Native layout (kind 9): ``repack_q8``'s interleaved groups, fp32 scales (N,).
@@ -174,7 +174,7 @@ class Int8Linear(_QuantLinear):
         return layer
 
 
-class Int4Linear(_QuantLinear):
+class Int4Linear(QuantLinear):
     """Weight-only int4, asymmetric groups of ``group_size`` inputs: w = q * d + m, q in 0..15.
 
     Each group's min/max range is mapped onto the 16 levels. Native layout (kind

@@ -11,7 +11,7 @@ slot and the forward adds that adapter's deltas after each linear (see
 Our linears are fused (Q, K and V in one; gate and up in one), so an adapter's
 per-projection A and B are fused too: A's rows stacked (r_q + r_k + r_v, K) and
 B block-diagonal (N_q + N_k + N_v, r_q + r_k + r_v), with Q/K output rows
-reordered as the converter reorders the weights (``convert._interleave``).
+reordered as the converter reorders the weights (``layout.interleave``).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from chatforge.models.adapter_files import AdapterError, check_adapter_files
+from chatforge.models.fast.layout import interleave
 
-LINEARS = ("qkv", "out", "up", "down")  # the order decode.c indexes them in
 MAX_RANK = 1024  # summed rank of one fused linear (decode.c's CF_LORA_MAX_R)
 
 # peft module name -> (our fused linear, part index within it)
@@ -133,8 +133,6 @@ def load_adapter(directory: str | Path, dec, name: str | None = None) -> LoraAda
     """
     from safetensors.torch import load_file
 
-    from chatforge.models.fast.convert import _interleave
-
     path = Path(directory).expanduser()
     files = check_adapter_files(path, need_base=False)  # the files first: no weights read
     conf = files.config
@@ -188,7 +186,7 @@ def load_adapter(directory: str | Path, dec, name: str | None = None) -> LoraAda
             b = b * scale
             if dec.cfg.arch == "llama" and linear == "qkv" and part < 2:  # as the weights
                 heads = dec.cfg.n_heads if part == 0 else dec.cfg.n_kv_heads
-                b = _interleave(b, heads, dec.cfg.head_dim)
+                b = interleave(b, heads, dec.cfg.head_dim)
             a_rows.append(a)
             b_blocks.append((part, rank, b))
             rank += r

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from chatforge.models.fast.linear import Linear
+from chatforge.models.fast.lora import stacked, torch_delta
+from chatforge.models.fast.native_decode import NativeDecode
 
 
 @dataclass
@@ -173,8 +175,6 @@ class FastDecoder:
         (replacing one of the same name); the caller makes sure no row runs meanwhile.
         On a model with its own adapter, rows naming this one run both (stacked)."""
         if self.own_adapter is not None:
-            from chatforge.models.fast.lora import stacked
-
             adapter = stacked(self.own_adapter, adapter)
         self.adapters = [a for a in self.adapters if a.name != adapter.name] + [adapter]
         self._rebuild_lora_table()
@@ -207,8 +207,6 @@ class FastDecoder:
         raise KeyError(name)
 
     def _rebuild_lora_table(self) -> None:
-        from chatforge.models.fast.native_decode import NativeDecode
-
         self._lora_table = NativeDecode.lora_table(self._slots, self.cfg.n_layers)
 
     def new_cache(self, n_blocks: int = 16, block_size: int = 16) -> PagedKV:
@@ -239,8 +237,6 @@ class FastDecoder:
         adapter delta (``lora``: the layer's index and each sequence's slot)."""
         y = getattr(layer, name)(h).to(self.cfg.dtype)
         if lora is not None:
-            from chatforge.models.fast.lora import torch_delta
-
             for slot in lora.slots.unique().tolist():
                 delta = self._slots[slot].layers[lora.layer].get(name) if slot >= 0 else None
                 if delta is not None:

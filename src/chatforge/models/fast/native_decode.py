@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 
 from chatforge.models.fast import native
-from chatforge.models.fast.linear import DenseLinear, _QuantLinear
-from chatforge.models.fast.lora import LINEARS, LoraAdapter
+from chatforge.models.fast.layout import LINEARS
+from chatforge.models.fast.linear import DenseLinear, QuantLinear
+from chatforge.models.fast.lora import LoraAdapter
 
 if TYPE_CHECKING:
     from chatforge.models.fast.model import FastDecoder, Norm, PagedKV
@@ -36,7 +37,7 @@ def _c_lin(lin: Any) -> native.CLin | None:
         return native.CLin(
             32, 0, lin.weight.data_ptr(), None, bias, lin.out_features, lin.in_features
         )
-    if isinstance(lin, _QuantLinear) and lin.native:
+    if isinstance(lin, QuantLinear) and lin.native:
         return native.CLin(
             lin.kind,
             0,
@@ -72,7 +73,7 @@ class NativeDecode:
         layers = (native.CLayer * cfg.n_layers)()
         keep: list[Tensor] = []
         for c, layer in zip(layers, dec.layers, strict=True):
-            lins = [_c_lin(getattr(layer, name)) for name in ("qkv", "out", "up", "down")]
+            lins = [_c_lin(getattr(layer, name)) for name in LINEARS]
             norms = (layer.norm1, layer.norm2)
             if any(lin is None for lin in lins) or any(
                 n.rms != (cfg.arch == "llama") or not (_fp32(n.weight) and _fp32(n.bias))

@@ -28,22 +28,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from chatforge.fsutil import atomic_path
+from chatforge.models.fast import kernel_variants, native
 from chatforge.models.fast.gguf_weights import BlockEmbedding
-from chatforge.models.fast.linear import DenseLinear, Int4Linear, Int8Linear, _QuantLinear
+from chatforge.models.fast.layout import LINEARS
+from chatforge.models.fast.linear import DenseLinear, Int4Linear, Int8Linear, QuantLinear
 from chatforge.models.fast.model import FastConfig, FastDecoder, Layer, Norm
-from chatforge.models.registry import PACK_PREFIX
+from chatforge.models.fast.native_decode import NativeDecode
+from chatforge.models.meta import PACK_PREFIX
 
 log = logging.getLogger(__name__)
 
 PACK_VERSION = 2  # of this file's format (the tensor names and the metadata)
-LINEARS = ("qkv", "out", "up", "down")
 _CLASSES: dict[str, type] = {"dense": DenseLinear, "int8": Int8Linear, "int4": Int4Linear}
 
 
 def pack_path(directory: Path, quantize: str, dtype: torch.dtype) -> Path:
     """Where the pack of ``directory``'s model built with these settings lives."""
-    from chatforge.models.fast import kernel_variants
-
     here = Path(kernel_variants.__file__).parent
     short = "fp32" if dtype == torch.float32 else "bf16"
     name = f"{PACK_PREFIX}{quantize}-{short}-{kernel_variants.source_hash(here)}.safetensors"
@@ -53,7 +54,7 @@ def pack_path(directory: Path, quantize: str, dtype: torch.dtype) -> Path:
 def packable(dec: FastDecoder) -> bool:
     """True when every quantised layer of ``dec`` is in our kernels' layout."""
     lins = [dec.head, *(getattr(layer, n) for layer in dec.layers for n in LINEARS)]
-    return all(not isinstance(lin, _QuantLinear) or lin.native for lin in lins)
+    return all(not isinstance(lin, QuantLinear) or lin.native for lin in lins)
 
 
 def save_pack(dec: FastDecoder, path: Path, info: dict[str, Any]) -> bool:
@@ -61,8 +62,6 @@ def save_pack(dec: FastDecoder, path: Path, info: dict[str, Any]) -> bool:
     False, having logged why, when it is not packable or cannot be written (a pack is
     a cache: the model works without one)."""
     from safetensors.torch import save_file
-
-    from chatforge.fsutil import atomic_path
 
     if not packable(dec):
         return False
@@ -108,8 +107,6 @@ def load_pack(path: Path) -> tuple[FastDecoder, dict[str, Any]] | None:
     """The decoder saved at ``path`` and its ``info``; None when there is none or our
     kernels cannot run here now (``CHATFORGE_NATIVE=0``, no build: its layouts are
     theirs). A pack that cannot be read is removed (the caller builds the decoder again)."""
-    from chatforge.models.fast import native
-
     if not path.is_file() or not native.available():
         return None
     try:
@@ -122,8 +119,6 @@ def load_pack(path: Path) -> tuple[FastDecoder, dict[str, Any]] | None:
 
 def _load(path: Path) -> tuple[FastDecoder, dict[str, Any]]:
     from safetensors import safe_open
-
-    from chatforge.models.fast.native_decode import NativeDecode
 
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads((f.metadata() or {})["chatforge"])
