@@ -20,6 +20,9 @@ _EXPORTS = {
     "BudgetConfig": "chatforge.conversation",
     "Conversation": "chatforge.conversation",
     "Message": "chatforge.conversation",
+    "ConversationModel": "chatforge.convmodel",
+    "ConversationModelOutput": "chatforge.convmodel",
+    "ConversationTokenizer": "chatforge.convmodel",
     "ChatforgeError": "chatforge.errors",
     "ContextOverflowError": "chatforge.errors",
     "ModelLoadError": "chatforge.errors",
@@ -36,6 +39,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
     from chatforge.batch import BatchSummary, generate_batch
     from chatforge.chat import ChatSession, Reply
     from chatforge.conversation import BudgetConfig, Conversation, Message
+    from chatforge.convmodel import (
+        ConversationModel,
+        ConversationModelOutput,
+        ConversationTokenizer,
+    )
     from chatforge.errors import ChatforgeError, ContextOverflowError, ModelLoadError
     from chatforge.generation.config import GenerationConfig
     from chatforge.generation.engine import Completion, Engine, Request
@@ -67,6 +75,9 @@ __all__ = [
     "Completion",
     "ContextOverflowError",
     "Conversation",
+    "ConversationModel",
+    "ConversationModelOutput",
+    "ConversationTokenizer",
     "Engine",
     "GenerationConfig",
     "LoadedModel",

@@ -5,8 +5,8 @@ conversations (``load_data``), then builds examples in the model's prompt format
 (loss masks, windows of turns), packs them and trains with checkpoints. Here the
 conversations come from iterables instead of files: each item is parsed by the same
 parsers as a JSONL line (``parse_convmodel`` for a list of strings, ``parse_openai`` /
-``parse_sharegpt`` for their dicts) into the same ``Dataset``, and the trainer's data
-reader is the only piece replaced; everything after it is the trainer's own.
+``parse_sharegpt`` for their dicts) into the same ``Dataset``, which the trainer reads
+instead of files (``Trainer(datasets=...)``); everything after it is the trainer's own.
 """
 
 from __future__ import annotations
@@ -130,26 +130,6 @@ def dataset_of(items: Iterable[Any] | None, name: str, on_error: str) -> Dataset
     return ds
 
 
-class MemoryTrainer(Trainer):
-    """The trainer with its data reader replaced by datasets built in memory."""
-
-    def __init__(self, cfg: TrainConfig, train: Dataset, valid: Dataset | None, console=None):
-        super().__init__(cfg, console)
-        self._datasets = (train, valid)
-
-    def _read(self) -> tuple[Dataset, Dataset | None]:
-        train_ds, valid_ds = self._datasets
-        bad = train_ds.errors + (valid_ds.errors if valid_ds is not None else [])
-        if valid_ds is None and self.cfg.valid_split is not None:
-            train_ds, valid_ds = train_ds.split_tail(self.cfg.valid_split)
-        for msg in bad[:5]:
-            self.say(f"[yellow]skipping[/] {msg}")
-        if bad:
-            self.say(f"[yellow]skipped {len(bad)} malformed item(s)[/] (first: {bad[0]})")
-        self.skipped = bad
-        return train_ds, valid_ds
-
-
 def fit(
     model: str,
     fmt: str,
@@ -165,4 +145,4 @@ def fit(
     train_ds = dataset_of(train_iterator, "train_iterator", cfg.on_error)
     valid_ds = dataset_of(valid_iterator, "valid_iterator", cfg.on_error)
     assert train_ds is not None
-    return MemoryTrainer(cfg, train_ds, valid_ds).run()
+    return Trainer(cfg, datasets=(train_ds, valid_ds)).run()

@@ -25,7 +25,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.fsutil import atomic_write
 from chatforge.training import checkpoint as ckpt
 from chatforge.training.config import TrainConfig
-from chatforge.training.data import load_data
+from chatforge.training.data import Dataset, load_data
 from chatforge.training.examples import (
     IGNORE,
     Row,
@@ -85,7 +85,15 @@ def train(
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, console: Any = None, on_step=None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        console: Any = None,
+        on_step=None,
+        datasets: tuple[Dataset, Dataset | None] | None = None,
+    ) -> None:
+        """``datasets``: (train, valid) conversations built in memory (the Python API's
+        ``ConversationModel.fit``), read instead of ``cfg.data``/``cfg.valid`` files."""
         from accelerate import Accelerator
         from rich.console import Console
 
@@ -97,6 +105,7 @@ class Trainer:
         self.main = self.acc.is_main_process
         self.console = console or Console(stderr=True)
         self.on_step = on_step
+        self.datasets = datasets
         self.out = Path(cfg.output).expanduser()
         self.dev = self.acc.device
         self.skipped: list[str] = []
@@ -202,14 +211,20 @@ class Trainer:
             if len(shown) <= 5:
                 self.say(f"[yellow]skipping[/] {msg}")
 
-        train_ds = load_data(cfg.data, cfg.data_format, cfg.on_error, warn)
-        valid_ds = None
-        if cfg.valid:
-            valid_ds = load_data(cfg.valid, cfg.data_format, cfg.on_error, warn)
-        elif cfg.valid_split is not None:
+        if self.datasets is not None:  # built in memory: their skipped items are known
+            train_ds, valid_ds = self.datasets
+            for msg in train_ds.errors + (valid_ds.errors if valid_ds is not None else []):
+                warn(msg)
+        else:
+            train_ds = load_data(cfg.data, cfg.data_format, cfg.on_error, warn)
+            valid_ds = None
+            if cfg.valid:
+                valid_ds = load_data(cfg.valid, cfg.data_format, cfg.on_error, warn)
+        if valid_ds is None and cfg.valid_split is not None:
             train_ds, valid_ds = train_ds.split_tail(cfg.valid_split)
         if shown:
-            self.say(f"[yellow]skipped {len(shown)} malformed line(s)[/] (first: {shown[0]})")
+            what = "item(s)" if self.datasets is not None else "line(s)"
+            self.say(f"[yellow]skipped {len(shown)} malformed {what}[/] (first: {shown[0]})")
         self.skipped = shown
         return train_ds, valid_ds
 
@@ -307,7 +322,7 @@ class Trainer:
 
         set_seed(cfg.seed)  # python, numpy, torch: weights (new model), dropout
         train_ds, valid_ds = self._read()  # first: a bad data file fails before a slow load
-        built = build_model(cfg)
+        built = build_model(cfg, train_ds.kind)
         tok = built.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0
         rows, vrows, packed = self._data(built, train_ds, valid_ds)
