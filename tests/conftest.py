@@ -44,8 +44,8 @@ def _tiny_tokenizer(chat: bool):
     return tok
 
 
-def make_tiny_gpt2(path: Path, seed: int = 0) -> Path:
-    """A 2-layer random GPT-2 with the tiny tokenizer (eos format, 128 positions)."""
+def make_tiny_gpt2(path: Path, seed: int = 0, positions: int = 128) -> Path:
+    """A 2-layer random GPT-2 with the tiny tokenizer (eos format, ``positions`` long)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -53,7 +53,7 @@ def make_tiny_gpt2(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     cfg = GPT2Config(
         vocab_size=len(tok),
-        n_positions=128,
+        n_positions=positions,
         n_embd=32,
         n_layer=2,
         n_head=2,

@@ -258,6 +258,7 @@ def test_cli_generate_end_to_end(tmp_path, capsys, tiny_llama_dir):
         "api_base": None,
         "template": "Say {q}",
         "system": "Be brief.",
+        "format": None,
         "n": 1,
     }
     # All rows there: said so, and the model is not even loaded (its directory is gone).
@@ -454,6 +455,8 @@ def test_cli_resume_with_other_settings_is_refused(tmp_path, capsys, tiny_llama_
         (["--model", str(tiny_llama_dir), *same, "--system", "Be brief."], "", "system=none",
          "system='Be brief.'"),
         (["--model", str(tiny_llama_dir), *same, "--n", "2"], "", "n=1", "n=2"),
+        (["--model", str(tiny_llama_dir), *same, "--format", "text"], "", "format=none",
+         "format=text"),
     ]  # fmt: skip
     for flags, common, theirs, mine in other:
         code, _, err = cli([*base, *flags], capsys)

@@ -36,6 +36,8 @@ class Reply:
     config: GenerationConfig = field(default_factory=GenerationConfig)
     cached_tokens: int = 0  # prompt tokens reused from the previous turns' KV cache
     first_token_seconds: float | None = None  # time to first token
+    slid_tokens: int = 0  # oldest tokens dropped to go past the context (config.slide)
+    context_full: bool = False  # "length" because the context was full (no slide)
 
     @property
     def tokens_per_second(self) -> float:
@@ -178,4 +180,6 @@ class ChatSession(SessionBase):
                 config=self.config,
                 cached_tokens=completion.cached_tokens,
                 first_token_seconds=completion.first_token_seconds,
+                slid_tokens=completion.slid_tokens,
+                context_full=completion.context_full,
             )

@@ -10,9 +10,10 @@ use it, so the same settings are the same request.
 ``max_tokens``, ``stop``, ``seed``, ``presence_penalty``, ``frequency_penalty``,
 ``logit_bias``, ``response_format``) carry what they can. The settings OpenAI has no
 field for, :data:`EXTRAS` (``top_k``, ``min_p``, ``repetition_penalty``,
-``no_repeat_ngram_size``), are sent as top-level fields of the same name, and only when
-switched on (not at their off value): chatforge's server honours them all; vLLM and
-OpenRouter the first three; llama.cpp's server ``top_k`` and ``min_p``. An endpoint
+``no_repeat_ngram_size``, ``slide``, ``keep``), are sent as top-level fields of the same
+name, and only when switched on (not at their off value): chatforge's server honours
+them all; vLLM and OpenRouter the first three; llama.cpp's server ``top_k`` and
+``min_p``. An endpoint
 that rejects a field it does not know (OpenAI) answers 400 naming it, and the user sees
 that one line. A setting no request can express (``max_length``, which counts the
 prompt's tokens: only the endpoint knows them) is an error naming it. Nothing set is
@@ -68,6 +69,8 @@ EXTRAS: dict[str, Any] = {
     "min_p": 0.0,
     "repetition_penalty": 1.0,
     "no_repeat_ngram_size": 0,
+    "slide": False,
+    "keep": None,
 }
 """Settings sent as top-level fields of the same name, which OpenAI lacks (vLLM,
 OpenRouter, llama.cpp's server and chatforge's take some or all), and the value at

@@ -103,6 +103,7 @@ class RemoteSession(SessionBase):
         finish: str | None = None
         usage = None
         first: float | None = None
+        slid = 0  # a chatforge server's extra on the last chunk (the slide extra)
         try:
             for chunk in stream:
                 if chunk.usage is not None:
@@ -115,6 +116,7 @@ class RemoteSession(SessionBase):
                         yield choice.delta.content
                     if choice.finish_reason:
                         finish = choice.finish_reason
+                        slid = int((choice.model_extra or {}).get("slid_tokens") or 0)
         except openai.APIError as e:
             finish = finish or "error"
             raise ChatforgeError(self._describe(e)) from None
@@ -135,6 +137,7 @@ class RemoteSession(SessionBase):
                 config=self.config,
                 cached_tokens=_cached_tokens(usage),
                 first_token_seconds=first,
+                slid_tokens=slid,
             )
 
     def _describe(self, e: Exception) -> str:

@@ -286,6 +286,16 @@ def format_stats(reply: Reply) -> list[str]:
     ]
 
 
+def context_full_notice(prompt_tokens: int, reply_tokens: int) -> str:
+    """The line saying a reply stopped because the context was full (not at its
+    length limit), and how to go on past it."""
+    return (
+        f"the context ({prompt_tokens + reply_tokens} tokens) is full: the reply stopped "
+        f"at {reply_tokens} tokens; --slide (/set slide on) keeps generating by dropping "
+        "the oldest tokens"
+    )
+
+
 def reply_limit(config: GenerationConfig) -> str:
     """The effective reply length limit, as ``/params`` shows it."""
     if config.max_new_tokens is not None:
@@ -313,7 +323,10 @@ def describe_params(config: GenerationConfig, preset: str | None) -> list[str]:
 
 
 def read_prompts(source: str) -> Iterator[str]:
-    """Non-empty lines of a file (``-``: stdin); the file is checked up front."""
+    """Non-empty lines of a file (``-``: stdin); the file is checked up front.
+
+    Blank lines between prompts are skipped; an input of blank lines only (``echo |``)
+    is one empty prompt, whose reply starts from the model's start token."""
     if source == "-":
         stream: TextIO = sys.stdin
     else:
@@ -327,11 +340,17 @@ def read_prompts(source: str) -> Iterator[str]:
             raise ChatforgeError(f"cannot read prompt file {source}: {e.strerror}") from e
 
     def lines() -> Iterator[str]:
+        blank = sent = False
         try:
             for line in stream:
                 line = line.rstrip("\r\n")
                 if line.strip():
+                    sent = True
                     yield line
+                else:
+                    blank = True
+            if blank and not sent:
+                yield ""
         except UnicodeDecodeError as e:
             raise ChatforgeError(f"prompt file {source} is not UTF-8 text ({e.reason})") from e
 
@@ -457,6 +476,13 @@ class ChatRepl:
             self._extras[id(messages[-1])] = (messages[-1], extra)
         if reply.dropped:
             self.note(f"left out the {len(reply.dropped)} oldest messages to fit the context")
+        if reply.slid_tokens:
+            self.note(
+                f"the reply went past the context: its {reply.slid_tokens} oldest tokens "
+                "(after the system prompt, or --keep) were dropped as it went"
+            )
+        if reply.context_full:
+            self.note(context_full_notice(reply.prompt_tokens, reply.completion_tokens))
         if interrupted:
             self.note("reply stopped; it will not be sent back to the model")
         if self.writer:
@@ -476,6 +502,8 @@ class ChatRepl:
             "finish_reason": reply.finish_reason,
             "seconds": round(reply.seconds, 3),
             "dropped_messages": len(reply.dropped),
+            **({"slid_tokens": reply.slid_tokens} if reply.slid_tokens else {}),
+            **({"context_full": True} if reply.context_full else {}),
         }
 
     def show_stats(self, reply: Reply) -> None:

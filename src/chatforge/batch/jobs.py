@@ -32,7 +32,6 @@ ERROR_KINDS = (
     "unreadable record",  # a malformed line or CSV row, text that is not UTF-8
     "duplicate id",
     "missing field",  # the template (or the default prompt/text) needs a field the record lacks
-    "empty prompt",
     "prompt too long",  # no room for a reply in the model's context
     "invalid request",  # the engine refused the request for another reason
     "generation failed",
@@ -62,6 +61,9 @@ class BatchSummary:
     torn_bytes: int = 0  # bytes of a torn last row cut from the output before resuming
     error_messages: list[str] = field(default_factory=list)  # the first few error messages
     error_kinds: dict[str, int] = field(default_factory=dict)  # kind -> errors (ERROR_KINDS)
+    context_full: int = 0  # replies cut short because the context was full (no slide)
+    slid: int = 0  # replies that went past the context by sliding (GenerationConfig.slide)
+    context_length: int | None = None  # the model's context (local runs)
 
     @property
     def tokens_per_second(self) -> float:
@@ -76,6 +78,18 @@ class BatchSummary:
     def failed(self) -> bool:
         """Every record this run tried failed (none succeeded): the CLI exits 1."""
         return self.done == 0 and self.errors > 0
+
+    def context_notice(self) -> str | None:
+        """The line saying replies stopped because the context was full, and how to go
+        on past it (None when none did)."""
+        if not self.context_full:
+            return None
+        size = f" ({self.context_length} tokens)" if self.context_length else ""
+        return (
+            f"{self.context_full} replies stopped because the model's context{size} was "
+            "full (finish_reason length); --slide keeps generating by dropping the oldest "
+            "tokens"
+        )
 
     def errors_by_kind(self) -> str:
         """``"errors by kind: 40 missing field, 20 prompt too long"`` (most first)."""
@@ -242,8 +256,8 @@ class RowsRun:
             job.prompt = self.template.render(record.fields)
         except TemplateError as e:
             return job.fail("missing field", f"{record.source}: {e}")
-        if not job.prompt.strip():
-            job.fail("empty prompt", f"{record.source}: the prompt is empty")
+        # An empty prompt is a request too: the reply starts from the model's start
+        # token (plan_request), as a freshly pretrained model is sampled.
         return job
 
     def _messages(self, prompt: str) -> list[Message]:
@@ -284,6 +298,8 @@ class RowsRun:
                 done = [job.completions[j] for j in range(len(job.requests))]
                 self.summary.prompt_tokens += done[0].prompt_tokens
                 tokens += sum(c.completion_tokens for c in done)
+                self.summary.context_full += sum(getattr(c, "context_full", False) for c in done)
+                self.summary.slid += sum(bool(getattr(c, "slid_tokens", 0)) for c in done)
         self.summary.completion_tokens += tokens
         if self.on_progress is not None:
             self.on_progress(len(ready), tokens)
@@ -306,6 +322,8 @@ class RowsRun:
                 seconds=round(max(c.seconds for c in done), 4),
                 error=None,
             )
+            if self.config.slide:  # oldest tokens dropped to go past the context, all samples
+                row["slid_tokens"] = sum(getattr(c, "slid_tokens", 0) for c in done)
         row["params"] = self.params
         if self.n > 1:
             row["n"] = self.n

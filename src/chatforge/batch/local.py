@@ -60,6 +60,7 @@ def generate_batch(
     dtype: str = "auto",
     force_resume: bool = False,
     model_name: str | None = None,
+    prompt_format: str | None = None,
 ) -> BatchSummary:
     """Generate a reply for every input record and append one row per record to ``output``.
 
@@ -91,6 +92,8 @@ def generate_batch(
         model_name: the model's reference, recorded in each row's ``settings``, when
             ``model`` is a function (so a mismatch is found before it is called);
             without it the loaded model's ``info.ref`` is checked once it is loaded.
+        prompt_format: the prompt format asked for (``text``, ...; ``--format``), used to
+            load a reference and recorded in the rows' settings; ``None``: the model's own.
 
     Returns:
         A :class:`~chatforge.batch.BatchSummary`.
@@ -111,10 +114,10 @@ def generate_batch(
 
         parse_dtype(dtype)
         ref = model_name = model
-        model = lambda: load_model(ref, dtype=dtype)  # noqa: E731 - loaded only if needed
+        model = lambda: load_model(ref, dtype=dtype, format=prompt_format)  # noqa: E731
     elif not callable(model):
         model_name = model.info.ref
-    settings = run_settings(model_name, tmpl.text, system, n)
+    settings = run_settings(model_name, tmpl.text, system, n, fmt=prompt_format)
     params = resolved_params(config)
 
     with RowWriter(output, fingerprint(settings, params), force_resume) as writer:
@@ -156,6 +159,7 @@ class _Run(RowsRun):
         self.loaded = loaded
         self.engine = Engine.shared(loaded)
         self.batch_size = batch_size
+        self.summary.context_length = loaded.info.context_length
 
     def run(self, records: Iterable[Record]) -> None:
         """Stream records through the model's engine, writing rows in order.
@@ -233,7 +237,7 @@ class _Run(RowsRun):
             return job.fail(kind, f"{record.source}: {e}")
         # Reruns reproduce every sample, and sample 0 matches `chatforge chat --seed S`.
         for j in range(self.n):
-            cfg = self.config.for_sample(j)
+            cfg = plan.request.config.for_sample(j)  # the plan's (with the format's stops)
             job.requests.append(dataclasses.replace(plan.request, config=cfg))
         return job
 

@@ -68,6 +68,7 @@ class _Reply:
     prompt_tokens: int
     completion_tokens: int
     seconds: float
+    slid_tokens: int = 0  # a chatforge server's extra on the choice (the slide extra)
 
 
 class _Fatal(ChatforgeError):
@@ -247,6 +248,7 @@ class _RemoteRun(RowsRun):
             prompt_tokens=int(usage.prompt_tokens) if usage else 0,
             completion_tokens=int(usage.completion_tokens) if usage else 0,
             seconds=time.perf_counter() - t0,
+            slid_tokens=int((getattr(choice, "model_extra", None) or {}).get("slid_tokens") or 0),
         )
 
 

@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SETTINGS_KEYS = ("model", "api_base", "template", "system", "n")
-"""The keys of a row's ``settings`` (``api_base`` is ``None`` for a local model)."""
+SETTINGS_KEYS = ("model", "api_base", "template", "system", "format", "n")
+"""The keys of a row's ``settings`` (``api_base`` is ``None`` for a local model;
+``format`` is the prompt format asked for, ``None`` for the model's own)."""
 
 
 def model_key(ref: str | None) -> str | None:
@@ -49,6 +50,7 @@ def run_settings(
     system: str | None,
     n: int,
     api_base: str | None = None,
+    fmt: str | None = None,
 ) -> dict[str, Any]:
     """A row's ``settings`` (``model`` as :func:`model_key` records it)."""
     return {
@@ -56,6 +58,7 @@ def run_settings(
         "api_base": api_base.rstrip("/") if api_base else None,
         "template": template,
         "system": system or None,
+        "format": fmt,
         "n": n,
     }
 

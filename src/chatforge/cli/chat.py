@@ -18,6 +18,7 @@ from chatforge.cli.options import (
     FrequencyOpt,
     GenerationFlags,
     JsonSchemaOpt,
+    KeepOpt,
     LogitBiasOpt,
     MaxLenOpt,
     MaxNewOpt,
@@ -26,21 +27,25 @@ from chatforge.cli.options import (
     NoRepeatOpt,
     PresenceOpt,
     PresetOpt,
+    PromptFormatOpt,
     QuantizeOpt,
     RepPenOpt,
     SeedOpt,
+    SlideOpt,
     StopOpt,
     SystemOpt,
     TemperatureOpt,
     ThreadsOpt,
     TopKOpt,
     TopPOpt,
+    check_format,
     check_threads,
     model_ref,
     named_model,
     recipe_settings,
     use_threads,
 )
+from chatforge.errors import ChatforgeError
 
 
 def chat_command(
@@ -56,6 +61,7 @@ def chat_command(
     system: SystemOpt = None,
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = None,
+    prompt_format: PromptFormatOpt = None,
     preset: PresetOpt = None,
     temperature: TemperatureOpt = None,
     top_k: TopKOpt = None,
@@ -71,9 +77,16 @@ def chat_command(
     max_length: MaxLenOpt = None,
     stop: StopOpt = None,
     seed: SeedOpt = None,
+    slide: SlideOpt = None,
+    keep: KeepOpt = None,
     prompt_file: Annotated[
         str | None,
-        typer.Option("--prompt-file", "-f", help="Each non-empty line is a user turn; - = stdin."),
+        typer.Option(
+            "--prompt-file",
+            "-f",
+            help="Each non-empty line is a user turn (only blank lines: one empty prompt, "
+            "sampled from the start token); - = stdin.",
+        ),
     ] = None,
     independent: Annotated[
         bool, typer.Option("--independent", help="Each prompt line is its own conversation.")
@@ -138,6 +151,9 @@ def chat_command(
     quantize = parse_quantize(quantize or "auto")
     budget = BudgetConfig(max_history_share=max_history_share)
     check_threads(threads)
+    check_format(prompt_format)
+    if api_base and prompt_format:
+        raise ChatforgeError("--format applies to a local model, not to --api-base")
     prompts: Iterator[str] | None = None
     if prompt_file is not None:
         prompts = read_prompts(prompt_file)
@@ -155,9 +171,11 @@ def chat_command(
     else:
         with err.status(f"Loading {model} ...", spinner="dots") if interactive else _nullctx():
             if recipe is not None:
-                loaded = load_recipe_model(recipe, dtype=dtype, quantize=quantize)
+                loaded = load_recipe_model(
+                    recipe, dtype=dtype, quantize=quantize, format=prompt_format
+                )
             else:
-                loaded = load_model(model, dtype=dtype, quantize=quantize)
+                loaded = load_model(model, dtype=dtype, quantize=quantize, format=prompt_format)
         use_threads(loaded, threads)  # before the session makes the model's engine
         session = ChatSession(loaded, config, system=system, budget=budget)
         if interactive:

@@ -17,7 +17,9 @@ def eval_command(
     compare: Annotated[
         list[str] | None, typer.Option("--compare", help="More models, side by side.")
     ] = None,
-    limit: Annotated[int, typer.Option("--limit", help="Conversations to score.")] = 200,
+    limit: Annotated[
+        int, typer.Option("--limit", help="Conversations (a text corpus: texts) to score.")
+    ] = 200,
     replies: Annotated[int, typer.Option("--replies", help="Replies to generate (0: none).")] = 32,
     max_new_tokens: Annotated[
         int, typer.Option("--max-new-tokens", help="Reply length limit.")
@@ -36,13 +38,14 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     threads: ThreadsOpt = None,
 ) -> None:
-    """Perplexity on held-out assistant turns, distinct-1/2, repetition, reply length."""
+    """Perplexity on held-out assistant turns (a .txt corpus: on all its tokens),
+    distinct-1/2, repetition, reply length."""
     from rich.console import Console
     from rich.table import Table
 
     from chatforge.models import load_model
     from chatforge.training.data import load_data
-    from chatforge.training.evaluate import evaluate
+    from chatforge.training.evaluate import evaluate, evaluate_text
 
     if limit < 1:
         raise ChatforgeError("--limit must be >= 1")
@@ -58,25 +61,26 @@ def eval_command(
     err = Console(stderr=True)
     bad: list[str] = []
     ds = load_data(data, data_format, "skip", bad.append)
-    if ds.kind == "text":
-        raise ChatforgeError("--data must hold conversations (eval scores assistant turns)")
+    text = ds.kind == "text"  # a corpus: every token is scored, replies continue its lines
     if valid_split is not None:
         ds = ds.split_tail(valid_split)[1]
     if bad:
         err.print(f"[yellow]skipped {len(bad)} malformed line(s)[/] (first: {bad[0]})")
-    convs = ds.conversations[:limit]
+    items = ds.texts[:limit] if text else ds.conversations[:limit]
+    what = "texts" if text else "conversations"
     results = []
     for ref in [model, *(compare or [])]:
         loaded = load_model(ref, dtype)
         use_threads(loaded, threads)  # before evaluate makes the model's engine
         if not as_json:
-            err.print(f"evaluating {ref} on {len(convs)} conversations ...")
-        results.append(evaluate(loaded, convs, ref, replies, max_new_tokens, seed))
+            err.print(f"evaluating {ref} on {len(items)} {what} ...")
+        run = evaluate_text if text else evaluate
+        results.append(run(loaded, items, ref, replies, max_new_tokens, seed))
         del loaded
     if as_json:
         print(json.dumps({"models": [r.to_dict() for r in results]}, indent=2))
         return
-    table = Table(title=f"{len(convs)} held-out conversations")
+    table = Table(title=f"{len(items)} held-out {what}")
     table.add_column("metric")
     for r in results:
         table.add_column(r.model)
@@ -87,7 +91,7 @@ def eval_command(
     rows = [
         ("perplexity", "perplexity", ".2f"),
         ("loss (nats/token)", "loss", ".4f"),
-        ("assistant tokens", "eval_tokens", ","),
+        ("tokens scored" if text else "assistant tokens", "eval_tokens", ","),
         ("distinct-1", "distinct_1", ".3f"),
         ("distinct-2", "distinct_2", ".3f"),
         ("repeated 3-gram rate", "repeated_ngram_rate", ".3f"),

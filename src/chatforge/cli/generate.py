@@ -15,6 +15,7 @@ from chatforge.cli.options import (
     FrequencyOpt,
     GenerationFlags,
     JsonSchemaOpt,
+    KeepOpt,
     LogitBiasOpt,
     MaxLenOpt,
     MaxNewOpt,
@@ -23,15 +24,18 @@ from chatforge.cli.options import (
     NoRepeatOpt,
     PresenceOpt,
     PresetOpt,
+    PromptFormatOpt,
     QuantizeOpt,
     RepPenOpt,
     SeedOpt,
+    SlideOpt,
     StopOpt,
     SystemOpt,
     TemperatureOpt,
     ThreadsOpt,
     TopKOpt,
     TopPOpt,
+    check_format,
     check_threads,
     named_model,
     recipe_settings,
@@ -76,6 +80,7 @@ def generate_command(
     system: SystemOpt = None,
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = None,
+    prompt_format: PromptFormatOpt = None,
     n: Annotated[int, typer.Option("--n", help="Samples per prompt.")] = 1,
     batch_size: Annotated[
         int | None,
@@ -107,6 +112,8 @@ def generate_command(
     max_length: MaxLenOpt = None,
     stop: StopOpt = None,
     seed: SeedOpt = None,
+    slide: SlideOpt = None,
+    keep: KeepOpt = None,
     threads: ThreadsOpt = None,
     api_base: Annotated[
         str | None,
@@ -143,6 +150,7 @@ def generate_command(
     if batch_size is not None and batch_size < 1:
         raise ChatforgeError(f"--batch-size must be >= 1 (got {batch_size})")
     check_threads(threads)
+    check_format(prompt_format)
     tmpl = PromptTemplate.from_options(template, template_file)
     check_input(input)
     check_output(output)
@@ -153,6 +161,7 @@ def generate_command(
             "--dtype": dtype != "auto",
             "--quantize": quantize is not None,
             "--threads": threads is not None,
+            "--format": prompt_format is not None,
         }
         given = [flag for flag, on in local_only.items() if on]
         if given:
@@ -200,9 +209,11 @@ def generate_command(
     def load():  # called by generate_batch only if some row is still to do
         with err.status(f"Loading {model} ...", spinner="dots") if progress else _nullctx():
             if recipe is not None:
-                loaded = load_recipe_model(recipe, dtype=dtype, quantize=quantize)
+                loaded = load_recipe_model(
+                    recipe, dtype=dtype, quantize=quantize, format=prompt_format
+                )
             else:
-                loaded = load_model(model, dtype=dtype, quantize=quantize)
+                loaded = load_model(model, dtype=dtype, quantize=quantize, format=prompt_format)
         use_threads(loaded, threads)  # before generate_batch makes the model's engine
         return loaded
 
@@ -219,6 +230,7 @@ def generate_command(
         progress=progress,
         force_resume=force_resume,
         model_name=recipe.name if recipe is not None else model,
+        prompt_format=prompt_format,
     )
     _report(summary, output, err, "nothing to do (the model was not loaded)")
 
@@ -247,6 +259,8 @@ def _report(summary, output: Path, err: Console, idle: str) -> None:
         err.print(f"[dim]... see the 'error' field in {output}[/]", highlight=False)
     if summary.errors:
         err.print(summary.errors_by_kind(), highlight=False, soft_wrap=True)
+    if summary.context_notice():
+        err.print(f"[yellow]note:[/] {summary.context_notice()}", highlight=False, soft_wrap=True)
     err.print(str(summary), highlight=False, soft_wrap=True)
     if summary.failed:
         err.print(

@@ -176,6 +176,23 @@ MaxLenOpt = Annotated[
     int | None, typer.Option("--max-length", help="Prompt + reply length limit, in tokens.")
 ]
 StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeatable).")]
+SlideOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--slide",
+        help="Keep generating past the model's context: drop the oldest tokens after the "
+        "system prompt (or --keep N tokens) and compute the window again.",
+        show_default=False,
+    ),
+]
+KeepOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--keep",
+        help="With --slide: tokens at the start never dropped. \\[default: the system prompt]",
+        show_default=False,
+    ),
+]
 SeedOpt = Annotated[
     int | None, typer.Option("--seed", help="Random seed for reproducible sampling.")
 ]
@@ -187,6 +204,24 @@ ThreadsOpt = Annotated[
         show_default=False,
     ),
 ]
+
+PromptFormatOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--format",
+        help="Prompt format instead of the model's own: text (continue the prompt as plain "
+        "text: no template, stops at EOS or a blank line), chat_template, sep or eos.",
+        show_default=False,
+    ),
+]
+
+
+def check_format(name: str | None) -> None:
+    """``--format`` must name a prompt format (checked before the slow model load)."""
+    from chatforge.conversation.formats import FORMATS
+
+    if name is not None and name not in FORMATS:
+        raise ChatforgeError(f"--format must be one of {', '.join(FORMATS)} (got {name!r})")
 
 
 def check_threads(threads: int | None) -> None:
@@ -246,6 +281,8 @@ class GenerationFlags:
     stop: list[str] | None = None
     seed: int | None = None
     json_schema: Path | None = None
+    slide: bool | None = None
+    keep: int | None = None
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> GenerationFlags:

@@ -1,4 +1,4 @@
-"""Messages, the three prompt formats, and the context budget."""
+"""Messages, the prompt formats, and the context budget."""
 
 from chatforge.conversation.budget import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -15,6 +15,7 @@ from chatforge.conversation.formats import (
     EosFormat,
     PromptFormat,
     SepFormat,
+    TextFormat,
     detect_format,
     ensure_sep_token,
     get_format,
@@ -35,6 +36,7 @@ __all__ = [
     "Message",
     "PromptFormat",
     "SepFormat",
+    "TextFormat",
     "Turn",
     "as_message",
     "detect_format",

@@ -35,6 +35,7 @@ def reply_budget(
     max_new_tokens: int | None = None,
     max_length: int | None = None,
     cap: int | None = None,
+    slide: bool = False,
 ) -> int:
     """The number of tokens a reply to a ``prompt_tokens``-long prompt may have.
 
@@ -48,6 +49,10 @@ def reply_budget(
     e.g. what :func:`fit_prompt` left after dropping history): the answer is at most
     that. ``cap=0`` asks for no reply (the prompt is only scored): the answer is 0 once
     the whole prompt fits in the context, whatever the length settings.
+
+    ``slide``: the reply may go past the context (``GenerationConfig.slide``: the engine
+    drops the oldest tokens after a kept head and computes the window again), so the
+    context does not cap the budget; the prompt must still leave room for one token.
     """
     if isinstance(prompt_tokens, bool) or not isinstance(prompt_tokens, int):
         raise ValueError(f"prompt_tokens must be an integer (got {prompt_tokens!r})")
@@ -93,10 +98,38 @@ def reply_budget(
                 prompt_tokens=prompt_tokens,
                 limit=context_length,
             )
-        budget = room if budget is None else min(budget, room)
+        if not slide:
+            budget = room if budget is None else min(budget, room)
 
     assert budget is not None and budget >= 1
     return budget if cap is None else min(budget, cap)
+
+
+def context_caps_reply(
+    prompt_tokens: int,
+    context_length: int | None,
+    *,
+    max_new_tokens: int | None = None,
+    max_length: int | None = None,
+    cap: int | None = None,
+    slide: bool = False,
+) -> bool:
+    """True when the context, not ``max_new_tokens``/``max_length``/``cap``, is what
+    :func:`reply_budget` limits this reply by: a reply that uses its whole budget then
+    stopped because the context was full (``Completion.context_full``; the CLI says so
+    and names ``--slide``). Never with ``slide`` (the reply goes past the context).
+
+    A ``cap`` equal to the room the context leaves is taken as the context's own
+    (:func:`fit_prompt` and ``plan_request`` resolve a budget that way); a smaller
+    one is the caller's limit.
+    """
+    if slide or cap == 0 or context_length is None:
+        return False
+    room = context_length - prompt_tokens
+    if cap is not None and cap < room:
+        return False
+    wanted = reply_budget(prompt_tokens, max_new_tokens=max_new_tokens, max_length=max_length)
+    return wanted > room
 
 
 @dataclass
@@ -159,6 +192,7 @@ def fit_prompt(
     max_new_tokens: int | None,
     budget: BudgetConfig | None = None,
     max_length: int | None = None,
+    slide: bool = False,
 ) -> FittedPrompt:
     """Drop oldest turns until the prompt and the reply fit; see the module docstring.
 
@@ -168,6 +202,10 @@ def fit_prompt(
     is kept is then :func:`reply_budget`'s (lowered when less room is left, never below
     ``min(min_reply_tokens, max_new_tokens)``). Raises :class:`ContextOverflowError`
     when even the system prompt and the newest user message leave too little room.
+
+    ``slide``: the reply may go past the context (the engine drops the oldest tokens
+    as it goes), so turns are dropped only until ``min_reply_tokens`` (or a smaller
+    ``max_new_tokens``) fit, and the context does not cap the reply budget.
     """
     budget = budget or BudgetConfig()
     msgs = [as_message(m) for m in messages]
@@ -182,6 +220,8 @@ def fit_prompt(
 
     limit = context_length if max_length is None else min(context_length, max_length)
     reserve = max_new_tokens if max_new_tokens is not None else budget.min_reply_tokens
+    if slide:  # the reply slides past the context: only its start must fit beside the prompt
+        reserve = min(reserve, budget.min_reply_tokens)
     groups = _group_turns(msgs)
 
     cache: dict[int, tuple[list[Message], list[int], Encoded]] = {}
@@ -226,7 +266,9 @@ def fit_prompt(
             prompt_tokens=n,
             limit=limit,
         )
-    reply = reply_budget(n, context_length, max_new_tokens=max_new_tokens, max_length=max_length)
+    reply = reply_budget(
+        n, context_length, max_new_tokens=max_new_tokens, max_length=max_length, slide=slide
+    )
     return FittedPrompt(kept, encoded, dropped, reply)
 
 

@@ -1,8 +1,11 @@
-"""The three prompt formats: the tokenizer's chat template, sep (convmodel) and eos (DialoGPT).
+"""The prompt formats: the tokenizer's chat template, sep (convmodel), eos (DialoGPT)
+and text (no template: the prompt is continued as plain text).
 
 A format turns messages into prompt token ids (``encode``), says which tokens
-end a reply (``stop_token_ids``) and, for training, which tokens belong to
-assistant turns (``encode_for_training``).
+end a reply (``stop_token_ids``, and ``stop_strings``) and, for training, which
+tokens belong to assistant turns (``encode_for_training``). ``start`` is the prompt
+of an empty conversation: the model's start token (BOS, ``<sep>`` or EOS, as the
+format says), from which a reply is sampled as from a freshly pretrained model.
 
 The sep and eos formats have no system role: a system message is ignored.
 In both, ``add_generation_prompt`` changes nothing, because the token that
@@ -47,6 +50,8 @@ class PromptFormat(ABC):
     """Turns messages into token ids for one model family's prompt convention."""
 
     name: ClassVar[str]
+    renders_system: ClassVar[bool] = True
+    """Whether a system message is part of the prompt (sep and eos ignore it)."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
@@ -58,6 +63,29 @@ class PromptFormat(ABC):
     @abstractmethod
     def stop_token_ids(self) -> set[int]:
         """Token ids that end a reply (never part of its text)."""
+
+    def stop_strings(self) -> tuple[str, ...]:
+        """Text that ends a reply (never part of it), besides the request's own stops."""
+        return ()
+
+    def start(self) -> Encoded:
+        """The prompt of an empty conversation: the start token (BOS, else EOS)."""
+        for attr in ("bos_token_id", "eos_token_id"):
+            ids = _ids(getattr(self.tokenizer, attr, None))
+            if ids:
+                return Encoded([min(ids)], None, None)
+        raise InputError(
+            "an empty prompt needs a start token (BOS or EOS); this tokenizer has none"
+        )
+
+    def is_empty(self, messages: Sequence[MsgLike]) -> bool:
+        """True when ``messages`` hold no text this format renders (the prompt is then
+        :meth:`start`)."""
+        return not any(
+            m.content.strip()
+            for m in map(as_message, messages)
+            if self.renders_system or m.role != "system"
+        )
 
     @abstractmethod
     def encode_for_training(
@@ -80,11 +108,14 @@ def _vocab_id(tokenizer: Any, token: str) -> int | None:
     return tokenizer.get_vocab().get(token)
 
 
-def _eos_ids(tokenizer: Any) -> set[int]:
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
+def _ids(value: Any) -> set[int]:
+    if value is None:
         return set()
-    return {int(e) for e in eos} if isinstance(eos, (list, tuple, set)) else {int(eos)}
+    return {int(e) for e in value} if isinstance(value, (list, tuple, set)) else {int(value)}
+
+
+def _eos_ids(tokenizer: Any) -> set[int]:
+    return _ids(getattr(tokenizer, "eos_token_id", None))
 
 
 class ChatTemplateFormat(PromptFormat):
@@ -175,6 +206,7 @@ class SepFormat(PromptFormat):
     """
 
     name = "sep"
+    renders_system = False
 
     def __init__(self, tokenizer: Any) -> None:
         sep = _vocab_id(tokenizer, SEP_TOKEN)
@@ -194,6 +226,10 @@ class SepFormat(PromptFormat):
     def stop_token_ids(self) -> set[int]:
         # EOS as well: a GPT-2 keeps its pre-training habit of ending text with it.
         return {self.sep_id} | _eos_ids(self.tokenizer)
+
+    def start(self) -> Encoded:
+        """``<sep>`` (type 0): a conversation's first turn starts after it."""
+        return Encoded([self.sep_id], [0], 0)
 
     def encode_for_training(
         self, messages: Sequence[MsgLike]
@@ -223,6 +259,7 @@ class EosFormat(PromptFormat):
     """
 
     name = "eos"
+    renders_system = False
 
     def __init__(self, tokenizer: Any) -> None:
         if getattr(tokenizer, "eos_token_id", None) is None:
@@ -236,6 +273,10 @@ class EosFormat(PromptFormat):
 
     def stop_token_ids(self) -> set[int]:
         return _eos_ids(self.tokenizer)
+
+    def start(self) -> Encoded:
+        """EOS: every turn starts after one."""
+        return Encoded([self.eos_id], None, None)
 
     def encode_for_training(
         self, messages: Sequence[MsgLike]
@@ -251,10 +292,72 @@ class EosFormat(PromptFormat):
         return ids, None, mask
 
 
+class TextFormat(PromptFormat):
+    """Plain text, for models trained on a text corpus: no template, no separators.
+
+    The messages are one growing text, as in a notebook: each user (or system)
+    message is appended on a new line (directly where the text is empty or already
+    ends with a newline), each reply directly after the text it continues. The
+    prompt is that text's tokens as the tokenizer encodes it (the ones
+    ``/v1/completions`` sends for the same text); an empty text is :meth:`start`. A
+    reply ends at EOS or at a blank line (two newlines, :attr:`BLANK_LINE`).
+    """
+
+    name = "text"
+    BLANK_LINE: ClassVar[str] = "\n\n"
+
+    @staticmethod
+    def pieces(messages: Sequence[MsgLike]) -> list[tuple[str, str]]:
+        """``(role, piece)`` per message: the text each adds, joiner included."""
+        out: list[tuple[str, str]] = []
+        text_ends = ""  # the end of the text so far ("" while it is empty)
+        for m in map(as_message, messages):
+            joiner = "" if m.role == "assistant" or text_ends in ("", "\n") else "\n"
+            piece = joiner + m.content
+            out.append((m.role, piece))
+            text_ends = piece[-1:] or text_ends
+        return out
+
+    @classmethod
+    def text(cls, messages: Sequence[MsgLike]) -> str:
+        """The one text ``messages`` make."""
+        return "".join(piece for _, piece in cls.pieces(messages))
+
+    def encode(self, messages: Sequence[MsgLike], add_generation_prompt: bool = True) -> Encoded:
+        text = self.text(messages)
+        if not text.strip():
+            return self.start()
+        return Encoded(list(self.tokenizer.encode(text)), None, None)
+
+    def stop_token_ids(self) -> set[int]:
+        return _eos_ids(self.tokenizer)
+
+    def stop_strings(self) -> tuple[str, ...]:
+        return (self.BLANK_LINE,)
+
+    def encode_for_training(
+        self, messages: Sequence[MsgLike]
+    ) -> tuple[list[int], list[int] | None, list[bool]]:
+        """The text's pieces tokenised one by one (assistant pieces learned), then EOS
+        (learned when a reply ends the text)."""
+        ids: list[int] = []
+        mask: list[bool] = []
+        for role, piece in self.pieces(messages):
+            toks = self._text_ids(piece)
+            ids += toks
+            mask += [role == "assistant"] * len(toks)
+        eos = _eos_ids(self.tokenizer)
+        if eos:
+            ids.append(min(eos))
+            mask.append(bool(mask) and mask[-1])
+        return ids, None, mask
+
+
 FORMATS: dict[str, type[PromptFormat]] = {
     ChatTemplateFormat.name: ChatTemplateFormat,
     SepFormat.name: SepFormat,
     EosFormat.name: EosFormat,
+    TextFormat.name: TextFormat,
 }
 
 

@@ -25,7 +25,7 @@ from typing import Any
 # The reply-length rule lives below this module (conversation/budget.py); its default
 # is re-exported here, where its users import it from.
 from chatforge.conversation.budget import DEFAULT_MAX_NEW_TOKENS as DEFAULT_MAX_NEW_TOKENS
-from chatforge.conversation.budget import reply_budget
+from chatforge.conversation.budget import context_caps_reply, reply_budget
 from chatforge.errors import InputError, ParamError
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -64,6 +64,8 @@ _OFF_VALUES: dict[str, Any] = {
     "stop": (),
     "do_sample": None,
     "json_schema": None,
+    "slide": False,
+    "keep": None,
 }
 _FLOAT_PARAMS = (
     "temperature",
@@ -73,7 +75,7 @@ _FLOAT_PARAMS = (
     "presence_penalty",
     "frequency_penalty",
 )
-_INT_PARAMS = ("top_k", "no_repeat_ngram_size", "max_new_tokens", "max_length", "seed")
+_INT_PARAMS = ("top_k", "no_repeat_ngram_size", "max_new_tokens", "max_length", "seed", "keep")
 _GREEDY_DROPS = (
     "repetition_penalty",
     "no_repeat_ngram_size",
@@ -229,6 +231,16 @@ class GenerationConfig:
     """A JSON Schema every reply follows: only tokens that keep the reply valid JSON
     matching it are sampled, and the reply ends where the JSON does (see
     :mod:`~chatforge.generation.grammar`). ``{"type": "object"}``: any JSON object."""
+    slide: bool = False
+    """Keep generating when prompt + reply reach the model's context: the oldest tokens
+    after a kept head (``keep``) are dropped and the window is computed again from
+    scratch (exact: a fresh forward pass, positions from 0), so only ``max_new_tokens``
+    (or ``max_length``) ends the reply. Off: the context also ends it
+    (``finish_reason`` "length", ``Completion.context_full``)."""
+    keep: int | None = None
+    """With ``slide``: the tokens at the start of the window that are never dropped.
+    ``None``: the rendered system prompt's tokens, when a chat has one (at most half the
+    context), else none. Must be less than the model's context."""
 
     def __post_init__(self) -> None:
         self.temperature = _check_float("temperature", self.temperature)
@@ -310,6 +322,14 @@ class GenerationConfig:
         if self.do_sample is not None and not isinstance(self.do_sample, bool):
             raise ParamError("do_sample", f"must be True, False or None (got {self.do_sample!r})")
 
+        if not isinstance(self.slide, bool):
+            raise ParamError("slide", f"must be True or False (got {self.slide!r})")
+        self.keep = _check_int("keep", self.keep, optional=True)
+        if self.keep is not None and self.keep < 0:
+            raise ParamError(
+                "keep", f"must be >= 0 (got {self.keep}); use None for the system prompt"
+            )
+
     # ------------------------------------------------------------------ derived
 
     @property
@@ -327,8 +347,9 @@ class GenerationConfig:
         length is set), capped by ``max_length - prompt_tokens``, by ``context_length -
         prompt_tokens`` and by ``cap`` (a budget resolved earlier). Raises
         :class:`ContextOverflowError` when either cap leaves no room for even one token.
-        This is :func:`chatforge.conversation.budget.reply_budget` with this config's
-        lengths, the one rule every caller asks.
+        With ``slide`` the context does not cap it (the prompt must still fit). This is
+        :func:`chatforge.conversation.budget.reply_budget` with this config's lengths,
+        the one rule every caller asks.
         """
         return reply_budget(
             prompt_tokens,
@@ -336,6 +357,22 @@ class GenerationConfig:
             max_new_tokens=self.max_new_tokens,
             max_length=self.max_length,
             cap=cap,
+            slide=self.slide,
+        )
+
+    def context_caps_reply(
+        self, prompt_tokens: int, context_length: int | None, cap: int | None = None
+    ) -> bool:
+        """True when the context (not this config's lengths or ``cap``) limits the reply
+        :meth:`reply_budget` gives: a reply using it all stopped because the context was
+        full. :func:`chatforge.conversation.budget.context_caps_reply`."""
+        return context_caps_reply(
+            prompt_tokens,
+            context_length,
+            max_new_tokens=self.max_new_tokens,
+            max_length=self.max_length,
+            cap=cap,
+            slide=self.slide,
         )
 
     # ------------------------------------------------------------------ copies
@@ -409,7 +446,8 @@ class GenerationConfig:
         optional settings (``seed``, ``max_length``, ``max_new_tokens``, ``stop``) and
         turns filters off (``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``,
         ``no_repeat_ngram_size``). ``stop`` takes ``|``-separated strings and
-        understands ``\\n`` and ``\\t``. ``do_sample`` takes true/false/auto.
+        understands ``\\n`` and ``\\t``. ``do_sample`` takes true/false/auto; ``slide``
+        on/off; ``keep`` a token count or ``none`` (the system prompt).
         """
         key = name.strip().lower().replace("-", "_")
         self._check_names([key])
@@ -436,6 +474,13 @@ class GenerationConfig:
             parsed = bias or None
         elif key == "json_schema":  # inline JSON, or a file holding it
             parsed = load_json_schema(text)
+        elif key == "slide":
+            if word in _TRUE_WORDS:
+                parsed = True
+            elif word in _FALSE_WORDS:
+                parsed = False
+            else:
+                raise ParamError("slide", f"must be on or off (got {value!r})")
         elif key == "do_sample":
             if word in _TRUE_WORDS:
                 parsed = True

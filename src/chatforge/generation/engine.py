@@ -15,6 +15,15 @@ of nano-vllm's engine). A step is three pieces with one concern each:
 A request is checked before it is queued (:mod:`~chatforge.generation.validate`,
 which also resolves its reply budget).
 
+**Sliding past the context** (``GenerationConfig.slide``): when a sequence's next token
+would not fit in the context, its window becomes its head (``keep`` tokens) and the
+newest half of the rest (:func:`slide_drop`, llama.cpp's context-shift amount); its KV
+blocks go back and the scheduler computes the new window again from scratch, the head's
+full blocks from the prefix cache. Positions restart at 0 for the window, so the next
+token's logits are those of a fresh forward pass over it (exact, not a shifted cache);
+a window of ``C`` tokens costs one prefill every ``(C - keep) / 2`` tokens. Penalties
+still see the whole prompt and reply (``Sequence.history``).
+
 The KV of finished requests stays in the cache (block-granular, LRU, within
 ``kv_cache_mb``), so the next turn of a chat, a repeated system prompt or
 ``n`` samples of one prompt start where the cache ends. A failure while
@@ -40,7 +49,7 @@ from typing import Any
 
 from torch import Tensor
 
-from chatforge.errors import ChatforgeError
+from chatforge.errors import ChatforgeError, ParamError
 from chatforge.generation.fast_runner import FastRunner
 from chatforge.generation.kv import BlockManager, block_hashes
 from chatforge.generation.postprocess import Events, PostProcessor
@@ -85,6 +94,15 @@ class EngineConfig:
             raise ValueError(f"threads must be >= 1 or None (got {self.threads})")
 
 
+def slide_drop(window: int, keep: int, context_length: int) -> int:
+    """Tokens a slide drops from a ``window``-token sequence (one more than the context
+    holds) after its ``keep``-token head: the window keeps the head and the newest half
+    (rounded up) of the ``context_length - keep`` tokens after it, so the next slide is
+    that half later."""
+    tail = (context_length - keep + 1) // 2  # >= 1: keep < context_length
+    return window - keep - tail
+
+
 @dataclass
 class Prepared:
     """A request validated by :meth:`Engine.prepare`: its reply budget and its
@@ -92,6 +110,10 @@ class Prepared:
 
     budget: int
     processors: list[Any]
+    keep: int = 0
+    """A sliding reply's head (``GenerationConfig.keep``, else ``Request.keep_tokens``)."""
+    context_capped: bool = False
+    """The context, not the request's lengths, limits ``budget`` (``Completion.context_full``)."""
 
 
 class Engine:
@@ -195,7 +217,28 @@ class Engine:
         processors = [p.bind(self) for p in [*req.processors, *config_processors(req.config)]]
         for proc in processors:
             proc.validate(self.vocab_size)
-        return Prepared(budget, processors)
+        n, cap = len(req.prompt_ids), req.max_new_tokens
+        return Prepared(
+            budget,
+            processors,
+            keep=self._keep(req),
+            context_capped=req.config.context_caps_reply(n, self.context_length, cap),
+        )
+
+    def _keep(self, req: Request) -> int:
+        """The head a sliding reply never drops: ``config.keep`` (< the context, else a
+        ParamError), else the request's ``keep_tokens`` (its system prompt), at most half
+        the context."""
+        keep = req.config.keep
+        if keep is not None:
+            if keep >= self.context_length:
+                raise ParamError(
+                    "keep",
+                    f"must be less than the model's context ({self.context_length} tokens; "
+                    f"got {keep}): the window needs room for the newest tokens",
+                )
+            return keep
+        return min(req.keep_tokens or 0, self.context_length // 2)
 
     def add(
         self,
@@ -220,6 +263,7 @@ class Engine:
             self._next_id += 1
             seq = Seq(handle, request, prepared.budget, self.tokenizer, on_event)
             seq.processors = prepared.processors
+            seq.keep, seq.context_capped = prepared.keep, prepared.context_capped
             seq.salt = salt
             if request.prompt_logprobs is not None:
                 seq.prompt_logprobs.append(None)  # the first token has no context
@@ -329,7 +373,19 @@ class Engine:
             work = [Work.feed(seq, n) for seq, n in scheduled]
             features = self._run(work, events)
             self.post.process(work, features, events, self.stop_token_ids)
+            for w in work:  # a sliding sequence whose next token would not fit
+                seq = w.seq
+                if seq.status is Status.RUNNING and len(seq.tokens) > self.context_length:
+                    assert seq.request.config.slide, "the reply budget keeps it in the context"
+                    self._slide(seq)
             return self._dispatch(events)
+
+    def _slide(self, seq: Seq) -> None:
+        """Drop the oldest tokens of ``seq``'s window after its head and have the new
+        window computed from scratch (see the module docstring)."""
+        seq.slide(slide_drop(len(seq.tokens), seq.keep, self.context_length))
+        self.scheduler.recompute(seq)  # its KV was of the old positions
+        self.runner.release(seq)
 
     def _run(self, work: list[Work], events: Events) -> list[Tensor | None]:
         """The forward pass; then what it computed joins the KV cache's books."""

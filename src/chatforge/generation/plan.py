@@ -8,6 +8,11 @@ so every caller gets the same answer to "how long may this reply be?" and the
 same errors when nothing fits. The answer comes from
 :func:`chatforge.conversation.budget.reply_budget`, the one rule that the engine
 also applies when it checks a request (it is then the same number).
+
+Messages with no text the format renders (an empty prompt) are the format's start
+token (:meth:`~chatforge.conversation.PromptFormat.start`): the reply is sampled
+as from a freshly pretrained model. The format's stop strings (the text format's
+blank line) join the request's own.
 """
 
 from __future__ import annotations
@@ -56,7 +61,14 @@ def plan_request(
     message cannot fit.
     """
     msgs = [as_message(m) for m in messages]
-    if drop_history:
+    extra_stops = [s for s in fmt.stop_strings() if s not in config.stop]
+    if extra_stops:
+        config = config.replace(stop=(*config.stop, *extra_stops))
+    if fmt.is_empty(msgs):  # nothing to render: start from the start token
+        enc = fmt.start()
+        max_new = config.reply_budget(len(enc.input_ids), context_length)
+        kept, dropped = msgs, []
+    elif drop_history:
         fitted = fit_prompt(
             fmt,
             msgs,
@@ -64,6 +76,7 @@ def plan_request(
             config.max_new_tokens,
             budget,
             max_length=config.max_length,
+            slide=config.slide,
         )
         enc, kept, max_new = fitted.encoded, fitted.messages, fitted.max_new_tokens
         dropped = [msgs[i] for i in fitted.dropped]
@@ -80,4 +93,30 @@ def plan_request(
         max_new_tokens=max_new,
         **request_fields,
     )
+    if config.slide and request.keep_tokens is None:
+        request.keep_tokens = system_head(fmt, kept, request.prompt_ids)
     return PlannedRequest(request, kept, dropped)
+
+
+def system_head(fmt: PromptFormat, messages: Sequence[Message], prompt_ids: list[int]) -> int:
+    """How many tokens at the start of ``prompt_ids`` (``messages`` rendered) are the
+    system prompt: the head a sliding reply keeps (``Request.keep_tokens``). The leading
+    system messages are rendered alone; the tokens they share with the prompt are the
+    head. 0 without a system message, or in a format that has no system role."""
+    system = []
+    for m in messages:
+        if m.role != "system":
+            break
+        system.append(m)
+    if not system:
+        return 0
+    try:
+        alone = fmt.encode(system, add_generation_prompt=False).input_ids
+    except Exception:  # noqa: BLE001 - a template that wants a user turn: no head
+        return 0
+    n = 0
+    for a, b in zip(alone, prompt_ids, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n

@@ -157,14 +157,14 @@ class PostProcessor:
         raw_lp = torch.log_softmax(logits, dim=-1) if any(want) else None  # (B, V)
         processed = apply_processors(
             [s.processors for s in seqs],
-            [SequenceView(s.tokens[: s.num_prompt], s.generated, s.budget) for s in seqs],
+            [SequenceView(s.prompt_ids, s.generated, s.budget) for s in seqs],
             logits,
         )
         tokens = sample(
             processed,
             SamplingParams.from_configs([s.request.config for s in seqs]),
             [s.generator for s in seqs],
-            histories=[s.tokens for s in seqs],
+            histories=[s.history for s in seqs],  # the whole prompt + reply, slid or not
             replies=[s.generated for s in seqs],
         ).tolist()
         lps: list[Any] = []
@@ -244,6 +244,12 @@ class PostProcessor:
             logprobs=list(seq.logprobs) if req.logprobs is not None else None,
             prompt_logprobs=list(seq.prompt_logprobs) if req.prompt_logprobs is not None else None,
             error=error,
+            slides=seq.slides,
+            slid_tokens=seq.slid_tokens,
+            # The reply used the budget the context left (not the one it asked for).
+            context_full=reason == "length"
+            and seq.context_capped
+            and 0 < seq.budget <= len(seq.generated),
         )
         if req.embed and reason != "error":
             completion.embedding = mean_unit(seq)

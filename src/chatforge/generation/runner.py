@@ -42,10 +42,12 @@ class Work:
         """Feed ``seq``'s next ``n`` tokens (from the first not in the KV cache). Every fed
         row's features come back where post-processing reads them all: the prompt rows of
         a prompt-logprobs request that predict a prompt token, any prompt row of an
-        embedding request."""
+        embedding request (never again once a sliding window has dropped tokens: its
+        rows are no longer the prompt's, and those were scored)."""
         start = seq.num_computed
-        all_rows = (seq.request.embed and start < seq.num_prompt) or (
-            seq.wants_prompt_logprobs and start < seq.num_prompt - 1
+        all_rows = not seq.slides and (
+            (seq.request.embed and start < seq.num_prompt)
+            or (seq.wants_prompt_logprobs and start < seq.num_prompt - 1)
         )
         return cls(seq, start, start + n, all_rows)
 

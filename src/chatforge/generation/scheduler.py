@@ -12,7 +12,9 @@ When a running sequence needs a block and none is left, the most recently
 admitted sequence is preempted: its blocks go back (they stay in the prefix
 cache) and it waits at the head of the queue to be recomputed. Because every
 row is computed the same way whatever else runs (see ``kernels/decode.c``),
-recomputing changes nothing in its output.
+recomputing changes nothing in its output. A sliding sequence whose window
+changed (:meth:`Scheduler.recompute`) takes the same path: its new window is
+computed from scratch, its head's blocks from the prefix cache.
 
 Nothing here touches tensors, samples, or decodes text.
 """
@@ -141,6 +143,13 @@ class Scheduler:
             return False
         seq.block_table.extend(got)
         return True
+
+    def recompute(self, seq: Sequence) -> None:
+        """Give a running sequence's blocks back and queue it first, to compute its
+        tokens again from the start (its window slid: what is cached is of other
+        positions). Not counted as a preemption."""
+        self._preempt(seq)
+        self.preemptions -= 1
 
     def _preempt(self, seq: Sequence) -> None:
         self.preemptions += 1

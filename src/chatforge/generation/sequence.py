@@ -28,6 +28,12 @@ class Sequence:
     of them are in the KV cache. A step feeds ``tokens[num_computed:]`` (or a
     chunk of it): a whole prompt, the rest of a prompt whose start came from the
     prefix cache, or the one token sampled last step; all are the same operation.
+
+    ``tokens`` is the *window* the model sees (positions ``0..len-1``). It is the whole
+    prompt and reply until a sliding request (``GenerationConfig.slide``) outgrows the
+    context; :meth:`slide` then drops its oldest tokens after the first ``keep``, and
+    the whole prompt and reply stay in :attr:`history` (``generated`` is always the
+    whole reply).
     """
 
     id: int
@@ -55,6 +61,10 @@ class Sequence:
     processors: list[Any] = field(default_factory=list)  # the request's and its config's
     added_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    keep: int = 0  # a sliding window's head: tokens never dropped (GenerationConfig.keep)
+    slides: int = 0  # times the window slid (Completion.slides)
+    slid_tokens: int = 0  # tokens dropped from the window, in all (Completion.slid_tokens)
+    context_capped: bool = False  # the context, not the lengths, limits the budget
 
     def __post_init__(self) -> None:
         req = self.request
@@ -79,6 +89,33 @@ class Sequence:
         """Every prompt row's features are needed (prompt logprobs, an embedding): the
         whole prompt is computed, none of it taken from the prefix cache."""
         return self.wants_prompt_logprobs or self.request.embed
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        """The whole prompt (the window's start may have slid past part of it)."""
+        if self.slides:
+            return list(self.request.prompt_ids)
+        return self.tokens[: self.num_prompt]
+
+    @property
+    def history(self) -> list[int]:
+        """The whole prompt and reply so far (what penalties and n-gram blocking see),
+        whether or not the window still holds it all."""
+        if self.slides:
+            return [*self.request.prompt_ids, *self.generated]
+        return self.tokens
+
+    def slide(self, drop: int) -> None:
+        """Drop ``drop`` tokens of the window after its first :attr:`keep` (the newest
+        stay); the caller gives its KV back so the new window is computed from scratch."""
+        lo, hi = self.keep, self.keep + drop
+        assert drop >= 1 and hi < len(self.tokens), "a slide keeps the newest token"
+        del self.tokens[lo:hi]
+        if self.types is not None:
+            del self.types[lo:hi]
+        self.block_hashes = None  # they were of the old window
+        self.slides += 1
+        self.slid_tokens += drop
 
     def append(self, token: int) -> None:
         """A sampled token joins the sequence (fed to the model next step)."""

@@ -43,6 +43,10 @@ class Request:
     """Compute an embedding of the prompt (the mean of its tokens' final hidden states,
     L2-normalised) instead of generating: needs ``max_new_tokens=0``; like
     ``prompt_logprobs``, the whole prompt is computed (no prefix reuse)."""
+    keep_tokens: int | None = None
+    """The head of the prompt a sliding reply never drops (``GenerationConfig.slide``)
+    when the config's ``keep`` is None: ``plan_request`` sets it to the rendered system
+    prompt's tokens. None: no head."""
 
 
 @dataclass
@@ -73,6 +77,9 @@ class Completion:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token; first None
     error: str | None = None  # why the request failed (finish_reason "error")
     embedding: list[float] | None = None  # (hidden,) unit vector, for Request.embed
+    slides: int = 0  # times the window slid past the context (GenerationConfig.slide)
+    slid_tokens: int = 0  # tokens dropped from the window by those slides, in all
+    context_full: bool = False  # "length" because the context was full, not max_new_tokens
 
     def to_dict(self) -> dict:
         """The numbers a transcript or an output row records."""
@@ -85,6 +92,8 @@ class Completion:
             "first_token_seconds": (
                 None if self.first_token_seconds is None else round(self.first_token_seconds, 4)
             ),
+            **({"slid_tokens": self.slid_tokens} if self.slides else {}),
+            **({"context_full": True} if self.context_full else {}),
         }
 
 

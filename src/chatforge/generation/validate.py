@@ -54,9 +54,10 @@ def check_request(
         # An embedding request's features are hidden states, not logits (HFRunner).
         raise ValueError("an embedding request needs max_new_tokens=0 and no prompt_logprobs")
     budget = req.config.reply_budget(n, context_length, cap=req.max_new_tokens)
-    if kv_tokens is not None and n + budget > kv_tokens:
+    need = min(n + budget, context_length)  # a sliding window never outgrows the context
+    if kv_tokens is not None and need > kv_tokens:
         raise ValueError(
-            f"this request needs {n + budget} tokens of KV cache but the engine's "
+            f"this request needs {need} tokens of KV cache but the engine's "
             f"budget (kv_cache_mb={kv_cache_mb}) holds {kv_tokens}; raise kv_cache_mb"
         )
     return budget

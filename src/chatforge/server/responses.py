@@ -31,6 +31,13 @@ def finish_reason(c: Completion, calls: bool = False) -> str:
     return "tool_calls" if calls else "stop"
 
 
+def slid(c: Completion) -> dict[str, int]:
+    """chatforge's extra field on a choice whose reply slid past the context (the
+    ``slide`` request extra): ``slid_tokens``, the oldest tokens dropped from its window
+    (the last chunk of a stream carries it). Absent otherwise."""
+    return {"slid_tokens": c.slid_tokens} if c.slides else {}
+
+
 def chat_choice(c: Completion, meta: Meta, i: int) -> dict:
     # With tools, as streamed: calls (a call cut short dropped) or text, never call markup.
     content, calls = split_reply(c.text) if meta.render.tools else (c.text, None)
@@ -41,6 +48,7 @@ def chat_choice(c: Completion, meta: Meta, i: int) -> dict:
         "message": message,
         "logprobs": meta.render.chat(c.logprobs or []),
         "finish_reason": finish_reason(c, bool(calls)),
+        **slid(c),
     }
 
 
@@ -145,7 +153,8 @@ async def chat_chunks(handles: list[Handle], meta: Meta, include_usage: bool) ->
         if ev.completion is not None:
             done[i] = ev.completion
             reason = finish_reason(ev.completion, calls_sent.get(i, 0) > 0)
-            yield chunk([{"index": i, "delta": {}, "finish_reason": reason}])
+            last = {"index": i, "delta": {}, "finish_reason": reason, **slid(ev.completion)}
+            yield chunk([last])
     if include_usage:
         yield chunk([], meta.usage([done[i] for i in sorted(done)]))
 
@@ -178,7 +187,8 @@ async def completion_chunks(
         if ev.completion is not None:
             done[i] = ev.completion
             reason = finish_reason(ev.completion)
-            yield chunk([{"index": i, "text": "", "logprobs": None, "finish_reason": reason}])
+            last = {"index": i, "text": "", "logprobs": None, "finish_reason": reason}
+            yield chunk([{**last, **slid(ev.completion)}])
     if include_usage:
         yield chunk([], meta.usage([done[i] for i in sorted(done)]))
 
@@ -210,6 +220,7 @@ COMPLETION = Shape(
         "text": (meta.render.echo[i // meta.n] if meta.render.echo is not None else "") + c.text,
         "logprobs": meta.render.legacy(c, i // meta.n),
         "finish_reason": finish_reason(c),
+        **slid(c),
     },
     chunks=completion_chunks,
 )

@@ -174,6 +174,8 @@ class _Sampling(_Body):
     min_p: float | None = None
     repetition_penalty: float | None = None
     no_repeat_ngram_size: int | None = None
+    slide: bool | None = None  # generate past the context (GenerationConfig.slide)
+    keep: int | None = None  # the head a sliding reply keeps (GenerationConfig.keep)
     response_format: ResponseFormat | None = None
 
 
@@ -369,6 +371,8 @@ def generation_config(
         "stop": tuple(stop),
         "seed": req.seed,
         "json_schema": response_schema(req),
+        "slide": req.slide,
+        "keep": req.keep,
         # No max_tokens: the server's limit, capped by the context at submit time.
         "max_new_tokens": max_tokens,
     }

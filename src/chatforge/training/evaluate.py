@@ -1,7 +1,9 @@
 """Measure conversation models: held-out perplexity and what their replies look like.
 
 * **perplexity**: ``exp`` of the mean next-token loss on the assistant turns of
-  held-out conversations (rendered with each model's own prompt format);
+  held-out conversations (rendered with each model's own prompt format), or on
+  every token of a held-out text corpus (:func:`evaluate_text`: texts joined by EOS
+  and cut into context-length chunks, as training reads a corpus);
 * **distinct-1 / distinct-2**: unique word unigrams / bigrams over all
   generated replies, divided by their total (low = the model repeats itself
   across replies, the classic "i don't know" failure);
@@ -10,7 +12,8 @@
 * **mean reply length** in tokens.
 
 Replies are generated with chatforge's :class:`~chatforge.Engine` for the last
-assistant turn of each held-out conversation, greedily (or sampled with a seed).
+assistant turn of each held-out conversation, greedily (or sampled with a seed);
+for a text corpus, they continue the first half of its lines as plain text.
 """
 
 from __future__ import annotations
@@ -44,8 +47,8 @@ class EvalResult:
     model: str
     perplexity: float | None
     loss: float | None
-    eval_tokens: int  # assistant tokens the perplexity is computed over
-    conversations: int
+    eval_tokens: int  # tokens the perplexity is computed over (assistant tokens; text: all)
+    conversations: int  # held-out conversations (a text corpus: texts)
     distinct_1: float | None
     distinct_2: float | None
     repeated_ngram_rate: float | None
@@ -58,7 +61,6 @@ class EvalResult:
         return asdict(self)
 
 
-@torch.no_grad()
 def perplexity(loaded: Any, conversations: Sequence[list[Message]], batch_size: int = 8):
     """``(loss, tokens)``: mean next-token loss over assistant tokens of ``conversations``.
 
@@ -68,10 +70,21 @@ def perplexity(loaded: Any, conversations: Sequence[list[Message]], batch_size: 
     """
     from chatforge.training.data import Dataset
 
+    return _score(loaded, Dataset("convmodel", list(conversations)), batch_size)
+
+
+def text_perplexity(loaded: Any, texts: Sequence[str], batch_size: int = 8):
+    """``(loss, tokens)``: mean next-token loss over every token of ``texts`` (joined by
+    EOS, cut into context-length chunks, as training reads a text corpus)."""
+    from chatforge.training.data import Dataset
+
+    return _score(loaded, Dataset("text", texts=list(texts)), batch_size)
+
+
+@torch.no_grad()
+def _score(loaded: Any, dataset: Any, batch_size: int):
     context = min(loaded.info.context_length, 1024)
-    examples, _ = build_examples(
-        loaded.format, Dataset("convmodel", list(conversations)), context, "assistant"
-    )
+    examples, _ = build_examples(loaded.format, dataset, context, "assistant")
     if not examples:
         return None, 0
     total, n = 0.0, 0
@@ -124,8 +137,10 @@ def generate_replies(
     max_new_tokens: int = 48,
     seed: int | None = None,
     batch_size: int = 8,
+    fmt: Any = None,
 ) -> list[Any]:
-    """Completions (the model's engine) for each prompt; old turns dropped to fit the context."""
+    """Completions (the model's engine) for each prompt, rendered in ``fmt`` (None: the
+    model's format); old turns dropped to fit the context."""
     from chatforge.conversation import BudgetConfig
     from chatforge.generation.config import GenerationConfig
     from chatforge.generation.engine import Engine
@@ -141,7 +156,7 @@ def generate_replies(
         if msgs[-1].role != "user":  # a reply to whatever came last: treat it as the user's
             msgs = [*msgs[:-1], Message("user", msgs[-1].content)]
         plan = plan_request(
-            loaded.format,
+            fmt or loaded.format,
             msgs,
             loaded.info.context_length,
             cfg,
@@ -179,15 +194,65 @@ def evaluate(
     """Perplexity on all ``conversations``; reply metrics on the first ``replies`` of them."""
     t0 = time.perf_counter()
     loss, n = perplexity(loaded, conversations)
+    prompts = reply_prompts(conversations)[:replies]
+    return _result(
+        loaded, name, t0, loss, n, len(conversations), prompts, None, max_new_tokens, seed
+    )
+
+
+def text_prompts(texts: Sequence[str], limit: int) -> list[list[Message]]:
+    """The first half (in words) of each line of ``texts`` that has two words or more,
+    as one-message prompts, at most ``limit``."""
+    out: list[list[Message]] = []
+    for text in texts:
+        for line in text.splitlines():
+            words = line.split()
+            if len(out) < limit and len(words) >= 2:
+                out.append([Message("user", " ".join(words[: len(words) // 2]))])
+    return out
+
+
+def evaluate_text(
+    loaded: Any,
+    texts: Sequence[str],
+    name: str | None = None,
+    replies: int = 32,
+    max_new_tokens: int = 48,
+    seed: int | None = None,
+) -> EvalResult:
+    """Perplexity on every token of ``texts`` (a held-out corpus); reply metrics on plain
+    text continuations (the text format, whatever the model's) of the first half of
+    ``replies`` of its lines."""
+    from chatforge.conversation.formats import TextFormat
+
+    t0 = time.perf_counter()
+    loss, n = text_perplexity(loaded, texts)
+    fmt = loaded.format if isinstance(loaded.format, TextFormat) else TextFormat(loaded.tokenizer)
+    prompts = text_prompts(texts, replies)
+    return _result(loaded, name, t0, loss, n, len(texts), prompts, fmt, max_new_tokens, seed)
+
+
+def _result(
+    loaded: Any,
+    name: str | None,
+    t0: float,
+    loss: float | None,
+    n: int,
+    items: int,
+    prompts: list[list[Message]],
+    fmt: Any,
+    max_new_tokens: int,
+    seed: int | None,
+) -> EvalResult:
+    """The scores, with reply metrics over completions of ``prompts`` (none: no replies)."""
     stats: dict[str, float | None] = {
         "distinct_1": None,
         "distinct_2": None,
         "repeated_ngram_rate": None,
     }
     mean_len, samples, done = None, [], 0
-    if replies > 0:
-        prompts = reply_prompts(conversations)[:replies]
-        comps = generate_replies(loaded, prompts, max_new_tokens, seed)
+    if prompts:
+        comps = generate_replies(loaded, prompts, max_new_tokens, seed, fmt=fmt)
         stats = reply_stats([c.text for c in comps])
         mean_len = sum(c.completion_tokens for c in comps) / len(comps) if comps else None
         done = len(comps)
@@ -199,7 +264,7 @@ def evaluate(
         perplexity=math.exp(min(loss, 50)) if loss is not None else None,
         loss=loss,
         eval_tokens=n,
-        conversations=len(conversations),
+        conversations=items,
         distinct_1=stats["distinct_1"],
         distinct_2=stats["distinct_2"],
         repeated_ngram_rate=stats["repeated_ngram_rate"],

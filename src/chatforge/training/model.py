@@ -4,7 +4,9 @@ Fine-tuning loads any model chatforge can load (``load_model``); from scratch
 builds a GPT-2 around a tokenizer directory (sep format by default). LoRA wraps
 the model with ``peft``. The output directory is a model: safetensors weights
 (merged with ``merge``, or LoRA adapter + a reference to the base model),
-tokenizer, config and ``chatforge.json`` with the prompt format.
+tokenizer, config and ``chatforge.json`` with the prompt format. A model trained
+on a text corpus (no ``--format``) records the ``text`` format: chat, generate,
+eval and the server then continue prompts as plain text, as it was trained.
 """
 
 from __future__ import annotations
@@ -28,31 +30,35 @@ class Built:
 
     model: Any  # transformers PreTrainedModel (peft-wrapped with LoRA), train mode
     tokenizer: Any
-    format_name: str  # "chat_template" | "sep" | "eos"
+    format_name: str  # "chat_template" | "sep" | "eos" | "text"
     context: int  # row length used for training
     base: str | None  # the base model reference (fine-tuning), None from scratch
     base_dir: Path | None  # its local directory
 
 
-def build_model(cfg: TrainConfig) -> Built:
-    """Load (or create) the model and tokenizer; set up the prompt format and LoRA."""
+def build_model(cfg: TrainConfig, data_kind: str | None = None) -> Built:
+    """Load (or create) the model and tokenizer; set up the prompt format and LoRA.
+
+    The format is ``cfg.format``, else ``text`` for a text corpus (``data_kind``), else
+    the model's own (``sep`` for a new GPT-2)."""
+    fmt = cfg.format or ("text" if data_kind == "text" else None)
     if cfg.init == "gpt2":
-        built = _scratch_gpt2(cfg)
+        built = _scratch_gpt2(cfg, fmt)
     else:
-        built = _pretrained(cfg)
+        built = _pretrained(cfg, fmt)
     if cfg.lora:
         built.model = apply_lora(built.model, cfg)
     built.model.train()
     return built
 
 
-def _pretrained(cfg: TrainConfig) -> Built:
+def _pretrained(cfg: TrainConfig, fmt: str | None) -> Built:
     from chatforge.models import load_model
 
     # fp32 trainable weights, no fast decoder: training runs transformers' modules.
     lm = load_model(str(cfg.model), "fp32", "none", fast=False)
     model, tok = lm.model, lm.tokenizer
-    fmt = cfg.format or lm.info.prompt_format
+    fmt = fmt or lm.info.prompt_format
     n_vocab = model.get_input_embeddings().num_embeddings
     if fmt == "sep":
         ensure_sep_token(tok, model)
@@ -75,7 +81,7 @@ def _pretrained(cfg: TrainConfig) -> Built:
     return Built(model, tok, fmt, context, base, base_dir)
 
 
-def _scratch_gpt2(cfg: TrainConfig) -> Built:
+def _scratch_gpt2(cfg: TrainConfig, fmt: str | None) -> Built:
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
@@ -89,7 +95,7 @@ def _scratch_gpt2(cfg: TrainConfig) -> Built:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:
         raise ChatforgeError(f"could not load the tokenizer in {path}: {e}") from e
-    fmt = cfg.format or "sep"
+    fmt = fmt or "sep"
     if fmt == "sep":
         ensure_sep_token(tok)
     if tok.eos_token_id is None:

@@ -1,5 +1,8 @@
 """``POST /v1/completions``: OpenAI's legacy completions over raw prompts (text or
-token ids), with ``echo`` and prompt logprobs for scoring (lm-evaluation-harness)."""
+token ids), with ``echo`` and prompt logprobs for scoring (lm-evaluation-harness).
+
+An empty prompt (``""`` or ``[]`` in a list) starts from the model's start token (BOS,
+``<sep>`` or EOS, as its prompt format says): unconditional generation."""
 
 from __future__ import annotations
 
@@ -55,18 +58,22 @@ async def completions(request: Request) -> Response:
         encoded, texts = await asyncio.to_thread(encode)
     except (ValueError, TypeError, OverflowError) as e:
         raise APIError(400, f"cannot tokenise the prompt: {e}", param="prompt") from None
-    if not all(encoded):
-        raise APIError(400, "prompt must not be empty", param="prompt")
+    start = loaded.format.start()  # the prompt of an empty prompt
+    types = [None if ids else start.token_type_ids for ids in encoded]
+    reply_types = [None if ids else start.reply_token_type for ids in encoded]
+    encoded = [ids or list(start.input_ids) for ids in encoded]
     bases = [
         EngineRequest(
             prompt_ids=ids,
+            token_type_ids=types[i],
+            reply_token_type=reply_types[i],
             config=config,
             logprobs=k,
             prompt_logprobs=k if req.echo and k is not None else None,
             max_new_tokens=0 if score_only else None,
             adapter=t.route.adapter,
         )
-        for ids in encoded
+        for i, ids in enumerate(encoded)
     ]
     render = Render(loaded.tokenizer, k, texts if req.echo else None, encoded)
     return await respond(request, req, t, bases, "prompt", COMPLETION, render, state.retry_after)
