@@ -27,6 +27,7 @@ from typing import Any
 from chatforge.conversation.budget import DEFAULT_MAX_NEW_TOKENS as DEFAULT_MAX_NEW_TOKENS
 from chatforge.conversation.budget import context_caps_reply, reply_budget
 from chatforge.errors import InputError, ParamError
+from chatforge.generation.schema import json_schema_grammar
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Deterministic: always the most likely token.
@@ -76,7 +77,7 @@ _FLOAT_PARAMS = (
     "frequency_penalty",
 )
 _INT_PARAMS = ("top_k", "no_repeat_ngram_size", "max_new_tokens", "max_length", "seed", "keep")
-_GREEDY_DROPS = (
+GREEDY_DROPS = (
     "repetition_penalty",
     "no_repeat_ngram_size",
     "presence_penalty",
@@ -315,8 +316,6 @@ class GenerationConfig:
             raise ParamError("seed", f"must be in [0, 2**64) (got {self.seed})")
 
         if self.json_schema is not None:
-            from chatforge.generation.grammar import json_schema_grammar
-
             json_schema_grammar(self.json_schema)  # fails here, naming json_schema
 
         if self.do_sample is not None and not isinstance(self.do_sample, bool):
@@ -435,7 +434,7 @@ class GenerationConfig:
             # An explicit greedy request means the model's own most likely tokens (what
             # transformers' greedy generate gives): the preset's penalties do not apply
             # unless given too.
-            for name in _GREEDY_DROPS:
+            for name in GREEDY_DROPS:
                 base.pop(name, None)
         return cls(**{**base, **given})
 

@@ -51,9 +51,9 @@ from torch import Tensor
 
 from chatforge.errors import ChatforgeError, ParamError
 from chatforge.generation.fast_runner import FastRunner
+from chatforge.generation.grammar import config_processors
 from chatforge.generation.kv import BlockManager, block_hashes
 from chatforge.generation.postprocess import Events, PostProcessor
-from chatforge.generation.processors import config_processors
 from chatforge.generation.runner import HFRunner, ModelRunner, Work
 from chatforge.generation.scheduler import Scheduler, SchedulerConfig
 from chatforge.generation.sequence import Sequence as Seq

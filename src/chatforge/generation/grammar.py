@@ -20,8 +20,6 @@ compact form. A schema's ``x-guidance`` key can override these options.
 
 from __future__ import annotations
 
-import functools
-import json
 import threading
 import weakref
 from collections import deque
@@ -35,73 +33,10 @@ from torch import Tensor
 
 from chatforge.errors import InputError, ParamError
 from chatforge.generation.processors import LogitsProcessor, SequenceView
-
-JSON_OPTIONS: dict[str, Any] = {
-    "whitespace_flexible": False,
-    "item_separator": ", ",
-    "key_separator": ": ",
-}
-"""How constrained JSON is spelled (llguidance ``JsonCompileOptions``)."""
-
-ANY_JSON_OBJECT: dict[str, Any] = {"type": "object"}
-"""The schema of OpenAI's ``response_format: {"type": "json_object"}``."""
-
-
-def _llguidance() -> Any:
-    try:
-        import llguidance
-    except ImportError as e:  # pragma: no cover - a dependency of the package
-        raise RuntimeError(
-            "structured output needs the llguidance package: pip install llguidance"
-        ) from e
-    return llguidance
-
-
-def json_schema_grammar(schema: dict[str, Any], *, lenient: bool = False) -> str:
-    """The llguidance grammar of replies matching ``schema``; a ParamError naming
-    ``json_schema`` when the schema is not one we can enforce.
-
-    ``lenient``: ignore keywords llguidance does not implement (OpenAI's
-    non-strict mode) instead of failing on them.
-    """
-    if not isinstance(schema, dict):
-        raise ParamError("json_schema", f"must be a JSON object (got {type(schema).__name__})")
-    try:
-        key = json.dumps(schema)  # not sorted: property order is generation order
-    except (TypeError, ValueError) as e:
-        raise ParamError("json_schema", f"is not JSON: {e}") from None
-    return _schema_grammar(key, lenient)
-
-
-@functools.lru_cache(maxsize=256)
-def _schema_grammar(schema: str, lenient: bool) -> str:
-    # Compiled once per schema: a config is validated where it is built and again
-    # when its request is added, and a batch file repeats one schema on every row.
-    llg = _llguidance()
-    overrides = {"lenient": True} if lenient else None
-    try:
-        grammar = llg.LLMatcher.grammar_from_json_schema(
-            schema, defaults=JSON_OPTIONS, overrides=overrides
-        )
-    except (ValueError, TypeError) as e:
-        raise ParamError("json_schema", f"is not a valid JSON Schema: {e}") from None
-    _check(grammar, "json_schema")
-    return grammar
-
-
-def lark_grammar(text: str, *, name: str = "grammar") -> str:
-    """The llguidance grammar of a Lark grammar (llguidance's dialect: ``%json{...}``
-    embeds a JSON Schema); a ParamError naming ``name`` when it is invalid."""
-    grammar = _llguidance().LLMatcher.grammar_from_lark(text)
-    _check(grammar, name)
-    return grammar
-
-
-def _check(grammar: str, name: str) -> None:
-    error = _llguidance().LLMatcher.validate_grammar(grammar)
-    if error:
-        raise ParamError(name, f"cannot be enforced: {error}")
-
+from chatforge.generation.schema import (
+    json_schema_grammar,
+    llguidance_module,
+)
 
 # One llguidance tokenizer per (tokenizer, vocabulary, stop tokens): building it walks
 # the whole vocabulary (~0.3 s for 49k tokens), so it is done once per model.
@@ -210,7 +145,7 @@ def grammar_tokenizer(tokenizer: Any, vocab_size: int, stop_ids: Sequence[int]) 
     backend = copy(backend)  # the copy's padding/truncation settings can be changed
     backend.no_padding()
     backend.no_truncation()
-    ll = _llguidance().LLTokenizer(
+    ll = llguidance_module().LLTokenizer(
         backend.to_str(), n_vocab=int(vocab_size), eos_token=sorted(stop_ids)
     )
     n = min(vocab_size, ll.vocab_size)
@@ -303,7 +238,7 @@ class GrammarConstraint(LogitsProcessor):
             self.grammar, name=self.name, close=self.close, close_after=self.close_after
         )
         bound.vocab = vocab
-        bound.matcher = _llguidance().LLMatcher(vocab.ll, self.grammar, log_level=0)
+        bound.matcher = llguidance_module().LLMatcher(vocab.ll, self.grammar, log_level=0)
         if bound.matcher.is_error():
             raise ParamError(self.name, f"cannot be enforced: {bound.matcher.get_error()}")
         return bound
@@ -486,3 +421,12 @@ def unpack_bits(mask: Tensor, width: int) -> Tensor:
     shifts = torch.arange(32, dtype=torch.int32)  # (32,)
     bits = (mask.unsqueeze(-1) >> shifts) & 1  # (B, W, 32)
     return bits.reshape(mask.shape[0], -1)[:, :width].bool()
+
+
+def config_processors(config: Any) -> list[LogitsProcessor]:
+    """The processors a :class:`~chatforge.generation.config.GenerationConfig` asks for:
+    a grammar for ``json_schema`` (its ``logit_bias`` and penalties are sampling
+    parameters, :class:`~chatforge.generation.sampling.SamplingParams`)."""
+    if config.json_schema is None:
+        return []
+    return [GrammarConstraint.from_json_schema(config.json_schema)]

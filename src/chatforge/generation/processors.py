@@ -1,8 +1,8 @@
 """Per-sequence logits processors: the engine's hook for constraints.
 
 A request carries a list of processors (``Request.processors``); a config's
-``json_schema`` adds a grammar (:func:`config_processors`). Before sampling, the
-engine hands every processor the logits of the sequences that carry one,
+``json_schema`` adds a grammar (:func:`~chatforge.generation.grammar.config_processors`).
+Before sampling, the engine hands every processor the logits of the sequences that carry one,
 *grouped by processor class*: a class sees all its rows at once as one
 ``(B, V)`` tensor, so a grammar mask is one vectorised operation per step, not a
 Python loop per token. A processor that only knows how to handle one row
@@ -101,17 +101,6 @@ class LogitBias(LogitsProcessor):
                 ids[i, : len(p.bias)] = torch.tensor(list(p.bias), dtype=torch.long)
                 values[i, : len(p.bias)] = torch.tensor(list(p.bias.values()), dtype=logits.dtype)
         return apply_logit_bias(logits, ids, values)
-
-
-def config_processors(config: Any) -> list[LogitsProcessor]:
-    """The processors a :class:`~chatforge.generation.config.GenerationConfig` asks for:
-    a grammar for ``json_schema`` (its ``logit_bias`` and penalties are sampling
-    parameters, :class:`~chatforge.generation.sampling.SamplingParams`)."""
-    if config.json_schema is None:
-        return []
-    from chatforge.generation.grammar import GrammarConstraint
-
-    return [GrammarConstraint.from_json_schema(config.json_schema)]
 
 
 def apply_processors(

@@ -28,8 +28,8 @@ from urllib.parse import quote, unquote
 from chatforge.errors import ChatforgeError, InputError, ModelLoadError, ParamError
 from chatforge.fsutil import atomic_write
 from chatforge.generation.config import (
-    _GREEDY_DROPS,
     DEFAULT_PRESET,
+    GREEDY_DROPS,
     PRESETS,
     GenerationConfig,
 )
@@ -103,7 +103,7 @@ class Recipe:
                 )
             preset = dict(PRESETS[key])
         if params.get("temperature") == 0:
-            for name in _GREEDY_DROPS:
+            for name in GREEDY_DROPS:
                 preset.pop(name, None)
         return base.replace(**{**preset, **params})
 

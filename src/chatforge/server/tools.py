@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatforge.conversation import Message
-from chatforge.generation.grammar import JSON_OPTIONS, GrammarConstraint, lark_grammar
+from chatforge.generation.grammar import GrammarConstraint
+from chatforge.generation.schema import JSON_OPTIONS, lark_grammar
 from chatforge.server.errors import APIError
 from chatforge.server.schemas import ChatMessageIn, NamedToolChoice, ToolDef
 
