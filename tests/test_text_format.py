@@ -178,6 +178,29 @@ def test_generate_continues_the_text_and_an_empty_prompt_starts_fresh(
     assert rows[1]["output"].strip()
 
 
+def test_generate_into_a_txt_file_continues_each_line(text_model, text_lm, tmp_path, capsys):
+    # bot_wcorpus.py --prompt_file prompts.txt --output_file out.txt: one prompt a line in,
+    # each prompt with its continuation out; the rows (resume, settings) kept beside it.
+    prompts = ["last night i dreamt", "the sea was"]
+    src = tmp_path / "prompts.txt"
+    src.write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "out.txt"
+    argv = ["generate", str(src), "-o", str(out), "--model", str(text_model), "--no-progress"]
+    argv += ["--preset", "precise", "--max-new-tokens", str(N)]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    rows_file = tmp_path / "out.txt.rows.jsonl"
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == prompts
+    want = [p + _engine_text(text_lm, _ids(text_lm.tokenizer, p)) for p in prompts]
+    assert out.read_text() == "\n\n".join(w.strip("\n") for w in want) + "\n"
+    # A rerun resumes from the rows: nothing to do, the text is the same.
+    before = out.read_text()
+    code, _, err = run(argv, capsys)
+    assert code == 0 and "already have a row" in err, err
+    assert out.read_text() == before
+
+
 def test_server_completions_and_chat_route_on_a_text_model(text_lm) -> None:
     import httpx
 

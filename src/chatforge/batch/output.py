@@ -1,5 +1,11 @@
 """Append-only result files (``.jsonl`` or ``.csv``) that survive a crash and resume.
 
+A ``.txt`` output (``generate prompts.txt -o out.txt``, as a script that continues
+each line of a file would write it) is a view: the rows are kept beside it in
+``out.txt.rows.jsonl`` (resume, errors and settings live there), and ``out.txt`` is
+written from them, whole and atomically, when the writer closes: each prompt followed
+by its continuation, entries separated by a blank line (see :func:`write_text_view`).
+
 Rows are written whole: each call to :meth:`RowWriter.write` serialises its
 rows, hands them to the OS in a single ``write``, then flushes and fsyncs. A
 crash or SIGKILL can therefore tear at most the last line being written; every
@@ -37,8 +43,9 @@ from typing import IO, Any
 from chatforge.batch.records import id_key
 from chatforge.batch.settings import Fingerprints
 from chatforge.errors import ChatforgeError
+from chatforge.fsutil import atomic_write
 
-OUTPUT_SUFFIXES = (".jsonl", ".csv")
+OUTPUT_SUFFIXES = (".jsonl", ".csv", ".txt")
 """Output types :class:`RowWriter` writes (by extension, case-insensitive)."""
 
 CSV_COLUMNS = (
@@ -85,6 +92,37 @@ def check_output(path: str | Path) -> Path:
     return p
 
 
+def rows_file(path: Path) -> Path:
+    """Where an output's rows are kept: the file itself, or beside a ``.txt`` view."""
+    if path.suffix.lower() == ".txt":
+        return path.with_name(path.name + ".rows.jsonl")
+    return path
+
+
+def write_text_view(rows_path: Path, path: Path) -> int:
+    """Write ``path`` from the rows in ``rows_path``: for each record (in id order) that
+    has an output, its prompt followed by each output (a text-format model's output
+    continues the prompt; another model's reply goes on the next line), entries
+    separated by a blank line. Returns the entries written."""
+    rows: list[dict] = []
+    try:
+        with open(rows_path, "rb") as f:
+            rows = [r for r in map(_parse_json_row, f) if r is not None]
+    except FileNotFoundError:
+        pass
+    done = [r for r in rows if r.get("error") is None and r.get("output") is not None]
+    if all(isinstance(r.get("id"), int) for r in done):
+        done.sort(key=lambda r: r["id"])
+    entries: list[str] = []
+    for r in done:
+        model = r.get("model") if isinstance(r.get("model"), dict) else {}
+        joiner = "" if model.get("prompt_format") == "text" else "\n"
+        outputs = r.get("outputs") if isinstance(r.get("outputs"), list) else [r["output"]]
+        entries += [f"{r.get('prompt') or ''}{joiner}{out}".strip("\n") for out in outputs]
+    atomic_write(path, "".join(e + "\n\n" for e in entries).rstrip("\n") + "\n" if entries else "")
+    return len(entries)
+
+
 @dataclass
 class Existing:
     """What an output file already held when it was opened."""
@@ -115,13 +153,14 @@ class RowWriter:
         fingerprint: dict[str, Any] | None = None,
         force_resume: bool = False,
     ) -> None:
-        self.path = check_output(path)
+        self.path = check_output(path)  # what the user named (a .txt view, or the rows)
+        self.rows_path = rows_file(self.path)  # where the rows are appended
         self.csv = self.path.suffix.lower() == ".csv"
         self.columns = CSV_COLUMNS  # an old file keeps its own header (see _scan_csv)
         try:
-            self._f: IO[bytes] = open(self.path, "a+b")  # noqa: SIM115 - closed in close()
+            self._f: IO[bytes] = open(self.rows_path, "a+b")  # noqa: SIM115 - closed in close()
         except OSError as e:
-            raise ChatforgeError(f"cannot write {self.path}: {e.strerror}") from e
+            raise ChatforgeError(f"cannot write {self.rows_path}: {e.strerror}") from e
         self._lock()
         self.written = 0  # rows appended by this writer
         try:
@@ -159,7 +198,11 @@ class RowWriter:
         self.written += len(rows)
 
     def close(self) -> None:
+        """Close the rows; a ``.txt`` output is then written from them."""
+        closed = self._f.closed
         self._f.close()
+        if not closed and self.rows_path != self.path:
+            write_text_view(self.rows_path, self.path)
 
     def __enter__(self) -> RowWriter:
         return self

@@ -55,7 +55,7 @@ def generate_command(
         typer.Option(
             "--output",
             "-o",
-            help="Results (.jsonl or .csv); rerunning skips rows already there.",
+            help="Results (.jsonl, .csv, or .txt: each prompt and its continuation, rows kept beside it in OUT.rows.jsonl); rerunning skips rows already there.",
             show_default=False,
         ),
     ],
