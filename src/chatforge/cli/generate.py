@@ -55,7 +55,10 @@ def generate_command(
         typer.Option(
             "--output",
             "-o",
-            help="Results (.jsonl, .csv, or .txt: each prompt and its continuation, rows kept beside it in OUT.rows.jsonl); rerunning skips rows already there.",
+            help=(
+                "Results (.jsonl, .csv, or .txt: each prompt and its continuation, the rows "
+                "kept beside it in OUT.rows.jsonl); rerunning skips rows already there."
+            ),
             show_default=False,
         ),
     ],
