@@ -30,7 +30,11 @@ def train_command(
         float | None, Opt("--valid-split", help="Hold out this fraction (the data's tail).")
     ] = None,
     format: Annotated[
-        str | None, Opt("--format", help="Prompt format: chat_template, sep or eos.")
+        str | None,
+        Opt(
+            "--format",
+            help="Prompt format: chat_template, sep, eos or text (default: text for text data).",
+        ),
     ] = None,
     data_format: Annotated[
         str | None,
