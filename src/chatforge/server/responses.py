@@ -113,18 +113,26 @@ class Meta:
         }
 
 
+def chunk_body(
+    meta: Meta, kind: str, choices: list[dict], include_usage: bool, usage: Any = None
+) -> dict:
+    """One streamed chunk, its ``object`` being ``kind`` (``usage`` is null but in the
+    last one, when the client asked for usage)."""
+    out = {
+        "id": meta.id,
+        "object": kind,
+        "created": meta.created,
+        "model": meta.model,
+        "choices": choices,
+    }
+    if include_usage:
+        out["usage"] = usage
+    return out
+
+
 async def chat_chunks(handles: list[Handle], meta: Meta, include_usage: bool) -> AsyncIterator:
     def chunk(choices: list[dict], usage: Any = None) -> dict:
-        out = {
-            "id": meta.id,
-            "object": "chat.completion.chunk",
-            "created": meta.created,
-            "model": meta.model,
-            "choices": choices,
-        }
-        if include_usage:
-            out["usage"] = usage
-        return out
+        return chunk_body(meta, "chat.completion.chunk", choices, include_usage, usage)
 
     for i in range(len(handles)):  # the first chunk of each choice carries the role
         yield chunk(
@@ -163,16 +171,7 @@ async def completion_chunks(
     handles: list[Handle], meta: Meta, include_usage: bool
 ) -> AsyncIterator:
     def chunk(choices: list[dict], usage: Any = None) -> dict:
-        out = {
-            "id": meta.id,
-            "object": "text_completion",
-            "created": meta.created,
-            "model": meta.model,
-            "choices": choices,
-        }
-        if include_usage:
-            out["usage"] = usage
-        return out
+        return chunk_body(meta, "text_completion", choices, include_usage, usage)
 
     done: dict[int, Completion] = {}
     render = meta.render
