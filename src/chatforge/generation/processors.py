@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from chatforge.errors import ParamError
-from chatforge.generation.sampling import apply_logit_bias
+from chatforge.generation.sampling import apply_logit_bias, pack_logit_bias
 
 
 @dataclass(frozen=True)
@@ -92,15 +92,9 @@ class LogitBias(LogitsProcessor):
         cls, procs: Sequence[LogitsProcessor], views: Sequence[SequenceView], logits: Tensor
     ) -> Tensor:
         # (B, K) ids and values for all rows, added in one operation.
-        width = max(len(p.bias) for p in procs if isinstance(p, LogitBias))
-        ids = torch.full((len(procs), width), -1, dtype=torch.long)
-        values = torch.zeros((len(procs), width), dtype=logits.dtype)
-        for i, p in enumerate(procs):
-            assert isinstance(p, LogitBias)
-            if p.bias:
-                ids[i, : len(p.bias)] = torch.tensor(list(p.bias), dtype=torch.long)
-                values[i, : len(p.bias)] = torch.tensor(list(p.bias.values()), dtype=logits.dtype)
-        return apply_logit_bias(logits, ids, values)
+        biases = [p.bias for p in procs if isinstance(p, LogitBias)]
+        assert len(biases) == len(procs)
+        return apply_logit_bias(logits, *pack_logit_bias(biases, logits.device))
 
 
 def apply_processors(

@@ -26,7 +26,7 @@ float32 even for bf16 logits.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -116,15 +116,7 @@ class SamplingParams:
         def floats(values: list[float]) -> Tensor:
             return torch.tensor(values, dtype=torch.float64, device=device)
 
-        # logit_bias as (B, K) ids and values, padded with id -1 (ignored).
-        biases = [list((c.logit_bias or {}).items()) for c in configs]
-        width = max(len(b) for b in biases)
-        bias_ids = torch.full((len(configs), width), -1, dtype=torch.long)
-        bias_values = torch.zeros((len(configs), width), dtype=torch.float64)
-        for row, pairs in enumerate(biases):
-            if pairs:
-                bias_ids[row, : len(pairs)] = torch.tensor([t for t, _ in pairs])
-                bias_values[row, : len(pairs)] = torch.tensor([v for _, v in pairs])
+        bias_ids, bias_values = pack_logit_bias([c.logit_bias or {} for c in configs], device)
 
         return cls(
             # Greedy rows get neutral warpers: they only use the penalised logits.
@@ -150,6 +142,21 @@ class SamplingParams:
 
 
 # ---------------------------------------------------------------------- penalties
+
+
+def pack_logit_bias(
+    biases: Sequence[Mapping[int, float]], device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor]:
+    """One ``logit_bias`` mapping per row as :func:`apply_logit_bias` takes them: (B, K)
+    long ids padded with -1, and (B, K) float64 values (K: the longest mapping)."""
+    width = max((len(b) for b in biases), default=0)
+    ids = torch.full((len(biases), width), -1, dtype=torch.long, device=device)
+    values = torch.zeros((len(biases), width), dtype=torch.float64, device=device)
+    for row, bias in enumerate(biases):
+        if bias:
+            ids[row, : len(bias)] = torch.tensor(list(bias), dtype=torch.long)
+            values[row, : len(bias)] = torch.tensor(list(bias.values()), dtype=torch.float64)
+    return ids, values
 
 
 def apply_logit_bias(logits: Tensor, ids: Tensor, values: Tensor) -> Tensor:
