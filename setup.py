@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -54,9 +55,10 @@ class BuildKernels(build_ext):
     def build_extension(self, ext: Extension) -> None:
         """Compile and link one variant, retrying without OpenMP; never raise."""
         flags = list(ext.extra_compile_args)
-        if "-mavx512vnni" in flags and not self._accepts("-mavx512vnni"):
-            _warn(f"the compiler does not take -mavx512vnni; {ext.name} not built")
-            return
+        for flag in (f for f in flags if f in kv.PROBED):
+            if not self._accepts(flag):
+                _warn(f"the compiler does not take {flag}; {ext.name} not built")
+                return
         attempts = [flags, [f for f in flags if f != kv.OPENMP]] if kv.OPENMP in flags else [flags]
         errors = []
         for attempt in attempts:
@@ -107,6 +109,13 @@ class BuildKernels(build_ext):
         return []
 
 
+def _target_machine() -> str:
+    """The machine the build is for: this one, or a cross build's (its host platform,
+    e.g. ``_PYTHON_HOST_PLATFORM=linux-aarch64`` as crossenv and cibuildwheel set)."""
+    host = os.environ.get("_PYTHON_HOST_PLATFORM", "")
+    return host.rsplit("-", 1)[-1] if host else platform.machine()
+
+
 def _extensions() -> list[Extension]:
     """One optional extension per kernel variant this platform can build."""
     if os.name == "nt" or os.environ.get("CHATFORGE_BUILD_KERNELS", "1") == "0":
@@ -114,8 +123,8 @@ def _extensions() -> list[Extension]:
     sources = [str(FAST / s) for s in kv.SOURCES]
     depends = [str(FAST / h) for h in kv.HEADERS]
     exts = []
-    for v in kv.VARIANTS:
-        if v.x86_only and not kv.is_x86():
+    for v in kv.VARIANTS:  # x86's on x86, aarch64's (NEON) on aarch64, generic everywhere
+        if v.arch not in (None, kv.arch(_target_machine())):
             continue
         flags = [*v.flags, kv.OPENMP, "-g0"]
         exts.append(

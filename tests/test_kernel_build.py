@@ -23,6 +23,10 @@ from test_native import q8_0
 AVX2 = {"avx2", "fma", "f16c"}
 AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
 ALL = ["avx512vnni", "avx512", "avx2", "generic"]
+ARM = ["neon_dotprod", "neon", "generic"]
+# /proc/cpuinfo's Features of a Neoverse N1 (Graviton 2, shortened) and of a Cortex-A53.
+N1 = "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc asimddp"
+A53 = "fp asimd evtstrm aes pmull sha1 sha2 crc32 cpuid"
 
 
 @pytest.mark.parametrize(
@@ -38,6 +42,13 @@ ALL = ["avx512vnni", "avx512", "avx2", "generic"]
         (AVX512, ["avx512vnni"], "x86_64", None),  # nothing it can run
         (AVX512, ALL, "aarch64", "generic"),  # x86 flags mean nothing elsewhere
         (AVX2, [], "x86_64", None),
+        (kv.parse_flags(N1), ARM, "aarch64", "neon_dotprod"),
+        (kv.parse_flags(N1), ARM, "arm64", "neon_dotprod"),  # macOS' name
+        (kv.parse_flags(A53), ARM, "aarch64", "neon"),  # no dot product
+        (set(), ARM, "aarch64", "neon"),  # flags unknown: NEON is always there
+        (kv.parse_flags(N1), ["generic"], "aarch64", "generic"),
+        (kv.parse_flags(N1), ARM, "x86_64", "generic"),  # ARM builds never on x86
+        (AVX2, ARM + ["avx2"], "x86_64", "avx2"),
     ],
 )
 def test_dispatch_picks_the_best_variant_the_cpu_runs(flags, installed, machine, expected):
@@ -50,6 +61,18 @@ def test_macos_sysctl_flags_are_understood():
     flags = kv.parse_flags(f"{features} {leaf7}")
     assert kv.choose(flags, ALL, "x86_64") == "avx512vnni"
     assert kv.choose(kv.parse_flags(features), ALL, "x86_64") == "generic"
+
+
+def test_aarch64_hwcap_bits_are_understood():
+    assert kv.hwcap_flags(None) == frozenset()
+    assert kv.hwcap_flags(1 << 1 | 1 << 20 | 1) == {"asimd", "asimddp"}
+    assert kv.hwcap_flags(0b11) == {"asimd"}
+
+
+def test_variants_are_built_for_their_architecture():
+    assert kv.arch("x86_64") == "x86" and kv.arch("AMD64") == "x86"
+    assert kv.arch("aarch64") == kv.arch("arm64") == "aarch64"
+    assert [v.name for v in kv.runnable(set(), "riscv64")] == ["generic"]
 
 
 def _qlinear(lib: ctypes.CDLL, lin, x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +103,8 @@ def test_installed_variants_match_the_library_compiled_at_first_use():
     lins = Int8Linear(w, None), Int4Linear(w, None), q8_0(w, None)
     for name, path in installed.items():
         lib = native.load_library(path, name)
-        assert lib.cf_has_avx2() == (name != "generic")
+        assert lib.cf_has_avx2() == name.startswith("avx")
+        assert lib.cf_isa().decode() == name  # the vector code it was built with
         for lin in lins:
             got, want = _qlinear(lib, lin, x), _qlinear(ref, lin, x)
             assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (name, lin.kind)

@@ -10,8 +10,8 @@ that bandwidth, so the fast path has its own kernels. They are plain C (no
 torch headers) called through ctypes, and found, in order:
 
 1. installed: ``setup.py`` builds them when the package is installed, as
-   variants for AVX-512 (+VNNI), AVX2 and plain C (``kernel_variants.py``); the
-   best one this CPU runs is loaded;
+   variants for AVX-512 (+VNNI), AVX2, NEON (+dotprod, on aarch64) and plain C
+   (``kernel_variants.py``); the best one this CPU runs is loaded;
 2. compiled at first use: without a usable installed variant, the system C
    compiler builds them once with ``-march=native``, cached under the chatforge
    cache directory keyed by the source, the flags and the CPU (a failure is
@@ -185,6 +185,9 @@ def _check(lib: ctypes.CDLL, variant: str | None) -> None:
     avx2 = {"avx2", "fma", "f16c"} <= flags
     if lib.cf_has_avx2() and kernel_variants.is_x86() and flags and not avx2:
         raise OSError(f"{variant or 'the'} library uses AVX2, which this CPU lacks")
+    lib.cf_isa.restype = ctypes.c_char_p
+    if lib.cf_isa() == b"neon_dotprod" and flags and "asimddp" not in flags:
+        raise OSError(f"{variant or 'the'} library uses the dot product, which this CPU lacks")
 
 
 def _check_fresh(lib: ctypes.CDLL, variant: str) -> None:

@@ -39,7 +39,7 @@
 
 #include "kernels.h"
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if !defined(CF_PLAIN) && defined(__AVX2__) && defined(__FMA__) /* CF_PLAIN: qlinear.c */
 #include <immintrin.h>
 #define CF_AVX2 1
 
@@ -64,6 +64,27 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
+#elif !defined(CF_PLAIN) && defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#define CF_NEON 1
+
+/* exp8's operations on 4 floats (so the same values as AVX2's, lane for lane). */
+static inline float32x4_t exp4(float32x4_t x) {
+    x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-87.3f)), vdupq_n_f32(88.3f));
+    const float32x4_t n = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(1.44269504f)));
+    float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(0.693359375f));
+    r = vfmsq_f32(r, n, vdupq_n_f32(-2.12194440e-4f));
+    float32x4_t p = vdupq_n_f32(1.9875691500e-4f);
+    p = vfmaq_f32(vdupq_n_f32(1.3981999507e-3f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(8.3334519073e-3f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(4.1665795894e-2f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.6666665459e-1f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(5.0000001201e-1f), p, r);
+    const float32x4_t y = vfmaq_f32(vaddq_f32(r, vdupq_n_f32(1.f)), p, vmulq_f32(r, r));
+    const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
+    return vmulq_f32(y, vreinterpretq_f32_s32(e));
+}
+
 #endif
 
 /* act (n) = silu(g) * u */
@@ -75,6 +96,13 @@ static void silu_mul(const float *g, const float *u, int64_t n, float *act) {
         const __m256 gv = _mm256_loadu_ps(g + i);
         const __m256 den = _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv)));
         _mm256_storeu_ps(act + i, _mm256_mul_ps(_mm256_div_ps(gv, den), _mm256_loadu_ps(u + i)));
+    }
+#elif defined(CF_NEON)
+    const float32x4_t one = vdupq_n_f32(1.f);
+    for (; i + 4 <= n; i += 4) {
+        const float32x4_t gv = vld1q_f32(g + i);
+        const float32x4_t den = vaddq_f32(one, exp4(vnegq_f32(gv)));
+        vst1q_f32(act + i, vmulq_f32(vdivq_f32(gv, den), vld1q_f32(u + i)));
     }
 #endif
     for (; i < n; i++) act[i] = g[i] / (1.f + expf(-g[i])) * u[i];
@@ -96,40 +124,22 @@ static void gelu_tanh(float *v, int64_t n) {
         const __m256 t = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(e, one)));
         _mm256_storeu_ps(v + i, _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, t)));
     }
+#elif defined(CF_NEON)
+    const float32x4_t one = vdupq_n_f32(1.f), two = vdupq_n_f32(2.f), half = vdupq_n_f32(.5f);
+    for (; i + 4 <= n; i += 4) {
+        const float32x4_t x = vld1q_f32(v + i);
+        const float32x4_t x3 = vmulq_f32(vmulq_f32(x, x), x);
+        const float32x4_t y = vmulq_f32(vdupq_n_f32(c), vfmaq_f32(x, vdupq_n_f32(0.044715f), x3));
+        const float32x4_t e = exp4(vmulq_f32(two, y));
+        const float32x4_t t = vsubq_f32(one, vdivq_f32(two, vaddq_f32(e, one)));
+        vst1q_f32(v + i, vmulq_f32(vmulq_f32(half, x), vaddq_f32(one, t)));
+    }
 #endif
     for (; i < n; i++) {
         const float x = v[i];
         v[i] = 0.5f * x * (1.f + tanhf(c * (x + 0.044715f * x * x * x)));
     }
 }
-
-typedef struct {
-    const float *norm1, *norm2;     /* norm weights (hidden,) */
-    const float *norm1_b, *norm2_b; /* LayerNorm biases (gpt2), NULL for RMSNorm */
-    cf_lin qkv, out, up, down;      /* llama up: gate rows then up rows */
-} cf_layer;
-
-/* Mirrored by ctypes in native.py. */
-typedef struct {
-    int32_t n_layers, hidden, n_heads, n_kv_heads, head_dim, inter;
-    float eps;
-    int32_t arch;       /* 0: llama (RMSNorm, RoPE, gated SiLU); 1: gpt2 (LayerNorm, GELU) */
-    int64_t block;      /* cache positions per block */
-    const cf_layer *layers;
-    float *const *k_cache; /* per layer (n_blocks, kv_heads, block, head_dim) */
-    float *const *v_cache;
-    const float *rope; /* (max_positions, head_dim / 2, 2): cos, sin; NULL for gpt2 */
-} cf_model;
-
-/* One LoRA adapter's delta on one linear, stored for the per-row update
- * y += (x A^T) B^T * scale as two "axpy" passes (no float reductions to reorder,
- * so a row's result is the same whatever else is in the call):
- *   a_t (k, r): A transposed;  b_t (r, n): (B * scale) transposed.
- * a_t NULL: this adapter does not touch this linear. Mirrored by ctypes. */
-typedef struct {
-    const float *a_t, *b_t;
-    int64_t r;
-} cf_lora;
 
 #define CF_LORA_MAX_R 1024 /* summed rank of a fused linear (checked in lora.py) */
 
@@ -198,7 +208,9 @@ static void attend(const float *q, const float *kc, const float *vc, const int32
                    float *out) {
     const float scale = 1.f / sqrtf((float)D);
     float mx = -INFINITY, sum = 0.f;
+#if defined(CF_AVX2) || defined(CF_NEON)
     const int64_t nblk = (len + BS - 1) / BS;
+#endif
 #ifdef CF_AVX2
     if (D % 8 == 0 && D <= 256) {
         __m256 qv[32], acc[32];
@@ -239,6 +251,48 @@ static void attend(const float *q, const float *kc, const float *vc, const int32
         }
         const __m256 inv = _mm256_set1_ps(1.f / sum);
         for (int64_t d = 0; d < D / 8; d++) _mm256_storeu_ps(out + 8 * d, _mm256_mul_ps(acc[d], inv));
+        return;
+    }
+#elif defined(CF_NEON)
+    if (D % 4 == 0 && D <= 256) { /* the AVX2 path on 4 lanes (q and out stay in L1) */
+        float32x4_t qv[64], acc[64];
+        for (int64_t d = 0; d < D / 4; d++) qv[d] = vld1q_f32(q + 4 * d);
+        for (int64_t bi = 0; bi < nblk; bi++) {
+            const float *k = kc + ((int64_t)table[bi] * Hkv + j) * BS * D;
+            const int64_t n = len - bi * BS < BS ? len - bi * BS : BS;
+            for (int64_t t = 0; t < n; t++) {
+                float32x4_t s = vdupq_n_f32(0.f);
+                for (int64_t d = 0; d < D / 4; d++)
+                    s = vfmaq_f32(s, qv[d], vld1q_f32(k + t * D + 4 * d));
+                const float sc = vaddvq_f32(s) * scale;
+                scores[bi * BS + t] = sc;
+                mx = fmaxf(mx, sc);
+            }
+        }
+        int64_t t = 0;
+        float32x4_t sv = vdupq_n_f32(0.f);
+        for (; t + 4 <= len; t += 4) {
+            const float32x4_t e = exp4(vsubq_f32(vld1q_f32(scores + t), vdupq_n_f32(mx)));
+            vst1q_f32(scores + t, e);
+            sv = vaddq_f32(sv, e);
+        }
+        sum = vaddvq_f32(sv);
+        for (; t < len; t++) {
+            scores[t] = expf(scores[t] - mx);
+            sum += scores[t];
+        }
+        for (int64_t d = 0; d < D / 4; d++) acc[d] = vdupq_n_f32(0.f);
+        for (int64_t bi = 0; bi < nblk; bi++) {
+            const float *v = vc + ((int64_t)table[bi] * Hkv + j) * BS * D;
+            const int64_t n = len - bi * BS < BS ? len - bi * BS : BS;
+            for (int64_t tt = 0; tt < n; tt++) {
+                const float32x4_t p = vdupq_n_f32(scores[bi * BS + tt]);
+                for (int64_t d = 0; d < D / 4; d++)
+                    acc[d] = vfmaq_f32(acc[d], p, vld1q_f32(v + tt * D + 4 * d));
+            }
+        }
+        const float32x4_t inv = vdupq_n_f32(1.f / sum);
+        for (int64_t d = 0; d < D / 4; d++) vst1q_f32(out + 4 * d, vmulq_f32(acc[d], inv));
         return;
     }
 #endif

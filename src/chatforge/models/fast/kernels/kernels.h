@@ -1,4 +1,5 @@
-/* Shared declarations of chatforge's CPU kernels (qlinear.c, decode.c). */
+/* Shared declarations of chatforge's CPU kernels (qlinear.c, decode.c), and what
+ * tests/native_check/kernel_check.c calls. */
 #ifndef CHATFORGE_KERNELS_H
 #define CHATFORGE_KERNELS_H
 #include <stdint.h>
@@ -34,5 +35,46 @@ typedef struct {
 } cf_lin;
 
 int cf_linear(const cf_lin *l, const float *x, int64_t M, float *y, int threads);
+int cf_qlinear(int kind, const float *x, int64_t M, int64_t K, const void *w, const void *scales,
+               const float *bias, int64_t N, float *y, int threads);
+void cf_dequantize(int kind, const void *w, const void *scales, int64_t N, int64_t K, float *out,
+                   int threads);
+int cf_has_avx2(void);
+const char *cf_isa(void);
+
+/* decode.c: a model's layers, the model, a LoRA adapter's delta on one linear. */
+typedef struct {
+    const float *norm1, *norm2;     /* norm weights (hidden,) */
+    const float *norm1_b, *norm2_b; /* LayerNorm biases (gpt2), NULL for RMSNorm */
+    cf_lin qkv, out, up, down;      /* llama up: gate rows then up rows */
+} cf_layer;
+
+/* Mirrored by ctypes in native.py. */
+typedef struct {
+    int32_t n_layers, hidden, n_heads, n_kv_heads, head_dim, inter;
+    float eps;
+    int32_t arch;       /* 0: llama (RMSNorm, RoPE, gated SiLU); 1: gpt2 (LayerNorm, GELU) */
+    int64_t block;      /* cache positions per block */
+    const cf_layer *layers;
+    float *const *k_cache; /* per layer (n_blocks, kv_heads, block, head_dim) */
+    float *const *v_cache;
+    const float *rope; /* (max_positions, head_dim / 2, 2): cos, sin; NULL for gpt2 */
+} cf_model;
+
+/* One LoRA adapter's delta on one linear, stored for the per-row update
+ * y += (x A^T) B^T * scale as two "axpy" passes (no float reductions to reorder,
+ * so a row's result is the same whatever else is in the call):
+ *   a_t (k, r): A transposed;  b_t (r, n): (B * scale) transposed.
+ * a_t NULL: this adapter does not touch this linear. Mirrored by ctypes. */
+typedef struct {
+    const float *a_t, *b_t;
+    int64_t r;
+} cf_lora;
+
+void cf_norm(const float *x, const float *w, const float *b, float eps, int64_t R, int64_t H,
+             float *y);
+int cf_forward(const cf_model *m, float *x, int64_t R, const int64_t *pos, const int32_t *seq,
+               const int32_t *tables, int64_t max_blocks, int threads, const int32_t *row_lora,
+               const cf_lora *loras);
 
 #endif

@@ -11,7 +11,9 @@
  * |x2| <= 64; xs = d / 128), and a block's dot product with the weights' integers
  * is exact in int32 (AVX-512 VNNI vpdpbusd: unsigned weights times signed
  * activations, 4 products per 32-bit lane; AVX-512BW / AVX2: vpmaddubsw +
- * vpmaddwd; plain C: integer loops). Only then is it scaled to float, per block:
+ * vpmaddwd; ARM NEON with armv8.2's dot product: sdot, signed times signed, 4 a
+ * lane; plain NEON: smull + sadalp; plain C: integer loops). Only then is it
+ * scaled to float, per block:
  *     kind 5 (Q4_1):  y += (d * xs) * sum(q * xq) + m * (xs * sum(xq))
  *     kind 9 (int8):  y += xs * sum(q * xq), and at the end y *= s (the row's scale)
  *     kind 8 (Q8_0):  y += (d * xs) * sum(q * xq)
@@ -54,13 +56,24 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+/* CF_PLAIN: the plain-C paths only, whatever the compiler targets (NEON is always
+ * there on aarch64, so this is how the plain-C reference is built there). */
+#if !defined(CF_PLAIN) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define CF_AVX2 1
 #endif
 /* AVX-512 where the compiler targets it: 16 lanes, 32 registers. */
 #if defined(CF_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__)
 #define CF_AVX512 1
+#endif
+/* ARM: NEON (128 bits, 32 registers), and the armv8.2 dot product (sdot: 4 int8
+ * products summed into each 32-bit lane, as VNNI) where the compiler targets it. */
+#if !defined(CF_PLAIN) && !defined(CF_AVX2) && defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#define CF_NEON 1
+#if defined(__ARM_FEATURE_DOTPROD)
+#define CF_DOTPROD 1
+#endif
 #endif
 
 #include "kernels.h"
@@ -72,6 +85,23 @@ int cf_has_avx2(void) {
     return 1;
 #else
     return 0;
+#endif
+}
+
+/* The vector code this build runs: its variant's name (kernel_variants.py). */
+const char *cf_isa(void) {
+#if defined(CF_AVX512) && defined(__AVX512VNNI__)
+    return "avx512vnni";
+#elif defined(CF_AVX512)
+    return "avx512";
+#elif defined(CF_AVX2)
+    return "avx2";
+#elif defined(CF_DOTPROD)
+    return "neon_dotprod";
+#elif defined(CF_NEON)
+    return "neon";
+#else
+    return "generic";
 #endif
 }
 
@@ -142,6 +172,28 @@ static void quantize_block(const float *x, int8_t *q, float *s, float *sm, int32
         const __m256 r = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(q1), vd, v[j]);
         _mm256_storeu_si256((__m256i *)(t1 + 8 * j), q1);
         _mm256_storeu_si256((__m256i *)(t2 + 8 * j), _mm256_cvtps_epi32(_mm256_mul_ps(r, vid2)));
+    }
+    for (int j = 0; j < 32; j++) {
+        q[j] = (int8_t)t1[j];
+        q[32 + j] = (int8_t)t2[j];
+        sum += 128 * t1[j] + t2[j];
+    }
+#elif defined(CF_NEON)
+    /* The plain-C operations lane by lane: vmaxnm is fmaxf, vrndn nearbyintf (ties
+     * to even), vfms fmaf(-v1, d, x), vcvtn the rounding int conversion. */
+    float32x4_t v[8], mx = vdupq_n_f32(0.f);
+    for (int j = 0; j < 8; j++) {
+        v[j] = vld1q_f32(x + 4 * j);
+        mx = vmaxnmq_f32(mx, vabsq_f32(v[j]));
+    }
+    const float amax = vmaxnmvq_f32(mx);
+    const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+    const float32x4_t vd = vdupq_n_f32(d), vid = vdupq_n_f32(id), vid2 = vdupq_n_f32(id * 128.f);
+    int32_t t1[32], t2[32];
+    for (int j = 0; j < 8; j++) {
+        const float32x4_t v1 = vrndnq_f32(vmulq_f32(v[j], vid));
+        vst1q_s32(t1 + 4 * j, vcvtq_s32_f32(v1)); /* exact: v1 is an integer */
+        vst1q_s32(t2 + 4 * j, vcvtnq_s32_f32(vmulq_f32(vfmsq_f32(v[j], v1, vd), vid2)));
     }
     for (int j = 0; j < 32; j++) {
         q[j] = (int8_t)t1[j];
@@ -251,6 +303,98 @@ static inline __m256i bcast4(const int8_t *p) {
     memcpy(&v, p, 4);
     return _mm256_set1_epi32(v);
 }
+#elif defined(CF_NEON)
+#define XM 4
+static inline int8x16_t bcast4(const int8_t *p) { /* 4 activations into every 32-bit lane */
+    int32_t v;
+    memcpy(&v, p, 4);
+    return vreinterpretq_s8_s32(vdupq_n_s32(v));
+}
+
+/* Integer sums of 4 weight rows w (16 bytes: 4 rows x 4 inputs) times 4 activations x
+ * (the same 4 in each 32-bit lane), one row a lane, exact. With the dot product (as
+ * llama.cpp's ggml_vec_dot_q8_0_q8_0): one sdot into acc. Without: vmull_s8 makes the
+ * 16 products in int16 (|q x| <= 128 * 127), vpadalq_s16 adds pairs of them into
+ * int32 lanes (lo: rows 0-1, hi: rows 2-3, two lanes a row), and dot_end sums those
+ * pairs per row (vpaddq) once per block. */
+typedef struct {
+#ifdef CF_DOTPROD
+    int32x4_t s;
+#else
+    int32x4_t lo, hi;
+#endif
+} dot4;
+
+static inline dot4 dot_zero(void) {
+    dot4 a;
+#ifdef CF_DOTPROD
+    a.s = vdupq_n_s32(0);
+#else
+    a.lo = a.hi = vdupq_n_s32(0);
+#endif
+    return a;
+}
+
+INLINE dot4 dot_add(dot4 a, int8x16_t w, int8x16_t x) {
+#ifdef CF_DOTPROD
+    a.s = vdotq_s32(a.s, w, x);
+#else
+    a.lo = vpadalq_s16(a.lo, vmull_s8(vget_low_s8(w), vget_low_s8(x)));
+    a.hi = vpadalq_s16(a.hi, vmull_high_s8(w, x));
+#endif
+    return a;
+}
+
+static inline int32x4_t dot_end(dot4 a) {
+#ifdef CF_DOTPROD
+    return a.s;
+#else
+    return vpaddq_s32(a.lo, a.hi);
+#endif
+}
+
+/* The 16 rows' exact sums over one kind-9/8 block (8 chunks of 16 rows x 4 inputs at
+ * w, each weight + 128: flipping the top bit makes it the signed q), x the block's
+ * digits (2, 32): acc[t] holds rows 4t..4t+3, 128 * sum(q x1) + sum(q x2). */
+INLINE void dot_q8(const uint8_t *w, const int8_t *x, int32x4_t acc[4]) {
+    const uint8x16_t flip = vdupq_n_u8(0x80);
+    dot4 a[4], b[4];
+    for (int t = 0; t < 4; t++) a[t] = b[t] = dot_zero();
+    for (int c = 0; c < 8; c++) {
+        const int8x16_t x1 = bcast4(x + 4 * c), x2 = bcast4(x + 32 + 4 * c);
+        for (int t = 0; t < 4; t++) {
+            const int8x16_t q = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(w + 64 * c + 16 * t), flip));
+            a[t] = dot_add(a[t], q, x1);
+            b[t] = dot_add(b[t], q, x2);
+        }
+    }
+    for (int t = 0; t < 4; t++) acc[t] = vaddq_s32(vshlq_n_s32(dot_end(a[t]), 7), dot_end(b[t]));
+}
+
+/* The same for one kind-5 block (4 chunks; each byte's low nibble is input 4c + i,
+ * its high nibble input 16 + 4c + i, both 0..15). */
+INLINE void dot_q4(const uint8_t *w, const int8_t *x, int32x4_t acc[4]) {
+    const uint8x16_t low = vdupq_n_u8(0x0f);
+    dot4 a[4], b[4];
+    for (int t = 0; t < 4; t++) a[t] = b[t] = dot_zero();
+    for (int c = 0; c < 4; c++) {
+        const int8x16_t x1l = bcast4(x + 4 * c), x1h = bcast4(x + 16 + 4 * c);
+        const int8x16_t x2l = bcast4(x + 32 + 4 * c), x2h = bcast4(x + 48 + 4 * c);
+        for (int t = 0; t < 4; t++) {
+            const uint8x16_t v = vld1q_u8(w + 64 * c + 16 * t);
+            const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(v, low));
+            const int8x16_t hi = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
+            a[t] = dot_add(dot_add(a[t], lo, x1l), hi, x1h);
+            b[t] = dot_add(dot_add(b[t], lo, x2l), hi, x2h);
+        }
+    }
+    for (int t = 0; t < 4; t++) acc[t] = vaddq_s32(vshlq_n_s32(dot_end(a[t]), 7), dot_end(b[t]));
+}
+
+/* 4 fp16 scales as fp32 (exact, as fp16_to_fp32). */
+static inline float32x4_t load_h4(const uint16_t *p) {
+    return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p)));
+}
 #else
 #define XM 4
 #endif
@@ -321,6 +465,32 @@ INLINE void tile_q4(const uint8_t *w, const uint16_t *dm, int64_t nb, const xqua
         }
         for (int m = 0; m < RM; m++) _mm256_storeu_ps(out + m * RG + 8 * h, f[m]);
     }
+#elif defined(CF_NEON)
+    /* The plain-C float operations lane by lane: f = fma(acc, d * xs, f), then
+     * f = fma(m, xs * sum, f) per block, in block order. */
+    float32x4_t f[XM][4];
+    for (int m = 0; m < RM; m++)
+        for (int t = 0; t < 4; t++) f[m][t] = vdupq_n_f32(0.f);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *wb = w + b * 256;
+        float32x4_t d[4], mn[4];
+        for (int t = 0; t < 4; t++) {
+            d[t] = load_h4(dm + b * 32 + 4 * t);
+            mn[t] = load_h4(dm + b * 32 + 16 + 4 * t);
+        }
+        for (int m = 0; m < RM; m++) {
+            const int64_t i = (m0 + m) * nb + b;
+            int32x4_t acc[4];
+            dot_q4(wb, xq->q + i * 2 * QK, acc);
+            const float32x4_t xs = vdupq_n_f32(xq->s[i]), sm = vdupq_n_f32(xq->sm[i]);
+            for (int t = 0; t < 4; t++) {
+                f[m][t] = vfmaq_f32(f[m][t], vcvtq_f32_s32(acc[t]), vmulq_f32(d[t], xs));
+                f[m][t] = vfmaq_f32(f[m][t], mn[t], sm);
+            }
+        }
+    }
+    for (int m = 0; m < RM; m++)
+        for (int t = 0; t < 4; t++) vst1q_f32(out + m * RG + 4 * t, f[m][t]);
 #else
     for (int m = 0; m < RM; m++)
         for (int r = 0; r < RG; r++) {
@@ -397,6 +567,25 @@ INLINE void tile_q8(const uint8_t *w, const uint16_t *ds, int64_t nb, const xqua
         }
         for (int m = 0; m < RM; m++) _mm256_storeu_ps(out + m * RG + 8 * h, f[m]);
     }
+#elif defined(CF_NEON)
+    float32x4_t f[XM][4];
+    for (int m = 0; m < RM; m++)
+        for (int t = 0; t < 4; t++) f[m][t] = vdupq_n_f32(0.f);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *wb = w + b * 512;
+        float32x4_t d[4];
+        for (int t = 0; t < 4; t++) d[t] = ds ? load_h4(ds + b * 16 + 4 * t) : vdupq_n_f32(0.f);
+        for (int m = 0; m < RM; m++) {
+            const int64_t i = (m0 + m) * nb + b;
+            int32x4_t acc[4];
+            dot_q8(wb, xq->q + i * 2 * QK, acc);
+            const float32x4_t xs = vdupq_n_f32(xq->s[i]);
+            for (int t = 0; t < 4; t++)
+                f[m][t] = vfmaq_f32(f[m][t], vcvtq_f32_s32(acc[t]), ds ? vmulq_f32(d[t], xs) : xs);
+        }
+    }
+    for (int m = 0; m < RM; m++)
+        for (int t = 0; t < 4; t++) vst1q_f32(out + m * RG + 4 * t, f[m][t]);
 #else
     for (int m = 0; m < RM; m++)
         for (int r = 0; r < RG; r++) {
@@ -517,6 +706,22 @@ INLINE void tile_f32(const float *w, int64_t K, const float *x, int RN, int RM, 
     }
     for (int r = 0; r < RN; r++)
         for (int m = 0; m < RM; m++) out[r * RM + m] = hsum(acc[r][m]);
+#elif defined(CF_NEON)
+    /* 4 lanes; K % 32 == 0 (linear.py sends no other K to the kernels).
+     * Float sums in another order than plain C's, as with AVX2: close, not identical. */
+    float32x4_t acc[4][4];
+    for (int r = 0; r < RN; r++)
+        for (int m = 0; m < RM; m++) acc[r][m] = vdupq_n_f32(0.f);
+    for (int64_t k = 0; k < K; k += 4) {
+        float32x4_t xv[4];
+        for (int m = 0; m < RM; m++) xv[m] = vld1q_f32(x + m * K + k);
+        for (int r = 0; r < RN; r++) {
+            const float32x4_t wv = vld1q_f32(w + r * K + k);
+            for (int m = 0; m < RM; m++) acc[r][m] = vfmaq_f32(acc[r][m], wv, xv[m]);
+        }
+    }
+    for (int r = 0; r < RN; r++)
+        for (int m = 0; m < RM; m++) out[r * RM + m] = vaddvq_f32(acc[r][m]);
 #else
     for (int r = 0; r < RN; r++)
         for (int m = 0; m < RM; m++) {
