@@ -12,6 +12,7 @@ from datetime import datetime
 import pytest
 
 from chatforge.store import ConversationLog, LoggedSession
+from chatforge.store.log import SCHEMA_VERSION
 from cli_helpers import run
 
 
@@ -80,7 +81,8 @@ def test_an_older_log_is_migrated_and_unknown_finish_reasons_are_kept(log, capsy
     path.unlink()
     _v1_log(path)
     migrated = ConversationLog(path)
-    assert migrated.db.execute("SELECT version FROM schema_version").fetchone()[0] == 2
+    version = migrated.db.execute("SELECT version FROM schema_version").fetchone()[0]
+    assert version == SCHEMA_VERSION  # 1 -> 2 -> 3 (judgements)
     conv = migrated.get(1)
     assert conv.initial_system == "Be old." and conv.messages[1].finish_reason is None
     migrated.set_system(1, "Be new.")  # recorded now that the table can

@@ -73,7 +73,8 @@ def test_chat_is_logged_continued_and_exported(capsys, data_dir, tiny_llama_dir,
     assert code == 0, err
     code, out, err = run(["logs", "list"], capsys)
     header, *rows = out.strip().splitlines()
-    assert code == 0 and header.split() == ["id", "when", "model", "turns", "first", "message"]
+    assert code == 0
+    assert header.split() == ["id", "when", "model", "turns", "judged", "first", "message"]
     assert len(rows) == 1 and "hello" in rows[0] and "\x1b" not in out
     cid = int(rows[0].split()[0])
     assert rows[0].split()[4] == "2"  # turns

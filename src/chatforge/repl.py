@@ -25,6 +25,7 @@ from typing import Any, Protocol, TextIO
 
 from rich.console import Console
 
+from chatforge import repl_judge
 from chatforge.chat import Reply
 from chatforge.conversation import Message
 from chatforge.errors import ChatforgeError, ParamError
@@ -39,7 +40,7 @@ Commands:
   /set preset NAME   start over from a preset (precise, balanced, creative)
   /set               show the generation parameters (same as /params)
   /params            show the generation parameters, the preset and the reply limit
-  /retry             drop the last reply and ask again
+  /retry             ask the last question again (the log keeps the earlier reply)
   /undo              remove the last exchange (your message and the reply)
   /save FILE         save the conversation (.jsonl or text, as --output-file writes);
                      refuses to replace an existing file
@@ -48,6 +49,11 @@ Commands:
   /stats             show the last reply's stats (tokens, tok/s, time to first token)
   /stats on|off      show stats after every reply (as --verbose does), or stop
   /history           show the conversation
+  /good, /bad        mark the last reply good or bad (kept in the conversation log)
+  /edit [TEXT]       replace the last reply with your own text (the original is kept
+                     beside it); without TEXT the reply opens for editing
+  /pick N            after /retry: reply N (1 = the first) is the better one, and the
+                     conversation goes on from it
   /quit              leave (Ctrl-D works too)
 Multi-line input: end a line with \\ to continue it, or wrap a block in \"\"\".
 Esc then Enter also inserts a newline. Ctrl-C stops a reply; a stopped reply is
@@ -394,12 +400,19 @@ def open_log(no_log: bool, continue_: bool, cid: int | None) -> tuple[Any, Any]:
 
 def resumable_messages(conv: Any) -> list[Message]:
     """The history the model is sent when a logged conversation is continued: its
-    user and assistant messages, less replies that were interrupted or failed."""
+    user and assistant messages (an edited reply as edited), less replies that were
+    interrupted or failed (unless edited)."""
     return [
-        Message(m.role, m.content)
+        Message(m.role, getattr(m, "final_text", m.content))
         for m in conv.messages
         if m.role == "user"
-        or (m.role == "assistant" and getattr(m, "finish_reason", None) not in UNSENT_REASONS)
+        or (
+            m.role == "assistant"
+            and (
+                getattr(m, "finish_reason", None) not in UNSENT_REASONS
+                or getattr(m, "edit", None) is not None
+            )
+        )
     ]
 
 
@@ -754,7 +767,9 @@ class ChatRepl:
             self.fail("nothing to retry")
             return
         question = messages.pop()
-        self._relog()
+        begin_retry = getattr(self.session, "begin_retry", None)
+        if begin_retry is None or not begin_retry():  # else the log keeps the earlier reply
+            self._relog()
         if self.writer:
             self.writer.note("retry")
         before = len(messages)
@@ -793,6 +808,10 @@ class ChatRepl:
         "undo": _undo,
         "retry": _retry,
         "stats": _stats,
+        "good": lambda self, arg: repl_judge.thumbs(self, "good", arg),
+        "bad": lambda self, arg: repl_judge.thumbs(self, "bad", arg),
+        "edit": repl_judge.edit,
+        "pick": repl_judge.pick,
     }
 
     # -------------------------------------------------------------- the log
@@ -816,10 +835,15 @@ class ChatRepl:
         cid = s.log.new_conversation(
             model=s.model_name, backend=s.backend, api_base=s.api_base, system=s.system
         )
-        known = {f.name for f in fields(LoggedMessage)} - {"role", "content", "created"}
+        not_stats = {"role", "content", "created", "id", "alt_of", "judgements", "alternatives"}
+        known = {f.name for f in fields(LoggedMessage)} - not_stats
         for m in s.conversation.messages:
             stats = {k: v for k, v in self._extra_of(m).items() if k in known}
-            s.log.add_message(cid, m.role, m.content, **stats)
+            mid = s.log.add_message(cid, m.role, m.content, **stats)
+            if m.role == "user":
+                s.user_id, s.reply_id = mid, None
+            else:
+                s.reply_id = mid
         s.cid = cid
 
 

@@ -1,4 +1,5 @@
-"""``chatforge logs``: list, show, search, remove and export the conversation log."""
+"""``chatforge logs``: list, show, search, remove and export the conversation log
+(as training data, or as preference pairs from the judgements given in chat)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -62,7 +63,8 @@ def _where(c: LoggedConversation) -> str:
 # ------------------------------------------------------------------ list
 
 
-_HEADERS = ("id", "when", "model", "turns", "first message")
+_HEADERS = ("id", "when", "model", "turns", "judged", "first message")
+_NUMERIC = {0, 3, 4}  # right-aligned columns
 
 
 _CONTROL = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
@@ -75,7 +77,14 @@ def _printable(text: str) -> str:
 
 def _rows(convs: list[LoggedConversation]) -> list[tuple[str, ...]]:
     return [
-        (str(c.id), _when(c.updated), _printable(_where(c)), str(c.n_turns), _printable(c.preview))
+        (
+            str(c.id),
+            _when(c.updated),
+            _printable(_where(c)),
+            str(c.n_turns),
+            str(c.n_judgements or ""),  # blank: nothing judged
+            _printable(c.preview),
+        )
         for c in convs
     ]
 
@@ -83,10 +92,9 @@ def _rows(convs: list[LoggedConversation]) -> list[tuple[str, ...]]:
 def _plain_table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     """Aligned columns (numbers right-aligned), the last one unpadded: for pipes."""
     widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers) - 1)]
-    numeric = {0, 3}
 
     def line(r: tuple[str, ...]) -> str:
-        cells = [r[i].rjust(w) if i in numeric else r[i].ljust(w) for i, w in enumerate(widths)]
+        cells = [r[i].rjust(w) if i in _NUMERIC else r[i].ljust(w) for i, w in enumerate(widths)]
         return "  ".join([*cells, r[-1]]).rstrip()
 
     return "\n".join(line(r) for r in [headers, *rows])
@@ -100,7 +108,8 @@ def _rich_table(rows: list[tuple[str, ...]], width: int):
 
     natural = [max(len(r[i]) for r in [_HEADERS, *rows]) for i in range(len(_HEADERS))]
     # Each column has a space either side, and a rule between columns.
-    free = width - natural[0] - natural[1] - natural[3] - 2 * len(_HEADERS) - (len(_HEADERS) - 1)
+    fixed = natural[0] + natural[1] + natural[3] + natural[4]
+    free = width - fixed - 2 * len(_HEADERS) - (len(_HEADERS) - 1)
     model = min(natural[2], max(10, free // 3))
     rest = free - model
     table = Table(show_edge=False, header_style="bold")
@@ -108,8 +117,9 @@ def _rich_table(rows: list[tuple[str, ...]], width: int):
     table.add_column("when", no_wrap=True, width=natural[1])
     table.add_column("model", no_wrap=True, overflow="ellipsis", width=model)
     table.add_column("turns", justify="right", no_wrap=True, width=natural[3])
+    table.add_column("judged", justify="right", no_wrap=True, width=natural[4])
     table.add_column(
-        "first message", no_wrap=True, overflow="ellipsis", width=max(13, min(natural[4], rest))
+        "first message", no_wrap=True, overflow="ellipsis", width=max(13, min(natural[5], rest))
     )
     for r in rows:
         table.add_row(*(Text(cell) for cell in r))
@@ -131,7 +141,8 @@ def _table(convs: list[LoggedConversation]) -> None:
 def list_command(
     limit: Annotated[int, typer.Option("--limit", "-n", help="How many (newest first).")] = 20,
 ) -> None:
-    """List conversations, most recent first: id, when, model, turns, first message."""
+    """List conversations, most recent first: id, when, model, turns, judgements of
+    its replies (good, bad, edit, pick), first message."""
     if limit < 1:
         raise ChatforgeError("--limit must be >= 1")
     _table(_open().list(limit))
@@ -153,10 +164,39 @@ def _reply_stats(m: LoggedMessage) -> str:
     return f"  [{'; '.join(bits)}]"
 
 
+def _indent(text: str, by: str) -> str:
+    return "\n".join(by + line for line in text.split("\n"))
+
+
+def _judgement_lines(m: LoggedMessage, main_id: int | None) -> list[str]:
+    """How a reply was judged, one line each (an edit with its text below it)."""
+    lines = []
+    for j in m.judgements:
+        if j.kind == "good":
+            lines.append("👍 good")
+        elif j.kind == "bad":
+            lines.append("👎 bad")
+        elif j.kind == "pick":
+            other = "the reply above" if j.other_id == main_id else f"alternative #{j.other_id}"
+            lines.append(f"✔ picked over {other}")
+        elif j.kind == "edit":
+            lines.append("✏ edited to:\n" + _indent(j.text or "", "  "))
+    return lines
+
+
+def _show_reply(m: LoggedMessage, main_id: int | None, by: str) -> None:
+    """A reply's stats and judgements, indented by ``by``."""
+    typer.echo(by + _reply_stats(m).lstrip())
+    for line in _judgement_lines(m, main_id):
+        typer.echo(_indent(line, by))
+
+
 @app.command("show")
 def show_command(cid: Annotated[int, typer.Argument(help="Conversation id.")]) -> None:
     """Show one conversation with each reply's model, finish reason, settings, tokens
-    and timings, and where the system prompt was changed."""
+    and timings, where the system prompt was changed, the judgements given (good,
+    bad, edits with their text, picks), and the alternative replies (a /retry's
+    earlier ones, the page's compare columns) under the reply they stand beside."""
     conv = _open().get(cid)
     typer.echo(f"conversation {conv.id}  {_when(conv.created)}  {_where(conv)}")
     if conv.initial_system:
@@ -167,7 +207,11 @@ def show_command(cid: Annotated[int, typer.Argument(help="Conversation id.")]) -
             continue
         typer.echo(f"\n{m.role}: {m.content}")
         if m.role == "assistant":
-            typer.echo(_reply_stats(m))
+            _show_reply(m, m.id, "  ")
+            for alt in m.alternatives:
+                typer.echo(f"\n  alternative #{alt.id} (not in the history):")
+                typer.echo(_indent(alt.content, "    "))
+                _show_reply(alt, m.id, "    ")
 
 
 # ------------------------------------------------------------------ search
@@ -291,7 +335,12 @@ def parse_since(value: str) -> float:
 @app.command("export")
 def export_command(
     format: Annotated[
-        str, typer.Option("--format", help="training: {'messages': [...]} JSONL.")
+        str,
+        typer.Option(
+            "--format",
+            help="training: {'messages': [...]} JSONL; preference: TRL's "
+            "{'prompt', 'chosen', 'rejected'} JSONL from your judgements.",
+        ),
     ] = "training",
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write here (default: stdout).")
@@ -314,32 +363,67 @@ def export_command(
         list[int] | None, typer.Option("--cid", help="Only this conversation (repeatable).")
     ] = None,
 ) -> None:
-    """Export the log as training data that `chatforge train` reads unchanged.
+    """Export the log as training data that `chatforge train` reads unchanged, or
+    (--format preference) as preference pairs for DPO in TRL's conversational format.
 
-    A reply that was interrupted or cut at the token limit is left out with the
-    question it answers (the --include flags keep them); failed and empty replies
-    always are. A conversation whose system prompt changed part way becomes one
-    line per system prompt, each with the turns answered under it.
+    training: a reply that was interrupted or cut at the token limit is left out
+    with the question it answers (the --include flags keep them); failed and empty
+    replies always are. A reply you edited is written as edited; /retry's earlier
+    replies are not written. A conversation whose system prompt changed part way
+    becomes one line per system prompt, each with the turns answered under it.
+
+    preference: one line per pair from /pick (and the page's compare pick), /edit
+    (your text beats the reply) and /good against /bad on replies to the same prompt.
     """
-    if format != "training":
-        raise ChatforgeError(f"unknown export format {format!r}; use training")
-    filters = dict(
+    if format not in ("training", "preference"):
+        raise ChatforgeError(f"unknown export format {format!r}; use training or preference")
+    filters: dict[str, Any] = dict(
+        cids=cid or None, model=model, since=parse_since(since) if since is not None else None
+    )
+    if format == "preference":
+        flag = "--include-interrupted" if include_interrupted else "--include-truncated"
+        if include_interrupted or include_truncated:
+            raise ChatforgeError(f"{flag} is for --format training; a judged reply is always used")
+        counts = _export(_open(), output, "export_preference", filters)
+        typer.echo(_preference_note(counts), err=True)
+        return
+    skipped: dict[str, int] = {}
+    edited: list[int] = []
+    filters.update(
         include_interrupted=include_interrupted,
         include_truncated=include_truncated,
-        cids=cid or None,
-        model=model,
-        since=parse_since(since) if since is not None else None,
+        skipped=skipped,
+        edited=edited,
     )
-    skipped: dict[str, int] = {}
-    filters["skipped"] = skipped
-    log = _open()
-    if output is None:
-        n = log.export_training(sys.stdout, **filters)
-    else:
-        n = _export_to(log, output, filters)
+    n = _export(_open(), output, "export_training", filters)
+    note = f"; {_plural(len(edited), 'reply', 'replies')} as you edited them" if edited else ""
     typer.echo(
-        f"exported {n} conversation{'s' if n != 1 else ''}{_skipped_note(skipped)}", err=True
+        f"exported {n} conversation{'s' if n != 1 else ''}{note}{_skipped_note(skipped)}",
+        err=True,
     )
+
+
+def _plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def _preference_note(counts: Any) -> str:
+    """Pairs written by source, and the judgements that gave none, by reason."""
+    from chatforge.store.preference import PAIR_SOURCES, describe_left_out
+
+    note = f"exported {_plural(counts.pairs, 'preference pair', 'preference pairs')}"
+    if counts.pairs:
+        note += (
+            " ("
+            + ", ".join(f"{counts.written[s]} {s}" for s in PAIR_SOURCES if counts.written[s])
+            + ")"
+        )
+    if counts.left_out:
+        bits = [describe_left_out(reason, n) for reason, n in sorted(counts.left_out.items())]
+        note += "; left out " + ", ".join(bits)
+    if not counts.pairs and not counts.left_out:
+        note += "; judge replies in chat with /good, /bad, /edit, /retry then /pick"
+    return note
 
 
 def _skipped_note(skipped: dict[str, int]) -> str:
@@ -355,13 +439,15 @@ def _skipped_note(skipped: dict[str, int]) -> str:
     return f"; left out {' and '.join(bits)}" if bits else ""
 
 
-def _export_to(log: ConversationLog, output: Path, filters: dict) -> int:
-    """Export into a file, whole or not at all."""
+def _export(log: ConversationLog, output: Path | None, method: str, filters: dict) -> Any:
+    """Run the log's export ``method`` into ``output`` (stdout when None), a file
+    written whole or not at all; returns what the method does."""
     from chatforge.fsutil import atomic_file
 
+    if output is None:
+        return getattr(log, method)(sys.stdout, **filters)
     try:  # never a half-written file under the user's name, also if the log fails
         with atomic_file(output.expanduser(), "w") as f:
-            n = log.export_training(f, **filters)
+            return getattr(log, method)(f, **filters)
     except OSError as e:
         raise ChatforgeError(f"cannot write {output}: {e.strerror}") from e
-    return n

@@ -95,6 +95,14 @@ def serve_command(
             help="Let web pages from this origin call the API (repeatable). Default: none.",
         ),
     ] = None,
+    no_log: Annotated[
+        bool,
+        typer.Option(
+            "--no-log",
+            help="Keep no feedback: POST /v1/feedback (the page's thumbs, edits and picks) "
+            "answers 501 instead of writing to the conversation log.",
+        ),
+    ] = False,
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API, with a web chat page at /."""
     import uvicorn
@@ -147,6 +155,7 @@ def serve_command(
         on_load_error=failed,
         ttl=ttl,
         max_memory_mb=max_memory,
+        log=not no_log,
     )
     if served_model_name:  # the one model's names: the first is its id, all are listed
         route = app.state.chatforge.pool.default

@@ -3,7 +3,7 @@
 The app's parts, one concern each: :mod:`~chatforge.server.state` (the served models,
 settings and lifecycle every route reads from ``app.state.chatforge``),
 :mod:`~chatforge.server.routes` (one router per concern: chat, completions,
-embeddings, tokenizer, models and adapters, health, the page),
+embeddings, tokenizer, models and adapters, health, the page, feedback),
 :mod:`~chatforge.server.transport` (request bodies, submitting, waiting, SSE),
 :mod:`~chatforge.server.responses` (OpenAI's answer shapes), and the middleware of
 :mod:`~chatforge.server.guard` and :mod:`~chatforge.server.metrics`.
@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -35,6 +36,7 @@ from chatforge.generation.engine import Engine, EngineConfig
 from chatforge.generation.service import EngineService
 from chatforge.server import errors
 from chatforge.server.guard import BearerAuth, HostGuard
+from chatforge.server.logbook import ServerLog
 from chatforge.server.metrics import register_metrics
 from chatforge.server.pool import Base
 from chatforge.server.routes import ROUTERS
@@ -63,6 +65,7 @@ def create_app(
     served_model_names: Iterable[str] = (),
     ttl: float | None = None,
     max_memory_mb: float | None = None,
+    log: bool | str | Path = True,
 ) -> FastAPI:
     """An app serving ``loaded_or_loader`` (a LoadedModel, or a callable returning one),
     or several ``models`` (:class:`ServedModel`; the first is the default).
@@ -82,6 +85,8 @@ def create_app(
     ``ttl``: seconds a model may sit idle before it is unloaded (the next request
     for it loads it again); ``max_memory_mb``: the budget for loaded models' weights
     (idle ones are unloaded, least recently used first, to stay within it).
+    ``log``: where ``POST /v1/feedback`` keeps judgements: True, the conversation log
+    in the data dir; a path, that file; False (``--no-log``), nowhere (it answers 501).
     """
     specs = _specs(loaded_or_loader, models, model_id, served_model_names)
 
@@ -97,7 +102,11 @@ def create_app(
 
     pool = build_pool(specs, ttl, max_memory_mb, make_service)
     state = ServerState(
-        pool=pool, limits=limits or Limits(), body_timeout=body_timeout, retry_after=retry_after
+        pool=pool,
+        limits=limits or Limits(),
+        body_timeout=body_timeout,
+        retry_after=retry_after,
+        log=ServerLog(None if isinstance(log, bool) else log, enabled=log is not False),
     )
     app = FastAPI(
         title="chatforge",
@@ -179,5 +188,6 @@ def _lifespan(
             if not task.done():
                 task.cancel()
         await pool.close(drain_timeout)  # in-flight requests have been answered by now
+        state.log.close()
 
     return lifespan

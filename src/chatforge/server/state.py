@@ -23,6 +23,7 @@ from chatforge.generation.config import GenerationConfig
 from chatforge.generation.service import EngineService
 from chatforge.models.registry import ALIASES
 from chatforge.server.errors import APIError
+from chatforge.server.logbook import ServerLog
 from chatforge.server.pool import Base, ModelPool, Route, Target
 from chatforge.server.schemas import ChatMessageIn, Limits
 
@@ -75,6 +76,8 @@ class ServerState:
     """Unix time the server started (the models' ``created``)."""
     started: bool = False
     """Set once the start-up loads have been tried."""
+    log: ServerLog = field(default_factory=ServerLog)
+    """The conversation log ``POST /v1/feedback`` writes to (disabled: ``--no-log``)."""
 
     @property
     def model_id(self) -> str:

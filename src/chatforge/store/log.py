@@ -5,6 +5,14 @@ message (role, text, and for replies the model, parameters, token counts,
 timings and finish reason: ``stop``, ``length``, ``interrupted``, ``error``;
 NULL in rows from before it was recorded). A system prompt changed part way
 through a conversation is a ``system`` row at the point of the change.
+
+The *main line* of a conversation is its messages with ``alt_of`` NULL: what the
+model saw. A reply with ``alt_of`` set is an alternative to that main-line reply
+(the earlier reply of a ``/retry``, a losing column of the page's compare mode);
+alternatives are kept for judging but never become history or training turns.
+Judgements (good, bad, edit, pick: :mod:`chatforge.store.judgement`) are rows of
+their own; an edit keeps the original reply, and the latest edit's text is what
+``--continue`` and the training export use in its place.
 Rows are written as each message completes, so a crash loses at most the
 reply being generated. WAL mode lets ``chatforge logs`` read while a
 chat writes. The schema carries a version so later changes can migrate it.
@@ -31,14 +39,34 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from chatforge.errors import ChatforgeError
+from chatforge.store.judgement import Judgement, JudgementMethods, latest_edit, verdict
 
-SCHEMA_VERSION = 2
+if TYPE_CHECKING:
+    from chatforge.store.preference import PreferenceCounts
+
+SCHEMA_VERSION = 3
 """Version of the tables below; bump it and add a migration when they change."""
 
 LOG_FILE = "conversations.sqlite3"
+
+_V3_TABLES = (
+    """CREATE TABLE IF NOT EXISTS judgements (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created REAL NOT NULL,
+    conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,  -- the reply judged
+    kind TEXT NOT NULL,             -- good | bad | edit | pick
+    other_id INTEGER REFERENCES messages(id) ON DELETE CASCADE,  -- pick: the reply not chosen
+    text TEXT,                      -- edit: the person's text for the reply
+    source TEXT                     -- chat | web | api
+)""",
+    "CREATE INDEX IF NOT EXISTS judgements_by_conversation ON judgements(conversation_id, id)",
+    "CREATE INDEX IF NOT EXISTS messages_by_response ON messages(response_id)",
+)
+"""What schema 3 adds besides the two ``messages`` columns (new files and the migration)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -64,10 +92,12 @@ CREATE TABLE IF NOT EXISTS messages (
     completion_tokens INTEGER,
     finish_reason TEXT,             -- replies: stop | length | interrupted | error; NULL unknown
     seconds REAL,                   -- request to end of reply
-    first_token_seconds REAL        -- request to first text
+    first_token_seconds REAL,       -- request to first text
+    alt_of INTEGER REFERENCES messages(id),  -- an alternative to this main-line reply
+    response_id TEXT                -- the server's id of a served reply
 );
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, id);
-"""
+""" + "".join(f"{statement};\n" for statement in _V3_TABLES)
 
 
 class LogError(ChatforgeError):
@@ -117,11 +147,43 @@ class LoggedMessage:
     finish_reason: str | None = None  # replies; None: not recorded (older logs)
     seconds: float | None = None
     first_token_seconds: float | None = None
+    id: int | None = None  # the row's id (None: not read from the log)
+    alt_of: int | None = None  # an alternative reply: the main-line reply it stands beside
+    response_id: str | None = None  # a served reply's id (``chatcmpl-...``)
+    judgements: list[Judgement] = field(default_factory=list)  # of this reply, oldest first
+    alternatives: list[LoggedMessage] = field(default_factory=list)  # main-line replies only
+
+    @property
+    def edit(self) -> str | None:
+        """The latest edit's text (None: not edited)."""
+        return latest_edit(self.judgements)
+
+    @property
+    def final_text(self) -> str:
+        """What the conversation goes on from: the latest edit, else the reply as written."""
+        edited = self.edit
+        return edited if edited is not None else self.content
+
+    @property
+    def verdict(self) -> str | None:
+        """The latest thumbs given to it: ``good``, ``bad`` or None."""
+        return verdict(self.judgements)
+
+    @property
+    def sent(self) -> bool:
+        """Whether this message went back to the model as history: replies that were
+        interrupted or failed did not, unless the person edited them into shape."""
+        if self.role != "assistant" or self.edit is not None:
+            return True
+        return self.finish_reason not in (FINISH_INTERRUPTED, FINISH_ERROR)
 
 
 def _trainable(reply: LoggedMessage, include_interrupted: bool, include_truncated: bool) -> bool:
     """Whether a reply is fit to learn from: not empty, not failed, and not cut short
-    (interrupted by the user, or stopped at the token limit) unless asked for."""
+    (interrupted by the user, or stopped at the token limit) unless asked for. An
+    edited reply is the person's text: fit whenever it is not empty."""
+    if reply.edit is not None:
+        return bool(reply.edit.strip())
     if not reply.content.strip() or reply.finish_reason == FINISH_ERROR:
         return False
     if reply.finish_reason == FINISH_INTERRUPTED:
@@ -144,7 +206,7 @@ def _turn_pairs(
         elif m.role == "assistant" and question is not None:
             if _trainable(m, include_interrupted, include_truncated):
                 out.append({"role": "user", "content": question.content})
-                out.append({"role": "assistant", "content": m.content})
+                out.append({"role": "assistant", "content": m.final_text})
             question = None
     return out
 
@@ -165,6 +227,7 @@ class LoggedConversation:
     messages: list[LoggedMessage] = field(default_factory=list)
     first_system: str | None = None  # the system prompt it started with
     n_turns: int = 0  # user messages
+    n_judgements: int = 0  # judgements of its replies (good, bad, edit, pick)
 
     @property
     def initial_system(self) -> str | None:
@@ -193,7 +256,8 @@ class LoggedConversation:
         conversation whose system prompt changed part way gives one example per
         system prompt, each with the turns answered under it, so no reply is
         trained under a prompt it was not written for. Examples without a reply
-        are left out.
+        are left out. An edited reply is its latest edit; alternatives (``/retry``'s
+        earlier replies) are not in :attr:`messages` and never trained on.
         """
         out = []
         for system, msgs in self.segments():
@@ -216,12 +280,23 @@ def _migrate_1_to_2(db: sqlite3.Connection) -> None:
     db.execute("UPDATE conversations SET first_system = system")
 
 
-_MIGRATIONS = {1: _migrate_1_to_2}
+def _migrate_2_to_3(db: sqlite3.Connection) -> None:
+    """Version 3 keeps judgements: alternative replies (``alt_of``), the served reply's
+    id (``response_id``) and the ``judgements`` table. Existing rows are all main line."""
+    db.execute("ALTER TABLE messages ADD COLUMN alt_of INTEGER REFERENCES messages(id)")
+    db.execute("ALTER TABLE messages ADD COLUMN response_id TEXT")
+    for statement in _V3_TABLES:  # not executescript: it would end the migration's transaction
+        db.execute(statement)
+
+
+_MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
 """From version N to N + 1."""
 
 
-class ConversationLog:
-    """The SQLite conversation log (created on first use)."""
+class ConversationLog(JudgementMethods):
+    """The SQLite conversation log (created on first use); its judgement methods
+    (:meth:`judge`, :meth:`judgements`, :meth:`set_alternative`, :meth:`promote`) are
+    :class:`~chatforge.store.judgement.JudgementMethods`'."""
 
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path is not None else default_path()
@@ -354,15 +429,21 @@ class ConversationLog:
         finish_reason: str | None = None,
         seconds: float | None = None,
         first_token_seconds: float | None = None,
-    ) -> None:
-        """Append a message; the keywords are a reply's :class:`LoggedMessage` fields
-        (``finish_reason``: "stop", "length", "interrupted", "error", ...)."""
+        alt_of: int | None = None,
+        response_id: str | None = None,
+    ) -> int:
+        """Append a message and return its id; the keywords are a reply's
+        :class:`LoggedMessage` fields (``finish_reason``: "stop", "length",
+        "interrupted", "error", ...; ``alt_of``: the main-line reply this one is an
+        alternative to)."""
         now = time.time()
         with self._guard(), self.db:
-            self.db.execute(
+            if alt_of is not None:
+                self._check_reply(alt_of, cid, "alt_of")
+            cur = self.db.execute(
                 "INSERT INTO messages (conversation_id, created, role, content, model, params, "
-                "prompt_tokens, completion_tokens, finish_reason, seconds, first_token_seconds) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "prompt_tokens, completion_tokens, finish_reason, seconds, first_token_seconds, "
+                "alt_of, response_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     cid,
                     now,
@@ -375,12 +456,15 @@ class ConversationLog:
                     finish_reason,
                     seconds,
                     first_token_seconds,
+                    alt_of,
+                    response_id,
                 ),
             )
             self.db.execute(
                 "UPDATE conversations SET updated = ?, model = COALESCE(model, ?) WHERE id = ?",
                 (now, model, cid),
             )
+        return int(cur.lastrowid)
 
     def remove(self, cids: list[int]) -> int:
         """Delete these conversations and their messages, all or (when one of them
@@ -432,11 +516,13 @@ class ConversationLog:
 
     _LIST = (
         "SELECT c.id, c.created, c.updated, c.model, c.backend, c.api_base, c.system, "
-        "(SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id AND m.role != 'system'), "
+        "(SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id AND m.role != 'system' "
+        " AND m.alt_of IS NULL), "
         "(SELECT content FROM messages m WHERE m.conversation_id = c.id AND m.role = 'user' "
         " ORDER BY m.id LIMIT 1), "
         "c.first_system, "
-        "(SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id AND m.role = 'user') "
+        "(SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id AND m.role = 'user'), "
+        "(SELECT COUNT(*) FROM judgements j WHERE j.conversation_id = c.id) "
         "FROM conversations c"
     )
 
@@ -448,6 +534,7 @@ class ConversationLog:
             preview=preview[:70] + ("..." if len(preview) > 70 else ""),
             first_system=row[9],
             n_turns=row[10],
+            n_judgements=row[11],
         )
 
     def list(self, limit: int | None = 20) -> list[LoggedConversation]:
@@ -475,14 +562,28 @@ class ConversationLog:
         if row is None:
             raise ChatforgeError(f"no conversation {cid} in the log; see `chatforge logs list`")
         conv = self._conv(row)
+        by_id: dict[int, LoggedMessage] = {}
         for r in self.db.execute(
             "SELECT role, content, created, model, params, prompt_tokens, completion_tokens, "
-            "finish_reason, seconds, first_token_seconds FROM messages "
+            "finish_reason, seconds, first_token_seconds, id, alt_of, response_id FROM messages "
             "WHERE conversation_id = ? ORDER BY id",
             (cid,),
         ):
             params = json.loads(r[4]) if r[4] else None
-            conv.messages.append(LoggedMessage(r[0], r[1], r[2], r[3], params, *r[5:]))
+            by_id[r[10]] = LoggedMessage(r[0], r[1], r[2], r[3], params, *r[5:])
+        for m in by_id.values():  # an alternative stands beside its reply, never in history
+            main = by_id.get(m.alt_of) if m.alt_of is not None else None
+            if main is not None:  # (a later reply: a /retry's earlier one points forward)
+                main.alternatives.append(m)
+            else:
+                conv.messages.append(m)
+        for j in self.db.execute(
+            "SELECT id, created, conversation_id, message_id, kind, other_id, text, source "
+            "FROM judgements WHERE conversation_id = ? ORDER BY id",
+            (cid,),
+        ):
+            if j[3] in by_id:
+                by_id[j[3]].judgements.append(Judgement(*j))
         return conv
 
     def search(self, text: str, limit: int | None = 50) -> list[LoggedConversation]:
@@ -558,23 +659,48 @@ class ConversationLog:
         model: str | None = None,
         since: float | None = None,
         skipped: dict[str, int] | None = None,
+        edited: list[int] | None = None,
     ) -> int:
         """Write ``{"messages": [...]}`` JSONL (what ``chatforge train`` reads): one
         line per conversation, or per system prompt of one whose prompt changed
         (see :meth:`LoggedConversation.training_examples`, which also says what is
         left out). Returns the number of lines written; ``skipped`` counts the
-        replies left out for being interrupted or length-cut, by finish reason."""
+        replies left out for being interrupted or length-cut, by finish reason.
+        A reply the person edited is written as edited; ``edited`` gets the ids of
+        those replies. Alternatives (``/retry``'s earlier replies) are never written."""
         left_out = _left_out(include_interrupted, include_truncated)
         n = 0
         for conv in self.conversations(cids=cids, model=model, since=since):
             if skipped is not None:
                 for m in conv.messages:
-                    if m.role == "assistant" and m.finish_reason in left_out:
+                    if m.role == "assistant" and m.edit is None and m.finish_reason in left_out:
                         skipped[m.finish_reason] = skipped.get(m.finish_reason, 0) + 1
             for msgs in conv.training_examples(include_interrupted, include_truncated):
                 out.write(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
                 n += 1
+            if edited is not None:
+                edited.extend(
+                    m.id
+                    for m in conv.messages
+                    if m.id is not None
+                    and m.edit is not None
+                    and _trainable(m, include_interrupted, include_truncated)
+                )
         return n
+
+    def export_preference(
+        self,
+        out: TextIO,
+        *,
+        cids: list[int] | None = None,
+        model: str | None = None,
+        since: float | None = None,
+    ) -> PreferenceCounts:
+        """Write TRL's conversational preference JSONL from the judgements (picks,
+        edits, good against bad); see :mod:`chatforge.store.preference`."""
+        from chatforge.store.preference import export_preference
+
+        return export_preference(self, out, cids=cids, model=model, since=since)
 
 
 def _left_out(include_interrupted: bool, include_truncated: bool) -> set[str]:

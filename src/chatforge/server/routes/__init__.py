@@ -6,6 +6,7 @@ from chatforge.server.routes import (
     chat,
     completions,
     embeddings,
+    feedback,
     health,
     models,
     page,
@@ -20,6 +21,7 @@ ROUTERS = (
     chat.router,
     completions.router,
     embeddings.router,
+    feedback.router,
 )
 """Every router, in the order the app includes them."""
 
