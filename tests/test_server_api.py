@@ -96,7 +96,8 @@ def test_health_models_and_page(server):
     assert httpx.get(server.url + "/v1/models/tiny").json()["id"] == "tiny"
     assert httpx.get(server.url + "/v1/models/other").status_code == 404
     page = httpx.get(server.url + "/")
-    assert page.status_code == 200 and "/v1/chat/completions" in page.text
+    assert page.status_code == 200 and "/static/chat.js" in page.text
+    assert "/v1/chat/completions" in httpx.get(server.url + "/static/chat.js").text
 
 
 def test_chat_streamed_equals_not_streamed(client):

@@ -62,7 +62,7 @@ def test_api_routers_refuse_work_while_draining_and_the_probes_still_answer(clie
 
 
 def test_the_api_routers_declare_the_shutdown_check(client):
-    public = {"/health", "/"}
+    public = {"/health", "/", "/static/{name}"}  # the page and its files
     for router in ROUTERS:
         for route in router.routes:
             deps = [d.call for d in route.dependant.dependencies]

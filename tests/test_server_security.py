@@ -371,7 +371,7 @@ def test_cors_origins_allows_only_those(tiny):
 
 
 def test_the_chat_page_still_posts_json(server):
-    page = httpx.get(server.url + "/")
+    page = httpx.get(server.url + "/static/chat.js")
     assert page.status_code == 200
     assert '"Content-Type": "application/json"' in page.text
     r = post(server, "/v1/chat/completions", chat(stream=True))

@@ -28,9 +28,11 @@ LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 """Host names always allowed (with any port)."""
 
 
-PUBLIC_PATHS = frozenset({"/health", "/", "/favicon.ico"})
-"""Routes anyone may fetch without the API key: the health probe, and the static chat
-page (a browser cannot send a bearer token when it navigates; the page asks for the
+PUBLIC_PATHS = frozenset(
+    {"/health", "/", "/favicon.ico", "/static/chat.css", "/static/chat.js", "/static/markdown.js"}
+)
+"""Routes anyone may fetch without the API key: the health probe, and the static web
+workbench (a browser cannot send a bearer token when it navigates; the page asks for the
 key and sends it with its API calls)."""
 
 
