@@ -21,7 +21,7 @@ from cli_helpers import run
         (["--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
         (["--temperature", "hot"], "Invalid value for '--temperature'"),
-        (["--dtype", "fp8"], "unknown dtype 'fp8'; use fp32, bf16 or auto"),
+        (["--dtype", "fp8"], "unknown dtype 'fp8'; use fp32, bf16, fp16 (a GPU) or auto"),
         (
             ["--prompt-file", "/nonexistent/prompts.txt"],
             "prompt file /nonexistent/prompts.txt does not exist",

@@ -14,6 +14,7 @@ from chatforge.cli.options import (
     DEFAULT_MODEL,
     ApiKeyEnvOpt,
     ApiKeyOpt,
+    DeviceOpt,
     DtypeOpt,
     FrequencyOpt,
     GenerationFlags,
@@ -38,6 +39,7 @@ from chatforge.cli.options import (
     ThreadsOpt,
     TopKOpt,
     TopPOpt,
+    check_device,
     check_format,
     check_threads,
     model_ref,
@@ -61,6 +63,7 @@ def chat_command(
     system: SystemOpt = None,
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = None,
+    device: DeviceOpt = "auto",
     prompt_format: PromptFormatOpt = None,
     preset: PresetOpt = None,
     temperature: TemperatureOpt = None,
@@ -149,9 +152,13 @@ def chat_command(
         request_params(config)  # a setting no request can carry fails now
     parse_dtype(dtype)
     quantize = parse_quantize(quantize or "auto")
+    if not api_base:
+        device = check_device(device)  # a GPU the machine lacks: one line, before loading
     budget = BudgetConfig(max_history_share=max_history_share)
     check_threads(threads)
     check_format(prompt_format)
+    if api_base and device != "auto":
+        raise ChatforgeError("--device applies to a local model, not to --api-base")
     if api_base and prompt_format:
         raise ChatforgeError("--format applies to a local model, not to --api-base")
     prompts: Iterator[str] | None = None
@@ -172,10 +179,12 @@ def chat_command(
         with err.status(f"Loading {model} ...", spinner="dots") if interactive else _nullctx():
             if recipe is not None:
                 loaded = load_recipe_model(
-                    recipe, dtype=dtype, quantize=quantize, format=prompt_format
+                    recipe, dtype=dtype, quantize=quantize, format=prompt_format, device=device
                 )
             else:
-                loaded = load_model(model, dtype=dtype, quantize=quantize, format=prompt_format)
+                loaded = load_model(
+                    model, dtype=dtype, quantize=quantize, format=prompt_format, device=device
+                )
         use_threads(loaded, threads)  # before the session makes the model's engine
         session = ChatSession(loaded, config, system=system, budget=budget)
         if interactive:
@@ -183,7 +192,8 @@ def chat_command(
             err.print(
                 f"[bold]{info.name}[/] ({info.n_params / 1e6:.0f}M params, context "
                 f"{info.context_length}, {info.prompt_format}, {info.dtype}"
-                f"{'' if info.quantize == 'none' else ' ' + info.quantize}, {info.engine} engine) "
+                f"{'' if info.quantize == 'none' else ' ' + info.quantize}, {info.engine} engine"
+                f"{'' if info.device == 'cpu' else ' on ' + info.device}) "
                 "loaded in "
                 f"{info.load_seconds:.1f}s. Type /help for commands.",
                 highlight=False,

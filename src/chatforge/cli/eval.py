@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from chatforge.cli.options import ThreadsOpt, check_threads, use_threads
+from chatforge.cli.options import DeviceOpt, ThreadsOpt, check_device, check_threads, use_threads
 from chatforge.errors import ChatforgeError
 
 
@@ -37,15 +37,18 @@ def eval_command(
     dtype: Annotated[str, typer.Option("--dtype", help="fp32 or bf16.")] = "fp32",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     threads: ThreadsOpt = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Perplexity on held-out assistant turns (a .txt corpus: on all its tokens),
-    distinct-1/2, repetition, reply length."""
+    distinct-1/2, repetition, reply length; on preference pairs (chosen/rejected JSONL),
+    how often each model prefers the chosen reply, and DPO rewards against the first."""
     from rich.console import Console
     from rich.table import Table
 
     from chatforge.models import load_model
     from chatforge.training.data import load_data
     from chatforge.training.evaluate import evaluate, evaluate_text
+    from chatforge.training.preference import is_preference_file
 
     if limit < 1:
         raise ChatforgeError("--limit must be >= 1")
@@ -54,11 +57,30 @@ def eval_command(
     if max_new_tokens < 1:
         raise ChatforgeError("--max-new-tokens must be >= 1")
     check_threads(threads)
+    device = check_device(device)  # a GPU the machine lacks: one line, before loading
     if threads is not None:  # perplexity runs the model outside the engine
         import torch
 
         torch.set_num_threads(threads)
     err = Console(stderr=True)
+    if data_format is None and all(is_preference_file(d) for d in data):
+        from chatforge.cli.eval_prefs import eval_preferences
+
+        eval_preferences(
+            [model, *(compare or [])],
+            data,
+            limit=limit,
+            replies=replies,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            dtype=dtype,
+            device=device,
+            as_json=as_json,
+            threads=threads,
+            valid_split=valid_split,
+            err=err,
+        )
+        return
     bad: list[str] = []
     ds = load_data(data, data_format, "skip", bad.append)
     text = ds.kind == "text"  # a corpus: every token is scored, replies continue its lines
@@ -70,7 +92,7 @@ def eval_command(
     what = "texts" if text else "conversations"
     results = []
     for ref in [model, *(compare or [])]:
-        loaded = load_model(ref, dtype)
+        loaded = load_model(ref, dtype, device=device)
         use_threads(loaded, threads)  # before evaluate makes the model's engine
         if not as_json:
             err.print(f"evaluating {ref} on {len(items)} {what} ...")

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from chatforge.cli.options import DeviceOpt, check_device
 from chatforge.errors import ChatforgeError
 
 app = typer.Typer(
@@ -119,12 +120,15 @@ def _rich_table(rows: list[list[str]]) -> None:
 
 def _info_rows(loaded) -> list[tuple[str, str]]:
     """What ``models info`` prints about a loaded model, as (label, value) rows."""
+    from chatforge.device import device_name
     from chatforge.models.fast import native
     from chatforge.models.gguf import weights_source
 
     info = loaded.info
     kernels = native.kernel_path()
-    if info.engine != "fast":
+    if info.device != "cpu":  # our CPU kernels do not run there
+        kernels = f"torch ops on {info.device} (the CPU kernels, {kernels}, are unused)"
+    elif info.engine != "fast":
         kernels += " (unused: transformers' modules run this model)"
     quant = info.quantize if info.quantize != "none" else "none (full weights)"
     source = weights_source(info.path)  # a GGUF conversion holds no weights of its own
@@ -133,6 +137,7 @@ def _info_rows(loaded) -> list[tuple[str, str]]:
         ("name", info.name),
         ("path", str(info.path)),
         ("weights", f"{source} (read from the file)" if source else str(info.path)),
+        ("device", device_name(info.device)),
         ("architecture", info.architecture),
         ("parameters", f"{info.n_params / 1e6:.1f}M ({info.n_params:,})"),
         ("context length", str(info.context_length)),
@@ -147,15 +152,18 @@ def _info_rows(loaded) -> list[tuple[str, str]]:
 @app.command("info")
 def info_command(
     ref: Annotated[str, typer.Argument(help="A bundled name, directory, .gguf file or hub id.")],
+    device: DeviceOpt = "auto",
 ) -> None:
     """Load a model with the defaults `chatforge chat` uses and describe it: architecture,
-    size, context, prompt format, the dtype and quantisation picked, the engine and
-    which CPU kernels run it."""
+    size, context, prompt format, the device, the dtype and quantisation picked, the
+    engine and which kernels run it."""
     from chatforge.models import load_model
     from chatforge.models.recipes import load_recipe_model, resolve_named
 
+    device = check_device(device)
     recipe = resolve_named(ref)
-    rows = _info_rows(load_recipe_model(recipe) if recipe else load_model(ref))
+    loaded = load_recipe_model(recipe, device=device) if recipe else load_model(ref, device=device)
+    rows = _info_rows(loaded)
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         typer.echo(f"{label.ljust(width)}  {value}")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from chatforge.device import DEVICE_HELP
 from chatforge.errors import ChatforgeError, ParamError
 from chatforge.generation.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PRESET, PRESETS
 from chatforge.models.registry import DEFAULT_MODEL
@@ -84,8 +85,14 @@ ModelOpt = Annotated[
 DtypeOpt = Annotated[
     str,
     typer.Option(
-        "--dtype", help="fp32, bf16, or auto (the fastest setting that passes the quality check)."
+        "--dtype",
+        help="fp32, bf16, fp16 (a GPU), or auto (on the CPU the fastest setting that passes "
+        "the quality check; on a GPU bf16, else fp16).",
     ),
+]
+DeviceOpt = Annotated[
+    str,
+    typer.Option("--device", help=DEVICE_HELP),
 ]
 QuantizeOpt = Annotated[
     str | None,
@@ -222,6 +229,16 @@ def check_format(name: str | None) -> None:
 
     if name is not None and name not in FORMATS:
         raise ChatforgeError(f"--format must be one of {', '.join(FORMATS)} (got {name!r})")
+
+
+def check_device(device: str) -> str:
+    """``--device`` must name a device this machine has (checked before the slow model
+    load; one line otherwise); returns it normalised (``auto`` kept)."""
+    from chatforge.device import check_device_spec, resolve_device
+
+    spec = check_device_spec(device)
+    resolve_device(spec)
+    return spec
 
 
 def check_threads(threads: int | None) -> None:

@@ -7,7 +7,14 @@ from typing import Annotated
 
 import typer
 
-from chatforge.cli.options import DtypeOpt, QuantizeOpt, ThreadsOpt, check_threads
+from chatforge.cli.options import (
+    DeviceOpt,
+    DtypeOpt,
+    QuantizeOpt,
+    ThreadsOpt,
+    check_device,
+    check_threads,
+)
 from chatforge.errors import ChatforgeError, ParamError
 
 
@@ -30,6 +37,16 @@ def serve_command(
             "first --model (or on MODEL): NAME=DIR or NAME=DIR@MODEL. Repeatable.",
         ),
     ] = None,
+    watch: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--watch",
+            metavar="[NAME=]DIR",
+            help="Serve each finished LoRA training output in DIR (train --lora --output DIR) "
+            "as model NAME (default: DIR's folder name), the previous one kept as NAME:v1, "
+            "NAME:v2, ...: DIR or NAME=DIR. Repeatable.",
+        ),
+    ] = None,
     ttl: Annotated[
         float | None,
         typer.Option(
@@ -48,6 +65,7 @@ def serve_command(
     ] = None,
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = None,
+    device: DeviceOpt = "auto",
     host: Annotated[
         str, typer.Option("--host", help="Address to bind; 0.0.0.0 exposes it to the network.")
     ] = "127.0.0.1",
@@ -113,18 +131,20 @@ def serve_command(
 
     parse_dtype(dtype)
     quantize = parse_quantize(quantize or "auto")  # as `chatforge chat` does
+    device = check_device(device)
     refs = list(model or ["smollm2"])
     if ttl is not None and ttl <= 0:
-        raise ParamError("--ttl", "must be > 0 seconds")
+        raise ParamError("ttl", "must be > 0 seconds")
     if max_memory is not None and max_memory <= 0:
-        raise ParamError("--max-memory", "must be > 0 MB")
+        raise ParamError("max_memory", "must be > 0 MB")
     if served_model_name and len(refs) > 1:
         raise ParamError(
-            "--served-model-name",
+            "served_model_name",
             "names a single --model; with several, name them with "
             "`chatforge models create` instead",
         )
-    specs = served_models(refs, adapter or [], dtype, quantize)
+    specs = served_models(refs, adapter or [], dtype, quantize, device)
+    watches = watched_dirs(watch or [], specs)
     for name, value in (
         ("--port", port if 0 <= port < 65536 else -1),
         ("--max-queue", max_queue),
@@ -156,6 +176,7 @@ def serve_command(
         ttl=ttl,
         max_memory_mb=max_memory,
         log=not no_log,
+        watch=watches,
     )
     if served_model_name:  # the one model's names: the first is its id, all are listed
         route = app.state.chatforge.pool.default
@@ -171,6 +192,8 @@ def serve_command(
         + (", API key required" if api_key else ""),
         err=True,
     )
+    for name, directory in watches:
+        typer.echo(f"watching {directory} for training outputs to serve as {name!r}", err=True)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         typer.echo("warning: listening beyond this machine without --api-key", err=True)
     server.run()
@@ -179,7 +202,9 @@ def serve_command(
         raise e if isinstance(e, ChatforgeError) else ChatforgeError(f"could not load: {e}")
 
 
-def served_models(refs: list[str], adapters: list[str], dtype: str, quantize: str) -> list:
+def served_models(
+    refs: list[str], adapters: list[str], dtype: str, quantize: str, device: str = "auto"
+) -> list:
     """What ``--model`` and ``--adapter`` ask to serve, checked before anything loads.
 
     A named model runs on its base: models on one base share it in memory, and a
@@ -195,7 +220,7 @@ def served_models(refs: list[str], adapters: list[str], dtype: str, quantize: st
     from chatforge.server import ServedModel
 
     def loader(ref: str):
-        return lambda: load_model(ref, dtype=dtype, quantize=quantize)
+        return lambda: load_model(ref, dtype=dtype, quantize=quantize, device=device)
 
     def key(ref: str) -> str:  # one base in memory however a model names it
         path = Path(ref).expanduser()
@@ -212,7 +237,9 @@ def served_models(refs: list[str], adapters: list[str], dtype: str, quantize: st
             specs.append(
                 ServedModel(
                     recipe.name,
-                    lambda r=recipe: load_recipe_model(r, dtype=dtype, quantize=quantize),
+                    lambda r=recipe: load_recipe_model(
+                        r, dtype=dtype, quantize=quantize, device=device
+                    ),
                     base=f"{recipe.name} (merged)",
                     system=recipe.system,
                     defaults=defaults,
@@ -235,27 +262,63 @@ def served_models(refs: list[str], adapters: list[str], dtype: str, quantize: st
         name, sep, rest = item.partition("=")
         directory, _, on = rest.partition("@")
         if not sep or not name or not directory:
-            raise ParamError("--adapter", f"takes NAME=DIR or NAME=DIR@MODEL (got {item!r})")
+            raise ParamError("adapter", f"takes NAME=DIR or NAME=DIR@MODEL (got {item!r})")
         path = Path(directory).expanduser()
         if not (path / "adapter_config.json").is_file():
             raise ParamError(
-                "--adapter", f"{directory} is not a LoRA adapter directory (no adapter_config.json)"
+                "adapter", f"{directory} is not a LoRA adapter directory (no adapter_config.json)"
             )
         try:  # its files now (milliseconds), not once the server has loaded the base
             check_adapter_files(path, need_base=False)
         except AdapterError as e:
-            raise ParamError("--adapter", f"{item}: {e}") from None
+            raise ParamError("adapter", f"{item}: {e}") from None
         host = next((s for s in specs if s.name == (on or specs[0].name)), None)
         if host is None:
-            raise ParamError("--adapter", f"{on!r} is not one of the --model values")
+            raise ParamError("adapter", f"{on!r} is not one of the --model values")
         if host.adapter_dir is not None or host.base.endswith("(merged)"):
-            raise ParamError("--adapter", f"{host.name!r} already has an adapter; name its base")
+            raise ParamError("adapter", f"{host.name!r} already has an adapter; name its base")
         specs.append(ServedModel(name, host.load, base=host.base, adapter_dir=path.resolve()))
     names = [s.name for s in specs]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup is not None:
-        raise ParamError("--model", f"{dup!r} is served twice; give each model its own name")
+        raise ParamError("model", f"{dup!r} is served twice; give each model its own name")
     return specs
+
+
+def watched_dirs(items: list[str], specs: list) -> list:
+    """``--watch DIR`` / ``--watch NAME=DIR`` as ``(name, absolute DIR)`` pairs, checked:
+    a valid name (a DIR's folder name by default) that no model or other watch has."""
+    from pathlib import Path
+
+    from chatforge.publish import ADAPTER_NAME, PublishError, check_name
+
+    pairs: list = []
+    for item in items:
+        name, sep, rest = item.partition("=")
+        if not sep or not ADAPTER_NAME.match(name):  # a DIR that holds "=" is a DIR
+            name, rest = "", item
+        if not rest.strip():
+            raise ParamError("watch", f"takes DIR or NAME=DIR (got {item!r})")
+        directory = Path(rest).expanduser().absolute()
+        if directory.exists() and not directory.is_dir():
+            raise ParamError("watch", f": {rest} is not a directory")
+        if not name:
+            name = directory.name
+            if not ADAPTER_NAME.match(name):
+                raise ParamError(
+                    "watch",
+                    f": the folder name {name!r} is not a valid model name; name it: "
+                    f"--watch NAME={rest}",
+                )
+        try:
+            check_name(name, "--watch")
+        except PublishError as e:
+            raise ParamError("watch", str(e).removeprefix("--watch")) from None
+        taken = {s.name for s in specs} | {n for n, _ in pairs}
+        if name in taken:
+            raise ParamError("watch", f": {name!r} is served already; name it: --watch NAME={rest}")
+        pairs.append((name, directory))
+    return pairs
 
 
 def per_request_adapter(directory) -> bool:

@@ -85,13 +85,37 @@ class EngineConfig:
     threads: int | None = None
     """Threads for the forward pass; None: as many cores as other processes leave free
     (re-checked every half second)."""
+    device: str | None = None
+    """Where the model must run (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``); None:
+    wherever it was loaded. The device is chosen when the model loads
+    (``load_model(ref, device=...)``, which places the weights there); this checks that
+    the model is there, so an engine never runs somewhere else than asked."""
 
     def __post_init__(self) -> None:
         SchedulerConfig(self.max_batch, self.prefill_tokens)  # validates both
+        if self.device is not None:
+            from chatforge.device import DeviceError, check_device_spec
+
+            try:
+                check_device_spec(self.device)
+            except DeviceError as e:  # a config's error names its field
+                raise ValueError(str(e).replace("--device", "device", 1)) from None
         if self.kv_cache_mb < 1:
             raise ValueError(f"kv_cache_mb must be >= 1 (got {self.kv_cache_mb})")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 or None (got {self.threads})")
+
+
+def _check_device(spec: str, have: Any) -> None:
+    """``EngineConfig.device`` against the device the model is on (``have``)."""
+    from chatforge.device import resolve_device
+
+    want = resolve_device(spec)
+    if want.type != have.type or (want.index is not None and want.index != have.index):
+        raise ValueError(
+            f"EngineConfig(device={spec!r}) but the model is loaded on {have}; load it there: "
+            f"load_model(ref, device={spec!r})"
+        )
 
 
 def slide_drop(window: int, keep: int, context_length: int) -> int:
@@ -180,7 +204,16 @@ class Engine:
         else:
             runner = HFRunner(loaded.model)
             vocab = loaded.model.config.vocab_size
+        if config is not None and config.device is not None:
+            _check_device(config.device, runner.device)
         return cls(runner, tok, stops, loaded.info.context_length, vocab, config)
+
+    @property
+    def device(self) -> Any:
+        """The ``torch.device`` the model runs on (its KV cache and logits are there)."""
+        import torch
+
+        return getattr(self.runner, "device", torch.device("cpu"))
 
     @classmethod
     def shared(cls, loaded: Any, config: EngineConfig | None = None) -> Engine:

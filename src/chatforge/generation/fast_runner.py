@@ -3,8 +3,10 @@
 All scheduled work runs as one forward pass: each sequence contributes its
 rows (one for a decode step, a chunk for a prefill), in order; row ``r``
 carries its token, position, and the index of its sequence's block table.
-With fp32 activations that pass is one C call in which every row is computed
-the same way whatever else is in it (see ``kernels/decode.c``).
+With fp32 activations on the CPU that pass is one C call in which every row is
+computed the same way whatever else is in it (see ``kernels/decode.c``); on a GPU
+it is the decoder's torch forward, the step's sequences padded into one batch, with
+every tensor (indices, KV pool, logits) on the device.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ class FastRunner:
         self.model = model
         self.block_size = block_size
         self.kv: PagedKV = model.new_cache(n_blocks=16, block_size=block_size)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the decoder, its KV pool and the logits are."""
+        return self.model.device
 
     @property
     def adapters(self) -> list:
@@ -50,7 +57,7 @@ class FastRunner:
         if any(w.seq.types is not None for w in work):
             types = []
         width = max(len(w.seq.block_table) for w in work)
-        tables = torch.zeros((len(work), width), dtype=torch.int32)  # (S, max_blocks)
+        table_rows: list[list[int]] = []
         for i, w in enumerate(work):
             seq = w.seq
             tokens += seq.tokens[w.start : w.end]
@@ -61,15 +68,17 @@ class FastRunner:
                 lora += [-1 if name is None else self.model.adapter_slot(name)] * (w.end - w.start)
             if types is not None:
                 types += seq.types[w.start : w.end] if seq.types else [0] * (w.end - w.start)
-            tables[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+            table_rows.append(seq.block_table + [0] * (width - len(seq.block_table)))
+        # Built from Python lists straight on the decoder's device: one copy each to a GPU.
+        dev = self.model.device
         h = self.model.forward(
-            torch.tensor(tokens, dtype=torch.long),
-            torch.tensor(positions, dtype=torch.long),
-            torch.tensor(seq_index, dtype=torch.long),
-            tables,
+            torch.tensor(tokens, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            torch.tensor(seq_index, dtype=torch.long, device=dev),
+            torch.tensor(table_rows, dtype=torch.int32, device=dev),  # (S, max_blocks)
             self.kv,
-            None if types is None else torch.tensor(types, dtype=torch.long),
-            None if lora is None else torch.tensor(lora, dtype=torch.int32),
+            None if types is None else torch.tensor(types, dtype=torch.long, device=dev),
+            None if lora is None else torch.tensor(lora, dtype=torch.int32, device=dev),
         )  # (R, hidden)
         out: list[Tensor | None] = []
         row = 0

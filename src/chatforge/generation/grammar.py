@@ -265,7 +265,8 @@ class GrammarConstraint(LogitsProcessor):
             p._fill(mask[i])
             if p._must_close(view, mask[i]):
                 mask[i] = p._closing_mask(mask[i], view)
-        return logits.masked_fill(~unpack_bits(mask, v), float("-inf"))
+        # The mask is built on the CPU (the parser is host code); one copy to the logits'.
+        return logits.masked_fill(~unpack_bits(mask, v).to(logits.device), float("-inf"))
 
     # -- one sequence ----------------------------------------------------------------
 

@@ -162,7 +162,7 @@ class PostProcessor:
         )
         tokens = sample(
             processed,
-            SamplingParams.from_configs([s.request.config for s in seqs]),
+            SamplingParams.from_configs([s.request.config for s in seqs], logits.device),
             [s.generator for s in seqs],
             histories=[s.history for s in seqs],  # the whole prompt + reply, slid or not
             replies=[s.generated for s in seqs],
@@ -272,7 +272,7 @@ def mean_unit(seq: Seq) -> list[float] | None:
 
 def token_logprobs(lp: Tensor, targets: Sequence[int], k: int) -> list[TokenLogprob]:
     """Rows of log-probabilities (n, V), the token each row chose, and the top ``k``."""
-    idx = torch.tensor(list(targets), dtype=torch.long)
+    idx = torch.tensor(list(targets), dtype=torch.long, device=lp.device)
     chosen = lp.gather(1, idx[:, None])[:, 0].tolist()
     tops: list[list[tuple[int, float]]] = [[] for _ in targets]
     if k > 0:

@@ -116,6 +116,6 @@ def apply_processors(
             if k < len(procs):
                 groups.setdefault(type(procs[k]), []).append((row, procs[k]))
         for cls, items in groups.items():
-            idx = torch.tensor([r for r, _ in items], dtype=torch.long)
+            idx = torch.tensor([r for r, _ in items], dtype=torch.long, device=out.device)
             out[idx] = cls.process([p for _, p in items], [views[r] for r, _ in items], out[idx])
     return out

@@ -61,6 +61,8 @@ class ModelRunner(Protocol):
 
     block_size: int | None
     """Positions per KV block (paged runners), None for a runner with a cache per sequence."""
+    device: torch.device
+    """Where the model runs; the features and logits it returns are there."""
 
     def bytes_per_block(self) -> int: ...
 

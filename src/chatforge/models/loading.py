@@ -32,7 +32,16 @@ from chatforge.noise import quiet_libraries, quiet_transformers
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
+DTYPES = {
+    "fp32": "float32",
+    "float32": "float32",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+    "half": "float16",
+}
+_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 @dataclass
@@ -46,12 +55,13 @@ class ModelInfo:
     n_params: int
     context_length: int
     prompt_format: str  # "chat_template" | "sep" | "eos" | "text"
-    dtype: str  # "fp32" | "bf16"
+    dtype: str  # "fp32" | "bf16" | "fp16"
     quantize: str = "none"  # weight-only quantisation of the fast path: none | int8 | int4
     engine: str = "transformers"  # "fast" (our decoder code) | "transformers" (HF modules)
     load_seconds: float = 0.0
     converted: bool = False  # True when this load converted a GGUF (cold)
     adapter_base: str | None = None  # a LoRA adapter's base, when not the one it records
+    device: str = "cpu"  # where the weights are: "cpu", "cuda:0", "mps" (``--device``)
 
 
 @dataclass
@@ -86,9 +96,10 @@ class LoadedModel:
             with self._hf_lock:  # two threads asking at once load it once
                 if self._hf is None:
                     log.info("loading transformers' copy of %s again", self.info.path)
-                    self._hf = load_transformers(
+                    hf = load_transformers(
                         self.info.path, self.info.dtype, base=self.info.adapter_base
                     )
+                    self._hf = hf if self.info.device == "cpu" else hf.to(self.info.device)
                 hf = self._hf
         return hf
 
@@ -113,15 +124,40 @@ class LoadedModel:
 
 
 def parse_dtype(dtype: str | None) -> str:
-    """Map a user's ``--dtype`` to our short name (``fp32`` / ``bf16`` / ``auto``)."""
+    """Map a user's ``--dtype`` to our short name (``fp32`` / ``bf16`` / ``fp16`` / ``auto``)."""
     if dtype is None:
         return "fp32"
     key = str(dtype).lower()
     if key == "auto":
         return "auto"
     if key not in DTYPES:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; use fp32, bf16 or auto")
-    return "fp32" if DTYPES[key] == "float32" else "bf16"
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use fp32, bf16, fp16 (a GPU) or auto")
+    return _SHORT[DTYPES[key]]
+
+
+def device_settings(dev: Any, short: str, quant: str) -> tuple[str, str]:
+    """The dtype and quantisation for a model on ``dev`` (a ``torch.device``), ``auto``
+    resolved where the device decides it; a one-line error for a setting it cannot run.
+
+    On a GPU the weights are dense in the GPU's dtype (bf16, else fp16): our int8/int4
+    kernels and a GGUF file's blocks are CPU code. On the CPU nothing changes (fp16
+    has no fast CPU kernels: refused)."""
+    from chatforge.device import default_dtype
+
+    if dev.type == "cpu":
+        if short == "fp16":
+            raise ModelLoadError("--dtype fp16 is for a GPU; on the CPU use fp32, bf16 or auto")
+        return short, quant
+    if short == "auto":
+        short = default_dtype(dev)
+    if quant == "auto":
+        quant = "none"
+    elif quant != "none":
+        raise ModelLoadError(
+            f"--quantize {quant} runs on the CPU only (chatforge's kernels); on {dev} the "
+            f"weights are dense {short}: use --quantize none or auto, or --device cpu"
+        )
+    return short, quant
 
 
 def _load_adapter(directory: Path, torch_dtype: Any, base: str | None = None) -> Any:
@@ -174,9 +210,8 @@ def load_transformers(
     records) and merges the adapter. A GGUF conversion's weights are read from its
     file (``gguf``: that file already open as ``GGUFWeights``, to parse it once).
     """
-    import torch
 
-    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    torch_dtype = _torch_dtype(dtype)
     try:
         with quiet_transformers():
             if (directory / "adapter_config.json").exists():  # LoRA adapter + base reference
@@ -232,7 +267,7 @@ def _fast_settings(
 def _torch_dtype(short: str) -> Any:
     import torch
 
-    return torch.float32 if short == "fp32" else torch.bfloat16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(short, torch.float32)
 
 
 @dataclass
@@ -280,6 +315,7 @@ def load_model(
     fast: bool = True,
     base: str | None = None,
     format: str | None = None,
+    device: str | None = "auto",
 ) -> LoadedModel:
     """Load a model by reference (alias, directory, .gguf file or hub id).
 
@@ -307,13 +343,20 @@ def load_model(
     instead of the base the directory records (same architecture and sizes).
     ``format``: the prompt format (``chat_template``, ``sep``, ``eos`` or ``text``)
     instead of the one the directory records or the tokenizer suggests.
+    ``device``: ``auto`` (a CUDA GPU when there is one, else the CPU), ``cpu``,
+    ``cuda``, ``cuda:N`` or ``mps`` (:mod:`chatforge.device`). On a GPU the fast
+    decoder holds dense weights there (``dtype`` auto: bf16 where supported, else
+    fp16; ``quantize`` auto: none) and runs its torch forward, KV cache included.
 
     >>> lm = load_model("smollm2")           # doctest: +SKIP
     >>> lm.info.context_length               # doctest: +SKIP
     8192
     """
+    from chatforge.device import resolve_device
+
     t0 = time.perf_counter()
     short = parse_dtype(dtype)
+    dev = resolve_device(device)  # a device the machine lacks fails before anything loads
     if format is not None:
         detect_format(None, format)  # an unknown name fails before anything loads
     directory, converted, display = resolve(str(ref))
@@ -323,7 +366,7 @@ def load_model(
     if is_adapter:  # its files first: before torch is imported or any weights are read
         files = check_adapter_files(directory, need_base=base is None)
     quiet_libraries()
-    quant = parse_quantize(quantize)
+    short, quant = device_settings(dev, short, parse_quantize(quantize))
     meta = ModelMeta.read(directory)
     built = None
     if is_adapter:
@@ -331,12 +374,14 @@ def load_model(
         converted = converted or base_converted
         tokenizer = _tokenizer(directory if _has_tokenizer(directory) else base_dir)
         if fast:
-            built = _adapter_on_base(directory, files, base_dir, short, quant, tokenizer)
+            built = _adapter_on_base(directory, files, base_dir, short, quant, tokenizer, dev)
     else:
         tokenizer = _tokenizer(directory)
     if built is None:  # a model, or an adapter merged into its base (whose meta, naming
         # the base's source, must not bring the base's pack or GGUF blocks along)
-        built = _build(directory, None if is_adapter else meta, short, quant, fast, tokenizer, base)
+        built = _build(
+            directory, None if is_adapter else meta, short, quant, fast, tokenizer, base, dev
+        )
     if built.quant != "none" and built.fast is None:
         raise ModelLoadError(
             f"--quantize {built.quant} needs the fast path, which this model has not "
@@ -358,6 +403,7 @@ def load_model(
         load_seconds=time.perf_counter() - t0,
         converted=converted,
         adapter_base=base,
+        device=str(dev),
     )
     fmt = get_format(fmt_name, tokenizer)
     return LoadedModel(
@@ -402,7 +448,13 @@ class _Built:
 
 
 def _adapter_on_base(
-    directory: Path, files: Any, base_dir: Path, short: str, quant: str, tokenizer: Any
+    directory: Path,
+    files: Any,
+    base_dir: Path,
+    short: str,
+    quant: str,
+    tokenizer: Any,
+    dev: Any = None,
 ) -> _Built | None:
     """The adapter in ``directory`` on its base's fast decoder, applied per row; the
     base is loaded as it loads alone. None where per-row application cannot apply the
@@ -414,7 +466,7 @@ def _adapter_on_base(
     if problem is not None:
         log.info("merging the LoRA adapter in %s: %s", directory, problem)
         return None
-    built = _build(base_dir, ModelMeta.read(base_dir), short, quant, True, tokenizer)
+    built = _build(base_dir, ModelMeta.read(base_dir), short, quant, True, tokenizer, dev=dev)
     if built.fast is None:  # no fast path for this architecture: merged into transformers'
         built.model = _merge(built.model, directory, str(files.base or base_dir))
         return built
@@ -435,9 +487,12 @@ def _build(
     fast: bool,
     tokenizer: Any,
     base: str | None = None,
+    dev: Any = None,
 ) -> _Built:
     """Load the weights of the model in ``directory`` (an adapter directory: merged into
-    ``base``, else the base it records) and build its fast decoder where it has one."""
+    ``base``, else the base it records) and build its fast decoder where it has one;
+    then move whichever runs (fast decoder, else transformers' model) to ``dev`` (None:
+    the CPU). Both are built on the CPU first: one model's memory there at the peak."""
     from chatforge.models.fast.packed import load_pack, save_pack
 
     fast_model, fast_reason, model, facts = None, "disabled", None, None
@@ -454,7 +509,7 @@ def _build(
         # (A GGUF conversion's weights come from its file, opened once for both.)
         opened = pack.gguf if pack is not None else None
         model = load_transformers(
-            directory, "bf16" if short == "bf16" else "fp32", base=base, gguf=opened
+            directory, short if short in ("bf16", "fp16") else "fp32", base=base, gguf=opened
         )
         # What the engine and ModelInfo need from transformers' model, taken before the
         # fast path's build empties it.
@@ -483,4 +538,9 @@ def _build(
                 save_pack(fast_model, pack.path, facts)
     short = "fp32" if short == "auto" else short
     quant = "none" if quant == "auto" else quant
+    if dev is not None and dev.type != "cpu":
+        if fast_model is not None:
+            fast_model.to(dev)
+        elif model is not None:
+            model.to(dev)
     return _Built(fast_model, fast_reason, model, facts, short, quant)

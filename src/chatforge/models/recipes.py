@@ -388,6 +388,7 @@ def load_recipe_model(
     dtype: str | None = "auto",
     quantize: str | None = "auto",
     format: str | None = None,
+    device: str | None = "auto",
 ) -> LoadedModel:
     """Load a recipe's model: its base, with its LoRA adapter when it has one.
 
@@ -396,7 +397,8 @@ def load_recipe_model(
     (applied per request on the fast path, as ``load_model`` does for an adapter
     directory), which may differ from the base the adapter records (it must have the
     same shapes). ``info.name`` and ``info.ref`` are the recipe's name. ``format``: a
-    prompt format instead of the model's own (as ``load_model`` takes it).
+    prompt format instead of the model's own, ``device`` where it runs (as ``load_model``
+    takes them).
     """
     if recipe.adapter:
         adapter = Path(recipe.adapter)
@@ -406,10 +408,17 @@ def load_recipe_model(
                 "gone; create it again with another --adapter"
             )
         loaded = load_model(
-            str(adapter), dtype=dtype, quantize=quantize, base=recipe.base, format=format
+            str(adapter),
+            dtype=dtype,
+            quantize=quantize,
+            base=recipe.base,
+            format=format,
+            device=device,
         )
     else:
-        loaded = load_model(recipe.base, dtype=dtype, quantize=quantize, format=format)
+        loaded = load_model(
+            recipe.base, dtype=dtype, quantize=quantize, format=format, device=device
+        )
     loaded.info.name = recipe.name
     loaded.info.ref = recipe.name
     return loaded

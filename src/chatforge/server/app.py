@@ -42,6 +42,7 @@ from chatforge.server.pool import Base
 from chatforge.server.routes import ROUTERS
 from chatforge.server.schemas import Limits
 from chatforge.server.state import ServedModel, ServerState, build_pool, own_names
+from chatforge.server.watch import AdapterWatcher
 
 __all__ = ["ServedModel", "ServerState", "create_app"]
 
@@ -66,6 +67,8 @@ def create_app(
     ttl: float | None = None,
     max_memory_mb: float | None = None,
     log: bool | str | Path = True,
+    watch: Iterable[tuple[str, Path]] = (),
+    watch_interval: float = 2.0,
 ) -> FastAPI:
     """An app serving ``loaded_or_loader`` (a LoadedModel, or a callable returning one),
     or several ``models`` (:class:`ServedModel`; the first is the default).
@@ -87,6 +90,9 @@ def create_app(
     (idle ones are unloaded, least recently used first, to stay within it).
     ``log``: where ``POST /v1/feedback`` keeps judgements: True, the conversation log
     in the data dir; a path, that file; False (``--no-log``), nowhere (it answers 501).
+    ``watch``: ``(name, directory)`` pairs (``serve --watch``): each finished LoRA
+    training output in a directory is served as ``name``, looked for every
+    ``watch_interval`` seconds (see :mod:`chatforge.server.watch`).
     """
     specs = _specs(loaded_or_loader, models, model_id, served_model_names)
 
@@ -108,9 +114,10 @@ def create_app(
         retry_after=retry_after,
         log=ServerLog(None if isinstance(log, bool) else log, enabled=log is not False),
     )
+    watcher = AdapterWatcher(state, watch, watch_interval) if watch else None
     app = FastAPI(
         title="chatforge",
-        lifespan=_lifespan(state, ttl, drain_timeout, on_load_error),
+        lifespan=_lifespan(state, ttl, drain_timeout, on_load_error, watcher),
         docs_url=None,
         redoc_url=None,
     )
@@ -160,9 +167,11 @@ def _lifespan(
     ttl: float | None,
     drain_timeout: float,
     on_load_error: Callable[[BaseException], None] | None,
+    watcher: AdapterWatcher | None = None,
 ) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
     """Load the models at start (in the background), unload idle ones after ``ttl``,
-    and on shutdown drain: new requests get 503, in-flight ones finish."""
+    run the ``watcher`` if any, and on shutdown drain: new requests get 503, in-flight
+    ones finish."""
     pool = state.pool
 
     async def start() -> None:
@@ -182,6 +191,8 @@ def _lifespan(
         tasks = [asyncio.create_task(start())]
         if ttl is not None:
             tasks.append(asyncio.create_task(sweeper()))
+        if watcher is not None:
+            tasks.append(asyncio.create_task(watcher.run()))
         yield
         state.draining = True
         for task in tasks:

@@ -9,7 +9,9 @@ them). Three sources feed it:
   :class:`~chatforge.generation.service.EngineService`, sees every engine request
   whichever route submitted it: tokens, time to first token, inter-token
   latency, request duration, prefix-cache hits;
-* gauges read at scrape time: waiting and running sequences, the cache hit ratio.
+* gauges read at scrape time: waiting and running sequences, the cache hit ratio,
+  and ``chatforge_model_info`` (1 per loaded model, labelled with the device it runs
+  on, its dtype, quantisation and engine).
 
 :func:`register_metrics` wires all three into an app (``create_app`` calls it).
 """
@@ -31,6 +33,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import exposition as _exposition
+from prometheus_client.core import GaugeMetricFamily
 
 from chatforge.generation.types import StreamEvent
 
@@ -191,6 +194,35 @@ class MetricsMiddleware:
             self.metrics.requests.labels(route=path, status=str(status)).inc()
 
 
+class _ModelInfo:
+    """``chatforge_model_info``: one sample (value 1) per loaded model, read at scrape
+    time, labelled with where and how it runs (``device``: ``cpu``, ``cuda:0``...)."""
+
+    LABELS = ["model", "device", "dtype", "quantize", "engine"]
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            PREFIX + "model_info",
+            "Loaded models (1 each): the device each runs on, its dtype, quantisation and engine.",
+            labels=self.LABELS,
+        )
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [self._family()]
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        family = self._family()
+        for base in list(self.state.pool.bases.values()):
+            info = getattr(base.loaded, "info", None)
+            if info is not None:
+                labels = [info.name, info.device, info.dtype, info.quantize, info.engine]
+                family.add_metric([str(v) for v in labels], 1)
+        return [family]
+
+
 def register_metrics(app: FastAPI, state: Any) -> ServerMetrics:
     """Add ``GET /metrics`` and the request-counting middleware to ``app``; returns the
     metrics, whose :meth:`~ServerMetrics.observe` the app's EngineService must be given.
@@ -205,6 +237,7 @@ def register_metrics(app: FastAPI, state: Any) -> ServerMetrics:
         return sum(x[0] for x in counts), sum(x[1] for x in counts)
 
     metrics = ServerMetrics(occupancy)
+    metrics.registry.register(_ModelInfo(state))
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics_route() -> Response:

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from chatforge.generation.service import EngineService
+from chatforge.models.adapter_files import CONFIG_FILE, AdapterError, check_adapter_files
+from chatforge.publish import ADAPTER_NAME
 from chatforge.server.errors import APIError
 
 log = logging.getLogger("chatforge.server")
@@ -276,7 +278,23 @@ class ModelPool:
 
     async def add_adapter(self, name: str, directory: Path, base_name: str | None) -> Route:
         """Serve LoRA adapter ``directory`` as model ``name`` on the base ``base_name``
-        names (default: the default route's base); loads the base when needed."""
+        names (default: the default route's base); loads the base when needed. An
+        adapter already named ``name`` is replaced. ``POST /v1/adapters`` and
+        ``serve --watch`` both come here; a bad name or directory is a 400."""
+        if not ADAPTER_NAME.match(name):
+            raise APIError(400, f"{name!r} is not a valid name", param="name")
+        directory = Path(directory).expanduser()
+        if not (directory / CONFIG_FILE).is_file():
+            raise APIError(
+                400,
+                f"{directory} is not a LoRA adapter directory (no {CONFIG_FILE})",
+                param="path",
+            )
+        try:  # its files first (milliseconds), before an unloaded base is loaded for it
+            check_adapter_files(directory, need_base=False)
+        except AdapterError as e:
+            raise APIError(400, str(e), param="path") from None
+        directory = directory.resolve()
         existing = self.find(name)
         if existing is not None and existing.adapter is None:
             raise APIError(409, f"{name!r} already names a model", param="name")

@@ -9,7 +9,6 @@ One :class:`ServerState` per app, at ``app.state.chatforge``; routes get it with
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,13 +21,14 @@ from chatforge.errors import ChatforgeError
 from chatforge.generation.config import GenerationConfig
 from chatforge.generation.service import EngineService
 from chatforge.models.registry import ALIASES
+from chatforge.publish import ADAPTER_NAME
 from chatforge.server.errors import APIError
 from chatforge.server.logbook import ServerLog
 from chatforge.server.pool import Base, ModelPool, Route, Target
 from chatforge.server.schemas import ChatMessageIn, Limits
 
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}$")
-"""A name an adapter may be served under."""
+MODEL_NAME = ADAPTER_NAME
+"""A name an adapter may be served under (:data:`chatforge.publish.ADAPTER_NAME`)."""
 
 
 @dataclass

@@ -337,3 +337,8 @@ def load_chitchat(name: str = CHITCHAT) -> list[list[Message]]:
         if len(turns) >= 2:
             convs.append(parse_convmodel([" ".join(t) for t in turns]))
     return convs
+
+
+# Shared with the preference-pair reader (training/preference.py).
+decode_line = _decode_line
+describe_error = _why

@@ -196,8 +196,9 @@ def load_adapter(directory: str | Path, dec, name: str | None = None) -> LoraAda
         b_full = torch.zeros(lin.out_features, rank)  # (N, r) block-diagonal
         for part, col, b in b_blocks:
             b_full[offsets[part] : offsets[part] + sizes[part], col : col + b.shape[1]] = b
-        layers[layer][linear] = LoraLinear(
-            a_t=torch.cat(a_rows).t().contiguous(), b_t=b_full.t().contiguous()
+        layers[layer][linear] = LoraLinear(  # on the decoder's device (a GPU's too)
+            a_t=torch.cat(a_rows).t().contiguous().to(dec.device),
+            b_t=b_full.t().contiguous().to(dec.device),
         )
     if not found:
         raise AdapterError(f"{path} holds no LoRA weights")

@@ -100,11 +100,13 @@ class PagedKV:
     native: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def empty(cls, cfg: FastConfig, n_blocks: int, block_size: int) -> PagedKV:
+    def empty(
+        cls, cfg: FastConfig, n_blocks: int, block_size: int, device: torch.device | str = "cpu"
+    ) -> PagedKV:
         shape = (n_blocks, cfg.n_kv_heads, block_size, cfg.head_dim)
         return cls(
-            k=[torch.zeros(shape, dtype=cfg.dtype) for _ in range(cfg.n_layers)],
-            v=[torch.zeros(shape, dtype=cfg.dtype) for _ in range(cfg.n_layers)],
+            k=[torch.zeros(shape, dtype=cfg.dtype, device=device) for _ in range(cfg.n_layers)],
+            v=[torch.zeros(shape, dtype=cfg.dtype, device=device) for _ in range(cfg.n_layers)],
             block_size=block_size,
         )
 
@@ -125,13 +127,28 @@ class PagedKV:
             return
         for store in (self.k, self.v):
             for i, t in enumerate(store):
-                grown = torch.zeros((n_blocks, *t.shape[1:]), dtype=t.dtype)  # finite everywhere
+                # finite everywhere; on the pool's own device
+                grown = torch.zeros((n_blocks, *t.shape[1:]), dtype=t.dtype, device=t.device)
                 grown[: t.shape[0]] = t
                 store[i] = grown
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+
+def _move(obj: object, device: torch.device) -> None:
+    """Move the tensors of ``obj`` (a decoder, layer, norm, linear or LoRA delta, and the
+    lists of them it holds) to ``device``, in place."""
+    for name, v in list(vars(obj).items()):
+        if isinstance(v, Tensor):
+            setattr(obj, name, v.to(device))
+        elif isinstance(v, list):
+            for item in v:
+                if hasattr(item, "__dict__") and not isinstance(item, Tensor):
+                    _move(item, device)
+        elif isinstance(v, (Layer, Norm)) or type(v).__name__ in ("DenseLinear", "LoraLinear"):
+            _move(v, device)
 
 
 @dataclass
@@ -210,8 +227,35 @@ class FastDecoder:
         self._lora_table = NativeDecode.lora_table(self._slots, self.cfg.n_layers)
 
     def new_cache(self, n_blocks: int = 16, block_size: int = 16) -> PagedKV:
-        """An empty paged KV cache for this model (the engine grows it as it needs)."""
-        return PagedKV.empty(self.cfg, n_blocks, block_size)
+        """An empty paged KV cache for this model, on its device (the engine grows it)."""
+        return PagedKV.empty(self.cfg, n_blocks, block_size, self.device)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (and where :meth:`forward` wants its index tensors)."""
+        return self.norm.weight.device
+
+    def to(self, device: torch.device | str) -> FastDecoder:
+        """Move every weight (and the adapters) to ``device``, in place; returns self.
+
+        Only dense weights move: the C step and our int8/int4 kernels are CPU code, so
+        a decoder leaving the CPU must have neither (``native`` is dropped)."""
+        device = torch.device(device)
+        if device.type != "cpu":
+            if self.cfg.quantize != "none" or not isinstance(self.embed, Tensor):
+                raise ValueError(
+                    f"quantised weights ({self.cfg.quantize}) run on the CPU only; "
+                    "load the model with quantize='none' for a GPU"
+                )
+            self.native = None
+        _move(self, device)
+        for adapter in (*self.adapters, self.own_adapter):
+            if adapter is not None:
+                for layer in adapter.layers:
+                    for delta in layer.values():
+                        _move(delta, device)
+        self._rebuild_lora_table()
+        return self
 
     @property
     def kernel_path(self) -> str:
@@ -299,7 +343,9 @@ class FastDecoder:
         if self.own_adapter is not None:  # rows that name none run the model's own
             own = len(self.adapters)
             if lora_rows is None:
-                lora_rows = torch.full((tokens.shape[0],), own, dtype=torch.int32)
+                lora_rows = torch.full(
+                    (tokens.shape[0],), own, dtype=torch.int32, device=tokens.device
+                )
             else:
                 lora_rows = torch.where(lora_rows < 0, own, lora_rows).to(torch.int32)
         if lora_rows is not None and not bool((lora_rows >= 0).any()):
@@ -338,14 +384,16 @@ class FastDecoder:
         kv: PagedKV,
         lora_rows: Tensor | None = None,
     ) -> Tensor:
-        """The same pass with torch ops (bf16, or no C compiler): sequences padded to a batch."""
+        """The same pass with torch ops (bf16, a GPU, or no C compiler): the step's
+        sequences padded to one batch, every tensor on the weights' device."""
         cfg = self.cfg
+        dev = x.device
         bs = kv.block_size
         # Split rows into sequences (consecutive runs of one seq_index), pad on the right.
         seqs, counts = torch.unique_consecutive(seq_index, return_counts=True)
         b, t = len(seqs), int(counts.max())
         starts = torch.cumsum(counts, 0) - counts
-        col = torch.arange(t)
+        col = torch.arange(t, device=dev)
         valid = col[None, :] < counts[:, None]  # (B, T)
         rows = (starts[:, None] + col[None, :]).clamp(max=x.shape[0] - 1)  # (B, T) row index
         xb = x[rows] * valid[..., None]  # (B, T, hidden)
@@ -357,7 +405,8 @@ class FastDecoder:
         vb, vt = valid.nonzero(as_tuple=True)
         wblk = tab[vb, pos[vb, vt] // bs]
         woff = pos[vb, vt] % bs
-        mask = (torch.arange(length)[None, None, :] <= pos[:, :, None]).unsqueeze(1)  # (B,1,T,L)
+        seen = torch.arange(length, device=dev)[None, None, :] <= pos[:, :, None]  # (B, T, L)
+        mask = seen.unsqueeze(1)  # (B, 1, T, L)
         freqs = None if self.rope is None else self.rope[pos]  # (B, T, D/2)
         slots = None if lora_rows is None else lora_rows[starts].long()  # (B,) per sequence
         for i, layer in enumerate(self.layers):

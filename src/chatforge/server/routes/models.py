@@ -9,11 +9,9 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from chatforge.models.adapter_files import AdapterError, check_adapter_files
-from chatforge.server.errors import APIError
 from chatforge.server.pool import Route
 from chatforge.server.schemas import AdapterRequest, parse
-from chatforge.server.state import MODEL_NAME, ServerState, get_state, open_for_requests
+from chatforge.server.state import ServerState, get_state, open_for_requests
 from chatforge.server.transport import read_json
 
 router = APIRouter(dependencies=[Depends(open_for_requests)])
@@ -76,20 +74,8 @@ async def add_adapter(request: Request) -> JSONResponse:
     state = get_state(request)
     body = await read_json(request, state.limits, state.body_timeout)
     req: AdapterRequest = parse(AdapterRequest, body)
-    if not MODEL_NAME.match(req.name):
-        raise APIError(400, f"{req.name!r} is not a valid name", param="name")
-    path = Path(req.path).expanduser()
-    if not (path / "adapter_config.json").is_file():
-        raise APIError(
-            400,
-            f"{req.path} is not a LoRA adapter directory (no adapter_config.json)",
-            param="path",
-        )
-    try:  # its files first (milliseconds), before an unloaded base is loaded for it
-        check_adapter_files(path, need_base=False)
-    except AdapterError as e:
-        raise APIError(400, str(e), param="path") from None
-    route = await state.pool.add_adapter(req.name, path.resolve(), req.base)
+    # the name and the files are checked there (the same path as `serve --watch`)
+    route = await state.pool.add_adapter(req.name, Path(req.path), req.base)
     return JSONResponse(
         {"name": route.name, "base": state.base_name(route), "path": str(route.adapter_dir)}
     )
