@@ -283,6 +283,7 @@ def test_models_info_names_the_device(capsys, tiny_llama_dir):
     [
         ["chat", "-m", "MODEL", "--device", "cuda"],
         ["generate", "IN", "-o", "OUT", "-m", "MODEL", "--device", "cuda"],
+        ["compare", "-m", "MODEL", "--prompts", "IN", "-o", "OUT", "--device", "cuda"],
         ["serve", "-m", "MODEL", "--device", "cuda"],
         ["eval", "-m", "MODEL", "-d", "IN", "--device", "cuda"],
         ["models", "info", "MODEL", "--device", "cuda"],

@@ -6,6 +6,7 @@
 ...                config=GenerationConfig(temperature=0, max_new_tokens=64))
 """
 
+from chatforge.batch.compare import CompareSummary, compare_grid
 from chatforge.batch.jobs import BatchStopped, BatchSummary
 from chatforge.batch.local import generate_batch
 from chatforge.batch.output import CSV_COLUMNS, OUTPUT_SUFFIXES, RowWriter
@@ -19,10 +20,12 @@ __all__ = [
     "OUTPUT_SUFFIXES",
     "BatchStopped",
     "BatchSummary",
+    "CompareSummary",
     "PromptTemplate",
     "Record",
     "RowWriter",
     "TemplateError",
+    "compare_grid",
     "generate_batch",
     "generate_batch_remote",
     "read_records",

@@ -199,7 +199,7 @@ class RowsRun:
         self.summary.total = total
         self.summary.torn_bytes = self.writer.existing.torn_bytes
         if progress is True:
-            with _ProgressBar(todo, self.writer.path.name) as bar:
+            with ProgressBar(todo, self.writer.path.name) as bar:
                 self.on_progress = bar.update
                 self.run(open_records())
         else:
@@ -259,6 +259,14 @@ class RowsRun:
         # An empty prompt is a request too: the reply starts from the model's start
         # token (plan_request), as a freshly pretrained model is sampled.
         return job
+
+    def _plan(self, job: Job) -> tuple[list[Message], GenerationConfig, list[int]]:
+        """What a job with a rendered prompt is sent as: its chat messages, its settings
+        and the samples to draw (``for_sample`` indices). A run over one model and one
+        config sends every record alike; :mod:`~chatforge.batch.compare` overrides this
+        to send each cell of its grid with that cell's system prompt and settings."""
+        assert job.prompt is not None
+        return self._messages(job.prompt), self.config, list(range(self.n))
 
     def _messages(self, prompt: str) -> list[Message]:
         """The chat messages a record's prompt is sent as (the system prompt first)."""
@@ -342,8 +350,11 @@ def resolved_params(config: GenerationConfig) -> dict[str, Any]:
     return params
 
 
-class _ProgressBar:
-    """A rich progress bar on stderr: records done, records/s, generated tokens/s."""
+class ProgressBar:
+    """A rich progress bar on stderr: records done, records/s, generated tokens/s.
+
+    ``with ProgressBar(total, name) as bar:`` then ``bar.update(records, tokens)``: a
+    :data:`ProgressFn`, so one bar can follow several runs (a grid's models)."""
 
     def __init__(self, total: int, name: str) -> None:
         from rich.console import Console
@@ -371,7 +382,7 @@ class _ProgressBar:
         )
         self.task = self.progress.add_task(name, total=total, rate="")
 
-    def __enter__(self) -> _ProgressBar:
+    def __enter__(self) -> ProgressBar:
         self.progress.start()
         return self
 

@@ -134,13 +134,16 @@ def generate_batch(
             if settings["model"] is None:  # now known: check it before any row is written
                 settings["model"] = model_key(model.info.ref)
                 writer.check_fingerprint(fingerprint(settings, params), force_resume)
-        run = _Run(model, writer, tmpl, system, config, n, batch_size, fail_fast, settings)
+        run = LocalRun(model, writer, tmpl, system, config, n, batch_size, fail_fast, settings)
         run.execute(open_records, total, todo, progress)
     return run.summary
 
 
-class _Run(RowsRun):
-    """The state of one :func:`generate_batch` call."""
+class LocalRun(RowsRun):
+    """The state of one :func:`generate_batch` call: records through one model's engine.
+
+    A subclass changes what a record is sent as through :meth:`RowsRun._plan` (the grid
+    of :mod:`~chatforge.batch.compare` sends each of its cells this way)."""
 
     def __init__(
         self,
@@ -220,15 +223,14 @@ class _Run(RowsRun):
         job = self._start(record)
         if job.error is not None:
             return job
-        assert job.prompt is not None
-        messages = self._messages(job.prompt)
+        messages, config, samples = self._plan(job)
         try:
             # Raises ContextOverflowError when the prompt leaves no room for a reply.
             plan = plan_request(
                 self.loaded.format,
                 messages,
                 self.loaded.info.context_length,
-                self.config,
+                config,
                 drop_history=False,
             )
             self.engine.budget_for(plan.request)
@@ -236,7 +238,7 @@ class _Run(RowsRun):
             kind = "prompt too long" if isinstance(e, ContextOverflowError) else "invalid request"
             return job.fail(kind, f"{record.source}: {e}")
         # Reruns reproduce every sample, and sample 0 matches `chatforge chat --seed S`.
-        for j in range(self.n):
+        for j in samples:
             cfg = plan.request.config.for_sample(j)  # the plan's (with the format's stops)
             job.requests.append(dataclasses.replace(plan.request, config=cfg))
         return job

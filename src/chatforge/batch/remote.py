@@ -138,7 +138,7 @@ def generate_batch_remote(
                 torn_bytes=writer.existing.torn_bytes,
             )
         info = {"name": model, "ref": model, "api_base": api_base}
-        run = _RemoteRun(writer, tmpl, system, config, n, fail_fast, info, settings)
+        run = RemoteRun(writer, tmpl, system, config, n, fail_fast, info, settings)
         run.client, run.api_base = client, api_base
         run.key_source = key_source if api_key else None
         run.concurrency = max_concurrency
@@ -146,8 +146,9 @@ def generate_batch_remote(
     return run.summary
 
 
-class _RemoteRun(RowsRun):
-    """The state of one :func:`generate_batch_remote` call."""
+class RemoteRun(RowsRun):
+    """The state of one :func:`generate_batch_remote` call: each record's requests sent
+    to the endpoint (what a request is made of: :meth:`calls`)."""
 
     client: Any
     api_base: str
@@ -157,10 +158,6 @@ class _RemoteRun(RowsRun):
     def run(self, records: Iterable[Record]) -> None:
         """Send records' requests, ``concurrency`` at a time, writing rows in order."""
         t0 = time.perf_counter()
-        # One request per sample, each with its own seed (GenerationConfig.for_sample).
-        per_sample = [
-            request_params(self.config.for_sample(j), endpoint="chat") for j in range(self.n)
-        ]
         self._stop_event = threading.Event()
         owner: dict[Future, tuple[Job, int]] = {}
         pending: deque[Job] = deque()
@@ -172,12 +169,9 @@ class _RemoteRun(RowsRun):
                 limit = 2 * self.concurrency
                 for job in self._admit(feed, pending, owner.__len__, limit, self._start):
                     if job.error is None:
-                        assert job.prompt is not None
-                        messages = [m.to_dict() for m in self._messages(job.prompt)]
-                        for j in range(self.n):
-                            params = dict(per_sample[j])
+                        for j, (model, messages, params) in enumerate(self.calls(job)):
                             job.requests.append(params)
-                            owner[pool.submit(self._call, messages, params)] = (job, j)
+                            owner[pool.submit(self._call, model, messages, params)] = (job, j)
                 self._write_ready(pending)
                 if not owner:
                     if feed.exhausted or feed.stop is not None:
@@ -212,7 +206,17 @@ class _RemoteRun(RowsRun):
         if feed.stop is not None:
             raise self._stopped(feed.stop)
 
-    def _call(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> _Reply:
+    def calls(self, job: Job) -> list[tuple[str, list[dict[str, Any]], dict[str, Any]]]:
+        """``(model, messages, params)`` of each request a job with a rendered prompt
+        sends: one per sample, each with its own seed (GenerationConfig.for_sample)."""
+        messages, config, samples = self._plan(job)
+        sent = [m.to_dict() for m in messages]
+        return [
+            (self.model_info["ref"], sent, request_params(config.for_sample(j), endpoint="chat"))
+            for j in samples
+        ]
+
+    def _call(self, model: str, messages: list[dict[str, Any]], params: dict[str, Any]) -> _Reply:
         """One chat completion; raises :class:`_Failed` (this record) or :class:`_Fatal`."""
         import openai
 
@@ -221,7 +225,7 @@ class _RemoteRun(RowsRun):
         t0 = time.perf_counter()
         try:
             r = self.client.chat.completions.create(
-                model=self.model_info["ref"], messages=messages, extra_body=params
+                model=model, messages=messages, extra_body=params
             )
         except openai.APIStatusError as e:
             text = describe_api_error(e, self.api_base, self.key_source)

@@ -17,9 +17,11 @@ from chatforge.cli import logs as logs_cli
 from chatforge.cli import models as models_cli
 from chatforge.cli import tokenizer as tokenizer_cli
 from chatforge.cli.chat import chat_command
+from chatforge.cli.compare import compare_command
 from chatforge.cli.eval import eval_command
 from chatforge.cli.export import export_command
 from chatforge.cli.generate import generate_command
+from chatforge.cli.publish import publish_command
 from chatforge.cli.serve import serve_command
 from chatforge.cli.train import train_command
 
@@ -54,11 +56,13 @@ def _root(
 
 app.command("chat")(chat_command)
 app.command("generate")(generate_command)
+app.command("compare")(compare_command)
 app.command("serve")(serve_command)
 app.add_typer(models_cli.app, name="models")
 app.command("train")(train_command)
 app.command("eval")(eval_command)
 app.command("export")(export_command)
+app.command("publish")(publish_command)
 app.add_typer(data_cli.app, name="data")
 app.add_typer(tokenizer_cli.app, name="tokenizer")
 app.add_typer(bench_cli.app, name="bench")

@@ -11,6 +11,7 @@ from rich.console import Console
 from chatforge.cli.options import (
     ApiKeyEnvOpt,
     ApiKeyOpt,
+    DeviceOpt,
     DtypeOpt,
     FrequencyOpt,
     GenerationFlags,
@@ -35,6 +36,7 @@ from chatforge.cli.options import (
     ThreadsOpt,
     TopKOpt,
     TopPOpt,
+    check_device,
     check_format,
     check_threads,
     named_model,
@@ -83,6 +85,7 @@ def generate_command(
     system: SystemOpt = None,
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = None,
+    device: DeviceOpt = "auto",
     prompt_format: PromptFormatOpt = None,
     n: Annotated[int, typer.Option("--n", help="Samples per prompt.")] = 1,
     batch_size: Annotated[
@@ -164,6 +167,7 @@ def generate_command(
             "--dtype": dtype != "auto",
             "--quantize": quantize is not None,
             "--threads": threads is not None,
+            "--device": device != "auto",
             "--format": prompt_format is not None,
         }
         given = [flag for flag, on in local_only.items() if on]
@@ -195,7 +199,7 @@ def generate_command(
             key_source=source,
             force_resume=force_resume,
         )
-        _report(summary, output, err, "nothing to do")
+        print_summary(summary, output, err, "nothing to do")
         return
     if max_concurrency is not None:
         raise ChatforgeError(
@@ -208,15 +212,18 @@ def generate_command(
     config, system, _ = recipe_settings(recipe, flags, system)
     parse_dtype(dtype)
     quantize = parse_quantize(quantize or "auto")
+    device = check_device(device)  # a GPU the machine lacks: one line, before loading
 
     def load():  # called by generate_batch only if some row is still to do
         with err.status(f"Loading {model} ...", spinner="dots") if progress else _nullctx():
             if recipe is not None:
                 loaded = load_recipe_model(
-                    recipe, dtype=dtype, quantize=quantize, format=prompt_format
+                    recipe, dtype=dtype, quantize=quantize, format=prompt_format, device=device
                 )
             else:
-                loaded = load_model(model, dtype=dtype, quantize=quantize, format=prompt_format)
+                loaded = load_model(
+                    model, dtype=dtype, quantize=quantize, format=prompt_format, device=device
+                )
         use_threads(loaded, threads)  # before generate_batch makes the model's engine
         return loaded
 
@@ -235,10 +242,10 @@ def generate_command(
         model_name=recipe.name if recipe is not None else model,
         prompt_format=prompt_format,
     )
-    _report(summary, output, err, "nothing to do (the model was not loaded)")
+    print_summary(summary, output, err, "nothing to do (the model was not loaded)")
 
 
-def _report(summary, output: Path, err: Console, idle: str) -> None:
+def print_summary(summary, output: Path, err: Console, idle: str) -> None:
     """The run's summary (its first errors, and errors by kind) on stderr; exit 1 when
     every record the run tried failed."""
     from chatforge.batch.remote import RERUN
