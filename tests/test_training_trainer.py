@@ -91,7 +91,7 @@ def test_output_dir_is_a_model_that_chats(tmp_path, tiny_llama_dir):
     reply = ChatSession(lm, GenerationConfig(temperature=0, max_new_tokens=5)).send("hi")
     assert reply.text is not None
     # A second run into the same directory is refused: nothing is overwritten.
-    with pytest.raises(ChatforgeError, match="is not empty; use --resume"):
+    with pytest.raises(ChatforgeError, match="holds a trained model; use --overwrite"):
         train(tiny_config(data, out, tiny_llama_dir))
 
 

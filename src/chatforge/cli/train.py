@@ -73,7 +73,15 @@ def train_command(
     ] = None,
     eval_every: Annotated[int, Opt("--eval-every", help="Validate every N steps.")] = 100,
     save_every: Annotated[int, Opt("--save-every", help="Checkpoint every N steps.")] = 200,
-    log_every: Annotated[int, Opt("--log-every", help="Metrics row every N steps.")] = 10,
+    log_every: Annotated[
+        int | None,
+        Opt(
+            "--log-every",
+            help="Metrics row every N steps. \\[default: every step on runs of <= 50 steps, "
+            "about 50 rows on longer ones, at most 10 steps apart]",
+            show_default=False,
+        ),
+    ] = None,
     lora: Annotated[bool, Opt("--lora", help="Train LoRA adapters (peft).")] = False,
     lora_r: Annotated[int, Opt("--lora-r", help="LoRA rank.")] = 8,
     lora_alpha: Annotated[float, Opt("--lora-alpha", help="LoRA alpha.")] = 16.0,
@@ -99,12 +107,17 @@ def train_command(
     quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress bar.")] = False,
     threads: Annotated[
         int | None,
-        Opt("--threads", help="CPU threads (default: torch's, one per core).", show_default=False),
+        Opt(
+            "--threads",
+            help="CPU threads. \\[default: the cores other processes leave free, "
+            "re-checked as it trains]",
+            show_default=False,
+        ),
     ] = None,
 ) -> None:
     """Fine-tune a model (--model) or train a new GPT-2 (--init gpt2) on your data."""
     from chatforge.training.config import TrainConfig
-    from chatforge.training.trainer import TrainingInterrupted, train
+    from chatforge.training.trainer import TrainingDiverged, TrainingInterrupted, train
 
     check_threads(threads)
     cfg = TrainConfig(  # a ParamError names the field; the CLI shows its flag
@@ -145,13 +158,13 @@ def train_command(
         overwrite=overwrite,
         seed=seed,
         progress=not quiet,
+        threads=threads,
     )
-    if threads is not None:  # training runs torch directly, in this thread
-        import torch
-
-        torch.set_num_threads(threads)
     try:
         train(cfg)
     except TrainingInterrupted as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(130) from None
+    except TrainingDiverged as e:  # not a bad flag value as such: exit 1, not 2
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None

@@ -48,7 +48,7 @@ class TrainConfig:
     context: int | None = None  # row length in tokens; None: min(model context, 1024), 256 new
     eval_every: int = 100  # validate every N steps (0 = only at the end)
     save_every: int = 200  # checkpoint every N steps (0 = only at the end / on Ctrl-C)
-    log_every: int = 10  # append a metrics row every N steps
+    log_every: int | None = None  # metrics row every N steps; None: ~50 points, at most 10 apart
     keep_checkpoints: int = 2  # newest step checkpoints kept (the best one is kept apart)
     valid_rows: int = 64  # validation uses at most this many packed rows
     lora: bool = False  # train LoRA adapters (peft) instead of all weights
@@ -65,6 +65,7 @@ class TrainConfig:
     overwrite: bool = False  # allow a non-empty `output` without resume (its files are replaced)
     seed: int = 0  # seeds weights (from scratch), data order, dropout
     progress: bool = True  # show a rich progress bar (main process only)
+    threads: int | None = None  # CPU threads; None: the cores other processes leave free
     extra: dict = field(default_factory=dict)  # recorded in chatforge.json, not interpreted
 
     def __post_init__(self) -> None:
@@ -108,9 +109,9 @@ class TrainConfig:
         _choice(self, "train_on", TRAIN_ON)
         _choice(self, "precision", PRECISIONS)
         _choice(self, "final", ("best", "last"))
-        for name in ("batch_size", "grad_accum", "log_every", "valid_rows", "lora_r"):
+        for name in ("batch_size", "grad_accum", "valid_rows", "lora_r"):
             _positive(self, name)
-        for name in ("max_steps", "context"):
+        for name in ("max_steps", "context", "log_every", "threads"):
             if getattr(self, name) is not None:
                 _positive(self, name)
         if self.context is not None and self.context < 8:
@@ -142,6 +143,16 @@ class TrainConfig:
     def warmup_steps(self, total: int) -> int:
         """Warm-up length in steps for a run of ``total`` steps."""
         return int(round(self.warmup * total)) if self.warmup < 1 else int(self.warmup)
+
+    def log_interval(self, total: int | None) -> int:
+        """Steps between metrics rows: ``log_every``, else about 50 rows over ``total``
+        steps (every step on a run of 50 or fewer, so a short run still draws a curve),
+        at most 10 apart."""
+        if self.log_every is not None:
+            return self.log_every
+        if total is None:  # until the time is up
+            return 10
+        return max(1, min(10, total // 50))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -22,7 +22,7 @@ example per row, padded, when the model does not honour the mask.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,7 +167,13 @@ def _keep(examples: list[Example], stats: ExampleStats) -> list[Example]:
     return kept
 
 
-def encode_texts(tokenizer: Any, texts: Sequence[str], context: int, stats: ExampleStats):
+def encode_texts(
+    tokenizer: Any,
+    texts: Sequence[str],
+    context: int,
+    stats: ExampleStats,
+    on_item: Callable[[], None] | None = None,
+):
     """A text corpus as context-length chunks (texts joined by EOS), every token learned."""
     eos = tokenizer.eos_token_id
     stream: list[int] = []
@@ -176,6 +182,8 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], context: int, stats: Exam
         stream += tokenizer.encode(text, add_special_tokens=False)
         if eos is not None:
             stream.append(eos)
+        if on_item is not None:
+            on_item()
     chunks = [stream[i : i + context] for i in range(0, len(stream), context)]
     return _keep([Example(c, None, [True] * len(c)) for c in chunks if len(c) > 1], stats)
 
@@ -186,18 +194,23 @@ def build_examples(
     context: int,
     train_on: str = "assistant",
     limit: int | None = None,
+    on_item: Callable[[], None] | None = None,
 ) -> tuple[list[Example], ExampleStats]:
-    """All examples of a :class:`~chatforge.training.data.Dataset`, and what happened to them."""
+    """All examples of a :class:`~chatforge.training.data.Dataset`, and what happened to them.
+
+    ``on_item()`` is called after each conversation or text (a progress bar)."""
     if train_on not in TRAIN_ON:
         raise ParamError("train_on", f"must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
     stats = ExampleStats()
     if dataset.kind == "text":
         texts = dataset.texts[:limit] if limit else dataset.texts
-        return encode_texts(fmt.tokenizer, texts, context, stats), stats
+        return encode_texts(fmt.tokenizer, texts, context, stats, on_item), stats
     out: list[Example] = []
     convs = dataset.conversations[:limit] if limit else dataset.conversations
     for conv in convs:
         out += encode_conversation(fmt, conv, context, train_on, stats)
+        if on_item is not None:
+            on_item()
     return out, stats
 
 

@@ -5,9 +5,19 @@ The estimate (bytes, host memory, fp32) adds up:
 * the weights, and for each trainable weight its gradient and AdamW's two moments;
 * the activations kept for backward: per token and layer about
   ``16 * hidden + 6 * intermediate`` floats (residual stream, norms, attention
-  projections, MLP, LoRA dropout copies), plus ``3 * heads * context`` floats
-  with eager attention (the T x T scores); with gradient checkpointing only each
+  projections, MLP, LoRA dropout copies); with gradient checkpointing only each
   layer's input is kept and one layer is recomputed at a time;
+* the attention scores, (B, heads, T, T) fp32, where attention is computed the plain
+  way: eager attention, or sdpa with attention dropout in training (GPT-2's
+  ``attn_pdrop``: torch's CPU flash kernel takes no dropout, so sdpa falls back to
+  the math path). Measured on GPT-2: three such copies kept per layer (scores,
+  softmax, dropout), two more in flight in backward; with gradient checkpointing,
+  about three for the one layer being recomputed. Without dropout sdpa runs the
+  flash kernel, which keeps none;
+* the packed batch's attention mask, (B, 1, T, T) fp32 (``examples.collate``), and the
+  boolean temporaries that build it: 6 bytes per (B, T, T) element. Quadratic in the
+  context: at ``--context 100000``, batch 8, that alone is 480 GB (the estimate
+  said 5.3 GB and the run grew to 15 GB before anything stopped it);
 * the loss: one chunk of logits (``training.loss``), or with full logits about
   six (tokens x vocab) fp32 copies;
 
@@ -38,10 +48,13 @@ class Estimate:
     activations_full: int  # ... without gradient checkpointing
     loss: int  # logits and cross-entropy buffers
     checkpointing: bool
+    mask: int = 0  # the batch's (B, 1, T, T) attention mask and its temporaries
+    scores: int = 0  # attention scores kept for backward (math-path attention only)
 
     @property
     def total(self) -> int:
-        return int(BASE + SLACK * (self.weights + self.activations + self.loss))
+        parts = self.weights + self.activations + self.loss + self.mask + self.scores
+        return int(BASE + SLACK * parts)
 
 
 def available_bytes() -> int | None:
@@ -77,7 +90,7 @@ def limit_heap_growth(threshold: int = 1 << 20) -> bool:
         return False
 
 
-def _shape(model: Any) -> tuple[int, int, int, int, int, str]:
+def _shape(model: Any) -> tuple[int, int, int, int, int, str, float]:
     from chatforge.training.model import unwrap
 
     cfg = unwrap(model).config
@@ -96,31 +109,48 @@ def _shape(model: Any) -> tuple[int, int, int, int, int, str]:
     inter = get("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)
     vocab = get("vocab_size", default=50_000)
     attn = str(getattr(cfg, "_attn_implementation", "") or "")
-    return hidden, layers, heads, inter, vocab, attn
+    dropout = 0.0
+    for name in ("attn_pdrop", "attention_dropout", "attention_probs_dropout_prob"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, (int, float)) and v > 0:
+            dropout = float(v)
+    return hidden, layers, heads, inter, vocab, attn, dropout
 
 
 def estimate(
     model: Any, batch_size: int, context: int, checkpointing: bool, chunked_loss: bool = True
 ) -> Estimate:
     """The estimated peak memory of training ``model`` on (batch_size, context) rows."""
-    hidden, layers, heads, inter, vocab, attn = _shape(model)
+    hidden, layers, heads, inter, vocab, attn, dropout = _shape(model)
     params = list(model.parameters())
     n_all = sum(p.numel() for p in params)
     n_train = sum(p.numel() for p in params if p.requires_grad)
     weights = 4 * n_all + 12 * n_train
     tokens = batch_size * context
-    per_layer = 16 * hidden + 6 * inter + (3 * heads * context if attn == "eager" else 0)
+    per_layer = 16 * hidden + 6 * inter
     full = 4 * tokens * layers * per_layer
     kept = 4 * tokens * (layers * hidden + per_layer) if checkpointing else full
     loss = 3 * 4 * min(CHUNK, tokens) * vocab if chunked_loss else 6 * 4 * tokens * vocab
-    return Estimate(weights, kept, full, loss, checkpointing)
+    square = batch_size * context * context  # elements of one (B, T, T) tensor
+    mask = 6 * square + context * context  # fp32 mask + bool temporaries; causal (T, T)
+    scores = 0
+    if attn == "eager" or (attn in ("sdpa", "") and dropout > 0):
+        one_layer = 4 * heads * square  # (B, H, T, T) fp32
+        scores = one_layer * (3 if checkpointing else 3 * layers + 2)
+    return Estimate(weights, kept, full, loss, checkpointing, mask, scores)
 
 
 def refusal(est: Estimate, available: int, batch_size: int, context: int) -> str:
     """The one-line message for a run that would not fit."""
+    square = SLACK * (est.mask + est.scores)
+    why = (
+        f", {square / GB:.1f} GB of it growing with the square of the context"
+        if square > est.total / 4
+        else ""
+    )
     return (
         f"training needs about {est.total / GB:.1f} GB but only {available / GB:.1f} GB "
-        f"is available (batch {batch_size} x context {context}); lower --batch-size "
+        f"is available (batch {batch_size} x context {context}{why}); lower --batch-size "
         "(raise --grad-accum to keep the effective batch) or --context, "
         "or pass --force to try anyway"
     )

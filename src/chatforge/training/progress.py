@@ -8,7 +8,9 @@ at most every :data:`PLAIN_EVERY_S` seconds and at the last step.
 from __future__ import annotations
 
 import datetime
+import logging
 import math
+import sys
 from typing import Any
 
 PLAIN_EVERY_S = 30.0
@@ -26,6 +28,7 @@ class TrainProgress:
         self._by_time = False
         self._plain: tuple[int | None, float | None] | None = None  # (steps, minutes)
         self._printed = -math.inf  # elapsed seconds at the last plain line
+        self._rerouted: list[tuple[logging.StreamHandler, Any]] = []
 
     def start(self, total_steps: int | None, max_minutes: float | None, done: int) -> None:
         if not self.enabled:
@@ -67,6 +70,7 @@ class TrainProgress:
             tps="-",
         )
         self._progress.start()
+        self._route_logging()
 
     def update(self, step: int, loss: float, tokens_per_s: float, elapsed: float) -> None:
         if self._plain is not None:
@@ -84,8 +88,33 @@ class TrainProgress:
 
     def stop(self) -> None:
         if self._progress is not None:
+            for handler, stream in self._rerouted:
+                handler.setStream(stream)
+            self._rerouted = []
             self._progress.stop()
             self._progress = None
+
+    def _route_logging(self) -> None:
+        """Library log records (transformers, torch, peft, ...) above the bar, not through it.
+
+        While the bar is live, rich replaces ``sys.stderr`` with a proxy that prints
+        above it (so ``warnings.warn`` is already fine), but a logging handler keeps the
+        stream it was made with (transformers' own handler holds the real stderr) and
+        writes across the bar. Handlers writing to the terminal are pointed at the proxy
+        until :meth:`stop`.
+        """
+        proxy = sys.stderr
+        if not hasattr(proxy, "rich_proxied_file"):  # rich did not redirect: nothing to do
+            return
+        streams = (sys.__stderr__, sys.__stdout__, proxy.rich_proxied_file)
+        real = {id(s) for s in streams if s is not None}
+        loggers = [logging.getLogger()] + [
+            lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+        ]
+        for lg in loggers:
+            for h in lg.handlers:
+                if type(h) is logging.StreamHandler and id(h.stream) in real:
+                    self._rerouted.append((h, h.setStream(proxy)))
 
     def _line(self, step: int, loss: float, tokens_per_s: float, elapsed: float) -> None:
         """A plain progress line (no terminal), at most every PLAIN_EVERY_S and at the end."""

@@ -23,6 +23,7 @@ import torch
 from chatforge.conversation.formats import get_format
 from chatforge.errors import ChatforgeError
 from chatforge.fsutil import atomic_write
+from chatforge.threads import ThreadPolicy
 from chatforge.training import checkpoint as ckpt
 from chatforge.training.config import TrainConfig
 from chatforge.training.data import Dataset, load_data
@@ -46,12 +47,17 @@ LOSS_PNG = "loss.png"
 _OURS = (METRICS, LOSS_PNG, "train_config.json", ckpt.CKPT_DIR)
 # Flags that fix the shape of the model (or what it is): a resumed run must repeat them.
 # The n_* and tokenizer flags only matter for a new model (--init gpt2).
-_SAME_RUN = ("model", "init", "lora", "lora_r", "format", "context")
+_SAME_RUN = ("model", "init", "lora", "lora_r", "format", "context", "valid_split", "packing")
 _SAME_NEW_MODEL = ("tokenizer", "n_layer", "n_embd", "n_head")
 
 
 class TrainingInterrupted(ChatforgeError):
     """Ctrl-C: a checkpoint was written and the run can continue with ``resume``."""
+
+
+class TrainingDiverged(ChatforgeError):
+    """The loss (or the gradient norm) stopped being a finite number: the run was
+    stopped before the optimizer step that would have written it into the weights."""
 
 
 @dataclass
@@ -121,13 +127,18 @@ class Trainer:
         out, cfg = self.out, self.cfg
         if out.exists() and not out.is_dir():
             raise ChatforgeError(f"output {out} is a file; pass a directory")
+        reuse = False
         if out.exists() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
-            raise ChatforgeError(
-                f"output directory {out} is not empty; use --resume to continue its run "
-                "or --overwrite to replace it"
+            why = self._unfinished(out)
+            if why is not None:
+                raise ChatforgeError(f"output directory {out} {why}")
+            reuse = True  # a run that stopped before its first checkpoint: nothing to lose
+            self.say(
+                f"reusing {out}: a previous run there stopped before writing a checkpoint "
+                "or a model; starting afresh"
             )
         self.acc.wait_for_everyone()
-        if cfg.overwrite and self.main and out.exists():
+        if (cfg.overwrite or reuse) and self.main and out.exists():
             import shutil
 
             for name in _OURS:
@@ -141,6 +152,29 @@ class Trainer:
             out.mkdir(parents=True, exist_ok=True)
             self.created = missing
         self.acc.wait_for_everyone()
+
+    @staticmethod
+    def _unfinished(out: Path) -> str | None:
+        """None when ``out`` holds only what an unfinished run left before its first
+        checkpoint (run record, metrics, plot, partial checkpoint folders) and may be
+        reused without ``--overwrite``; else why it may not (the rest of the message)."""
+        from chatforge.models.meta import ModelMeta
+
+        names = {p.name for p in out.iterdir()}
+        if not names <= set(_OURS):
+            if (out / "chatforge.json").exists() and ModelMeta.read(out) is not None:
+                return (
+                    "holds a trained model; use --overwrite to replace it "
+                    "(or --resume to continue its run)"
+                )
+            return "is not empty; use --resume to continue its run or --overwrite to replace it"
+        found, _ = ckpt.candidates(out)
+        if found is not None:
+            return (
+                f"holds an unfinished run (checkpoint {found.name}, no model yet); "
+                "use --resume to continue it or --overwrite to start again"
+            )
+        return None
 
     def _remove_if_unused(self) -> None:
         """After a failure: remove the output folders this run made, if it wrote nothing.
@@ -183,7 +217,51 @@ class Trainer:
                 saved = None
         if isinstance(saved, dict):
             self._check_same_run(saved, found.name)
+        self._check_same_data(state.get("data"))
         return found
+
+    def _check_same_data(self, saved: dict | None) -> None:
+        """A resume must train on the data the checkpoint was trained on (by content)."""
+        if not isinstance(saved, dict) or not saved.get("fingerprint"):
+            return  # a checkpoint from before fingerprints were recorded
+        now = self._data_record()
+        if saved["fingerprint"] == now["fingerprint"]:
+            return
+        was, given = ", ".join(saved.get("sources") or ["?"]), ", ".join(now["sources"])
+        changed = " (its content changed)" if was == given else ""
+        raise ChatforgeError(
+            f"cannot resume {self.out}: it was trained on {was} (fingerprint "
+            f"{saved['fingerprint'][:12]}), this run gives {given} ({now['fingerprint'][:12]})"
+            f"{changed}; pass the same --data or train into a new --output"
+        )
+
+    def _data_record(self) -> dict:
+        """The training data as a checkpoint records it: sources and content fingerprint."""
+        if getattr(self, "_data_rec", None) is None:
+            from chatforge.training import prepared
+
+            if self.datasets is not None:  # in memory: the conversations themselves
+                import hashlib
+
+                train_ds = self.datasets[0]
+                convs = [[(m.role, m.content) for m in c] for c in train_ds.conversations]
+                blob = json.dumps([train_ds.texts, convs])
+                fp = hashlib.sha256(blob.encode()).hexdigest()
+                sources = ["(in memory)"]
+            else:
+                fp = prepared.fingerprint(self.cfg.data, self.cfg.data_format)
+                sources = [str(_where(d)) for d in self.cfg.data]
+            self._data_rec = {"fingerprint": fp, "sources": sources}
+        return self._data_rec
+
+    def _config_record(self) -> dict:
+        """``cfg`` as recorded (train_config.json, checkpoints): paths resolved, so a
+        resume from another working directory compares the same things."""
+        rec = self.cfg.to_dict()
+        for key in ("model", "tokenizer", "valid"):
+            rec[key] = _where(rec[key])
+        rec["data"] = [_where(d) for d in rec["data"]]
+        return rec
 
     def _check_same_run(self, saved: dict, name: str) -> None:
         now = self.cfg.to_dict()
@@ -228,16 +306,52 @@ class Trainer:
         self.skipped = shown
         return train_ds, valid_ds
 
-    def _data(self, built: Built, train_ds, valid_ds) -> tuple[list[Row], list[Row], bool]:
+    def _reader(self):
+        """``read()``: the (train, valid) datasets, read once, when first needed."""
+        got: list = []
+
+        def read():
+            if not got:
+                got.append(self._read())
+            return got[0]
+
+        self._was_read = got
+        return read
+
+    def _kind(self, read) -> str:
+        """The data kind (text or conversations), without reading the data if it is known."""
+        if self._was_read:
+            return read()[0].kind
+        from chatforge.training.data import detect_kind
+
+        kinds = {self.cfg.data_format or detect_kind(str(d)) for d in self.cfg.data}
+        if "text" not in kinds:  # conversations of some kind (build_model asks no more)
+            return sorted(kinds)[0]
+        return "text" if kinds == {"text"} else read()[0].kind  # mixed: reading says why
+
+    def _cache_settings(self) -> dict | None:
+        """What the prepared rows depend on, before the model is known (None: no cache)."""
         cfg = self.cfg
-        fmt = get_format(built.format_name, built.tokenizer)
-        train_ex, st = build_examples(fmt, train_ds, built.context, cfg.train_on)
-        if not train_ex:
-            why = f": {st.drop_reasons[0]}" if st.drop_reasons else ""
-            raise ChatforgeError(f"no training example has a token to learn{why}")
-        valid_ex = []
-        if valid_ds is not None:
-            valid_ex, _ = build_examples(fmt, valid_ds, built.context, cfg.train_on)
+        if self.datasets is not None:
+            return None
+        from chatforge.training import prepared
+
+        return {
+            "data": self._data_record()["fingerprint"],
+            "valid": prepared.fingerprint([cfg.valid], cfg.data_format) if cfg.valid else None,
+            "valid_split": cfg.valid_split,
+            "data_format": cfg.data_format,
+            "on_error": cfg.on_error,
+            "train_on": cfg.train_on,
+        }
+
+    def _data(self, built: Built, read) -> tuple[list[Row], list[Row], bool]:
+        """Packed training and validation rows: from the cache of prepared data when this
+        data, tokenizer and settings were prepared before, else built (and cached).
+        ``read()`` gives the (train, valid) datasets, read on first use."""
+        from chatforge.training import prepared
+
+        cfg = self.cfg
         isolated = False
         if cfg.packing:
             isolated = packing_isolates(
@@ -245,20 +359,105 @@ class Trainer:
             )
             if not isolated:
                 self.say("[yellow]this model ignores a packed attention mask: one example per row")
+        settings = self._cache_settings()
+        key = None
+        if settings is not None:
+            key = prepared.cache_key(
+                dict(
+                    settings,
+                    format=built.format_name,
+                    tokenizer=prepared.tokenizer_identity(built.tokenizer),
+                    context=built.context,
+                    packed=isolated,
+                )
+            )
+            hit = prepared.load(key)
+            if hit is not None:
+                rows, vrows, info = hit
+                if not self._was_read:
+                    self._replay_skipped(info.get("skipped", []))
+                self.say(
+                    info["summary"] + f"; {min(len(vrows), cfg.valid_rows)} validation rows"
+                    " (prepared data from the cache)"
+                )
+                return rows, vrows[: cfg.valid_rows], isolated
+        train_ds, valid_ds = read()
+        fmt = get_format(built.format_name, built.tokenizer)
+        n_items = len(train_ds) + (len(valid_ds) if valid_ds is not None else 0)
+        with self._prep_progress(n_items, train_ds.kind) as tick:
+            train_ex, st = build_examples(fmt, train_ds, built.context, cfg.train_on, on_item=tick)
+            if not train_ex:
+                why = f": {st.drop_reasons[0]}" if st.drop_reasons else ""
+                raise ChatforgeError(f"no training example has a token to learn{why}")
+            valid_ex = []
+            if valid_ds is not None:
+                valid_ex, _ = build_examples(
+                    fmt, valid_ds, built.context, cfg.train_on, on_item=tick
+                )
         rows = pack(train_ex, built.context, enabled=isolated)
-        vrows = pack(valid_ex, built.context, enabled=isolated)[: cfg.valid_rows]
+        vrows = pack(valid_ex, built.context, enabled=isolated)
         fill = sum(map(len, rows)) / (len(rows) * built.context)
-        self.say(
+        summary = (
             f"data: {st.sources:,} {train_ds.kind} items -> {st.examples:,} examples, "
             f"{st.tokens:,} tokens ({st.loss_tokens:,} with loss); split {st.split}, "
             f"truncated {st.truncated}, dropped {st.dropped}; "
             f"{len(rows):,} rows of {built.context} ({fill:.0%} full, "
-            f"{'packed' if isolated else 'one example per row'}); {len(vrows)} validation rows"
+            f"{'packed' if isolated else 'one example per row'})"
         )
+        if key is not None and self.main:
+            prepared.save(key, rows, vrows, {"summary": summary, "skipped": self.skipped})
+        vrows = vrows[: cfg.valid_rows]
+        self.say(f"{summary}; {len(vrows)} validation rows")
         return rows, vrows, isolated
 
+    def _replay_skipped(self, skipped: list[str]) -> None:
+        """The malformed-line report of a run whose prepared data came from the cache."""
+        self.skipped = list(skipped)
+        for msg in skipped[:5]:
+            self.say(f"[yellow]skipping[/] {msg}")
+        if skipped:
+            self.say(f"[yellow]skipped {len(skipped)} malformed line(s)[/] (first: {skipped[0]})")
+
+    def _prep_progress(self, total: int, kind: str):
+        """A context giving ``tick()``, called once per item prepared: a transient rich
+        bar on a terminal, else one line (preparing is silent no more)."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def bar():
+            what = "texts" if kind == "text" else "conversations"
+            show = self.main and self.cfg.progress
+            if not show or not self.console.is_terminal:
+                if show:
+                    self.say(f"preparing data: {total:,} {what} (cached for the next run)...")
+                yield lambda: None
+                return
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            with Progress(
+                TextColumn("[bold]preparing data"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn(what),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=True,
+            ) as p:
+                task = p.add_task("prep", total=total)
+                yield lambda: p.advance(task)
+
+        return bar()
+
     def _plan_memory(self, model: Any, context: int) -> None:
-        """Chunked loss where the model allows it, gradient checkpointing, and the memory check."""
+        """Chunked loss where the model allows it, gradient checkpointing, and the memory check.
+
+        ``context``: the longest row a batch can have (at most the run's context)."""
         from chatforge.training import memory
 
         cfg = self.cfg
@@ -267,7 +466,8 @@ class Trainer:
         lean = memory.estimate(model, cfg.batch_size, context, True, self.head_ok)
         ckpt_on = cfg.grad_checkpointing
         if ckpt_on is None:  # auto: when it saves more than a gigabyte
-            ckpt_on = est.activations - lean.activations > memory.CHECKPOINT_ABOVE
+            saved = est.activations + est.scores - (lean.activations + lean.scores)
+            ckpt_on = saved > memory.CHECKPOINT_ABOVE
         bare = unwrap(model)
         if ckpt_on and getattr(bare, "supports_gradient_checkpointing", False):
             kw = {"use_reentrant": False}
@@ -277,6 +477,7 @@ class Trainer:
                 bare.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
             est = lean
         memory.limit_heap_growth()
+        self.mem_estimate = est  # bench/bench_train_memory_estimate.py compares it to the peak
         avail = memory.available_bytes() if self.dev.type == "cpu" else None
         if avail is not None and est.total > avail and not cfg.force:
             raise ChatforgeError(memory.refusal(est, avail, cfg.batch_size, context))
@@ -306,11 +507,33 @@ class Trainer:
     # -- the run ---------------------------------------------------------------
 
     def run(self) -> TrainResult:
+        self.threads: ThreadPolicy | None = None
+        self.stage = "setup"  # "training" once the loop runs: Ctrl-C then saves a checkpoint
+        from chatforge.training.interrupt import InterruptNotice
+
         try:
-            return self._run()
+            with InterruptNotice(self._noticed) if self.main else nullcontext():
+                return self._run()
+        except KeyboardInterrupt:
+            self._remove_if_unused()
+            if self.stage == "training":  # a second Ctrl-C while the checkpoint was written
+                raise
+            raise TrainingInterrupted(
+                "interrupted before training started; nothing was written that a run needs "
+                f"(run the same command again; {self.out} can be reused as it is)"
+            ) from None
         except BaseException:
             self._remove_if_unused()  # a failed run leaves no empty output folder behind
             raise
+
+    def _noticed(self) -> None:
+        """Ctrl-C seen (from a watcher thread, at once): say so before the main thread,
+        perhaps inside a long torch operation, gets to stop."""
+        if getattr(self, "_said_stop", False):
+            return
+        self._said_stop = True
+        then = "writing a checkpoint" if self.stage == "training" else "nothing to save yet"
+        self.say(f"Ctrl-C: stopping ({then})")
 
     def _run(self) -> TrainResult:
         cfg, acc = self.cfg, self.acc
@@ -321,11 +544,18 @@ class Trainer:
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed)  # python, numpy, torch: weights (new model), dropout
-        train_ds, valid_ds = self._read()  # first: a bad data file fails before a slow load
-        built = build_model(cfg, train_ds.kind)
+        read = self._reader()
+        settings = self._cache_settings()
+        from chatforge.training import prepared
+
+        if settings is None or not prepared.seen(settings):
+            read()  # first: a bad data file fails before a slow load
+        built = build_model(cfg, self._kind(read))
         tok = built.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0
-        rows, vrows, packed = self._data(built, train_ds, valid_ds)
+        rows, vrows, packed = self._data(built, read)
+        if settings is not None and self.main:
+            prepared.mark_seen(settings)
         world, rank = acc.num_processes, acc.process_index
         per_step = cfg.batch_size * cfg.grad_accum * world
         spe = max(1, len(rows) // per_step)  # steps per epoch
@@ -337,10 +567,14 @@ class Trainer:
         else:
             horizon = max(1, math.ceil((cfg.epochs or 1.0) * spe))
         if self.main:
-            (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            (self.out / "train_config.json").write_text(json.dumps(self._config_record(), indent=2))
 
         model = built.model.to(self.dev)
-        self._plan_memory(model, built.context)
+        longest = max(len(r) for r in (*rows, *vrows))  # a batch is never longer than this
+        self._plan_memory(model, min(built.context, longest))
+        # Threads as inference chooses them: the cores other processes leave free,
+        # re-measured while it trains (a busy core made every step 6x slower).
+        self.threads = ThreadPolicy(threads=cfg.threads) if self.dev.type == "cpu" else None
         params = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
@@ -364,6 +598,7 @@ class Trainer:
             optimizer.load_state_dict(data["optimizer"])
             state.update(data["state"]["trainer"])
             sched.load_state_dict(data["state"]["scheduler"])
+            self._new_lr(optimizer, sched, state["step"])
             if data["rng"] is not None:
                 ckpt.set_rng_state(data["rng"])
             ckpt.set_host_rng_state(data["state"]["host_rng"])
@@ -385,7 +620,9 @@ class Trainer:
         stopped = "max_steps" if cfg.max_steps else ("max_time" if time_only else "epochs")
         prog = TrainProgress(self.console, enabled=cfg.progress and self.main)
         prog.start(horizon if not time_only else None, cfg.max_time, step0)
+        log_every = cfg.log_interval(None if time_only else horizon)
         last_eval = -1
+        self.stage = "training"
         try:
             while state["step"] < horizon:
                 if cfg.max_time is not None and self._time_up(state["elapsed"]):
@@ -396,24 +633,33 @@ class Trainer:
                 epoch, k = divmod(step, spe)
                 perm = self._perm(epoch, len(rows))
                 idx = [perm[(k * per_step + j) % len(rows)] for j in range(per_step)]
-                micro, n_in = [], 0
+                micro, n_in, n_tok = [], 0, 0
                 for m in range(cfg.grad_accum):
                     lo = (m * world + rank) * cfg.batch_size
                     mine = [rows[i] for i in idx[lo : lo + cfg.batch_size]]
                     n_in += sum(map(len, mine))  # real tokens, padding not counted
-                    micro.append(collate(mine, self.pad_id))
-                n_tok = sum(int((b["targets"] != IGNORE).sum()) for b in micro)
+                    n_tok += sum(t != IGNORE for r in mine for t in r.targets)
+                    micro.append(mine)  # collated one at a time: one (B, 1, T, T) mask alive
                 step_loss = 0.0
-                for m, batch in enumerate(micro):
-                    batch = self._to_dev(batch)
+                for m, mine in enumerate(micro):
+                    if self.threads is not None:
+                        self.threads.apply()  # cheap; measures every half second at most
+                    batch = self._to_dev(collate(mine, self.pad_id))
                     sync = m == len(micro) - 1
                     with nullcontext() if sync else acc.no_sync(model):
                         with self._autocast(precision):
                             loss = self._loss_sum(model, batch) / max(1, n_tok)
                         acc.backward(loss)
                     step_loss += float(loss.detach())
-                if cfg.clip:
-                    acc.clip_grad_norm_(model.parameters(), cfg.clip)
+                norm = acc.clip_grad_norm_(model.parameters(), cfg.clip) if cfg.clip else None
+                stats = self._reduce([step_loss * n_tok, float(n_tok)])  # every rank sees a NaN
+                loss_avg = stats[0] / max(1.0, stats[1])
+                if not math.isfinite(loss_avg) or (
+                    norm is not None and not math.isfinite(float(norm))
+                ):  # before the optimizer step that would write it into the weights
+                    what = "loss" if not math.isfinite(loss_avg) else "gradient norm"
+                    value = loss_avg if what == "loss" else float(norm)
+                    raise self._diverged(what, value, step + 1)
                 optimizer.step()
                 sched.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -422,8 +668,6 @@ class Trainer:
                 state["step"] = step + 1
                 t_run += dt
                 tokens += n_in * world
-                stats = self._reduce([step_loss * n_tok, float(n_tok)])
-                loss_avg = stats[0] / max(1.0, stats[1])
                 sum_loss, n_loss = sum_loss + loss_avg, n_loss + 1
                 row = {
                     "step": state["step"],
@@ -435,7 +679,7 @@ class Trainer:
                     "elapsed_s": round(state["elapsed"], 2),
                 }
                 prog.update(state["step"], loss_avg, row["tokens_per_s"], state["elapsed"])
-                if state["step"] % cfg.log_every == 0 or state["step"] == horizon:
+                if state["step"] % log_every == 0 or state["step"] == horizon:
                     self._log(dict(row, loss=sum_loss / n_loss))
                     sum_loss, n_loss = 0.0, 0
                 if self.on_step is not None:
@@ -448,7 +692,11 @@ class Trainer:
         except KeyboardInterrupt:
             optimizer.zero_grad(set_to_none=True)
             prog.stop()
-            where = self._save(model, optimizer, sched, state, world)
+            self.say(
+                f"interrupted at step {state['step']}: writing a checkpoint "
+                "(Ctrl-C again to quit without it)"
+            )
+            where = self._save(model, optimizer, sched, state, world, plot=False)
             raise TrainingInterrupted(
                 f"interrupted at step {state['step']}; checkpoint saved in {where}; "
                 "continue with --resume"
@@ -473,6 +721,35 @@ class Trainer:
             precision=precision,
             model=unwrap(model),
         )
+
+    def _diverged(self, what: str, value: float, step: int) -> TrainingDiverged:
+        """The error for a loss or gradient that is no longer finite at ``step``."""
+        cfg = self.cfg
+        default = 6e-4 if cfg.init else (3e-4 if cfg.lora else 5e-5)
+        lr = float(cfg.lr)  # type: ignore[arg-type]
+        hint = f"{default:g}" if lr > default else f"{lr / 10:g}"
+        found, _ = ckpt.candidates(self.out)
+        kept = (
+            f"the last checkpoint before it (step {int(found.name.split('-')[1])}) is kept in "
+            f"{found}; continue from it with --resume --lr {hint}"
+            if found is not None
+            else f"no checkpoint was written before it; {self.out} can be reused as it is"
+        )
+        self._plot()
+        return TrainingDiverged(
+            f"the {what} became {value} at step {step} (--lr {lr:g} is likely too high; "
+            f"try --lr {hint}); training stopped; {kept}"
+        )
+
+    def _new_lr(self, optimizer, sched, step: int) -> None:
+        """A resume with another --lr: the restored schedule takes the new peak."""
+        if all(math.isclose(b, self.cfg.lr) for b in sched.base_lrs):  # type: ignore[arg-type]
+            return
+        sched.base_lrs = [float(self.cfg.lr)] * len(sched.base_lrs)  # type: ignore[arg-type]
+        for g, f in zip(optimizer.param_groups, sched.lr_lambdas, strict=True):
+            g["initial_lr"] = float(self.cfg.lr)  # type: ignore[arg-type]
+            g["lr"] = float(self.cfg.lr) * f(step)  # type: ignore[operator]
+        self.say(f"learning rate: --lr {self.cfg.lr:g} (the checkpoint's run used another)")
 
     # -- pieces of the loop ----------------------------------------------------
 
@@ -533,6 +810,8 @@ class Trainer:
         total, n = 0.0, 0
         bs = self.cfg.batch_size
         for i in range(0, len(vrows), bs):
+            if self.threads is not None:
+                self.threads.apply()
             batch = self._to_dev(collate(vrows[i : i + bs], self.pad_id))
             with self._autocast(precision):
                 total += float(self._loss_sum(model, batch))
@@ -557,7 +836,7 @@ class Trainer:
         self._plot()
         return (step, val)
 
-    def _save(self, model, optimizer, sched, state: dict, world: int) -> Path:
+    def _save(self, model, optimizer, sched, state: dict, world: int, plot: bool = True) -> Path:
         name = ckpt.step_name(state["step"])
         if self.main:
             ckpt.begin(self.out, name)
@@ -570,7 +849,8 @@ class Trainer:
                 "scheduler": sched.state_dict(),
                 "host_rng": ckpt.host_rng_state(),
                 "world": world,
-                "config": self.cfg.to_dict(),  # a resume checks its flags against these
+                "config": self._config_record(),  # a resume checks its flags against these
+                "data": self._data_record(),  # ... and its data
             }
             ckpt.finish(
                 self.out,
@@ -580,7 +860,8 @@ class Trainer:
                 optimizer.state_dict(),
             )
             ckpt.prune(self.out, self.cfg.keep_checkpoints, self.say)
-            self._plot()
+            if plot:  # not on Ctrl-C: drawing (matplotlib's import) can take seconds
+                self._plot()
         self.acc.wait_for_everyone()
         return self.out / ckpt.CKPT_DIR / name
 
