@@ -320,3 +320,95 @@ def test_eval_on_a_preference_file_reports_both_models(tiny_llama_dir, tmp_path)
     first, second = out["models"]
     assert first["reward_margin"] is None and second["reward_margin"] == pytest.approx(0.0)
     assert first["accuracy"] == second["accuracy"]
+
+
+def _pref_file(path, n: int = 12):
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"tell me about item {i}"}],
+            "chosen": [{"role": "assistant", "content": f"item {i} is fine. and you?"}],
+            "rejected": [{"role": "assistant", "content": f"item {i} is fine. that is all."}],
+        }
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_train_dpo_learns_the_preference_and_writes_an_adapter(tiny_llama_dir, tmp_path):
+    """train --dpo on a tiny model: the loss falls, the rewards say the chosen reply wins,
+    and the output is a LoRA adapter that eval scores above its base."""
+    from typer.testing import CliRunner
+
+    from chatforge.cli.app import app
+    from chatforge.training.plot import read_metrics
+
+    prefs = _pref_file(tmp_path / "prefs.jsonl")
+    out = tmp_path / "dpo"
+    args = [
+        "train",
+        "--dpo",
+        "--model",
+        str(tiny_llama_dir),
+        "--data",
+        str(prefs),
+        "--max-steps",
+        "12",
+        "--batch-size",
+        "4",
+        "--lr",
+        "5e-3",
+        "--beta",
+        "0.5",
+        "--output",
+        str(out),
+        "--quiet",
+    ]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert (out / "adapter_config.json").is_file()
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert len(rows) == 12 and all("reward_margin" in r for r in rows)
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=0.02)  # a fresh adapter: log 2
+    assert rows[-1]["loss"] < 0.3 and rows[-1]["reward_accuracy"] == 1.0
+    res = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "-m",
+            str(tiny_llama_dir),
+            "--compare",
+            str(out),
+            "--data",
+            str(prefs),
+            "--replies",
+            "0",
+            "--json",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    base, tuned = json.loads(res.stdout)["models"]
+    assert tuned["accuracy"] == 1.0 and tuned["reward_accuracy"] == 1.0
+    # eval's rewards use beta 0.1: the chosen reply gained > 2 nats on the rejected one
+    assert tuned["reward_margin"] > 0.2 and tuned["margin"] > base["margin"] + 2
+
+
+def test_train_dpo_checks_its_input_before_loading(tiny_llama_dir, tmp_path, capsys):
+    from cli_helpers import run
+
+    prefs = _pref_file(tmp_path / "prefs.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "chosen": "a"}\n')
+    base = ["train", "--dpo", "--output", str(tmp_path / "o")]
+    cases = [
+        (base + ["--init", "gpt2", "--data", str(prefs)], "give --model, not --init"),
+        (base + ["--model", str(tiny_llama_dir), "--data", str(bad)], "no usable preference"),
+        (
+            base + ["--model", str(tiny_llama_dir), "--data", str(prefs), "--beta", "0"],
+            "--beta must be > 0",
+        ),
+    ]
+    for argv, says in cases:
+        code, out, err = run(argv, capsys)
+        assert code == 2 and says in err, (argv, err)
+    assert not (tmp_path / "o").exists()

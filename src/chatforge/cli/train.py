@@ -114,8 +114,50 @@ def train_command(
             show_default=False,
         ),
     ] = None,
+    dpo: Annotated[
+        bool,
+        Opt(
+            "--dpo",
+            help="Preference tuning (DPO) on chosen/rejected pairs (TRL's preference JSONL, "
+            "Anthropic HH, `logs export --format preference`): a LoRA adapter, the reference "
+            "being the model with it switched off.",
+        ),
+    ] = False,
+    beta: Annotated[
+        float, Opt("--beta", help="DPO: how far the tuned model may move from the reference.")
+    ] = 0.1,
+    serve_to: Annotated[
+        str | None,
+        Opt(
+            "--serve-to",
+            metavar="URL",
+            help="When training ends, load the LoRA adapter into the chatforge server running "
+            "at URL, as --as NAME (a model already served so stays callable as NAME:v1, ...).",
+        ),
+    ] = None,
+    as_name: Annotated[
+        str | None,
+        Opt(
+            "--as",
+            metavar="NAME",
+            help="The name --serve-to serves it under. \\[default: the output folder's name]",
+            show_default=False,
+        ),
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        Opt(
+            "--api-key",
+            envvar="CHATFORGE_API_KEY",
+            show_envvar=False,
+            help="The --serve-to server's --api-key (env CHATFORGE_API_KEY).",
+        ),
+    ] = None,
 ) -> None:
-    """Fine-tune a model (--model) or train a new GPT-2 (--init gpt2) on your data."""
+    """Fine-tune a model (--model) or train a new GPT-2 (--init gpt2) on your data;
+    --dpo tunes it on your preference pairs."""
+    from chatforge.errors import ChatforgeError
+    from chatforge.publish import PublishError, check_publish_target, publish_after_training
     from chatforge.training.config import TrainConfig
     from chatforge.training.trainer import TrainingDiverged, TrainingInterrupted, train
 
@@ -159,7 +201,17 @@ def train_command(
         seed=seed,
         progress=not quiet,
         threads=threads,
+        dpo=dpo,
+        beta=beta,
     )
+    if serve_to is not None and (not cfg.lora or merge):
+        raise ChatforgeError(
+            "--serve-to: only a LoRA adapter can be loaded into a running server "
+            "(add --lora, without --merge)"
+        )
+    # --as without --serve-to, a bad name, a server that does not answer: now, not after
+    # a ten-minute run.
+    check_publish_target(serve_to, as_name, output, api_key)
     try:
         train(cfg)
     except TrainingInterrupted as e:
@@ -168,3 +220,9 @@ def train_command(
     except TrainingDiverged as e:  # not a bad flag value as such: exit 1, not 2
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
+    if serve_to is not None:
+        try:
+            typer.echo(publish_after_training(cfg.output, serve_to, as_name, api_key), err=True)
+        except PublishError as e:  # the model is saved; the message says so and how to load it
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None

@@ -24,7 +24,8 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def plot_losses(metrics: str | Path, png: str | Path, title: str = "") -> bool:
-    """Draw training and validation loss against the step; False when there is nothing yet."""
+    """Draw training and validation loss against the step (a DPO run: its loss and, in a
+    second panel, the reward margin); False when there is nothing yet."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,13 +36,26 @@ def plot_losses(metrics: str | Path, png: str | Path, title: str = "") -> bool:
     valid = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     if not train and not valid:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    margins = [(r["step"], r["reward_margin"]) for r in rows if "reward_margin" in r]
+    val_margins = [(r["step"], r["val_reward_margin"]) for r in rows if "val_reward_margin" in r]
+    if margins or val_margins:  # DPO: loss over pairs, and the reward margin beside it
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+        if margins:
+            ax2.plot(*zip(*margins, strict=True), label="train reward margin", linewidth=1)
+        if val_margins:
+            ax2.plot(*zip(*val_margins, strict=True), "o-", label="validation", linewidth=1.5)
+        ax2.set_xlabel("step")
+        ax2.set_ylabel("reward margin (chosen - rejected)")
+        ax2.grid(alpha=0.3)
+        ax2.legend()
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
     if valid:
         ax.plot(*zip(*valid, strict=True), "o-", label="validation loss", linewidth=1.5)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel("DPO loss (per pair)" if margins or val_margins else "loss (nats/token)")
     ax.set_title(title or "chatforge training")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -220,6 +220,15 @@ class PairExample:
     rejected: list[int]
     types: tuple[list[int], list[int]] | None = None  # token types (sep format) of each whole row
 
+    def __len__(self) -> int:
+        """The longer of its two rows (what a batch is padded to)."""
+        return len(self.prompt) + max(len(self.chosen), len(self.rejected))
+
+    @property
+    def tokens(self) -> int:
+        """Real tokens of both rows (the prompt is fed twice)."""
+        return 2 * len(self.prompt) + len(self.chosen) + len(self.rejected)
+
 
 @dataclass
 class PairStats:

@@ -25,7 +25,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.fsutil import atomic_write
 from chatforge.threads import ThreadPolicy
 from chatforge.training import checkpoint as ckpt
-from chatforge.training.config import TrainConfig
+from chatforge.training.config import TrainConfig, default_lr
 from chatforge.training.data import Dataset, load_data
 from chatforge.training.examples import (
     IGNORE,
@@ -47,7 +47,18 @@ LOSS_PNG = "loss.png"
 _OURS = (METRICS, LOSS_PNG, "train_config.json", ckpt.CKPT_DIR)
 # Flags that fix the shape of the model (or what it is): a resumed run must repeat them.
 # The n_* and tokenizer flags only matter for a new model (--init gpt2).
-_SAME_RUN = ("model", "init", "lora", "lora_r", "format", "context", "valid_split", "packing")
+_SAME_RUN = (
+    "model",
+    "init",
+    "lora",
+    "lora_r",
+    "format",
+    "context",
+    "valid_split",
+    "packing",
+    "dpo",
+    "beta",
+)
 _SAME_NEW_MODEL = ("tokenizer", "n_layer", "n_embd", "n_head")
 
 
@@ -280,14 +291,22 @@ class Trainer:
                     "a new --output)"
                 )
 
-    def _read(self):
-        cfg = self.cfg
-        shown: list[str] = []
+    def _warner(self) -> Callable[[str], None]:
+        """``warn(msg)`` for a malformed data line: kept in ``self.skipped`` (the end of
+        the run reports them), the first five shown as they are met."""
+        self.skipped = []
 
         def warn(msg: str) -> None:
-            shown.append(msg)
-            if len(shown) <= 5:
+            self.skipped.append(msg)
+            if len(self.skipped) <= 5:
                 self.say(f"[yellow]skipping[/] {msg}")
+
+        return warn
+
+    def _read(self):
+        cfg = self.cfg
+        warn = self._warner()
+        shown = self.skipped
 
         if self.datasets is not None:  # built in memory: their skipped items are known
             train_ds, valid_ds = self.datasets
@@ -303,7 +322,6 @@ class Trainer:
         if shown:
             what = "item(s)" if self.datasets is not None else "line(s)"
             self.say(f"[yellow]skipped {len(shown)} malformed {what}[/] (first: {shown[0]})")
-        self.skipped = shown
         return train_ds, valid_ds
 
     def _reader(self):
@@ -462,8 +480,9 @@ class Trainer:
 
         cfg = self.cfg
         self.head_ok = head_gives_logits(model, model.get_input_embeddings().num_embeddings)
-        est = memory.estimate(model, cfg.batch_size, context, False, self.head_ok)
-        lean = memory.estimate(model, cfg.batch_size, context, True, self.head_ok)
+        rows = cfg.batch_size * (2 if cfg.dpo else 1)  # DPO: a chosen and a rejected row per pair
+        est = memory.estimate(model, rows, context, False, self.head_ok)
+        lean = memory.estimate(model, rows, context, True, self.head_ok)
         ckpt_on = cfg.grad_checkpointing
         if ckpt_on is None:  # auto: when it saves more than a gigabyte
             saved = est.activations + est.scores - (lean.activations + lean.scores)
@@ -544,16 +563,27 @@ class Trainer:
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed)  # python, numpy, torch: weights (new model), dropout
-        read = self._reader()
-        settings = self._cache_settings()
         from chatforge.training import prepared
 
-        if settings is None or not prepared.seen(settings):
-            read()  # first: a bad data file fails before a slow load
-        built = build_model(cfg, self._kind(read))
+        if cfg.dpo:  # preference pairs: read first, so a bad file fails before a slow load
+            from chatforge.training.dpo_run import PreferenceRun
+
+            self.pref = PreferenceRun(cfg, self.say)
+            pairs = self.pref.read(self._warner())
+            built = build_model(cfg, "openai")
+            fmt = get_format(built.format_name, built.tokenizer)
+            rows, vrows = self.pref.examples(fmt, built.context, *pairs)
+            packed, settings = False, None
+        else:
+            read = self._reader()
+            settings = self._cache_settings()
+            if settings is None or not prepared.seen(settings):
+                read()  # first: a bad data file fails before a slow load
+            built = build_model(cfg, self._kind(read))
         tok = built.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0
-        rows, vrows, packed = self._data(built, read)
+        if not cfg.dpo:
+            rows, vrows, packed = self._data(built, read)
         if settings is not None and self.main:
             prepared.mark_seen(settings)
         world, rank = acc.num_processes, acc.process_index
@@ -637,14 +667,14 @@ class Trainer:
                 for m in range(cfg.grad_accum):
                     lo = (m * world + rank) * cfg.batch_size
                     mine = [rows[i] for i in idx[lo : lo + cfg.batch_size]]
-                    n_in += sum(map(len, mine))  # real tokens, padding not counted
-                    n_tok += sum(t != IGNORE for r in mine for t in r.targets)
+                    n_in += self._tokens(mine)  # real tokens, padding not counted
+                    n_tok += self._units(mine)  # what the loss is averaged over
                     micro.append(mine)  # collated one at a time: one (B, 1, T, T) mask alive
                 step_loss = 0.0
                 for m, mine in enumerate(micro):
                     if self.threads is not None:
                         self.threads.apply()  # cheap; measures every half second at most
-                    batch = self._to_dev(collate(mine, self.pad_id))
+                    batch = self._to_dev(self._collate(mine))
                     sync = m == len(micro) - 1
                     with nullcontext() if sync else acc.no_sync(model):
                         with self._autocast(precision):
@@ -678,6 +708,8 @@ class Trainer:
                     "tokens_per_s": round(tokens / max(t_run, 1e-9), 1),
                     "elapsed_s": round(state["elapsed"], 2),
                 }
+                if cfg.dpo:  # this step's pairs: reward accuracy, margin, chosen/rejected
+                    row.update(self.pref.take(self._reduce))
                 prog.update(state["step"], loss_avg, row["tokens_per_s"], state["elapsed"])
                 if state["step"] % log_every == 0 or state["step"] == horizon:
                     self._log(dict(row, loss=sum_loss / n_loss))
@@ -725,7 +757,7 @@ class Trainer:
     def _diverged(self, what: str, value: float, step: int) -> TrainingDiverged:
         """The error for a loss or gradient that is no longer finite at ``step``."""
         cfg = self.cfg
-        default = 6e-4 if cfg.init else (3e-4 if cfg.lora else 5e-5)
+        default = default_lr(cfg)
         lr = float(cfg.lr)  # type: ignore[arg-type]
         hint = f"{default:g}" if lr > default else f"{lr / 10:g}"
         found, _ = ckpt.candidates(self.out)
@@ -753,8 +785,24 @@ class Trainer:
 
     # -- pieces of the loop ----------------------------------------------------
 
+    def _tokens(self, rows: list) -> int:
+        """Real tokens in a micro-batch's rows (or pairs), padding not counted."""
+        return self.pref.tokens(rows) if self.cfg.dpo else sum(map(len, rows))
+
+    def _units(self, rows: list) -> int:
+        """What the loss is averaged over: loss tokens (or, for DPO, pairs)."""
+        if self.cfg.dpo:
+            return self.pref.units(rows)
+        return sum(t != IGNORE for r in rows for t in r.targets)
+
+    def _collate(self, rows: list) -> dict:
+        return self.pref.collate(rows, self.pad_id) if self.cfg.dpo else collate(rows, self.pad_id)
+
     def _loss_sum(self, model: Any, batch: dict) -> torch.Tensor:
-        """Summed loss of a batch: head + cross-entropy at loss positions only, in chunks."""
+        """Summed loss of a batch: head + cross-entropy at loss positions only, in chunks
+        (DPO: the per-pair loss summed over the batch's pairs)."""
+        if self.cfg.dpo:
+            return self.pref.loss_sum(model, batch, self.head_ok)
         if self.head_ok:
             return forward_loss(model, batch)
         logits = model(**model_inputs(batch)).logits  # (B, T, V)
@@ -812,14 +860,18 @@ class Trainer:
         for i in range(0, len(vrows), bs):
             if self.threads is not None:
                 self.threads.apply()
-            batch = self._to_dev(collate(vrows[i : i + bs], self.pad_id))
-            with self._autocast(precision):
+            batch = self._to_dev(self._collate(vrows[i : i + bs]))
+            with self._autocast(precision), torch.no_grad():
                 total += float(self._loss_sum(model, batch))
-            n += int((batch["targets"] != IGNORE).sum())
+            n += self._units(vrows[i : i + bs])
         model.train()
         val = total / max(1, n)
         step = state["step"]
-        self._log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
+        if self.cfg.dpo:  # the validation pairs' DPO numbers, not the last train step's
+            extra = {f"val_{k}": v for k, v in self.pref.take(lambda x: x).items()}
+            self._log({"step": step, "val_loss": val, **extra})
+        else:
+            self._log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
         best = state["best_val_loss"]
         if best is None or val < best:
             state["best_val_loss"] = val
@@ -832,7 +884,14 @@ class Trainer:
                     {"step": step, "val_loss": val},
                 )
         self.acc.wait_for_everyone()
-        self.say(f"step {step}: validation loss {val:.4f}, perplexity {math.exp(min(val, 50)):.2f}")
+        if self.cfg.dpo:
+            self.say(
+                f"step {step}: validation DPO loss {val:.4f}, reward accuracy "
+                f"{extra['val_reward_accuracy']:.3f}, margin {extra['val_reward_margin']:.3f}"
+            )
+        else:
+            ppl = math.exp(min(val, 50))
+            self.say(f"step {step}: validation loss {val:.4f}, perplexity {ppl:.2f}")
         self._plot()
         return (step, val)
 
