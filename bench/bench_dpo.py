@@ -211,7 +211,7 @@ def main() -> None:
         "--output",
         str(model_out),
         "--overwrite",
-        "--no-progress",
+        "--quiet",
     )
     train_s = time.perf_counter() - t0
     after = evaluate(args.model, str(model_out))
