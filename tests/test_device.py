@@ -318,3 +318,13 @@ def test_metrics_name_the_device(tiny_llama_dir):
     (sample,) = family.samples
     assert sample.value == 1
     assert sample.labels["device"] == "cpu" and sample.labels["dtype"] == "fp32"
+
+
+def test_training_reads_the_gpus_free_memory_on_cuda(monkeypatch):
+    """The memory check of a CUDA run compares with the GPU's free memory, not the host's."""
+    from chatforge.training import memory
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (3 * 2**30, 80 * 2**30))
+    assert memory.device_available_bytes(torch.device("cuda", 0)) == 3 * 2**30
+    assert memory.device_available_bytes(torch.device("cpu")) == memory.available_bytes()
+    assert memory.device_available_bytes(torch.device("mps")) is None

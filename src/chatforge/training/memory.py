@@ -154,3 +154,14 @@ def refusal(est: Estimate, available: int, batch_size: int, context: int) -> str
         "(raise --grad-accum to keep the effective batch) or --context, "
         "or pass --force to try anyway"
     )
+
+
+def device_available_bytes(device: Any) -> int | None:
+    """Bytes a run on ``device`` may use: free GPU memory on CUDA (``mem_get_info``),
+    :func:`available_bytes` on the CPU; None where it cannot be known (mps)."""
+    kind = getattr(device, "type", str(device))
+    if kind == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info(device)[0])
+    return available_bytes() if kind == "cpu" else None

@@ -497,7 +497,7 @@ class Trainer:
             est = lean
         memory.limit_heap_growth()
         self.mem_estimate = est  # bench/bench_train_memory_estimate.py compares it to the peak
-        avail = memory.available_bytes() if self.dev.type == "cpu" else None
+        avail = memory.device_available_bytes(self.dev)  # the GPU's free memory on CUDA
         if avail is not None and est.total > avail and not cfg.force:
             raise ChatforgeError(memory.refusal(est, avail, cfg.batch_size, context))
         self.say(
