@@ -121,7 +121,9 @@ def measure(
         t0 = time.perf_counter()
         run.generate(prompts, n)
         total = time.perf_counter() - t0
-        rate = b * (n - 1) / max(total - first, 1e-9)
+        # The first token's time (its prompts' prefill) comes off; on a busy machine that
+        # run can take longer than the whole one: no figure then (NaN), not a huge one.
+        rate = b * (n - 1) / (total - first) if total > first else float("nan")
         results.append(
             BenchResult(
                 engine=setting.engine,

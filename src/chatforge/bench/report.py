@@ -78,6 +78,63 @@ def run_setting(
     raise RuntimeError(f"benchmark of {setting} failed: {p.stderr.strip()[-500:]}")
 
 
+# The figures a round measures, whose median over the rounds is reported.
+ROUND_FIGURES = ("prefill_tok_s", "ttft_ms", "decode_tok_s")
+
+
+def run_rounds(
+    settings: list[BenchSetting],
+    rounds: int,
+    run: Any,
+    on_error: Any = None,
+) -> list[dict]:
+    """Every setting measured ``rounds`` times, interleaved (round 1 of each setting, then
+    round 2 of each, ...), each in a fresh process (``run(setting)`` returns its result
+    rows), so a machine that gets busier or quieter meanwhile touches every setting alike.
+    Per setting and batch: the median of each figure (NaN: not measured that round), with
+    its min, max and all values
+    (``<figure>_min``, ``<figure>_max``, ``<figure>_rounds``) and ``rounds``, the count.
+    ``on_error(setting, exc)`` is told of a failed run (RuntimeError); that round of that
+    setting is left out."""
+    import statistics
+
+    seen: dict[tuple, list[dict]] = {}
+    for _ in range(max(1, rounds)):
+        for s in settings:
+            try:
+                rows = run(s)
+            except RuntimeError as e:
+                if on_error is None:
+                    raise
+                on_error(s, e)
+                continue
+            for r in rows:
+                seen.setdefault((label(r), r["batch"]), []).append(r)
+    results = []
+    for runs in seen.values():
+        row = dict(runs[-1])  # peak RSS, threads, kernels: the last round's
+        for key in ROUND_FIGURES:
+            values = [r[key] for r in runs if r.get(key) is not None and r[key] == r[key]]
+            if not values:
+                continue
+            row[key] = statistics.median(values)
+            row[f"{key}_min"], row[f"{key}_max"] = min(values), max(values)
+            row[f"{key}_rounds"] = values
+        row["rounds"] = len(runs)
+        results.append(row)
+    return results
+
+
+def _spread(r: dict, key: str, fmt: str) -> str:
+    """A figure's median, with its min-max over the rounds when there were several."""
+    if r.get(key) is None:
+        return ""
+    text = format(r[key], fmt)
+    if r.get("rounds", 1) > 1 and f"{key}_min" in r:
+        text += f" ({format(r[key + '_min'], fmt)}-{format(r[key + '_max'], fmt)})"
+    return text
+
+
 def baseline(results: list[dict]) -> dict | None:
     return next(
         (
@@ -104,7 +161,11 @@ def print_table(results: list[dict], quality: list[dict] | None = None) -> None:
 
     base = baseline(results)
     b1 = base["decode_tok_s"] if base else None
-    table = Table(title="Decode benchmark (ratios: vs transformers fp32 at batch 1)")
+    rounds = max((r.get("rounds", 1) for r in results), default=1)
+    title = "Decode benchmark (ratios: vs transformers fp32 at batch 1)"
+    if rounds > 1:
+        title += f"; median (min-max) of {rounds} interleaved rounds"
+    table = Table(title=title)
     for col in (
         "setting",
         "batch",
@@ -119,9 +180,9 @@ def print_table(results: list[dict], quality: list[dict] | None = None) -> None:
         table.add_row(
             label(r),
             str(r["batch"]),
-            f"{r['prefill_tok_s']:.0f}" if r["prefill_tok_s"] else "",
-            f"{r['ttft_ms']:.0f}" if r["ttft_ms"] else "",
-            f"{r['decode_tok_s']:.1f}",
+            _spread(r, "prefill_tok_s", ".0f"),
+            _spread(r, "ttft_ms", ".0f"),
+            _spread(r, "decode_tok_s", ".1f"),
             f"{r['decode_tok_s'] / b1:.1f}x" if b1 else "",
             f"{r['peak_rss_mb']:.0f}",
         )
@@ -152,11 +213,11 @@ def markdown_table(results: list[dict]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        prefill = f"{r['prefill_tok_s']:.0f}" if r["prefill_tok_s"] else ""
-        ttft = f"{r['ttft_ms']:.0f}" if r["ttft_ms"] else ""
+        prefill, ttft = _spread(r, "prefill_tok_s", ".0f"), _spread(r, "ttft_ms", ".0f")
+        decode = _spread(r, "decode_tok_s", ".1f")
         ratio = f"{r['decode_tok_s'] / b1:.1f}x" if b1 else ""
         lines.append(
-            f"| {label(r)} | {r['batch']} | {prefill} | {ttft} | {r['decode_tok_s']:.1f} "
+            f"| {label(r)} | {r['batch']} | {prefill} | {ttft} | {decode} "
             f"| {ratio} | {r['peak_rss_mb']:.0f} |"
         )
     return "\n".join(lines)

@@ -34,6 +34,18 @@ def bench_command(
     threads: Annotated[
         int | None, typer.Option("--threads", help="torch threads per setting (default: all).")
     ] = None,
+    rounds: Annotated[
+        int,
+        typer.Option(
+            "--rounds",
+            min=1,
+            help="Measure every setting this many times, interleaved; report the median (min-max).",
+        ),
+    ] = 1,
+    batch: Annotated[
+        list[int] | None,
+        typer.Option("--batch", help="Batch sizes to decode (default: 1, 8, 32; --quick: 1, 8)."),
+    ] = None,
 ) -> None:
     """Measure transformers fp32 and chatforge fp32/bf16/int8/int4 on the same prompts."""
     if ctx.invoked_subcommand is not None:
@@ -46,6 +58,7 @@ def bench_command(
         machine,
         markdown_table,
         print_table,
+        run_rounds,
         run_setting,
         write_png,
     )
@@ -64,18 +77,21 @@ def bench_command(
     if threads is not None:
         settings = [BenchSetting(s.engine, s.dtype, s.quantize, threads) for s in settings]
     new_tokens, batch_tokens, batches = (32, 16, (1, 8)) if quick else (128, 64, (1, 8, 32))
+    if batch:
+        batches = tuple(sorted(set(batch)))
     alias = ALIASES.get(model)
     gguf = str(package_file(alias)) if alias and package_file(alias) else None
     err = Console(stderr=True)
-    results: list[dict] = []
-    for s in settings:
-        if s.engine == "llama.cpp" and gguf is None:
-            continue
+    settings = [s for s in settings if s.engine != "llama.cpp" or gguf is not None]
+
+    def run(s: BenchSetting) -> list[dict]:
         err.print(f"[dim]measuring {_name(s)} ...[/]")
-        try:
-            results.extend(run_setting(s, model, new_tokens, batch_tokens, batches, gguf))
-        except RuntimeError as e:
-            err.print(f"[yellow]skipped {_name(s)}: {e}[/]")
+        return run_setting(s, model, new_tokens, batch_tokens, batches, gguf)
+
+    def skipped(s: BenchSetting, e: Exception) -> None:
+        err.print(f"[yellow]skipped {_name(s)}: {e}[/]")
+
+    results = run_rounds(settings, rounds, run, skipped)
     quality_rows = None
     if quality:
         from chatforge.bench.quality import quality_check

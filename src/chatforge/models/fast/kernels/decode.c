@@ -201,6 +201,87 @@ static void rotate(float *v, const float *cs, int64_t pairs) {
     }
 }
 
+#ifdef CF_AVX2
+/* scores[t] = exp(scores[t] - mx) for t < len, in place; returns their sum (8 lanes
+ * summed by hsum, then the tail in order: one order for every AVX2 attention path). */
+static inline float exp_scores(float *scores, int64_t len, float mx) {
+    int64_t t = 0;
+    __m256 sv = _mm256_setzero_ps();
+    for (; t + 8 <= len; t += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + t), _mm256_set1_ps(mx)));
+        _mm256_storeu_ps(scores + t, e);
+        sv = _mm256_add_ps(sv, e);
+    }
+    float sum = hsum(sv);
+    for (; t < len; t++) {
+        scores[t] = expf(scores[t] - mx);
+        sum += scores[t];
+    }
+    return sum;
+}
+
+/* attend() for head_dim = 8 * DV, DV a literal (q, the output and the sums stay in
+ * registers): the same float operations as its general AVX2 path, in the same order
+ * (so the same results), with 4 keys' dot products interleaved: each key's sum is one
+ * chain of DV dependent FMAs, and a key at a time left the FMA units waiting on it
+ * (a prompt's attention took ~40 % of the time of its linears). The 4 sums are
+ * reduced as hsum() reduces one, pair for pair: (x0 + x4) + (x2 + x6) + ... */
+static inline __attribute__((always_inline)) void attend_dv(
+    const float *q, const float *kc, const float *vc, const int32_t *table, int64_t Hkv,
+    int64_t j, int64_t BS, int64_t len, const int DV, float *scores, float *out) {
+    const int64_t D = 8 * DV, nblk = (len + BS - 1) / BS;
+    const float scale = 1.f / sqrtf((float)D);
+    const __m128 vscale = _mm_set1_ps(scale);
+    __m256 qv[DV], acc[DV];
+    for (int d = 0; d < DV; d++) qv[d] = _mm256_loadu_ps(q + 8 * d);
+    float mx = -INFINITY, sum = 0.f;
+    __m128 vmx = _mm_set1_ps(-INFINITY);
+    for (int64_t bi = 0; bi < nblk; bi++) {
+        const float *k = kc + ((int64_t)table[bi] * Hkv + j) * BS * D;
+        const int64_t n = len - bi * BS < BS ? len - bi * BS : BS;
+        int64_t t = 0;
+        for (; t + 4 <= n; t += 4) {
+            __m256 s[4];
+            for (int u = 0; u < 4; u++) s[u] = _mm256_setzero_ps();
+            for (int d = 0; d < DV; d++)
+                for (int u = 0; u < 4; u++)
+                    s[u] = _mm256_fmadd_ps(qv[d], _mm256_loadu_ps(k + (t + u) * D + 8 * d), s[u]);
+            __m128 a[4];
+            for (int u = 0; u < 4; u++)
+                a[u] = _mm_add_ps(_mm256_castps256_ps128(s[u]), _mm256_extractf128_ps(s[u], 1));
+            _MM_TRANSPOSE4_PS(a[0], a[1], a[2], a[3]); /* a[i]: lane i of the 4 keys */
+            const __m128 sc =
+                _mm_mul_ps(_mm_add_ps(_mm_add_ps(a[0], a[2]), _mm_add_ps(a[1], a[3])), vscale);
+            _mm_storeu_ps(scores + bi * BS + t, sc);
+            vmx = _mm_max_ps(vmx, sc);
+        }
+        for (; t < n; t++) {
+            __m256 s = _mm256_setzero_ps();
+            for (int d = 0; d < DV; d++) s = _mm256_fmadd_ps(qv[d], _mm256_loadu_ps(k + t * D + 8 * d), s);
+            const float sc = hsum(s) * scale;
+            scores[bi * BS + t] = sc;
+            mx = sc > mx ? sc : mx;
+        }
+    }
+    vmx = _mm_max_ps(vmx, _mm_movehl_ps(vmx, vmx));
+    vmx = _mm_max_ss(vmx, _mm_movehdup_ps(vmx));
+    mx = _mm_cvtss_f32(vmx) > mx ? _mm_cvtss_f32(vmx) : mx;
+    sum = exp_scores(scores, len, mx);
+    for (int d = 0; d < DV; d++) acc[d] = _mm256_setzero_ps();
+    for (int64_t bi = 0; bi < nblk; bi++) {
+        const float *v = vc + ((int64_t)table[bi] * Hkv + j) * BS * D;
+        const int64_t n = len - bi * BS < BS ? len - bi * BS : BS;
+        for (int64_t tt = 0; tt < n; tt++) {
+            const __m256 p = _mm256_set1_ps(scores[bi * BS + tt]);
+            for (int d = 0; d < DV; d++)
+                acc[d] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + tt * D + 8 * d), acc[d]);
+        }
+    }
+    const __m256 inv = _mm256_set1_ps(1.f / sum);
+    for (int d = 0; d < DV; d++) _mm256_storeu_ps(out + 8 * d, _mm256_mul_ps(acc[d], inv));
+}
+#endif
+
 /* One query head q (D,) over positions 0..len-1 of its KV head j, whose block
  * t / BS of the sequence is table[t / BS]; scores is scratch (len,). */
 static void attend(const float *q, const float *kc, const float *vc, const int32_t *table,
@@ -212,6 +293,14 @@ static void attend(const float *q, const float *kc, const float *vc, const int32
     const int64_t nblk = (len + BS - 1) / BS;
 #endif
 #ifdef CF_AVX2
+    if (D == 64) { /* SmolLM2-135M; Llama 3.2, Qwen 2.5: 128 */
+        attend_dv(q, kc, vc, table, Hkv, j, BS, len, 8, scores, out);
+        return;
+    }
+    if (D == 128) {
+        attend_dv(q, kc, vc, table, Hkv, j, BS, len, 16, scores, out);
+        return;
+    }
     if (D % 8 == 0 && D <= 256) {
         __m256 qv[32], acc[32];
         for (int64_t d = 0; d < D / 8; d++) qv[d] = _mm256_loadu_ps(q + 8 * d);
@@ -227,18 +316,7 @@ static void attend(const float *q, const float *kc, const float *vc, const int32
                 mx = fmaxf(mx, sc);
             }
         }
-        int64_t t = 0;
-        __m256 sv = _mm256_setzero_ps();
-        for (; t + 8 <= len; t += 8) {
-            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + t), _mm256_set1_ps(mx)));
-            _mm256_storeu_ps(scores + t, e);
-            sv = _mm256_add_ps(sv, e);
-        }
-        sum = hsum(sv);
-        for (; t < len; t++) {
-            scores[t] = expf(scores[t] - mx);
-            sum += scores[t];
-        }
+        sum = exp_scores(scores, len, mx);
         for (int64_t d = 0; d < D / 8; d++) acc[d] = _mm256_setzero_ps();
         for (int64_t bi = 0; bi < nblk; bi++) {
             const float *v = vc + ((int64_t)table[bi] * Hkv + j) * BS * D;
@@ -315,6 +393,18 @@ static void attend(const float *q, const float *kc, const float *vc, const int32
     }
 }
 
+/* Rows from which cf_forward splits its per-row work (norms, RoPE and cache writes)
+ * over the threads: a prompt's 500 rows left one core idle ~5 % of its time; a
+ * decode batch's few rows are not worth the barrier. */
+#define PARALLEL_ROWS 64
+
+/* cf_norm of each row (the same operations, row by row), over the threads. */
+static void norm_rows(const float *x, const float *w, const float *b, float eps, int64_t R,
+                      int64_t H, float *y, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (R >= PARALLEL_ROWS)
+    for (int64_t r = 0; r < R; r++) cf_norm(x + r * H, w, b, eps, 1, H, y + r * H);
+}
+
 /* x (R, hidden) in: the tokens' embeddings; out: the last layer's output (before
  * the final norm). Row r is position pos[r] of sequence seq[r]; see the top of
  * this file. row_lora (R,): the LoRA adapter of each row (-1: none) in loras
@@ -339,10 +429,11 @@ int cf_forward(const cf_model *m, float *x, int64_t R, const int64_t *pos, const
     for (int32_t li = 0; li < m->n_layers && rc == 0; li++) {
         const cf_layer *L = &m->layers[li];
         float *kc = m->k_cache[li], *vc = m->v_cache[li];
-        cf_norm(x, L->norm1, L->norm1_b, m->eps, R, H, h);
+        norm_rows(x, L->norm1, L->norm1_b, m->eps, R, H, h, nthreads);
         if ((rc = cf_linear(&L->qkv, h, R, qkv, threads))) break;
         lora_add(loras, row_lora, m->n_layers, li, 0, h, H, qkv, nqkv, R, nthreads);
-        for (int64_t r = 0; r < R; r++) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (R >= PARALLEL_ROWS)
+        for (int64_t r = 0; r < R; r++) { /* rows write distinct cache positions */
             float *row = qkv + r * nqkv;
             if (m->rope) {
                 const float *cs = m->rope + pos[r] * D; /* D/2 (cos, sin) pairs */
@@ -370,7 +461,7 @@ int cf_forward(const cf_model *m, float *x, int64_t R, const int64_t *pos, const
         if ((rc = cf_linear(&L->out, att, R, tmp, threads))) break;
         lora_add(loras, row_lora, m->n_layers, li, 1, att, Hq * D, tmp, H, R, nthreads);
         for (int64_t i = 0; i < R * H; i++) x[i] += tmp[i];
-        cf_norm(x, L->norm2, L->norm2_b, m->eps, R, H, h);
+        norm_rows(x, L->norm2, L->norm2_b, m->eps, R, H, h, nthreads);
         if ((rc = cf_linear(&L->up, h, R, gu, threads))) break;
         lora_add(loras, row_lora, m->n_layers, li, 2, h, H, gu, up_n, R, nthreads);
         if (gpt2) {

@@ -11,7 +11,8 @@
  * |x2| <= 64; xs = d / 128), and a block's dot product with the weights' integers
  * is exact in int32 (AVX-512 VNNI vpdpbusd: unsigned weights times signed
  * activations, 4 products per 32-bit lane; AVX-512BW / AVX2: vpmaddubsw +
- * vpmaddwd; ARM NEON with armv8.2's dot product: sdot, signed times signed, 4 a
+ * vpmaddwd, but AVX2's kinds 8 and 9: vpmaddwd of the weights as int16 and
+ * 128 * x1 + x2; ARM NEON with armv8.2's dot product: sdot, signed times signed, 4 a
  * lane; plain NEON: smull + sadalp; plain C: integer loops). Only then is it
  * scaled to float, per block:
  *     kind 5 (Q4_1):  y += (d * xs) * sum(q * xq) + m * (xs * sum(xq))
@@ -65,6 +66,11 @@
 /* AVX-512 where the compiler targets it: 16 lanes, 32 registers. */
 #if defined(CF_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__)
 #define CF_AVX512 1
+#endif
+/* AVX2 without AVX-512: kinds 8 and 9 multiply int16 weights by the activations' two
+ * digits as one int16 (xquant.q16) with vpmaddwd, see tile_q8. */
+#if defined(CF_AVX2) && !defined(CF_AVX512)
+#define CF_Q16 1
 #endif
 /* ARM: NEON (128 bits, 32 registers), and the armv8.2 dot product (sdot: 4 int8
  * products summed into each 32-bit lane, as VNNI) where the compiler targets it. */
@@ -131,12 +137,14 @@ typedef struct {
     float *s;     /* (M, K/32) */
     float *sm;    /* (M, K/32): s * sum(128 * x1 + x2), the factor of a Q4_1 block's m */
     int32_t *off; /* (M, K/32): 128 * sum(128 * x1 + x2), what kind 9's offset weights add */
+    int16_t *q16; /* (M, K): 128 * x1 + x2 (|.| <= 16320), the AVX2 kernels' operand */
 } xquant;
 
 /* One block of 32 activations into q (2, 32): x1 = x * (1 / d) rounded to the
  * nearest (ties to even), d = amax / 127; x2 = the residual x - x1 * d (one
  * rounding) times 128 / d, rounded. The same operations in every variant. */
-static void quantize_block(const float *x, int8_t *q, float *s, float *sm, int32_t *off) {
+static void quantize_block(const float *x, int8_t *q, int16_t *q16, float *s, float *sm,
+                           int32_t *off) {
     int32_t sum = 0;
 #if defined(CF_AVX512)
     const __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16);
@@ -176,6 +184,7 @@ static void quantize_block(const float *x, int8_t *q, float *s, float *sm, int32
     for (int j = 0; j < 32; j++) {
         q[j] = (int8_t)t1[j];
         q[32 + j] = (int8_t)t2[j];
+        q16[j] = (int16_t)(128 * t1[j] + t2[j]);
         sum += 128 * t1[j] + t2[j];
     }
 #elif defined(CF_NEON)
@@ -211,6 +220,9 @@ static void quantize_block(const float *x, int8_t *q, float *s, float *sm, int32
         q[32 + j] = (int8_t)v2;
         sum += 128 * (int32_t)v1 + v2;
     }
+#endif
+#ifndef CF_Q16
+    (void)q16;
 #endif
     *s = d * (1.f / 128.f); /* exact */
     *sm = *s * (float)sum;
@@ -297,12 +309,27 @@ INLINE __m512i dot_q8(const uint8_t *w, const int8_t *x, int32_t off) {
 }
 
 #elif defined(CF_AVX2)
-#define XM 4
-static inline __m256i bcast4(const int8_t *p) {
+#ifndef XM
+#define XM 4 /* 2 int32 accumulators a row + 4 float ones + the weights: 16 registers */
+#endif
+static inline __m256i bcast4(const int8_t *p) { /* 4 activations into every 32-bit lane */
     int32_t v;
     memcpy(&v, p, 4);
     return _mm256_set1_epi32(v);
 }
+static inline __m256i bcast8(const int16_t *p) { /* 4 int16 activations into every 64-bit lane */
+    int64_t v;
+    memcpy(&v, p, 8);
+    return _mm256_set1_epi64x(v);
+}
+/* 16 weight bytes (4 rows x 4 inputs) zero-extended to int16 */
+static inline __m256i load_u16(const uint8_t *p) {
+    return _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
+}
+/* vphaddd of rows 0-3 and rows 4-7 (two 32-bit lanes a row) leaves the 8 rows' sums in
+ * lanes (0, 1, 4, 5, 2, 3, 6, 7); this index list moves them (and the scales) to and
+ * fro (it is its own inverse). */
+#define ROW_ORDER _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7)
 #elif defined(CF_NEON)
 #define XM 4
 static inline int8x16_t bcast4(const int8_t *p) { /* 4 activations into every 32-bit lane */
@@ -537,35 +564,42 @@ INLINE void tile_q8(const uint8_t *w, const uint16_t *ds, int64_t nb, const xqua
     }
     for (int m = 0; m < RM; m++) _mm512_storeu_ps(out + m * RG, f[m]);
 #elif defined(CF_AVX2)
-    const __m256i flip = _mm256_set1_epi8(-128), ones = _mm256_set1_epi16(1);
+    /* vpmaddwd of the weights + 128 (zero-extended to int16) and the activations'
+     * int16 xq, then the 128 * sum(xq) the offset adds taken off per block (xquant.off):
+     * |pair| <= 2 * 255 * 16320, exact in int32. (vpmaddubsw needs q's sign moved onto
+     * x and a widening per product, and two digits: twice the instructions.) */
+    const __m256i order = ROW_ORDER;
+    const int64_t K = nb * QK;
     for (int h = 0; h < 2; h++) { /* rows 8h..8h+7 */
         __m256 f[XM];
         for (int m = 0; m < RM; m++) f[m] = _mm256_setzero_ps();
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *wb = w + b * 512 + 32 * h;
-            prefetch(wb + PREFETCH_BLOCKS * 512, 512);
-            const __m256 d = ds ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ds + b * 16 + 8 * h)))
-                                : _mm256_setzero_ps();
+            if (h == 0) prefetch(wb + PREFETCH_BLOCKS * 512, 512);
+            __m256i lo[XM], hi[XM]; /* rows 0-3, rows 4-7 */
+            for (int m = 0; m < RM; m++) lo[m] = hi[m] = _mm256_setzero_si256();
+            for (int c = 0; c < 8; c++) {
+                const __m256i w0 = load_u16(wb + 64 * c), w1 = load_u16(wb + 64 * c + 16);
+                for (int m = 0; m < RM; m++) {
+                    const __m256i xv = bcast8(xq->q16 + (m0 + m) * K + b * QK + 4 * c);
+                    lo[m] = _mm256_add_epi32(lo[m], _mm256_madd_epi16(w0, xv));
+                    hi[m] = _mm256_add_epi32(hi[m], _mm256_madd_epi16(w1, xv));
+                }
+            }
+            const __m256 d =
+                ds ? _mm256_permutevar8x32_ps(
+                         _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ds + b * 16 + 8 * h))), order)
+                   : _mm256_setzero_ps();
             for (int m = 0; m < RM; m++) {
                 const int64_t i = (m0 + m) * nb + b;
-                const int8_t *x = xq->q + i * 2 * QK;
-                __m256i a = _mm256_setzero_si256(), d2 = _mm256_setzero_si256();
-                for (int c = 0; c < 8; c++) { /* |q| times x with q's sign: see dot_q8 */
-                    const __m256i q =
-                        _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wb + 64 * c)), flip);
-                    const __m256i aq = _mm256_abs_epi8(q);
-                    const __m256i p1 = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(bcast4(x + 4 * c), q));
-                    const __m256i p2 =
-                        _mm256_maddubs_epi16(aq, _mm256_sign_epi8(bcast4(x + 32 + 4 * c), q));
-                    a = _mm256_add_epi32(a, _mm256_madd_epi16(p1, ones));
-                    d2 = _mm256_add_epi32(d2, _mm256_madd_epi16(p2, ones));
-                }
-                const __m256i acc = _mm256_add_epi32(_mm256_slli_epi32(a, 7), d2);
+                const __m256i acc =
+                    _mm256_sub_epi32(_mm256_hadd_epi32(lo[m], hi[m]), _mm256_set1_epi32(xq->off[i]));
                 const __m256 xs = _mm256_set1_ps(xq->s[i]);
                 f[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), ds ? _mm256_mul_ps(d, xs) : xs, f[m]);
             }
         }
-        for (int m = 0; m < RM; m++) _mm256_storeu_ps(out + m * RG + 8 * h, f[m]);
+        for (int m = 0; m < RM; m++)
+            _mm256_storeu_ps(out + m * RG + 8 * h, _mm256_permutevar8x32_ps(f[m], order));
     }
 #elif defined(CF_NEON)
     float32x4_t f[XM][4];
@@ -627,24 +661,28 @@ INLINE void group_tile(const cf_lin *l, const xquant *xq, int64_t g, int64_t m0,
 static int linear_q(const cf_lin *l, const float *x, int64_t M, float *y, int threads) {
     const int64_t N = l->n, K = l->k, nb = K / QK, groups = (N + RG - 1) / RG;
     const float *bias = l->bias, *rs = l->kind == 9 ? (const float *)l->scales : NULL;
-    /* floats first: s, sm (M * nb each), then off (M * nb int32), then q (M * 2K int8) */
-    char *buf = malloc((size_t)(M * nb) * 12 + (size_t)(M * 2 * K));
+    /* floats first: s, sm (M * nb each), then off (M * nb int32), then q16 (M * K int16),
+     * then q (M * 2K int8) */
+    char *buf = malloc((size_t)(M * nb) * 12 + (size_t)(M * K) * 2 + (size_t)(M * 2 * K));
     if (!buf) return -1;
-    const xquant xq = {(int8_t *)(buf + M * nb * 12), (float *)buf, (float *)buf + M * nb,
-                       (int32_t *)((float *)buf + 2 * M * nb)};
+    const xquant xq = {(int8_t *)(buf + M * nb * 12 + M * K * 2), (float *)buf,
+                       (float *)buf + M * nb, (int32_t *)((float *)buf + 2 * M * nb),
+                       (int16_t *)(buf + M * nb * 12)};
     /* A few rows (decode steps) are quantised here, in a microsecond: splitting them
      * over the threads would cost a barrier, and a barrier waits a whole time slice
      * when another process holds the other core. */
     const int serial = M <= XM;
     if (serial)
         for (int64_t i = 0; i < M * nb; i++)
-            quantize_block(x + i * QK, xq.q + i * 2 * QK, xq.s + i, xq.sm + i, xq.off + i);
+            quantize_block(x + i * QK, xq.q + i * 2 * QK, xq.q16 + i * QK, xq.s + i, xq.sm + i,
+                               xq.off + i);
 #pragma omp parallel num_threads(threads)
     {
         if (!serial) {
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < M * nb; i++)
-                quantize_block(x + i * QK, xq.q + i * 2 * QK, xq.s + i, xq.sm + i, xq.off + i);
+                quantize_block(x + i * QK, xq.q + i * 2 * QK, xq.q16 + i * QK, xq.s + i, xq.sm + i,
+                               xq.off + i);
         }
 #pragma omp for schedule(static)
         for (int64_t g = 0; g < groups; g++) {
