@@ -322,12 +322,21 @@ def apply_top_p(logits: Tensor, top_p: Tensor) -> Tensor:
     scores = logits.float()  # (B, V)
     # Like HF: 1 - top_p in double precision, then compared in float32.
     threshold = (1.0 - p.double()).to(torch.float32)[:, None]  # (B, 1)
+    if scores.shape[-1] > 4 * _NUCLEUS_K:
+        remove, decided = _top_p_from_top_k(scores, threshold, active)
+        rest = active & ~decided  # rows the top tokens could not decide: sorted below
+        if bool(rest.any()):
+            rows = rest.nonzero()[:, 0]
+            remove[rows] = _top_p_sorted(scores[rows], threshold[rows])
+        return logits.masked_fill(remove, NEG_INF)
+    return logits.masked_fill(_top_p_sorted(scores, threshold) & active[:, None], NEG_INF)
+
+
+def _top_p_sorted(scores: Tensor, threshold: Tensor) -> Tensor:
+    """HF's top-p, exactly: the (B, V) mask of tokens to remove, by sorting each row.
+    scores: (B, V) float32; threshold: (B, 1) float32."""
     vocab = scores.shape[-1]
-    if vocab > 4 * _NUCLEUS_K:
-        fast = _top_p_from_top_k(scores, threshold, active)
-        if fast is not None:
-            return logits.masked_fill(fast, NEG_INF)
-    candidates = max(1, int(torch.isfinite(scores).sum(dim=-1)[active].max()))
+    candidates = max(1, int(torch.isfinite(scores).sum(dim=-1).max()))
     if candidates * 4 <= vocab:
         # Few finite logits (top-k ran first): sort only those. The -inf rest has
         # probability 0 and would sit at the start of the ascending order adding 0
@@ -339,18 +348,18 @@ def apply_top_p(logits: Tensor, top_p: Tensor) -> Tensor:
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # ascending
     remove_sorted = cumulative <= threshold
     remove_sorted[:, -1] = False  # keep the most likely token
-    remove = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, sorted_idx, remove_sorted)
-    return logits.masked_fill(remove & active[:, None], NEG_INF)
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, sorted_idx, remove_sorted)
 
 
-_NUCLEUS_K = 64  # most likely tokens looked at before sorting a whole row
+_NUCLEUS_K = 256  # most likely tokens looked at before sorting a whole row
 _NUCLEUS_MARGIN = 1e-4  # probability mass a kept/removed decision must clear to be certain
 
 
-def _top_p_from_top_k(scores: Tensor, threshold: Tensor, active: Tensor) -> Tensor | None:
+def _top_p_from_top_k(scores: Tensor, threshold: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
     """The tokens :func:`apply_top_p` removes, found among the ``_NUCLEUS_K`` most likely
-    tokens instead of by sorting the whole vocabulary (~5 ms a row of 49k); None when a
-    row's answer is not certain that way (the caller then sorts, exactly as before).
+    tokens instead of by sorting the whole vocabulary (~5 ms a row of 49k): ``(remove,
+    decided)``, (B, V) and (B,) bool; a row not ``decided`` that way (its ``remove`` row
+    is meaningless) is sorted by the caller, exactly as before.
 
     HF's rule, written from the most likely token down: the token of rank r is kept iff
     the probability of the tokens more likely than it, S_r, is below 1 - threshold. S_r is
@@ -374,12 +383,10 @@ def _top_p_from_top_k(scores: Tensor, threshold: Tensor, active: Tensor) -> Tens
     inside = n_keep[:, 0] < k  # the first removed token is in the top K too
     last = top_logits.gather(1, n_keep - 1)  # (B, 1) least likely kept
     first_out = top_logits.gather(1, n_keep.clamp(max=k - 1))  # (B, 1) most likely removed
-    ok = clear & inside & (last[:, 0] != first_out[:, 0])
-    if not bool((ok | ~active).all()):
-        return None
+    decided = clear & inside & (last[:, 0] != first_out[:, 0])
     remove = torch.ones_like(scores, dtype=torch.bool)
     remove.scatter_(1, top_idx, ~keep)  # kept top-K tokens: False; everything else: True
-    return remove & active[:, None]
+    return remove & active[:, None], decided
 
 
 def apply_min_p(logits: Tensor, min_p: Tensor) -> Tensor:
