@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chatforge.batch.compare_report import setting_label
 from chatforge.batch.jobs import (
     BatchSummary,
     Job,
@@ -82,17 +83,7 @@ class Column:
     @property
     def label(self) -> str:
         """``temperature=0.3 top_p=0.9``; ``default`` for a grid without keys."""
-        if not self.values:
-            return "default"
-        return " ".join(f"{k}={_show(v)}" for k, v in self.values.items())
-
-
-def _show(value: Any) -> str:
-    if value is None:
-        return "none"
-    if isinstance(value, str):
-        return value
-    return json.dumps(value, ensure_ascii=False)
+        return setting_label(self.values)
 
 
 def _parse_value(flag: str, key: str, value: Any) -> Any:

@@ -13,6 +13,7 @@ and error cells stand out. Every text from a model or a prompt file is HTML-esca
 from __future__ import annotations
 
 import html
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +69,7 @@ def grid_view(rows: Iterable[dict[str, Any]], columns: Sequence[tuple[str, Any]]
     index = {(m, c.label): i for i, (m, c) in enumerate(columns)}
     seen: set[str] = set()
     for row in rows:
-        label = _label(row.get("setting") or {})
+        label = setting_label(row.get("setting") or {})
         col = index.get((row.get("model"), label))
         if col is None:
             continue
@@ -82,10 +83,20 @@ def grid_view(rows: Iterable[dict[str, Any]], columns: Sequence[tuple[str, Any]]
     return view
 
 
-def _label(values: dict[str, Any]) -> str:
-    from chatforge.batch.compare import Column
+def setting_label(values: dict[str, Any]) -> str:
+    """A column's grid values as its header shows them: ``temperature=0.3 top_p=0.9``
+    (``default`` for a grid without keys)."""
+    if not values:
+        return "default"
+    return " ".join(f"{k}={_show(v)}" for k, v in values.items())
 
-    return Column(dict(values)).label
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
 
 
 # -- HTML ------------------------------------------------------------------------------
