@@ -288,3 +288,14 @@ def test_smollm2_and_a_named_model_on_it_share_one_load(loads, tmp_path):
     assert [r["text"] for r in rows if r["model"] == "cmp-pirate"] == [
         r["output"] for r in _rows(gen)
     ]
+
+
+def test_an_output_of_generate_is_refused_naming_the_command(tiny_llama_dir, tmp_path):
+    """Regression: -o pointing at a generate output said 'holds 1 row made with n=1; this
+    run has n=none'."""
+    out = tmp_path / "gen.jsonl"
+    line = json.dumps({"id": "1", "prompt": "hi", "output": "hello", "settings": {"n": 1}})
+    out.write_text(line + "\n")
+    with pytest.raises(ChatforgeError, match="rows that `chatforge generate` .* wrote"):
+        _grid([str(tiny_llama_dir)], out)
+    assert out.read_text() == line + "\n"  # untouched

@@ -511,6 +511,7 @@ def compare_grid(
     out_path = check_output(output)
     if out_path.suffix.lower() != ".jsonl":
         raise ChatforgeError(f"compare writes JSONL rows: name the output *.jsonl (got {output})")
+    _check_compare_rows(out_path)
     report_path = _report_path(out_path, report)
     if not remote:
         from chatforge.models import parse_dtype
@@ -700,3 +701,21 @@ __all__ = [
     "parse_params",
     "resolve_models",
 ]
+
+
+def _check_compare_rows(path: Path) -> None:
+    """Refuse, naming the command, an output whose rows another command wrote (a
+    ``generate`` output has no ``setting``/``key``): its settings would be compared field
+    by field and the message would not say what is wrong. A torn or unreadable first
+    line is left to the row writer, which repairs or reports it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), None)
+        row = json.loads(first) if first is not None else None
+    except (OSError, ValueError):
+        return
+    if isinstance(row, dict) and not ("setting" in row and "key" in row):
+        raise ChatforgeError(
+            f"{path} holds rows that `chatforge generate` (not compare) wrote; compare "
+            "writes its own rows: use another --output"
+        )
