@@ -162,28 +162,41 @@ def _load_one(
         ds = Dataset("text", texts=_read_texts(source))
     else:
         ds = Dataset(kind)
-        parse = _PARSERS[kind]
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise DataError(f"data file {source} does not exist")
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                line = _decode_line(raw, source, lineno)
-                if not line.strip():
-                    continue
-                try:
-                    conv = parse(json.loads(line))
-                except ValueError as e:
-                    msg = f"{source}:{lineno}: {_why(e)}"
-                    if on_error == "fail":
-                        raise DataError(msg + " (use --on-error skip to skip bad lines)") from e
-                    ds.errors.append(msg)
-                    if warn is not None:
-                        warn(msg)
-                    continue
-                ds.conversations.append(conv)
+        ds.conversations = read_jsonl(source, _PARSERS[kind], on_error, ds.errors, warn)
     ds.sources = [source]
     return ds
+
+
+def read_jsonl(
+    source: str,
+    parse: Callable[[Any], Any],
+    on_error: str,
+    errors: list[str],
+    warn: Callable[[str], None] | None = None,
+    what: str = "data file",
+) -> list[Any]:
+    """``parse(obj)`` of each JSON line of ``source``; a line that is not JSON or that
+    ``parse`` refuses (ValueError) is ``file:line: why``: appended to ``errors`` and
+    passed to ``warn`` (``on_error="skip"``), or raised (``"fail"``)."""
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise DataError(f"{what} {source} does not exist")
+    out = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = _decode_line(raw, source, lineno)
+            if not line.strip():
+                continue
+            try:
+                out.append(parse(json.loads(line)))
+            except ValueError as e:
+                msg = f"{source}:{lineno}: {_why(e)}"
+                if on_error == "fail":
+                    raise DataError(msg + " (use --on-error skip to skip bad lines)") from e
+                errors.append(msg)
+                if warn is not None:
+                    warn(msg)
+    return out
 
 
 def _why(e: ValueError) -> str:
@@ -337,8 +350,3 @@ def load_chitchat(name: str = CHITCHAT) -> list[list[Message]]:
         if len(turns) >= 2:
             convs.append(parse_convmodel([" ".join(t) for t in turns]))
     return convs
-
-
-# Shared with the preference-pair reader (training/preference.py).
-decode_line = _decode_line
-describe_error = _why

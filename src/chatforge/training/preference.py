@@ -33,7 +33,7 @@ from typing import Any
 
 from chatforge.conversation.messages import Message
 from chatforge.errors import ParamError
-from chatforge.training.data import DataError, decode_line, describe_error
+from chatforge.training.data import DataError, read_jsonl
 from chatforge.training.examples import apply_train_on
 
 SHAPES = ("conversational", "implicit", "standard", "hh")
@@ -85,27 +85,11 @@ def load_preferences(
         sources = [sources]
     out = PreferenceSet()
     for src in map(str, sources):
-        path = Path(src).expanduser()
-        if not path.is_file():
-            raise DataError(f"preference file {src} does not exist")
+        read = read_jsonl(src, parse_pair, on_error, out.errors, warn, "preference file")
         out.sources.append(src)
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                line = decode_line(raw, src, lineno)
-                if not line.strip():
-                    continue
-                try:
-                    pair, shape = parse_pair(json.loads(line))
-                except ValueError as e:
-                    msg = f"{src}:{lineno}: {describe_error(e)}"
-                    if on_error == "fail":
-                        raise DataError(msg + " (use --on-error skip to skip bad lines)") from e
-                    out.errors.append(msg)
-                    if warn is not None:
-                        warn(msg)
-                    continue
-                out.pairs.append(pair)
-                out.shapes[shape] = out.shapes.get(shape, 0) + 1
+        for pair, shape in read:
+            out.pairs.append(pair)
+            out.shapes[shape] = out.shapes.get(shape, 0) + 1
     if not out.pairs:
         raise DataError(f"no usable preference pair in {', '.join(out.sources)}")
     return out
