@@ -14,6 +14,7 @@ from chatforge.cli.options import (
     ApiKeyOpt,
     DeviceOpt,
     DtypeOpt,
+    MaxConcurrencyOpt,
     PromptFormatOpt,
     QuantizeOpt,
     SystemOpt,
@@ -149,14 +150,7 @@ def compare_command(
     ] = None,
     api_key: ApiKeyOpt = None,
     api_key_env: ApiKeyEnvOpt = None,
-    max_concurrency: Annotated[
-        int | None,
-        typer.Option(
-            "--max-concurrency",
-            help="Requests in flight at once, with --api-base. \\[default: 4]",
-            show_default=False,
-        ),
-    ] = None,
+    max_concurrency: MaxConcurrencyOpt = None,
 ) -> None:
     """Run every prompt through every model x setting of a grid; write the rows, an HTML
     report beside them, and a table when stdout is a terminal."""

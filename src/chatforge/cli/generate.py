@@ -18,6 +18,7 @@ from chatforge.cli.options import (
     JsonSchemaOpt,
     KeepOpt,
     LogitBiasOpt,
+    MaxConcurrencyOpt,
     MaxLenOpt,
     MaxNewOpt,
     MinPOpt,
@@ -131,14 +132,7 @@ def generate_command(
     ] = None,
     api_key: ApiKeyOpt = None,
     api_key_env: ApiKeyEnvOpt = None,
-    max_concurrency: Annotated[
-        int | None,
-        typer.Option(
-            "--max-concurrency",
-            help="Requests in flight at once, with --api-base. \\[default: 4]",
-            show_default=False,
-        ),
-    ] = None,
+    max_concurrency: MaxConcurrencyOpt = None,
 ) -> None:
     """Generate a reply for every record of INPUT, one row each in --output."""
     from chatforge.batch import PromptTemplate, generate_batch

@@ -73,6 +73,16 @@ ApiKeyEnvOpt = Annotated[
     typer.Option("--api-key-env", help="Variable holding the endpoint's API key."),
 ]
 
+MaxConcurrencyOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-concurrency",
+        help="Requests in flight at once, with --api-base. \\[default: 4]",
+        show_default=False,
+    ),
+]
+"""``generate``/``compare --api-base``: requests sent at once."""
+
 ModelOpt = Annotated[
     str,
     typer.Option(
