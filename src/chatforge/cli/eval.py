@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from chatforge.cli.eval_prefs import eval_preferences, metrics_table
 from chatforge.cli.options import DeviceOpt, ThreadsOpt, check_device, check_threads, use_threads
 from chatforge.errors import ChatforgeError
 
@@ -43,7 +44,6 @@ def eval_command(
     distinct-1/2, repetition, reply length; on preference pairs (chosen/rejected JSONL),
     how often each model prefers the chosen reply, and DPO rewards against the first."""
     from rich.console import Console
-    from rich.table import Table
 
     from chatforge.models import load_model
     from chatforge.training.data import load_data
@@ -64,8 +64,6 @@ def eval_command(
         torch.set_num_threads(threads)
     err = Console(stderr=True)
     if data_format is None and all(is_preference_file(d) for d in data):
-        from chatforge.cli.eval_prefs import eval_preferences
-
         eval_preferences(
             [model, *(compare or [])],
             data,
@@ -102,14 +100,6 @@ def eval_command(
     if as_json:
         print(json.dumps({"models": [r.to_dict() for r in results]}, indent=2))
         return
-    table = Table(title=f"{len(items)} held-out {what}")
-    table.add_column("metric")
-    for r in results:
-        table.add_column(r.model)
-
-    def fmt(v, spec):
-        return "-" if v is None else format(v, spec)
-
     rows = [
         ("perplexity", "perplexity", ".2f"),
         ("loss (nats/token)", "loss", ".4f"),
@@ -120,10 +110,8 @@ def eval_command(
         ("mean reply tokens", "mean_reply_tokens", ".1f"),
         ("replies", "replies", "d"),
     ]
-    for label, key, spec in rows:
-        table.add_row(label, *(fmt(getattr(r, key), spec) for r in results))
     out = Console()
-    out.print(table)
+    out.print(metrics_table(f"{len(items)} held-out {what}", results, rows))
     for r in results:
         for s in r.samples[:2]:
             out.print(f"[bold]{r.model}[/] > {s['prompt'][:80]!r}\n  {s['reply'][:160]!r}")

@@ -9,6 +9,21 @@ from typing import Any
 from chatforge.cli.options import use_threads
 
 
+def metrics_table(title: str, results: list[Any], rows: list[tuple[str, str, str]]) -> Any:
+    """A rich table of models side by side: one column per result (its ``model``), one
+    row per ``(label, attribute, format spec)``; a missing value shows as ``-``."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    for r in results:
+        table.add_column(r.model)
+    for label, key, spec in rows:
+        values = (getattr(r, key) for r in results)
+        table.add_row(label, *("-" if v is None else format(v, spec) for v in values))
+    return table
+
+
 def eval_preferences(
     models: list[str],
     data: list[str],
@@ -69,24 +84,14 @@ def eval_preferences(
         }
         print(json.dumps(out, indent=2))
         return
-    table = Table(title=f"{len(pairs)} held-out preference pairs")
-    table.add_column("metric")
-    for s in scores:
-        table.add_column(s.model)
-
-    def fmt(v, spec):
-        return "-" if v is None else format(v, spec)
-
     rows = [
         ("preference accuracy", "accuracy", ".3f"),
         ("log-lik margin (nats)", "margin", ".2f"),
         (f"reward accuracy vs {models[0]}", "reward_accuracy", ".3f"),
         (f"reward margin vs {models[0]}", "reward_margin", ".3f"),
     ]
-    for label, key, spec in rows:
-        table.add_row(label, *(fmt(getattr(s, key), spec) for s in scores))
     out = Console()
-    out.print(table)
+    out.print(metrics_table(f"{len(pairs)} held-out preference pairs", scores, rows))
     if prompts:
         side = Table(title="replies to held-out prompts", show_lines=True)
         side.add_column("prompt")
