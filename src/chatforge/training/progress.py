@@ -11,6 +11,8 @@ import datetime
 import logging
 import math
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 PLAIN_EVERY_S = 30.0
@@ -137,3 +139,32 @@ class TrainProgress:
 
 def _clock(seconds: float) -> str:
     return str(datetime.timedelta(seconds=round(seconds)))
+
+
+@contextmanager
+def prep_progress(
+    console: Any, enabled: bool, total: int, kind: str
+) -> Iterator[Callable[[], None]]:
+    """A context giving ``tick()``, called once per item prepared: a transient rich bar
+    on a terminal, else one line (preparing is silent no more); nothing if not ``enabled``."""
+    what = "texts" if kind == "text" else "conversations"
+    if not enabled or not console.is_terminal:
+        if enabled:
+            console.print(
+                f"preparing data: {total:,} {what} (cached for the next run)...", highlight=False
+            )
+        yield lambda: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("[bold]preparing data"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(what),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as p:
+        task = p.add_task("prep", total=total)
+        yield lambda: p.advance(task)

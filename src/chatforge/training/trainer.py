@@ -40,7 +40,7 @@ from chatforge.training.examples import (
 from chatforge.training.loss import forward_loss, head_gives_logits
 from chatforge.training.model import Built, build_model, save_model_dir, unwrap
 from chatforge.training.plot import plot_losses
-from chatforge.training.progress import TrainProgress
+from chatforge.training.progress import TrainProgress, prep_progress
 
 METRICS = "metrics.jsonl"
 LOSS_PNG = "loss.png"
@@ -402,7 +402,8 @@ class Trainer:
         train_ds, valid_ds = read()
         fmt = get_format(built.format_name, built.tokenizer)
         n_items = len(train_ds) + (len(valid_ds) if valid_ds is not None else 0)
-        with self._prep_progress(n_items, train_ds.kind) as tick:
+        show = self.main and self.cfg.progress
+        with prep_progress(self.console, show, n_items, train_ds.kind) as tick:
             train_ex, st = build_examples(fmt, train_ds, built.context, cfg.train_on, on_item=tick)
             if not train_ex:
                 why = f": {st.drop_reasons[0]}" if st.drop_reasons else ""
@@ -435,42 +436,6 @@ class Trainer:
             self.say(f"[yellow]skipping[/] {msg}")
         if skipped:
             self.say(f"[yellow]skipped {len(skipped)} malformed line(s)[/] (first: {skipped[0]})")
-
-    def _prep_progress(self, total: int, kind: str):
-        """A context giving ``tick()``, called once per item prepared: a transient rich
-        bar on a terminal, else one line (preparing is silent no more)."""
-        from contextlib import contextmanager
-
-        @contextmanager
-        def bar():
-            what = "texts" if kind == "text" else "conversations"
-            show = self.main and self.cfg.progress
-            if not show or not self.console.is_terminal:
-                if show:
-                    self.say(f"preparing data: {total:,} {what} (cached for the next run)...")
-                yield lambda: None
-                return
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
-
-            with Progress(
-                TextColumn("[bold]preparing data"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn(what),
-                TimeElapsedColumn(),
-                console=self.console,
-                transient=True,
-            ) as p:
-                task = p.add_task("prep", total=total)
-                yield lambda: p.advance(task)
-
-        return bar()
 
     def _plan_memory(self, model: Any, context: int) -> None:
         """Chunked loss where the model allows it, gradient checkpointing, and the memory check.
