@@ -75,21 +75,65 @@ def test_chunked_loss_and_gradients_equal_the_full_logits_formula(
         assert torch.allclose(forward_loss(model, batch), loss_a, rtol=1e-5, atol=1e-5)
 
 
-def test_full_vocabulary_logits_are_never_made_for_all_positions(tiny_llama_dir):
-    model = _model(tiny_llama_dir)
-    batch = _batch(model.get_input_embeddings().num_embeddings)
-    rows_seen: list[int] = []
-    hook = output_head(model).register_forward_hook(
-        lambda mod, args, out: rows_seen.append(out.reshape(-1, out.shape[-1]).shape[0])
-    )
-    try:
+def _vocab_rows(model, batch, vocab: int) -> list[int]:
+    """Rows of every (rows, vocab) matrix product made by forward + backward of the loss."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: list[int] = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.__name__.startswith(("mm", "addmm", "bmm")) and out.shape[-1] == vocab:
+                seen.append(out.reshape(-1, vocab).shape[0])
+            return out
+
+    with Watch():
         forward_loss(model, batch, chunk=4).backward()
-    finally:
-        hook.remove()
+    return seen
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_full_vocabulary_logits_are_never_made_for_all_positions(tiny_llama_dir, fused):
+    model = _model(tiny_llama_dir)
+    vocab = model.get_input_embeddings().num_embeddings
+    batch = _batch(vocab)
+    head = output_head(model)
+    if not fused:  # a head that is not a plain linear: chunks recomputed in backward
+        head.forward = lambda x, _f=head.forward: _f(x) * 1.0
+        head.__class__ = type("Wrapped", (torch.nn.Linear,), {})
+    rows = _vocab_rows(model, batch, vocab)
     n_loss = int((batch["targets"] != IGNORE).sum())
-    assert rows_seen[0] == 0  # the model's own head call gets no positions
-    assert max(rows_seen) <= 4  # then one chunk at a time (recomputed once in backward)
-    assert sum(rows_seen) == 2 * n_loss
+    assert rows and max(rows) <= 4  # one chunk of loss positions at a time
+    # fused: each position's logits once (their gradient is made with them); else the
+    # head runs again for each chunk in backward
+    assert sum(rows) == (1 if fused else 2) * n_loss
+
+
+def test_fused_head_loss_trains_the_head_like_the_formula(tiny_gpt2_dir):
+    """A trainable head (GPT-2 full fine-tuning, tied to the embeddings): the head's
+    gradient summed over chunks inside the fused loss equals the plain formula's."""
+    from chatforge.training.loss import HeadCrossEntropyFn, head_loss_sum
+
+    torch.manual_seed(0)
+    w = torch.randn(50, 8, requires_grad=True)
+    h = torch.randn(2, 9, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (2, 9))
+    targets[0, :3] = IGNORE
+    head = torch.nn.Linear(8, 50, bias=False)
+    head.weight = torch.nn.Parameter(w.detach().clone())
+    (head_loss_sum(h, head, targets, chunk=4) / 3).backward()
+    ref_h = h.detach().clone().requires_grad_(True)
+    ref_w = w.detach().clone().requires_grad_(True)
+    (loss_sum(ref_h @ ref_w.t(), targets) / 3).backward()
+    assert torch.allclose(h.grad, ref_h.grad, atol=1e-6)
+    assert torch.allclose(head.weight.grad, ref_w.grad, atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(
+            HeadCrossEntropyFn.apply(h.reshape(-1, 8)[3:], w, targets.reshape(-1)[3:], 4, False),
+            loss_sum(h @ w.t(), targets),
+            atol=1e-5,
+        )
 
 
 def test_gradient_checkpointing_gives_the_same_losses(tmp_path, tiny_llama_dir):

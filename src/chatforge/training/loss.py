@@ -6,8 +6,10 @@ size for backward, plus the gradient. Most positions carry no loss anyway
 (user turns, padding). :func:`forward_loss` runs the model with its LM head fed
 zero positions, keeps the hidden states the head would have seen, and applies
 the head and the cross-entropy only at positions with a target, a chunk at a
-time; each chunk is recomputed in backward (activation checkpointing), so at
-most one chunk's logits exist at once. The result equals
+time; each chunk's gradient is computed with its loss
+(:class:`HeadCrossEntropyFn`; a head that is not a plain fp32 linear is recomputed
+in backward instead, by activation checkpointing), so at most one chunk's logits
+exist at once. The result equals
 :func:`~chatforge.training.examples.loss_sum` over the full logits up to fp32
 summation order (``tests/test_training_memory.py``).
 
@@ -56,11 +58,70 @@ def _chunk_ce(h: Tensor, t: Tensor, head: Any) -> Tensor:
     return torch.nn.functional.cross_entropy(head(h).float(), t, reduction="sum")
 
 
+class HeadCrossEntropyFn(torch.autograd.Function):
+    """Summed cross-entropy of ``h W^T``, its gradients computed in the forward pass.
+
+    Chunk by chunk, the (chunk, V) logits exist only inside ``forward``: the
+    softmax overwrites them in place and becomes the logits' gradient, which
+    gives that chunk's rows of dh and its share of dW (accumulated, when the head
+    trains) at once; backward only scales those by the incoming gradient. Against
+    recomputing each chunk in backward (activation checkpointing) this saves one
+    (chunk, D) x (D, V) product and two passes over the logits per chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk, grads):
+        # h (N, D); weight (V, D); targets (N,) in [0, V); grads: the caller's grad mode
+        # (forward runs in no_grad and needs_input_grad ignores the mode: validation
+        # must not pay for gradients)
+        want_h, want_w = ctx.needs_input_grad[0] and grads, ctx.needs_input_grad[1] and grads
+        grad_h = torch.empty_like(h) if want_h else None  # (N, D)
+        grad_w = torch.zeros_like(weight) if want_w else None  # (V, D)
+        total = h.new_zeros((), dtype=torch.float32)
+        for i in range(0, len(targets), chunk):
+            hc, tc = h[i : i + chunk], targets[i : i + chunk]  # (n, D), (n,)
+            logits = hc @ weight.t()  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            if want_h or want_w:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                probs[torch.arange(len(tc), device=h.device), tc] -= 1.0  # d loss / d logits
+                if want_h:
+                    torch.mm(probs, weight, out=grad_h[i : i + chunk])
+                if want_w:
+                    grad_w.addmm_(probs.t(), hc)
+        ctx.save_for_backward(grad_h, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return (
+            grad_h * grad_loss if ctx.needs_input_grad[0] else None,
+            grad_w * grad_loss if ctx.needs_input_grad[1] else None,
+            None,
+            None,
+            None,
+        )
+
+
+def _fusable(head: Any, h: Tensor) -> bool:
+    """True when ``head(h)`` is a plain bias-free linear in h's dtype, without autocast."""
+    return (
+        type(head) is torch.nn.Linear
+        and head.bias is None
+        and head.weight.dtype == h.dtype == torch.float32
+        and not torch.is_autocast_enabled(h.device.type)
+    )
+
+
 def head_loss_sum(hidden: Tensor, head: Any, targets: Tensor, chunk: int = CHUNK) -> Tensor:
     """Summed cross-entropy of ``head(hidden)`` at positions whose target is not IGNORE."""
     sel = targets != IGNORE
     h, t = hidden[sel], targets[sel]  # (N, D), (N,)
     total = hidden[..., :0].sum().float()  # 0, connected to the graph even when N == 0
+    if _fusable(head, h):
+        return total + HeadCrossEntropyFn.apply(h, head.weight, t, chunk, torch.is_grad_enabled())
     grad = torch.is_grad_enabled()
     for i in range(0, t.numel(), chunk):
         args = (h[i : i + chunk], t[i : i + chunk], head)

@@ -131,6 +131,9 @@ def estimate(
     full = 4 * tokens * layers * per_layer
     kept = 4 * tokens * (layers * hidden + per_layer) if checkpointing else full
     loss = 3 * 4 * min(CHUNK, tokens) * vocab if chunked_loss else 6 * 4 * tokens * vocab
+    head = model.get_output_embeddings()
+    if chunked_loss and head is not None and head.weight.requires_grad:
+        loss += 4 * head.weight.numel()  # the head's gradient, summed over chunks in forward
     square = batch_size * context * context  # elements of one (B, T, T) tensor
     mask = 6 * square + context * context  # fp32 mask + bool temporaries; causal (T, T)
     scores = 0

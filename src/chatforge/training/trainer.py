@@ -37,6 +37,7 @@ from chatforge.training.examples import (
     pack,
     packing_isolates,
 )
+from chatforge.training.lora_fast import fuse_lora
 from chatforge.training.loss import forward_loss, head_gives_logits
 from chatforge.training.model import Built, build_model, save_model_dir, unwrap
 from chatforge.training.plot import plot_losses
@@ -565,6 +566,8 @@ class Trainer:
             (self.out / "train_config.json").write_text(json.dumps(self._config_record(), indent=2))
 
         model = built.model.to(self.dev)
+        if cfg.lora:  # base + adapter in one autograd node per layer (training/lora_fast.py)
+            fuse_lora(model)
         longest = max(len(r) for r in (*rows, *vrows))  # a batch is never longer than this
         self._plan_memory(model, min(built.context, longest))
         # Threads as inference chooses them: the cores other processes leave free,

@@ -1,0 +1,223 @@
+"""Fine-tuning speed: chatforge's trainer against TRL's ``SFTTrainer`` (+ peft), in one run.
+
+Same model (SmolLM2-135M-Instruct, fp32), same examples (the first
+``--conversations`` chitchat conversations in the model's chat template, loss on
+assistant turns: chatforge tokenises them and both trainers get those tokens),
+same row length, batch, steps, learning rate, LoRA settings and packing, no
+gradient checkpointing, fp32 on CPU. TRL packs with its default best-fit
+decreasing strategy (padding-free rows); chatforge packs first-fit decreasing
+with a block-diagonal mask. The rate is real (non-padding) tokens per second of
+training after ``--skip`` warm-up steps; the loss is the mean training loss of
+the last ``--tail`` steps (both see different row orders, so single steps differ
+by noise; means over the same data should agree). Contenders run ``--rounds``
+times, interleaved; the table gives the median round.
+
+    python bench/bench_train_trl.py --context 256 --batch-size 4 --steps 10 --rounds 3
+    python bench/bench_train_trl.py --full ...     # all weights instead of LoRA
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--conversations", type=int, default=231)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    ap.add_argument("--skip", type=int, default=2, help="warm-up steps left out of the rate")
+    ap.add_argument("--tail", type=int, default=5, help="loss: mean of the last N steps")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--only", choices=["chatforge", "trl"], default=None)
+    ap.add_argument("--json", type=str, default=None, help="also write the results here")
+    args = ap.parse_args()
+
+    from chatforge.conversation import get_format
+    from chatforge.models import load_model
+    from chatforge.training.data import Dataset, load_data
+    from chatforge.training.examples import build_examples
+
+    work = Path(tempfile.mkdtemp(prefix="bench-train-trl-"))
+    full = load_data("chitchat")
+    ds = Dataset("convmodel", full.conversations[: args.conversations], sources=["chitchat"])
+    data = work / "data.jsonl"
+    with open(data, "w", encoding="utf-8") as f:
+        for conv in ds.conversations:
+            msgs = [{"role": m.role, "content": m.content} for m in conv]
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    tok = load_model(args.model, "fp32", "none", fast=False).tokenizer
+    examples, _ = build_examples(get_format("chat_template", tok), ds, args.context)
+    items = [{"input_ids": e.ids, "labels": _labels(e)} for e in examples]
+    lora = dict(r=8, alpha=16.0, dropout=0.05)
+
+    def ours(run: int) -> dict:
+        from chatforge.training.config import TrainConfig
+        from chatforge.training.trainer import train
+
+        out = work / f"chatforge-{run}"
+        train(
+            TrainConfig(
+                data=[str(data)],
+                output=str(out),
+                model=args.model,
+                format="chat_template",
+                context=args.context,
+                batch_size=args.batch_size,
+                max_steps=args.steps,
+                lr=args.lr,
+                warmup=0.0,
+                min_lr_ratio=1.0,  # constant rate, like TRL's "constant" below
+                weight_decay=0.0,
+                eval_every=0,
+                save_every=0,
+                log_every=1,
+                precision="fp32",
+                grad_checkpointing=False,
+                progress=False,
+                lora=not args.full,
+                lora_r=lora["r"],
+                lora_alpha=lora["alpha"],
+                lora_dropout=lora["dropout"],
+            )
+        )
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        rows = [r for r in rows if "tokens" in r]
+        a, b = rows[args.skip - 1], rows[-1]
+        return {
+            "tokens_per_s": (b["tokens"] - a["tokens"]) / (b["elapsed_s"] - a["elapsed_s"]),
+            "losses": [r["loss"] for r in rows],
+        }
+
+    counted = {"tokens": 0}
+
+    def trl(run: int) -> dict:
+        from datasets import Dataset as HFDataset
+        from peft import LoraConfig
+        from transformers import TrainerCallback
+        from trl import SFTConfig, SFTTrainer
+
+        lm = load_model(args.model, "fp32", "none", fast=False)
+        marks: list[tuple[float, int]] = []
+        losses: list[float] = []
+
+        class Clock(TrainerCallback):
+            def on_step_end(self, a, state, control, **kw):
+                marks.append((time.perf_counter(), counted["tokens"]))
+
+            def on_log(self, a, state, control, logs=None, **kw):
+                if logs and "loss" in logs:
+                    losses.append(float(logs["loss"]))
+
+        cfg = SFTConfig(
+            output_dir=str(work / f"trl-{run}"),
+            per_device_train_batch_size=args.batch_size,
+            max_steps=args.steps,
+            learning_rate=args.lr,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            weight_decay=0.0,
+            max_length=args.context,
+            packing=True,
+            gradient_checkpointing=False,
+            bf16=False,
+            use_cpu=True,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            seed=0,
+        )
+        peft_cfg = None
+        if not args.full:
+            peft_cfg = LoraConfig(
+                r=lora["r"],
+                lora_alpha=lora["alpha"],
+                lora_dropout=lora["dropout"],
+                target_modules="all-linear",
+                task_type="CAUSAL_LM",
+            )
+        trainer = SFTTrainer(
+            model=lm.model,
+            args=cfg,
+            train_dataset=HFDataset.from_list(items),
+            processing_class=lm.tokenizer,
+            peft_config=peft_cfg,
+            callbacks=[Clock()],
+        )
+        collate = trainer.data_collator
+
+        def counting(batch):
+            counted["tokens"] += sum(len(b["input_ids"]) for b in batch)
+            return collate(batch)
+
+        trainer.data_collator = counting
+        counted["tokens"] = 0
+        trainer.train()
+        # The collator runs one batch ahead of the step that ends; the tokens between two
+        # marks are still those of the steps between them, one batch shifted.
+        (t0, n0), (t1, n1) = marks[args.skip - 1], marks[-1]
+        return {"tokens_per_s": (n1 - n0) / (t1 - t0), "losses": losses}
+
+    contenders = {"TRL SFTTrainer": trl, "chatforge": ours}
+    if args.only:
+        contenders = {k: v for k, v in contenders.items() if args.only.lower() in k.lower()}
+    results: dict[str, list[dict]] = {}
+    for r in range(args.rounds):
+        for name, fn in contenders.items():
+            res = fn(r)
+            results.setdefault(name, []).append(res)
+            tail = statistics.mean(res["losses"][-args.tail :])
+            print(
+                f"round {r + 1}: {name}: {res['tokens_per_s']:,.1f} tokens/s, "
+                f"loss (last {args.tail}) {tail:.3f}, threads {torch.get_num_threads()}",
+                flush=True,
+            )
+    summary = {}
+    for name, runs in results.items():
+        rates = [x["tokens_per_s"] for x in runs]
+        summary[name] = {
+            "median": statistics.median(rates),
+            "min": min(rates),
+            "max": max(rates),
+            "loss_tail": statistics.mean(
+                statistics.mean(x["losses"][-args.tail :]) for x in runs
+            ),
+            "loss_first": statistics.mean(x["losses"][0] for x in runs),
+        }
+    what = "full" if args.full else "LoRA r8"
+    print(f"\n{what}, context {args.context}, batch {args.batch_size}, {args.steps} steps")
+    print("| trainer | tokens/s median (min-max) | vs TRL | loss step 1 | loss last 5 |")
+    print("|---|---:|---:|---:|---:|")
+    base = summary.get("TRL SFTTrainer", {}).get("median")
+    for name, s in summary.items():
+        ratio = f"{s['median'] / base:.2f}x" if base else "-"
+        print(
+            f"| {name} | {s['median']:,.1f} ({s['min']:,.1f}-{s['max']:,.1f}) | {ratio} "
+            f"| {s['loss_first']:.3f} | {s['loss_tail']:.3f} |"
+        )
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"args": vars(args), "rounds": results, "summary": summary}, indent=2)
+        )
+
+
+def _labels(e) -> list[int]:
+    # transformers shifts labels inside the model: label[t] is the target of position t-1.
+    return [t if m else -100 for t, m in zip(e.ids, e.mask, strict=True)]
+
+
+if __name__ == "__main__":
+    main()
