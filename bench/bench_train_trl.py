@@ -192,9 +192,7 @@ def main() -> None:
             "median": statistics.median(rates),
             "min": min(rates),
             "max": max(rates),
-            "loss_tail": statistics.mean(
-                statistics.mean(x["losses"][-args.tail :]) for x in runs
-            ),
+            "loss_tail": statistics.mean(statistics.mean(x["losses"][-args.tail :]) for x in runs),
             "loss_first": statistics.mean(x["losses"][0] for x in runs),
         }
     what = "full" if args.full else "LoRA r8"
