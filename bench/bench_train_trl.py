@@ -9,7 +9,9 @@ decreasing strategy (padding-free rows); chatforge packs first-fit decreasing
 with a block-diagonal mask. The rate is real (non-padding) tokens per second of
 training after ``--skip`` warm-up steps; the loss is the mean training loss of
 the last ``--tail`` steps (both see different row orders, so single steps differ
-by noise; means over the same data should agree). Contenders run ``--rounds``
+by noise) and, what says whether both learned the same, the loss of the trained
+model on ``--held-out`` later conversations (assistant tokens), computed the same
+way for both. Contenders run ``--rounds``
 times, interleaved; the table gives the median round.
 
     python bench/bench_train_trl.py --context 256 --batch-size 4 --steps 10 --rounds 3
@@ -40,6 +42,9 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=2, help="warm-up steps left out of the rate")
     ap.add_argument("--tail", type=int, default=5, help="loss: mean of the last N steps")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--held-out", type=int, default=40, help="conversations after the training ones: eval loss"
+    )
     ap.add_argument("--only", choices=["chatforge", "trl"], default=None)
     ap.add_argument("--json", type=str, default=None, help="also write the results here")
     args = ap.parse_args()
@@ -60,6 +65,24 @@ def main() -> None:
     tok = load_model(args.model, "fp32", "none", fast=False).tokenizer
     examples, _ = build_examples(get_format("chat_template", tok), ds, args.context)
     items = [{"input_ids": e.ids, "labels": _labels(e)} for e in examples]
+    lo, hi = args.conversations, args.conversations + args.held_out
+    held = Dataset("convmodel", full.conversations[lo:hi], sources=["chitchat"])
+    held_ex, _ = build_examples(get_format("chat_template", tok), held, args.context)
+
+    def eval_loss(model) -> float:
+        """Mean next-token loss on the held-out examples' assistant tokens (same for both)."""
+        from chatforge.training.examples import collate, pack
+        from chatforge.training.loss import forward_loss
+
+        model.eval()
+        total = n = 0.0
+        with torch.no_grad():
+            for row in pack(held_ex, args.context, enabled=False):
+                batch = collate([row], tok.pad_token_id or 0)
+                total += float(forward_loss(model, batch))
+                n += int((batch["targets"] != -100).sum())
+        return total / n
+
     lora = dict(r=8, alpha=16.0, dropout=0.05)
 
     def ours(run: int) -> dict:
@@ -67,7 +90,7 @@ def main() -> None:
         from chatforge.training.trainer import train
 
         out = work / f"chatforge-{run}"
-        train(
+        result = train(
             TrainConfig(
                 data=[str(data)],
                 output=str(out),
@@ -98,6 +121,7 @@ def main() -> None:
         return {
             "tokens_per_s": (b["tokens"] - a["tokens"]) / (b["elapsed_s"] - a["elapsed_s"]),
             "losses": [r["loss"] for r in rows],
+            "eval_loss": eval_loss(result.model),
         }
 
     counted = {"tokens": 0}
@@ -169,7 +193,11 @@ def main() -> None:
         # The collator runs one batch ahead of the step that ends; the tokens between two
         # marks are still those of the steps between them, one batch shifted.
         (t0, n0), (t1, n1) = marks[args.skip - 1], marks[-1]
-        return {"tokens_per_s": (n1 - n0) / (t1 - t0), "losses": losses}
+        return {
+            "tokens_per_s": (n1 - n0) / (t1 - t0),
+            "losses": losses,
+            "eval_loss": eval_loss(trainer.model),
+        }
 
     contenders = {"TRL SFTTrainer": trl, "chatforge": ours}
     if args.only:
@@ -182,7 +210,8 @@ def main() -> None:
             tail = statistics.mean(res["losses"][-args.tail :])
             print(
                 f"round {r + 1}: {name}: {res['tokens_per_s']:,.1f} tokens/s, "
-                f"loss (last {args.tail}) {tail:.3f}, threads {torch.get_num_threads()}",
+                f"loss (last {args.tail}) {tail:.3f}, held-out loss {res['eval_loss']:.4f}, "
+                f"threads {torch.get_num_threads()}",
                 flush=True,
             )
     summary = {}
@@ -194,17 +223,21 @@ def main() -> None:
             "max": max(rates),
             "loss_tail": statistics.mean(statistics.mean(x["losses"][-args.tail :]) for x in runs),
             "loss_first": statistics.mean(x["losses"][0] for x in runs),
+            "eval_loss": statistics.mean(x["eval_loss"] for x in runs),
         }
     what = "full" if args.full else "LoRA r8"
     print(f"\n{what}, context {args.context}, batch {args.batch_size}, {args.steps} steps")
-    print("| trainer | tokens/s median (min-max) | vs TRL | loss step 1 | loss last 5 |")
-    print("|---|---:|---:|---:|---:|")
+    print(
+        f"| trainer | tokens/s median (min-max) | vs TRL | loss step 1 | loss last {args.tail} "
+        "| held-out loss after |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
     base = summary.get("TRL SFTTrainer", {}).get("median")
     for name, s in summary.items():
         ratio = f"{s['median'] / base:.2f}x" if base else "-"
         print(
             f"| {name} | {s['median']:,.1f} ({s['min']:,.1f}-{s['max']:,.1f}) | {ratio} "
-            f"| {s['loss_first']:.3f} | {s['loss_tail']:.3f} |"
+            f"| {s['loss_first']:.3f} | {s['loss_tail']:.3f} | {s['eval_loss']:.4f} |"
         )
     if args.json:
         Path(args.json).write_text(

@@ -21,8 +21,9 @@ The estimate (bytes, host memory, fp32) adds up:
 * the loss: one chunk of logits (``training.loss``), or with full logits about
   six (tokens x vocab) fp32 copies;
 
-times 1.25 for allocator slack (with :func:`limit_heap_growth`; without it, glibc's heap
-can keep several GB more), plus a fixed 0.5 GB for the interpreter and
+times 1.25 for allocator slack (with :func:`limit_heap_growth`, which the trainer turns
+on where the estimate passes half the available memory or checkpointing is on; without
+it, glibc's heap can keep several GB more), plus a fixed 0.5 GB for the interpreter and
 libraries. Calibrated on SmolLM2-135M with LoRA (``bench/bench_train_memory.py``).
 """
 

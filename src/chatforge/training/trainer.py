@@ -461,9 +461,13 @@ class Trainer:
             else:
                 bare.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
             est = lean
-        memory.limit_heap_growth()
         self.mem_estimate = est  # bench/bench_train_memory_estimate.py compares it to the peak
         avail = memory.device_available_bytes(self.dev)  # the GPU's free memory on CUDA
+        if self.dev.type == "cpu" and (est.checkpointing or avail is None or 2 * est.total > avail):
+            # Only where memory is tight: serving every >= 1 MB tensor with a fresh mmap
+            # page-faults each activation in (1.8 M faults a step for SmolLM2 LoRA at
+            # 4 x 256: 86 against 136 tok/s), a price worth paying only to keep the peak.
+            memory.limit_heap_growth()
         if avail is not None and est.total > avail and not cfg.force:
             raise ChatforgeError(memory.refusal(est, avail, cfg.batch_size, context))
         self.say(
@@ -583,6 +587,10 @@ class Trainer:
             ],
             lr=cfg.lr,
             betas=(0.9, 0.95),
+            # One fused kernel over all tensors: 158 ms against 646 ms a step for SmolLM2's
+            # 135 M weights on 2 AVX2 cores (transformers' Trainer uses it too).
+            fused=self.dev.type in ("cpu", "cuda")
+            and all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params),
         )
         state = {"step": 0, "elapsed": 0.0, "best_val_loss": None, "precision": None}
         self.state = state
