@@ -270,11 +270,15 @@ def pack(examples: Sequence[Example], context: int, enabled: bool = True) -> lis
     return rows
 
 
-def collate(rows: Sequence[Row], pad_id: int, dtype: torch.dtype = torch.float32) -> dict:
+def collate(
+    rows: Sequence[Row], pad_id: int, dtype: torch.dtype = torch.float32, spans: bool = False
+) -> dict:
     """A batch: ``input_ids``/``position_ids``/``targets`` (B, T) and a 4D mask (B, 1, T, T).
 
     The mask is additive (0 = attend, dtype-min = blocked): causal inside each
     example, blocked across examples; padding (segment -1) only sees itself.
+    With ``spans`` (a model on :mod:`~chatforge.training.packed_attention`) there
+    is no mask: ``packed_spans`` gives each row's example lengths instead.
     """
     T = max(len(r) for r in rows)
     B = len(rows)
@@ -294,6 +298,14 @@ def collate(rows: Sequence[Row], pad_id: int, dtype: torch.dtype = torch.float32
             pos[b, off : off + length] = torch.arange(length)
             seg[b, off : off + length] = k
             off += length
+    if spans:
+        from chatforge.training.packed_attention import spans_of
+
+        batch = {"input_ids": ids, "position_ids": pos, "targets": targets}
+        batch["packed_spans"] = spans_of([r.lengths for r in rows])
+        if types is not None:
+            batch["token_type_ids"] = types
+        return batch
     causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T)
     allowed = (seg[:, :, None] == seg[:, None, :]) & causal  # (B, T, T)
     mask = torch.zeros(B, 1, T, T, dtype=dtype)
@@ -302,6 +314,11 @@ def collate(rows: Sequence[Row], pad_id: int, dtype: torch.dtype = torch.float32
     if types is not None:
         batch["token_type_ids"] = types
     return batch
+
+
+def to_device(batch: dict, dev: Any) -> dict:
+    """The batch's tensors moved to ``dev`` (``packed_spans`` is plain tuples)."""
+    return {k: v.to(dev) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
 def model_inputs(batch: dict) -> dict:

@@ -110,12 +110,20 @@ def _shape(model: Any) -> tuple[int, int, int, int, int, str, float]:
     inter = get("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)
     vocab = get("vocab_size", default=50_000)
     attn = str(getattr(cfg, "_attn_implementation", "") or "")
-    dropout = 0.0
+    return hidden, layers, heads, inter, vocab, attn, attention_dropout(model)
+
+
+def attention_dropout(model: Any) -> float:
+    """The dropout rate on the attention probabilities in training (0.0 when none)."""
+    from chatforge.training.model import unwrap
+
+    cfg = unwrap(model).config
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
     for name in ("attn_pdrop", "attention_dropout", "attention_probs_dropout_prob"):
         v = getattr(cfg, name, None)
         if isinstance(v, (int, float)) and v > 0:
-            dropout = float(v)
-    return hidden, layers, heads, inter, vocab, attn, dropout
+            return float(v)
+    return 0.0
 
 
 def estimate(

@@ -25,6 +25,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.fsutil import atomic_write
 from chatforge.threads import ThreadPolicy
 from chatforge.training import checkpoint as ckpt
+from chatforge.training import memory
 from chatforge.training.config import TrainConfig, default_lr
 from chatforge.training.data import Dataset, load_data
 from chatforge.training.examples import (
@@ -36,10 +37,16 @@ from chatforge.training.examples import (
     model_inputs,
     pack,
     packing_isolates,
+    to_device,
 )
 from chatforge.training.lora_fast import fuse_lora
 from chatforge.training.loss import forward_loss, head_gives_logits
 from chatforge.training.model import Built, build_model, save_model_dir, unwrap
+from chatforge.training.packed_attention import (
+    restore_attention,
+    spans_match_mask,
+    use_packed_attention,
+)
 from chatforge.training.plot import plot_losses
 from chatforge.training.progress import TrainProgress, prep_progress
 
@@ -442,7 +449,6 @@ class Trainer:
         """Chunked loss where the model allows it, gradient checkpointing, and the memory check.
 
         ``context``: the longest row a batch can have (at most the run's context)."""
-        from chatforge.training import memory
 
         cfg = self.cfg
         self.head_ok = head_gives_logits(model, model.get_input_embeddings().num_embeddings)
@@ -491,12 +497,13 @@ class Trainer:
         return nullcontext()
 
     def _to_dev(self, batch: dict) -> dict:
-        return {k: v.to(self.dev) for k, v in batch.items()}
+        return to_device(batch, self.dev)
 
     # -- the run ---------------------------------------------------------------
 
     def run(self) -> TrainResult:
         self.threads: ThreadPolicy | None = None
+        self.attn_before: str | None = None  # set when attention runs example by example
         self.stage = "setup"  # "training" once the loop runs: Ctrl-C then saves a checkpoint
         from chatforge.training.interrupt import InterruptNotice
 
@@ -572,6 +579,15 @@ class Trainer:
         model = built.model.to(self.dev)
         if cfg.lora:  # base + adapter in one autograd node per layer (training/lora_fast.py)
             fuse_lora(model)
+        # Attention example by example instead of through the (B, 1, T, T) mask where the
+        # model gives the same logits that way (training/packed_attention.py). Not with
+        # attention dropout (GPT-2's attn_pdrop): sdpa then takes its math path, and one
+        # call per example made from-scratch GPT-2 10 % slower than one masked call per batch.
+        if not cfg.dpo and memory.attention_dropout(model) == 0.0:
+            self.attn_before = use_packed_attention(
+                model,
+                lambda: spans_match_mask(model, len(tok), uses_types=built.format_name == "sep"),
+            )
         longest = max(len(r) for r in (*rows, *vrows))  # a batch is never longer than this
         self._plan_memory(model, min(built.context, longest))
         # Threads as inference chooses them: the cores other processes leave free,
@@ -714,6 +730,7 @@ class Trainer:
         if vrows and last_eval != state["step"]:
             val_losses.append(self._validate(model, vrows, precision, state))
         self._save(model, optimizer, sched, state, world)
+        restore_attention(model, self.attn_before)  # the model leaves with its own attention
         self._finish(model, built, state, val_losses, packed, precision, tokens, t_run)
         return TrainResult(
             output=self.out,
@@ -772,7 +789,9 @@ class Trainer:
         return sum(t != IGNORE for r in rows for t in r.targets)
 
     def _collate(self, rows: list) -> dict:
-        return self.pref.collate(rows, self.pad_id) if self.cfg.dpo else collate(rows, self.pad_id)
+        if self.cfg.dpo:
+            return self.pref.collate(rows, self.pad_id)
+        return collate(rows, self.pad_id, spans=self.attn_before is not None)
 
     def _loss_sum(self, model: Any, batch: dict) -> torch.Tensor:
         """Summed loss of a batch: head + cross-entropy at loss positions only, in chunks
