@@ -62,8 +62,11 @@ def main() -> None:
         for conv in ds.conversations:
             msgs = [{"role": m.role, "content": m.content} for m in conv]
             f.write(json.dumps({"messages": msgs}) + "\n")
-    tok = load_model(args.model, "fp32", "none", fast=False).tokenizer
+    lm0 = load_model(args.model, "fp32", "none", fast=False)
+    tok = lm0.tokenizer
     examples, _ = build_examples(get_format("chat_template", tok), ds, args.context)
+    flops = flops_per_token(lm0.model, examples, args.full)
+    del lm0
     items = [{"input_ids": e.ids, "labels": _labels(e)} for e in examples]
     lo, hi = args.conversations, args.conversations + args.held_out
     held = Dataset("convmodel", full.conversations[lo:hi], sources=["chitchat"])
@@ -225,24 +228,57 @@ def main() -> None:
             "loss_first": statistics.mean(x["losses"][0] for x in runs),
             "eval_loss": statistics.mean(x["eval_loss"] for x in runs),
         }
+        summary[name]["gflops"] = summary[name]["median"] * flops / 1e9
     what = "full" if args.full else "LoRA r8"
     print(f"\n{what}, context {args.context}, batch {args.batch_size}, {args.steps} steps")
     print(
         f"| trainer | tokens/s median (min-max) | vs TRL | loss step 1 | loss last {args.tail} "
-        "| held-out loss after |"
+        "| held-out loss after | GFLOP/s |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     base = summary.get("TRL SFTTrainer", {}).get("median")
     for name, s in summary.items():
         ratio = f"{s['median'] / base:.2f}x" if base else "-"
         print(
             f"| {name} | {s['median']:,.1f} ({s['min']:,.1f}-{s['max']:,.1f}) | {ratio} "
-            f"| {s['loss_first']:.3f} | {s['loss_tail']:.3f} | {s['eval_loss']:.4f} |"
+            f"| {s['loss_first']:.3f} | {s['loss_tail']:.3f} | {s['eval_loss']:.4f} "
+            f"| {s['gflops']:.0f} |"
         )
+    print(
+        f"(GFLOP/s: {flops / 1e6:,.0f} MFLOP per real token, linear layers and the LM head at "
+        "loss positions, forward + backward; attention not counted)"
+    )
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"args": vars(args), "rounds": results, "summary": summary}, indent=2)
+            json.dumps(
+                {
+                    "args": vars(args),
+                    "flops_per_token": flops,
+                    "rounds": results,
+                    "summary": summary,
+                },
+                indent=2,
+            )
         )
+
+
+def flops_per_token(model, examples, full: bool) -> float:
+    """Matmul FLOPs per real token of one training step, attention left out.
+
+    Forward 2 FLOPs per weight, backward 2 for the input gradient and, where the
+    weight trains (full fine-tuning), 2 more for its gradient: 4 N (LoRA, the
+    frozen base; the rank-8 adapters add < 1 %) or 6 N. The LM head runs only at
+    positions with a loss, so it counts with that fraction of the tokens.
+    """
+    head = model.get_output_embeddings()
+    linear = sum(
+        m.weight.numel()
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear) and m is not head
+    )
+    with_loss = sum(sum(e.mask) for e in examples) / max(1, sum(len(e) for e in examples))
+    k = 6 if full else 4
+    return k * linear + k * head.weight.numel() * with_loss
 
 
 def _labels(e) -> list[int]:

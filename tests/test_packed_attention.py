@@ -117,3 +117,19 @@ def test_the_trainer_trains_through_spans_and_saves_the_models_own_attention(
     assert steps and all(steps)  # every training forward ran on spans, none on the mask
     written = [f for f in result.output.rglob("*.json")]
     assert written and not any(NAME in f.read_text() for f in written)
+
+
+def test_the_memory_estimate_drops_the_mask_on_packed_attention(tiny_llama_dir):
+    """No (B, 1, T, T) mask is built on packed attention: the estimate must not count one
+    (it would refuse long contexts that fit)."""
+    from transformers import AutoModelForCausalLM
+
+    from chatforge.training import memory
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation="sdpa")
+    masked = memory.estimate(model, 4, 4096, False)
+    before = use_packed_attention(model, lambda: True)
+    packed = memory.estimate(model, 4, 4096, False)
+    restore_attention(model, before)
+    assert masked.mask >= 6 * 4 * 4096 * 4096 and packed.mask == 0
+    assert packed.total < masked.total

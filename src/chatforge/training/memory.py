@@ -17,7 +17,8 @@ The estimate (bytes, host memory, fp32) adds up:
 * the packed batch's attention mask, (B, 1, T, T) fp32 (``examples.collate``), and the
   boolean temporaries that build it: 6 bytes per (B, T, T) element. Quadratic in the
   context: at ``--context 100000``, batch 8, that alone is 480 GB (the estimate
-  said 5.3 GB and the run grew to 15 GB before anything stopped it);
+  said 5.3 GB and the run grew to 15 GB before anything stopped it). None on a model
+  switched to ``training.packed_attention`` (attention example by example, no mask);
 * the loss: one chunk of logits (``training.loss``), or with full logits about
   six (tokens x vocab) fp32 copies;
 
@@ -145,6 +146,8 @@ def estimate(
         loss += 4 * head.weight.numel()  # the head's gradient, summed over chunks in forward
     square = batch_size * context * context  # elements of one (B, T, T) tensor
     mask = 6 * square + context * context  # fp32 mask + bool temporaries; causal (T, T)
+    if attn == "chatforge_packed":  # training/packed_attention.py: no mask, flash per example
+        mask = 0
     scores = 0
     if attn == "eager" or (attn in ("sdpa", "") and dropout > 0):
         one_layer = 4 * heads * square  # (B, H, T, T) fp32
