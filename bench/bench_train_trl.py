@@ -3,7 +3,7 @@
 Same model (SmolLM2-135M-Instruct, fp32), same examples (the first
 ``--conversations`` chitchat conversations in the model's chat template, loss on
 assistant turns: chatforge tokenises them and both trainers get those tokens),
-same row length, batch, steps, learning rate, LoRA settings and packing, no
+same row length, batch, steps, learning rate, AdamW betas, LoRA settings and packing, no
 gradient checkpointing, fp32 on CPU. TRL packs with its default best-fit
 decreasing strategy (padding-free rows); chatforge packs first-fit decreasing
 with a block-diagonal mask. The rate is real (non-padding) tokens per second of
@@ -155,6 +155,7 @@ def main() -> None:
             lr_scheduler_type="constant",
             warmup_steps=0,
             weight_decay=0.0,
+            adam_beta2=0.95,  # chatforge's AdamW betas (0.9, 0.95); TRL's default beta2 is 0.999
             max_length=args.context,
             packing=True,
             gradient_checkpointing=False,
