@@ -46,6 +46,9 @@ def main() -> None:
         "--held-out", type=int, default=40, help="conversations after the training ones: eval loss"
     )
     ap.add_argument("--only", choices=["chatforge", "trl"], default=None)
+    ap.add_argument(
+        "--seed", type=int, default=0, help="both trainers' seed (row order): the loss spread"
+    )
     ap.add_argument("--json", type=str, default=None, help="also write the results here")
     args = ap.parse_args()
 
@@ -116,6 +119,7 @@ def main() -> None:
                 lora_r=lora["r"],
                 lora_alpha=lora["alpha"],
                 lora_dropout=lora["dropout"],
+                seed=args.seed,
             )
         )
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -166,7 +170,7 @@ def main() -> None:
             report_to=[],
             dataloader_num_workers=0,
             disable_tqdm=True,
-            seed=0,
+            seed=args.seed,
         )
         peft_cfg = None
         if not args.full:
