@@ -102,6 +102,13 @@ def test_a_run_that_would_not_fit_is_refused_with_the_flags(tmp_path, monkeypatc
 # -- Ctrl-C ----------------------------------------------------------------------------
 
 
+def _sigint_default() -> None:
+    # A test runner started in the background without job control (`cmd &` in a script)
+    # hands its children SIGINT ignored, and Python then installs no Ctrl-C handler at
+    # all: the child would train on forever. A terminal's Ctrl-C is what we simulate.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _spawn(argv, cwd):
     env = dict(os.environ, PYTHONPATH=SRC, PYTHONUNBUFFERED="1")
     return subprocess.Popen(
@@ -111,6 +118,7 @@ def _spawn(argv, cwd):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_sigint_default,
     )
 
 
