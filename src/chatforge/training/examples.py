@@ -299,10 +299,8 @@ def collate(
             seg[b, off : off + length] = k
             off += length
     if spans:
-        from chatforge.training.packed_attention import spans_of
-
         batch = {"input_ids": ids, "position_ids": pos, "targets": targets}
-        batch["packed_spans"] = spans_of([r.lengths for r in rows])
+        batch["packed_spans"] = tuple(tuple(r.lengths) for r in rows)  # per row, lengths
         if types is not None:
             batch["token_type_ids"] = types
         return batch

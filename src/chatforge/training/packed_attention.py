@@ -19,7 +19,6 @@ transformers hands through the layers to the attention function. Without
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -86,11 +85,6 @@ def _pad_time(out: Tensor, T: int) -> Tensor:
 
 
 AttentionInterface.register(NAME, packed_attention)
-
-
-def spans_of(lengths: Sequence[Sequence[int]]) -> Spans:
-    """The ``packed_spans`` argument for rows whose examples have these lengths."""
-    return tuple(tuple(int(n) for n in row) for row in lengths)
 
 
 def use_packed_attention(model: Any, check: Any) -> str | None:
