@@ -115,7 +115,7 @@ def test_the_trainer_trains_through_spans_and_saves_the_models_own_attention(
     assert len(seen) == 4
     steps = calls[seen[0] : seen[-1]]  # steps 2-4 (the first follows the setup's checks)
     assert steps and all(steps)  # every training forward ran on spans, none on the mask
-    written = [f for f in result.output.rglob("*.json")]
+    written = list(result.output.rglob("*.json"))
     assert written and not any(NAME in f.read_text() for f in written)
 
 

@@ -35,6 +35,7 @@ from chatforge.training.examples import (
     model_inputs,
     pack,
     packing_isolates,
+    to_device,
 )
 
 NGRAM = 3  # n of the repeated n-gram rate
@@ -114,7 +115,7 @@ def _score(loaded: Any, dataset: Any, batch_size: int):
     rows = pack(examples, context, enabled=isolated)
     dev = next(model.parameters()).device
     for i in range(0, len(rows), batch_size):
-        batch = {k: v.to(dev) for k, v in collate(rows[i : i + batch_size], 0).items()}
+        batch = to_device(collate(rows[i : i + batch_size], 0), dev)
         logits = model(**model_inputs(batch)).logits  # (B, T, V)
         total += float(loss_sum(logits, batch["targets"]))
         n += int((batch["targets"] != IGNORE).sum())

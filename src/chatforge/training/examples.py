@@ -298,17 +298,15 @@ def collate(
             pos[b, off : off + length] = torch.arange(length)
             seg[b, off : off + length] = k
             off += length
+    batch: dict = {"input_ids": ids, "position_ids": pos, "targets": targets}
     if spans:
-        batch = {"input_ids": ids, "position_ids": pos, "targets": targets}
         batch["packed_spans"] = tuple(tuple(r.lengths) for r in rows)  # per row, lengths
-        if types is not None:
-            batch["token_type_ids"] = types
-        return batch
-    causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T)
-    allowed = (seg[:, :, None] == seg[:, None, :]) & causal  # (B, T, T)
-    mask = torch.zeros(B, 1, T, T, dtype=dtype)
-    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-    batch = {"input_ids": ids, "position_ids": pos, "attention_mask": mask, "targets": targets}
+    else:
+        causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T)
+        allowed = (seg[:, :, None] == seg[:, None, :]) & causal  # (B, T, T)
+        mask = torch.zeros(B, 1, T, T, dtype=dtype)
+        mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+        batch["attention_mask"] = mask
     if types is not None:
         batch["token_type_ids"] = types
     return batch
@@ -350,7 +348,7 @@ def packing_isolates(model: Any, vocab_size: int, uses_types: bool = False) -> b
             row = Row(
                 [x for e in exs for x in e], t, [IGNORE] * sum(map(len, exs)), list(map(len, exs))
             )
-            batch = {k: v.to(dev) for k, v in collate([row], 0).items()}
+            batch = to_device(collate([row], 0), dev)
             return model(**model_inputs(batch)).logits[0].float()
 
         packed = run([a, b])

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from chatforge.training.examples import IGNORE, Row, collate, model_inputs
+from chatforge.training.examples import IGNORE, Row, collate, model_inputs, to_device
 
 CHUNK = 512  # loss positions per head + cross-entropy chunk (512 x 49k vocab = 100 MB fp32)
 
@@ -153,7 +153,7 @@ def head_gives_logits(model: Any, vocab_size: int) -> bool:
         ids = torch.randint(0, vocab_size, (6,), generator=g).tolist()
         row = Row(ids, None, [IGNORE] * len(ids), [len(ids)])
         dev = next(model.parameters()).device
-        batch = {k: v.to(dev) for k, v in collate([row], 0).items()}
+        batch = to_device(collate([row], 0), dev)
         logits = model(**model_inputs(batch)).logits.float()
         head = output_head(model)
         if head is None:

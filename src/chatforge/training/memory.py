@@ -146,7 +146,9 @@ def estimate(
         loss += 4 * head.weight.numel()  # the head's gradient, summed over chunks in forward
     square = batch_size * context * context  # elements of one (B, T, T) tensor
     mask = 6 * square + context * context  # fp32 mask + bool temporaries; causal (T, T)
-    if attn == "chatforge_packed":  # training/packed_attention.py: no mask, flash per example
+    from chatforge.training.packed_attention import NAME as PACKED
+
+    if attn == PACKED:  # attention example by example: no mask, flash per example
         mask = 0
     scores = 0
     if attn == "eager" or (attn in ("sdpa", "") and dropout > 0):

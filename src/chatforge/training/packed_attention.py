@@ -19,6 +19,7 @@ transformers hands through the layers to the attention function. Without
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -87,7 +88,7 @@ def _pad_time(out: Tensor, T: int) -> Tensor:
 AttentionInterface.register(NAME, packed_attention)
 
 
-def use_packed_attention(model: Any, check: Any) -> str | None:
+def use_packed_attention(model: Any, check: Callable[[], bool]) -> str | None:
     """Switch ``model`` to :data:`NAME` when ``check()`` confirms it; returns the name to restore.
 
     Only models on transformers' sdpa or eager attention are switched (others
