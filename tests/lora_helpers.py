@@ -41,3 +41,24 @@ def make_adapter(
     meta["base_model_name_or_path"] = str(base)
     (out / "adapter_config.json").write_text(json.dumps(meta))
     return out
+
+
+def fp16_rounded(adapter: Path, out: Path) -> Path:
+    """A copy of ``adapter`` with each rank's A row and B column rounded as the fast
+    path stores them (fp16 times a power of two per rank): the adapter it applies."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from chatforge.models.fast.lora import fp16_exact
+
+    shutil.copytree(adapter, out)
+    weights = out / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    for key, t in tensors.items():
+        if ".lora_A." in key:  # (r, K): a rank per row
+            tensors[key] = fp16_exact(t.float(), 1)
+        elif ".lora_B." in key:  # (N, r): a rank per column
+            tensors[key] = fp16_exact(t.float(), 0)
+    save_file(tensors, str(weights))
+    return out

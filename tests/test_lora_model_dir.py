@@ -13,7 +13,7 @@ from chatforge import GenerationConfig, Request, load_model
 from chatforge.generation.engine import Engine
 from chatforge.models.recipes import create_recipe, load_recipe_model
 from chatforge.models.registry import ALIASES, package_file
-from lora_helpers import make_adapter
+from lora_helpers import fp16_rounded, make_adapter
 
 GREEDY = GenerationConfig(temperature=0, max_new_tokens=12)
 PROMPTS = [[5, 17, 33, 2, 9], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50], [7, 7, 7]]
@@ -106,7 +106,9 @@ def test_an_adapter_added_to_a_lora_directory_model_runs_on_top_of_its_own(
     eng = Engine.from_loaded(lm)
     eng.add_adapter(extra, "extra")
     assert eng.adapters == ["extra"]  # the model's own is no adapter a request names
-    both = PeftModel.from_pretrained(load_transformers(own, "fp32"), str(extra)).eval()
+    # as the fast path applies them: each rank in fp16, scaled (see lora.packed)
+    own_r, extra_r = fp16_rounded(own, tmp_path / "own-r"), fp16_rounded(extra, tmp_path / "x-r")
+    both = PeftModel.from_pretrained(load_transformers(own_r, "fp32"), str(extra_r)).eval()
     for ids in PROMPTS:
         c = eng.generate(
             [Request(ids, GREEDY.replace(max_new_tokens=1), adapter="extra", logprobs=5)]

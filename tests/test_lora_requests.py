@@ -11,7 +11,7 @@ import torch
 from chatforge import GenerationConfig, Request, load_model
 from chatforge.generation.engine import Engine, EngineConfig
 from chatforge.models.fast.lora import AdapterError
-from lora_helpers import make_adapter
+from lora_helpers import fp16_rounded, make_adapter
 
 GREEDY = GenerationConfig(temperature=0, max_new_tokens=10)
 
@@ -44,18 +44,55 @@ def _merged_logits(adapter: Path, ids: list[int]) -> torch.Tensor:
 PROMPTS = [[5, 17, 33, 2, 9], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50], [7, 7, 7]]
 
 
-def test_an_adapter_per_request_equals_the_merged_model(setup):
+def test_an_adapter_per_request_equals_the_merged_model(setup, tmp_path):
+    """The same logprobs as peft's merge of the adapter the fast path applies (each
+    rank stored in fp16, scaled), and within fp16's rounding of the adapter as saved."""
     lm, a, _ = setup
     eng = _engine(lm)
     eng.add_adapter(a, "a")
+    rounded = fp16_rounded(a, tmp_path / "rounded")
     for ids in PROMPTS:
         got = eng.score(ids, top=0)  # noqa: F841 - the prompt path must accept it too
         req = Request(ids, GREEDY, adapter="a", logprobs=5)
         ours = eng.generate([req])[0]
-        want = torch.log_softmax(_merged_logits(a, ids), -1)
+        want = torch.log_softmax(_merged_logits(rounded, ids), -1)
         first = ours.logprobs[0]
         assert ours.token_ids[0] == int(want.argmax())
         assert first.logprob == pytest.approx(float(want[first.token_id]), abs=1e-4)
+        as_saved = torch.log_softmax(_merged_logits(a, ids), -1)
+        assert first.logprob == pytest.approx(float(as_saved[first.token_id]), abs=2e-3)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["up_proj", "o_proj"], ["k_proj"]])
+def test_an_adapter_on_some_parts_of_a_fused_linear(tiny_llama_dir, tmp_path, targets):
+    """Q, K and V (gate and up) are one linear here; an adapter on some of them adds
+    only to their outputs (decode.c reads each rank's row of B only over its part)."""
+    adapter = make_adapter(tiny_llama_dir, tmp_path / "a", seed=4, targets=targets, rank=8)
+    lm = load_model(str(tiny_llama_dir), dtype="fp32", quantize="none")
+    eng = _engine(lm)
+    eng.add_adapter(adapter, "a")
+    rounded = fp16_rounded(adapter, tmp_path / "rounded")
+    for ids in PROMPTS:
+        one = GREEDY.replace(max_new_tokens=1)
+        ours = eng.generate([Request(ids, one, adapter="a", logprobs=5)])[0].logprobs[0]
+        want = torch.log_softmax(_merged_logits(rounded, ids), -1)
+        assert len(ours.top) == 5
+        for token, logprob in ours.top:
+            assert logprob == pytest.approx(float(want[token]), abs=1e-4)
+
+
+def test_adapter_weights_keep_fp16_precision_at_any_scale():
+    """Each rank is stored in fp16 times a power of two: a rank of tiny values (fp16's
+    subnormals, 6e-8 apart) or of values past fp16's 65504 keeps 11 significant bits."""
+    from chatforge.models.fast.lora import fp16_exact
+
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randn(64, 3, generator=gen) * torch.tensor([1e-7, 1.0, 1e6])  # a rank per column
+    r = fp16_exact(t, 0)
+    assert torch.isfinite(r).all()
+    assert ((r - t).abs() <= t.abs() * 2**-11).all()
+    assert torch.equal(fp16_exact(r, 0), r)  # stored values are kept exactly
+    assert torch.equal(fp16_exact(t.t().contiguous(), 1), r.t())  # rows: the same per rank
 
 
 def test_merged_and_per_request_adapters_generate_the_same_tokens(setup):

@@ -246,6 +246,23 @@ static float *floats(int64_t n, float scale) {
     return p;
 }
 
+/* fp16 values of magnitude 2^-4..2^-2, either sign (as lora.py stores them, scaled). */
+static uint16_t *halves(int64_t n) {
+    uint16_t *p = alloc((size_t)n * 2);
+    for (int64_t i = 0; i < n; i++)
+        p[i] = (uint16_t)((next() % 2 ? 0x8000 : 0) | (0x2c00 + next() % 0x800));
+    return p;
+}
+
+/* A random LoRA delta on a linear k -> n of rank r, B^T's rows over all n columns. */
+static cf_lora lora(int64_t k, int64_t n, int64_t r) {
+    int64_t *spans = alloc((size_t)r * 3 * 8);
+    float *scales = alloc((size_t)r * 4);
+    for (int64_t i = 0; i < r; i++)
+        spans[3 * i] = 0, spans[3 * i + 1] = n, spans[3 * i + 2] = i * n, scales[i] = 0.25f;
+    return (cf_lora){halves(k * r), halves(r * n), r, spans, scales};
+}
+
 static cf_lin linear(int kind, int64_t n, int64_t k, int bias) {
     cf_lin l = {kind, 0, NULL, NULL, NULL, n, k};
     uint8_t *w;
@@ -279,10 +296,10 @@ static void make_tiny(tiny *t, int gpt2) {
             t->k[b][li] = alloc((size_t)NBLK * Hkv * BS * D * 4);
             t->v[b][li] = alloc((size_t)NBLK * Hkv * BS * D * 4);
         }
-        if (!gpt2) { /* LoRA on qkv and down: ranks 3 and 5 */
+        if (!gpt2) { /* LoRA on qkv and down: ranks 11 and 37 (8-wide blocks and the rest) */
             const int64_t nqkv = (Hq + 2 * Hkv) * D;
-            t->loras[li * 4 + 0] = (cf_lora){floats(H * 3, 0.1f), floats(3 * nqkv, 0.1f), 3};
-            t->loras[li * 4 + 3] = (cf_lora){floats(I * 5, 0.1f), floats(5 * H, 0.1f), 5};
+            t->loras[li * 4 + 0] = lora(H, nqkv, 11);
+            t->loras[li * 4 + 3] = lora(I, H, 37);
         }
     }
     if (!gpt2) {

@@ -60,10 +60,54 @@ class LoraLinear:
 
     a_t: Tensor  # (K, r) fp32: A^T, the parts' A rows stacked
     b_t: Tensor  # (r, N) fp32: (s * B)^T, block-diagonal over the parts
+    # (r, 2) int64: the columns [lo, hi) of each row of b_t outside which it is zero
+    # (its part's outputs), so decode.c reads only the blocks on the diagonal
+    spans: Tensor | None = None
+    _packed: tuple[Tensor, ...] | None = field(default=None, repr=False, compare=False)
 
     @property
     def rank(self) -> int:
         return self.a_t.shape[1]
+
+    def packed(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """decode.c's view (see ``cf_lora``): A^T in fp16 (K, r), B^T's rows on their
+        spans back to back in fp16 (one stream to read: a decode step is bound by
+        reading the adapter), (r, 3) int64 (lo, hi, start) per row, and (r,) fp32 the
+        power of two each rank's product is scaled by. Exact: the weights were rounded
+        to these values at load (:func:`fp16_exact`)."""
+        if self._packed is None:
+            a16, ea = _fp16(self.a_t.detach().float().cpu(), 0)
+            b16, eb = _fp16(self.b_t.detach().float().cpu(), 1)
+            rows, index, at = [], [], 0
+            for i, (lo, hi) in enumerate(_spans(self).tolist()):
+                rows.append(b16[i, lo:hi])
+                index.append((lo, hi, at))
+                at += hi - lo
+            self._packed = (
+                a16.contiguous(),
+                torch.cat(rows).contiguous(),
+                torch.tensor(index, dtype=torch.int64),
+                torch.ldexp(torch.ones(self.rank), ea + eb).float(),
+            )
+        return self._packed
+
+
+def _fp16(t: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """``t`` (2-D fp32) as fp16 times a power of two per slice along ``dim``'s other
+    axis (a rank: A^T's columns, dim 0; B^T's rows, dim 1): (fp16 values, exponents e),
+    the slice's largest |value| put in [2^14, 2^15) so none overflows and small values
+    keep fp16's precision (no subnormals)."""
+    peak = t.abs().amax(dim=dim)
+    e = torch.where(peak > 0, torch.frexp(peak).exponent - 15, 0)
+    shape = (1, -1) if dim == 0 else (-1, 1)
+    return torch.ldexp(t, -e.view(shape)).half(), e
+
+
+def fp16_exact(t: Tensor, dim: int) -> Tensor:
+    """``t`` rounded to what :func:`_fp16` stores (fp32, each value fp16 times its
+    slice's power of two): the weights both paths (C and torch) then use."""
+    h, e = _fp16(t, dim)
+    return torch.ldexp(h.float(), e.view((1, -1) if dim == 0 else (-1, 1)))
 
 
 @dataclass
@@ -79,7 +123,10 @@ class LoraAdapter:
     @property
     def nbytes(self) -> int:
         return sum(
-            (d.a_t.numel() + d.b_t.numel()) * 4 for layer in self.layers for d in layer.values()
+            (d.a_t.numel() + d.b_t.numel()) * 4
+            + (sum(t.numel() * t.element_size() for t in d._packed) if d._packed else 0)
+            for layer in self.layers
+            for d in layer.values()
         )
 
 
@@ -194,11 +241,16 @@ def load_adapter(directory: str | Path, dec, name: str | None = None) -> LoraAda
             raise AdapterError(f"{path}: rank {rank} on one linear; at most {MAX_RANK}")
         offsets = [sum(sizes[:p]) for p in range(len(sizes))]
         b_full = torch.zeros(lin.out_features, rank)  # (N, r) block-diagonal
+        spans = torch.zeros(rank, 2, dtype=torch.int64)
         for part, col, b in b_blocks:
             b_full[offsets[part] : offsets[part] + sizes[part], col : col + b.shape[1]] = b
+            spans[col : col + b.shape[1], 0] = offsets[part]
+            spans[col : col + b.shape[1], 1] = offsets[part] + sizes[part]
+        # fp16 per rank (decode.c reads it so), and the torch path uses the same values
         layers[layer][linear] = LoraLinear(  # on the decoder's device (a GPU's too)
-            a_t=torch.cat(a_rows).t().contiguous().to(dec.device),
-            b_t=b_full.t().contiguous().to(dec.device),
+            a_t=fp16_exact(torch.cat(a_rows).t().contiguous(), 0).to(dec.device),
+            b_t=fp16_exact(b_full.t().contiguous(), 1).to(dec.device),
+            spans=spans,
         )
     if not found:
         raise AdapterError(f"{path} holds no LoRA weights")
@@ -228,10 +280,18 @@ def stacked(first: LoraAdapter, second: LoraAdapter) -> LoraAdapter:
                 d = LoraLinear(
                     a_t=torch.cat([a.a_t, b.a_t], 1).contiguous(),
                     b_t=torch.cat([a.b_t, b.b_t], 0).contiguous(),
+                    spans=torch.cat([_spans(a), _spans(b)]),
                 )
             layer[name] = d
         layers.append(layer)
     return replace(second, layers=layers)
+
+
+def _spans(d: LoraLinear) -> Tensor:
+    """``d.spans``, or every row of b_t spanning all its columns."""
+    if d.spans is not None:
+        return d.spans
+    return torch.tensor([[0, d.b_t.shape[1]]] * d.rank, dtype=torch.int64)
 
 
 def torch_delta(delta: LoraLinear, x: Tensor) -> Tensor:

@@ -275,7 +275,13 @@ class CModel(ctypes.Structure):
 class CLora(ctypes.Structure):
     """``cf_lora`` in decode.c: one adapter's delta on one linear."""
 
-    _fields_ = [("a_t", ctypes.c_void_p), ("b_t", ctypes.c_void_p), ("r", ctypes.c_int64)]
+    _fields_ = [
+        ("a_t", ctypes.c_void_p),
+        ("b_t", ctypes.c_void_p),
+        ("r", ctypes.c_int64),
+        ("spans", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),
+    ]
 
 
 def _load_installed(flags: frozenset[str]) -> tuple[ctypes.CDLL | None, str]:

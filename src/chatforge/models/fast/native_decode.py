@@ -116,7 +116,9 @@ class NativeDecode:
                     delta = layer.get(name)
                     if delta is not None:
                         c = table[(a * n_layers + li) * len(LINEARS) + j]
-                        c.a_t, c.b_t, c.r = delta.a_t.data_ptr(), delta.b_t.data_ptr(), delta.rank
+                        a_t, b_t, spans, scales = delta.packed()
+                        c.a_t, c.b_t, c.r = a_t.data_ptr(), b_t.data_ptr(), delta.rank
+                        c.spans, c.scales = spans.data_ptr(), scales.data_ptr()
         return table
 
     def run(

@@ -142,33 +142,185 @@ static void gelu_tanh(float *v, int64_t n) {
 }
 
 #define CF_LORA_MAX_R 1024 /* summed rank of a fused linear (checked in lora.py) */
+#define LORA_KC 128 /* inputs per partial sum of x A^T: fixed, so no sum depends on R or threads */
+#define LORA_RT 8   /* rows per work item */
+
+/* p[0..8*NB) = sum over kk in [k0, k1) of x[kk] * a[kk * rank + 0..8*NB) (fp16): NB
+ * sums of 8 ranks, each kept in a register across kk; the even and odd kk summed
+ * apart and then added (two chains: an FMA's latency is 4 cycles). */
+static inline void xa_block(const float *x, const uint16_t *a, int64_t rank, int64_t k0,
+                            int64_t k1, float *p, const int NB) {
+#if defined(CF_AVX2)
+    __m256 e[4], o[4];
+    for (int b = 0; b < NB; b++) e[b] = o[b] = _mm256_setzero_ps();
+    int64_t kk = k0;
+    for (; kk + 2 <= k1; kk += 2) {
+        const __m256 xe = _mm256_set1_ps(x[kk]), xo = _mm256_set1_ps(x[kk + 1]);
+        const uint16_t *ae = a + kk * rank, *ao = ae + rank;
+        for (int b = 0; b < NB; b++) {
+            e[b] = _mm256_fmadd_ps(xe, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ae + 8 * b))), e[b]);
+            o[b] = _mm256_fmadd_ps(xo, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ao + 8 * b))), o[b]);
+        }
+    }
+    if (kk < k1) {
+        const __m256 xe = _mm256_set1_ps(x[kk]);
+        for (int b = 0; b < NB; b++)
+            e[b] = _mm256_fmadd_ps(xe, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(a + kk * rank + 8 * b))), e[b]);
+    }
+    for (int b = 0; b < NB; b++) _mm256_storeu_ps(p + 8 * b, _mm256_add_ps(e[b], o[b]));
+#elif defined(CF_NEON)
+    float32x4_t e[8], o[8]; /* 4 ranks each */
+    for (int b = 0; b < 2 * NB; b++) e[b] = o[b] = vdupq_n_f32(0.f);
+    int64_t kk = k0;
+    for (; kk + 2 <= k1; kk += 2) {
+        const float xe = x[kk], xo = x[kk + 1];
+        const uint16_t *ae = a + kk * rank, *ao = ae + rank;
+        for (int b = 0; b < 2 * NB; b++) {
+            e[b] = vfmaq_n_f32(e[b], vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(ae + 4 * b))), xe);
+            o[b] = vfmaq_n_f32(o[b], vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(ao + 4 * b))), xo);
+        }
+    }
+    if (kk < k1)
+        for (int b = 0; b < 2 * NB; b++)
+            e[b] = vfmaq_n_f32(
+                e[b], vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(a + kk * rank + 4 * b))), x[kk]);
+    for (int b = 0; b < 2 * NB; b++) vst1q_f32(p + 4 * b, vaddq_f32(e[b], o[b]));
+#else
+    float e[32], o[32];
+    for (int i = 0; i < 8 * NB; i++) e[i] = o[i] = 0.f;
+    int64_t kk = k0;
+    for (; kk + 2 <= k1; kk += 2)
+        for (int i = 0; i < 8 * NB; i++) {
+            e[i] += x[kk] * cf_h2f(a[kk * rank + i]);
+            o[i] += x[kk + 1] * cf_h2f(a[(kk + 1) * rank + i]);
+        }
+    if (kk < k1)
+        for (int i = 0; i < 8 * NB; i++) e[i] += x[kk] * cf_h2f(a[kk * rank + i]);
+    for (int i = 0; i < 8 * NB; i++) p[i] = e[i] + o[i];
+#endif
+}
+
+/* y[0..n) += tv * b[0..n) (fp16). */
+static inline void axpy_h(float *y, float tv, const uint16_t *b, int64_t n) {
+    int64_t j = 0;
+#if defined(CF_AVX2)
+    const __m256 t = _mm256_set1_ps(tv);
+    for (; j + 8 <= n; j += 8) {
+        const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + j)));
+        _mm256_storeu_ps(y + j, _mm256_fmadd_ps(t, v, _mm256_loadu_ps(y + j)));
+    }
+    for (; j < n; j++) y[j] = fmaf(tv, cf_h2f(b[j]), y[j]);
+#elif defined(CF_NEON)
+    for (; j + 4 <= n; j += 4) {
+        const float32x4_t v = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(b + j)));
+        vst1q_f32(y + j, vfmaq_n_f32(vld1q_f32(y + j), v, tv));
+    }
+    for (; j < n; j++) y[j] = fmaf(tv, cf_h2f(b[j]), y[j]);
+#else
+    for (; j < n; j++) y[j] += tv * cf_h2f(b[j]);
+#endif
+}
+
+/* One adapter's delta of one linear added to the m rows `rows` of y (., n); x (., k)
+ * is the linear's input. Two passes, each reading the adapter once for up to LORA_RT
+ * rows (decode is bound by the adapter's bytes: at batch 1 they are its cost):
+ *   1. part (nkc, m, r): x A^T summed over each chunk of LORA_KC inputs in order;
+ *   2. per slice of the output columns: t = the chunks' sums added in chunk order,
+ *      times the rank's scale, then y += t B^T rank by rank, over the columns where
+ *      that rank's row of B^T is not zero (spans), reading B^T's packed rows in order.
+ * Each output's sums run in one order whatever R, the rows beside it or the thread
+ * count (the column slices only split the work): the result is batch-invariant.
+ * A few rows (a decode step) run on one thread: a barrier waits a whole time slice
+ * when another process holds the other core, and split slices cut B^T's one stream
+ * into short runs the prefetcher does not follow (both measured slower). */
+static void lora_rows(const cf_lora *l, const int32_t *rows, int64_t m, const float *x,
+                      int64_t k, float *y, int64_t n, float *part, int nthreads) {
+    const int64_t rank = l->r, nkc = (k + LORA_KC - 1) / LORA_KC;
+    const int64_t nrt = (m + LORA_RT - 1) / LORA_RT;
+    const int team = m > LORA_RT ? nthreads : 1;
+    const int64_t nc = ((n + team - 1) / team + 15) / 16 * 16; /* columns per slice */
+    const int64_t nnc = (n + nc - 1) / nc;
+#pragma omp parallel num_threads(team) if (team > 1)
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t w = 0; w < nrt * nkc; w++) {
+            const int64_t q0 = (w / nkc) * LORA_RT, c = w % nkc, k0 = c * LORA_KC;
+            const int64_t q1 = q0 + LORA_RT < m ? q0 + LORA_RT : m;
+            const int64_t k1 = k0 + LORA_KC < k ? k0 + LORA_KC : k;
+            for (int64_t q = q0; q < q1; q++) {
+                const float *xr = x + (int64_t)rows[q] * k;
+                float *p = part + (c * m + q) * rank;
+                int64_t i0 = 0;
+                for (; i0 + 32 <= rank; i0 += 32) xa_block(xr, l->a_t + i0, rank, k0, k1, p + i0, 4);
+                switch ((rank - i0) / 8) { /* ranks 8, 16, 24 (per part) */
+                case 3: xa_block(xr, l->a_t + i0, rank, k0, k1, p + i0, 3), i0 += 24; break;
+                case 2: xa_block(xr, l->a_t + i0, rank, k0, k1, p + i0, 2), i0 += 16; break;
+                case 1: xa_block(xr, l->a_t + i0, rank, k0, k1, p + i0, 1), i0 += 8; break;
+                default: break;
+                }
+                for (; i0 < rank; i0++) { /* a rank that is not a multiple of 8 */
+                    float acc = 0.f;
+                    for (int64_t kk = k0; kk < k1; kk++)
+                        acc += xr[kk] * cf_h2f(l->a_t[kk * rank + i0]);
+                    p[i0] = acc;
+                }
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t w = 0; w < nrt * nnc; w++) {
+            const int64_t q0 = (w / nnc) * LORA_RT, j0 = (w % nnc) * nc;
+            const int64_t q1 = q0 + LORA_RT < m ? q0 + LORA_RT : m;
+            const int64_t j1 = j0 + nc < n ? j0 + nc : n;
+            for (int64_t q = q0; q < q1; q++) {
+                float t[CF_LORA_MAX_R];
+                for (int64_t i = 0; i < rank; i++) t[i] = part[q * rank + i];
+                for (int64_t c = 1; c < nkc; c++)
+                    for (int64_t i = 0; i < rank; i++) t[i] += part[(c * m + q) * rank + i];
+                float *yr = y + (int64_t)rows[q] * n;
+                for (int64_t i = 0; i < rank; i++) {
+                    const int64_t *sp = l->spans + 3 * i;
+                    const int64_t lo = sp[0] > j0 ? sp[0] : j0, hi = sp[1] < j1 ? sp[1] : j1;
+                    if (lo < hi) axpy_h(yr + lo, t[i] * l->scales[i], l->b_t + sp[2] + lo - sp[0],
+                                        hi - lo);
+                }
+            }
+        }
+    }
+}
 
 /* Rows whose row_lora[r] >= 0 get that adapter's delta of linear `which` (0 qkv,
  * 1 out, 2 up, 3 down) of layer li added to y (R, n); x (R, k) is the linear's
- * input. loras: (n_adapters, n_layers, 4). Rows are independent: parallel. */
-static void lora_add(const cf_lora *loras, const int32_t *row_lora, int64_t n_layers,
-                     int64_t li, int which, const float *x, int64_t k, float *y, int64_t n,
-                     int64_t R, int nthreads) {
-    if (!loras || !row_lora) return;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (R > 1)
-    for (int64_t r = 0; r < R; r++) {
-        if (row_lora[r] < 0) continue;
-        const cf_lora *l = &loras[((int64_t)row_lora[r] * n_layers + li) * 4 + which];
+ * input. loras: (n_adapters, n_layers, 4). The rows of each adapter go together,
+ * so the adapter is read once per call, not once per row. Returns 0, or -1 when out
+ * of memory. */
+static int lora_add(const cf_lora *loras, const int32_t *row_lora, int64_t n_layers,
+                    int64_t li, int which, const float *x, int64_t k, float *y, int64_t n,
+                    int64_t R, int nthreads) {
+    if (!loras || !row_lora) return 0;
+    int32_t slots = 0;
+    for (int64_t r = 0; r < R; r++) slots = row_lora[r] + 1 > slots ? row_lora[r] + 1 : slots;
+    if (slots == 0) return 0;
+    int32_t *rows = malloc((size_t)R * sizeof *rows);
+    if (!rows) return -1;
+    int rc = 0;
+    for (int32_t s = 0; s < slots && rc == 0; s++) {
+        const cf_lora *l = &loras[((int64_t)s * n_layers + li) * 4 + which];
         if (!l->a_t) continue;
-        float t[CF_LORA_MAX_R];
-        const int64_t rank = l->r;
-        const float *xr = x + r * k;
-        float *yr = y + r * n;
-        for (int64_t i = 0; i < rank; i++) t[i] = 0.f;
-        for (int64_t kk = 0; kk < k; kk++) { /* t (rank,) = x A^T */
-            const float xv = xr[kk], *a = l->a_t + kk * rank;
-            for (int64_t i = 0; i < rank; i++) t[i] += xv * a[i];
+        int64_t m = 0;
+        for (int64_t r = 0; r < R; r++)
+            if (row_lora[r] == s) rows[m++] = (int32_t)r;
+        if (m == 0) continue;
+        const int64_t nkc = (k + LORA_KC - 1) / LORA_KC;
+        float *part = malloc((size_t)(nkc * m * l->r) * sizeof(float));
+        if (!part) {
+            rc = -1;
+            break;
         }
-        for (int64_t i = 0; i < rank; i++) { /* y (n,) += t (B * scale)^T */
-            const float tv = t[i], *b = l->b_t + i * n;
-            for (int64_t j = 0; j < n; j++) yr[j] += tv * b[j];
-        }
+        lora_rows(l, rows, m, x, k, y, n, part, nthreads);
+        free(part);
     }
+    free(rows);
+    return rc;
 }
 
 /* y (R, H) = norm(x) * w (+ b): RMSNorm when b is NULL, else LayerNorm. */
@@ -431,7 +583,7 @@ int cf_forward(const cf_model *m, float *x, int64_t R, const int64_t *pos, const
         float *kc = m->k_cache[li], *vc = m->v_cache[li];
         norm_rows(x, L->norm1, L->norm1_b, m->eps, R, H, h, nthreads);
         if ((rc = cf_linear(&L->qkv, h, R, qkv, threads))) break;
-        lora_add(loras, row_lora, m->n_layers, li, 0, h, H, qkv, nqkv, R, nthreads);
+        if ((rc = lora_add(loras, row_lora, m->n_layers, li, 0, h, H, qkv, nqkv, R, nthreads))) break;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (R >= PARALLEL_ROWS)
         for (int64_t r = 0; r < R; r++) { /* rows write distinct cache positions */
             float *row = qkv + r * nqkv;
@@ -459,21 +611,21 @@ int cf_forward(const cf_model *m, float *x, int64_t R, const int64_t *pos, const
                    att + (r * Hq + hh) * D);
         }
         if ((rc = cf_linear(&L->out, att, R, tmp, threads))) break;
-        lora_add(loras, row_lora, m->n_layers, li, 1, att, Hq * D, tmp, H, R, nthreads);
+        if ((rc = lora_add(loras, row_lora, m->n_layers, li, 1, att, Hq * D, tmp, H, R, nthreads))) break;
         for (int64_t i = 0; i < R * H; i++) x[i] += tmp[i];
         norm_rows(x, L->norm2, L->norm2_b, m->eps, R, H, h, nthreads);
         if ((rc = cf_linear(&L->up, h, R, gu, threads))) break;
-        lora_add(loras, row_lora, m->n_layers, li, 2, h, H, gu, up_n, R, nthreads);
+        if ((rc = lora_add(loras, row_lora, m->n_layers, li, 2, h, H, gu, up_n, R, nthreads))) break;
         if (gpt2) {
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (R > 1)
             for (int64_t r = 0; r < R; r++) gelu_tanh(gu + r * I, I);
             if ((rc = cf_linear(&L->down, gu, R, tmp, threads))) break;
-            lora_add(loras, row_lora, m->n_layers, li, 3, gu, I, tmp, H, R, nthreads);
+            if ((rc = lora_add(loras, row_lora, m->n_layers, li, 3, gu, I, tmp, H, R, nthreads))) break;
         } else {
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (R > 1)
             for (int64_t r = 0; r < R; r++) silu_mul(gu + r * 2 * I, gu + r * 2 * I + I, I, act + r * I);
             if ((rc = cf_linear(&L->down, act, R, tmp, threads))) break;
-            lora_add(loras, row_lora, m->n_layers, li, 3, act, I, tmp, H, R, nthreads);
+            if ((rc = lora_add(loras, row_lora, m->n_layers, li, 3, act, I, tmp, H, R, nthreads))) break;
         }
         for (int64_t i = 0; i < R * H; i++) x[i] += tmp[i];
     }

@@ -2,7 +2,9 @@
  * tests/native_check/kernel_check.c calls. */
 #ifndef CHATFORGE_KERNELS_H
 #define CHATFORGE_KERNELS_H
+#include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -14,6 +16,24 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 #endif
+
+/* fp16 bits as fp32 (exact on every path). */
+static inline float cf_h2f(uint16_t h) {
+#if !defined(CF_PLAIN) && defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) { /* zero or subnormal */
+        float f = ldexpf((float)man, -24);
+        return sign ? -f : f;
+    }
+    if (exp == 31) bits = sign | 0x7f800000u | (man << 13);
+    else bits = sign | ((exp + 112) << 23) | (man << 13);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
 
 #define QK 32        /* inputs per quantisation block */
 #define NB_MAX 1024  /* blocks per row: K up to 32768 (checked by the caller) */
@@ -63,12 +83,21 @@ typedef struct {
 
 /* One LoRA adapter's delta on one linear, stored for the per-row update
  * y += (x A^T) B^T * scale as two "axpy" passes (no float reductions to reorder,
- * so a row's result is the same whatever else is in the call):
- *   a_t (k, r): A transposed;  b_t (r, n): (B * scale) transposed.
+ * so a row's result is the same whatever else is in the call), in fp16 (a decode
+ * step is bound by reading the adapter: half the bytes of fp32, as llama.cpp's f16
+ * LoRA files), each rank's column of A^T and row of B^T scaled by a power of two
+ * that puts its largest value near fp16's top (no overflow, no subnormals):
+ *   a_t (k, r) fp16: A^T / 2^ea;  scales (r,) fp32: 2^(ea + eb) per rank;
+ *   spans (r, 3) = (lo, hi, start): row i of (B * scale)^T / 2^eb is zero outside
+ *   columns [lo, hi) (a fused linear's B is block-diagonal over its parts), and its
+ *   columns lo..hi are b_t[start ...] (fp16), the rows packed back to back (one
+ *   stream to read).
  * a_t NULL: this adapter does not touch this linear. Mirrored by ctypes. */
 typedef struct {
-    const float *a_t, *b_t;
+    const uint16_t *a_t, *b_t;
     int64_t r;
+    const int64_t *spans;
+    const float *scales;
 } cf_lora;
 
 void cf_norm(const float *x, const float *w, const float *b, float eps, int64_t R, int64_t H,

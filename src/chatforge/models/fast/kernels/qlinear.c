@@ -111,23 +111,6 @@ const char *cf_isa(void) {
 #endif
 }
 
-static float fp16_to_fp32(uint16_t h) {
-#ifdef CF_AVX2
-    return _cvtsh_ss(h);
-#else
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0) { /* zero or subnormal */
-        float f = ldexpf((float)man, -24);
-        return sign ? -f : f;
-    }
-    if (exp == 31) bits = sign | 0x7f800000u | (man << 13);
-    else bits = sign | ((exp + 112) << 23) | (man << 13);
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-#endif
-}
-
 #define INLINE static inline __attribute__((always_inline))
 
 /* The activations of one call, quantised per row and block of 32; block i of the
@@ -418,7 +401,7 @@ INLINE void dot_q4(const uint8_t *w, const int8_t *x, int32x4_t acc[4]) {
     for (int t = 0; t < 4; t++) acc[t] = vaddq_s32(vshlq_n_s32(dot_end(a[t]), 7), dot_end(b[t]));
 }
 
-/* 4 fp16 scales as fp32 (exact, as fp16_to_fp32). */
+/* 4 fp16 scales as fp32 (exact, as cf_h2f). */
 static inline float32x4_t load_h4(const uint16_t *p) {
     return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p)));
 }
@@ -533,7 +516,7 @@ INLINE void tile_q4(const uint8_t *w, const uint16_t *dm, int64_t nb, const xqua
                         const int k = 4 * c + j;
                         acc += lo * (128 * x[k] + x[32 + k]) + hi * (128 * x[16 + k] + x[48 + k]);
                     }
-                const float d = fp16_to_fp32(dm[b * 32 + r]), mn = fp16_to_fp32(dm[b * 32 + 16 + r]);
+                const float d = cf_h2f(dm[b * 32 + r]), mn = cf_h2f(dm[b * 32 + 16 + r]);
                 f = fmaf((float)acc, d * xq->s[i], f);
                 f = fmaf(mn, xq->sm[i], f);
             }
@@ -633,7 +616,7 @@ INLINE void tile_q8(const uint8_t *w, const uint16_t *ds, int64_t nb, const xqua
                     for (int j = 0; j < 4; j++)
                         acc += (q[64 * c + j] - 128) * (128 * x[4 * c + j] + x[32 + 4 * c + j]);
                 const float xs = xq->s[i];
-                f = fmaf((float)acc, ds ? fp16_to_fp32(ds[b * 16 + r]) * xs : xs, f);
+                f = fmaf((float)acc, ds ? cf_h2f(ds[b * 16 + r]) * xs : xs, f);
             }
             out[m * RG + r] = f;
         }
@@ -838,7 +821,7 @@ void cf_dequantize(int kind, const void *w, const void *scales, int64_t N, int64
             const uint8_t *q = (const uint8_t *)w + g * nb * 512 + r * 4;
             const uint16_t *ds = (const uint16_t *)scales + g * nb * 16 + r;
             for (int64_t b = 0; b < nb; b++) {
-                const float s = kind == 9 ? ((const float *)scales)[n] : fp16_to_fp32(ds[b * 16]);
+                const float s = kind == 9 ? ((const float *)scales)[n] : cf_h2f(ds[b * 16]);
                 for (int c = 0; c < 8; c++)
                     for (int j = 0; j < 4; j++)
                         o[b * QK + 4 * c + j] = (float)(q[b * 512 + 64 * c + j] - 128) * s;
@@ -848,7 +831,7 @@ void cf_dequantize(int kind, const void *w, const void *scales, int64_t N, int64
             const uint16_t *dm = (const uint16_t *)scales + g * nb * 32 + r;
             for (int64_t b = 0; b < nb; b++) {
                 /* q * d is exact in fp32 (4 bits times fp16's 11): one rounding, as GGUF's */
-                const float d = fp16_to_fp32(dm[b * 32]), mn = fp16_to_fp32(dm[b * 32 + 16]);
+                const float d = cf_h2f(dm[b * 32]), mn = cf_h2f(dm[b * 32 + 16]);
                 for (int c = 0; c < 4; c++)
                     for (int j = 0; j < 4; j++) {
                         const uint8_t v = q[b * 256 + 64 * c + j];
