@@ -175,8 +175,11 @@ def test_released_build_equals_a_build_that_keeps_the_model(
 )
 def test_smollm2_default_peak_memory_at_most_transformers():
     """Peak RSS of load + a short reply (fp32 + int8) against transformers fp32 alone,
-    each in a fresh process (~30 s). Measured: 738 MB vs 942 MB (1249 MB before the
-    release)."""
+    each in a fresh process (~40 s). Measured: 738 MB vs 942 MB (1249 MB before the
+    release); AVX2 EPYC 2026-12-07: 517 vs 1178 MB. The first load of the setting, which
+    builds the int8 decoder from transformers' weights and saves it, peaks near
+    transformers (1134 vs 1178 MB): it is checked apart, as the one-time step it is
+    (it made this test fail where it ran first, e.g. after a kernel change)."""
     spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "bench/bench_memory.py")
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
@@ -184,6 +187,7 @@ def test_smollm2_default_peak_memory_at_most_transformers():
     r = bench.measure("smollm2", "fp32", "int8", new_tokens=8)
     assert not r["chatforge"]["holds_transformers"]
     assert r["ratio"] <= 1.0, r
+    assert r["first_load_ratio"] <= 1.1, r  # building: one model's weights at a time
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
