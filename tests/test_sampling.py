@@ -26,6 +26,7 @@ from chatforge.generation.sampling import (
     apply_warpers,
     make_generator,
     sample,
+    takes_argmax,
 )
 
 B, V = 4, 300
@@ -308,3 +309,27 @@ def test_top_p_decides_peaked_rows_from_the_top_tokens_exactly_as_transformers()
             seen_fast, seen_sorted = seen_fast + fast, seen_sorted + (not fast)
             assert torch.equal(apply_top_p(x, top_p), TopPLogitsWarper(p)(None, x.clone()))
     assert seen_fast and seen_sorted  # both ways were taken
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"temperature": 0.7},
+        {"repetition_penalty": 1.3},
+        {"presence_penalty": 0.5},
+        {"frequency_penalty": -0.5},
+        {"logit_bias": {3: 5.0}},
+        {"no_repeat_ngram_size": 2},
+    ],
+)
+def test_takes_argmax_only_where_sample_gives_the_raw_argmax(change):
+    """The engine's shortcut (argmax without building SamplingParams) is taken for
+    plain greedy rows only; on those it is what sample() returns."""
+    greedy = GenerationConfig(temperature=0)
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    histories = [[1, 2, 3, 1, 2], [4, 4], [7]]
+    assert takes_argmax([greedy, greedy.replace(max_new_tokens=3)])
+    got = sample(logits, SamplingParams.from_configs([greedy] * 3), [None] * 3, histories)
+    assert got.tolist() == logits.argmax(-1).tolist()
+    other = greedy.replace(**change)
+    assert not takes_argmax([greedy, other])

@@ -452,6 +452,21 @@ def apply_warpers(logits: Tensor, params: SamplingParams) -> Tensor:
     return apply_min_p(logits, params.min_p)
 
 
+def takes_argmax(configs: Sequence[GenerationConfig]) -> bool:
+    """True when :func:`sample` gives every row the argmax of its logits as they are:
+    greedy, and no bias, penalty or n-gram block changes them. The caller may then
+    skip building :class:`SamplingParams` (a dozen small tensors a decode step)."""
+    return all(
+        c.greedy
+        and c.repetition_penalty == 1.0
+        and c.presence_penalty == 0.0
+        and c.frequency_penalty == 0.0
+        and not c.logit_bias
+        and not c.no_repeat_ngram_size
+        for c in configs
+    )
+
+
 def sample(
     logits: Tensor,
     params: SamplingParams,
