@@ -62,7 +62,7 @@ class LoraLinear:
     b_t: Tensor  # (r, N) fp32: (s * B)^T, block-diagonal over the parts
     # (r, 2) int64: the columns [lo, hi) of each row of b_t outside which it is zero
     # (its part's outputs), so decode.c reads only the blocks on the diagonal
-    spans: Tensor | None = None
+    spans: Tensor
     _packed: tuple[Tensor, ...] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -79,7 +79,7 @@ class LoraLinear:
             a16, ea = _fp16(self.a_t.detach().float().cpu(), 0)
             b16, eb = _fp16(self.b_t.detach().float().cpu(), 1)
             rows, index, at = [], [], 0
-            for i, (lo, hi) in enumerate(_spans(self).tolist()):
+            for i, (lo, hi) in enumerate(self.spans.tolist()):
                 rows.append(b16[i, lo:hi])
                 index.append((lo, hi, at))
                 at += hi - lo
@@ -280,18 +280,11 @@ def stacked(first: LoraAdapter, second: LoraAdapter) -> LoraAdapter:
                 d = LoraLinear(
                     a_t=torch.cat([a.a_t, b.a_t], 1).contiguous(),
                     b_t=torch.cat([a.b_t, b.b_t], 0).contiguous(),
-                    spans=torch.cat([_spans(a), _spans(b)]),
+                    spans=torch.cat([a.spans, b.spans]),
                 )
             layer[name] = d
         layers.append(layer)
     return replace(second, layers=layers)
-
-
-def _spans(d: LoraLinear) -> Tensor:
-    """``d.spans``, or every row of b_t spanning all its columns."""
-    if d.spans is not None:
-        return d.spans
-    return torch.tensor([[0, d.b_t.shape[1]]] * d.rank, dtype=torch.int64)
 
 
 def torch_delta(delta: LoraLinear, x: Tensor) -> Tensor:

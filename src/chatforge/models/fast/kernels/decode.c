@@ -158,14 +158,13 @@ static inline void xa_block(const float *x, const uint16_t *a, int64_t rank, int
         const __m256 xe = _mm256_set1_ps(x[kk]), xo = _mm256_set1_ps(x[kk + 1]);
         const uint16_t *ae = a + kk * rank, *ao = ae + rank;
         for (int b = 0; b < NB; b++) {
-            e[b] = _mm256_fmadd_ps(xe, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ae + 8 * b))), e[b]);
-            o[b] = _mm256_fmadd_ps(xo, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ao + 8 * b))), o[b]);
+            e[b] = _mm256_fmadd_ps(xe, cf_h8(ae + 8 * b), e[b]);
+            o[b] = _mm256_fmadd_ps(xo, cf_h8(ao + 8 * b), o[b]);
         }
     }
     if (kk < k1) {
         const __m256 xe = _mm256_set1_ps(x[kk]);
-        for (int b = 0; b < NB; b++)
-            e[b] = _mm256_fmadd_ps(xe, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(a + kk * rank + 8 * b))), e[b]);
+        for (int b = 0; b < NB; b++) e[b] = _mm256_fmadd_ps(xe, cf_h8(a + kk * rank + 8 * b), e[b]);
     }
     for (int b = 0; b < NB; b++) _mm256_storeu_ps(p + 8 * b, _mm256_add_ps(e[b], o[b]));
 #elif defined(CF_NEON)
@@ -176,14 +175,13 @@ static inline void xa_block(const float *x, const uint16_t *a, int64_t rank, int
         const float xe = x[kk], xo = x[kk + 1];
         const uint16_t *ae = a + kk * rank, *ao = ae + rank;
         for (int b = 0; b < 2 * NB; b++) {
-            e[b] = vfmaq_n_f32(e[b], vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(ae + 4 * b))), xe);
-            o[b] = vfmaq_n_f32(o[b], vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(ao + 4 * b))), xo);
+            e[b] = vfmaq_n_f32(e[b], cf_h4(ae + 4 * b), xe);
+            o[b] = vfmaq_n_f32(o[b], cf_h4(ao + 4 * b), xo);
         }
     }
     if (kk < k1)
         for (int b = 0; b < 2 * NB; b++)
-            e[b] = vfmaq_n_f32(
-                e[b], vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(a + kk * rank + 4 * b))), x[kk]);
+            e[b] = vfmaq_n_f32(e[b], cf_h4(a + kk * rank + 4 * b), x[kk]);
     for (int b = 0; b < 2 * NB; b++) vst1q_f32(p + 4 * b, vaddq_f32(e[b], o[b]));
 #else
     float e[32], o[32];
@@ -205,16 +203,11 @@ static inline void axpy_h(float *y, float tv, const uint16_t *b, int64_t n) {
     int64_t j = 0;
 #if defined(CF_AVX2)
     const __m256 t = _mm256_set1_ps(tv);
-    for (; j + 8 <= n; j += 8) {
-        const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + j)));
-        _mm256_storeu_ps(y + j, _mm256_fmadd_ps(t, v, _mm256_loadu_ps(y + j)));
-    }
+    for (; j + 8 <= n; j += 8)
+        _mm256_storeu_ps(y + j, _mm256_fmadd_ps(t, cf_h8(b + j), _mm256_loadu_ps(y + j)));
     for (; j < n; j++) y[j] = fmaf(tv, cf_h2f(b[j]), y[j]);
 #elif defined(CF_NEON)
-    for (; j + 4 <= n; j += 4) {
-        const float32x4_t v = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(b + j)));
-        vst1q_f32(y + j, vfmaq_n_f32(vld1q_f32(y + j), v, tv));
-    }
+    for (; j + 4 <= n; j += 4) vst1q_f32(y + j, vfmaq_n_f32(vld1q_f32(y + j), cf_h4(b + j), tv));
     for (; j < n; j++) y[j] = fmaf(tv, cf_h2f(b[j]), y[j]);
 #else
     for (; j < n; j++) y[j] += tv * cf_h2f(b[j]);
@@ -233,10 +226,12 @@ static inline void axpy_h(float *y, float tv, const uint16_t *b, int64_t n) {
  * A few rows (a decode step) run on one thread: a barrier waits a whole time slice
  * when another process holds the other core, and split slices cut B^T's one stream
  * into short runs the prefetcher does not follow (both measured slower). */
-static void lora_rows(const cf_lora *l, const int32_t *rows, int64_t m, const float *x,
-                      int64_t k, float *y, int64_t n, float *part, int nthreads) {
+static int lora_rows(const cf_lora *l, const int32_t *rows, int64_t m, const float *x,
+                     int64_t k, float *y, int64_t n, int nthreads) {
     const int64_t rank = l->r, nkc = (k + LORA_KC - 1) / LORA_KC;
     const int64_t nrt = (m + LORA_RT - 1) / LORA_RT;
+    float *part = malloc((size_t)(nkc * m * rank) * sizeof(float));
+    if (!part) return -1;
     const int team = m > LORA_RT ? nthreads : 1;
     const int64_t nc = ((n + team - 1) / team + 15) / 16 * 16; /* columns per slice */
     const int64_t nnc = (n + nc - 1) / nc;
@@ -251,7 +246,8 @@ static void lora_rows(const cf_lora *l, const int32_t *rows, int64_t m, const fl
                 const float *xr = x + (int64_t)rows[q] * k;
                 float *p = part + (c * m + q) * rank;
                 int64_t i0 = 0;
-                for (; i0 + 32 <= rank; i0 += 32) xa_block(xr, l->a_t + i0, rank, k0, k1, p + i0, 4);
+                for (; i0 + 32 <= rank; i0 += 32)
+                    xa_block(xr, l->a_t + i0, rank, k0, k1, p + i0, 4);
                 switch ((rank - i0) / 8) { /* ranks 8, 16, 24 (per part) */
                 case 3: xa_block(xr, l->a_t + i0, rank, k0, k1, p + i0, 3), i0 += 24; break;
                 case 2: xa_block(xr, l->a_t + i0, rank, k0, k1, p + i0, 2), i0 += 16; break;
@@ -280,12 +276,14 @@ static void lora_rows(const cf_lora *l, const int32_t *rows, int64_t m, const fl
                 for (int64_t i = 0; i < rank; i++) {
                     const int64_t *sp = l->spans + 3 * i;
                     const int64_t lo = sp[0] > j0 ? sp[0] : j0, hi = sp[1] < j1 ? sp[1] : j1;
-                    if (lo < hi) axpy_h(yr + lo, t[i] * l->scales[i], l->b_t + sp[2] + lo - sp[0],
-                                        hi - lo);
+                    if (lo < hi)
+                        axpy_h(yr + lo, t[i] * l->scales[i], l->b_t + sp[2] + lo - sp[0], hi - lo);
                 }
             }
         }
     }
+    free(part);
+    return 0;
 }
 
 /* Rows whose row_lora[r] >= 0 get that adapter's delta of linear `which` (0 qkv,
@@ -309,15 +307,7 @@ static int lora_add(const cf_lora *loras, const int32_t *row_lora, int64_t n_lay
         int64_t m = 0;
         for (int64_t r = 0; r < R; r++)
             if (row_lora[r] == s) rows[m++] = (int32_t)r;
-        if (m == 0) continue;
-        const int64_t nkc = (k + LORA_KC - 1) / LORA_KC;
-        float *part = malloc((size_t)(nkc * m * l->r) * sizeof(float));
-        if (!part) {
-            rc = -1;
-            break;
-        }
-        lora_rows(l, rows, m, x, k, y, n, part, nthreads);
-        free(part);
+        if (m > 0) rc = lora_rows(l, rows, m, x, k, y, n, nthreads);
     }
     free(rows);
     return rc;
@@ -583,7 +573,8 @@ int cf_forward(const cf_model *m, float *x, int64_t R, const int64_t *pos, const
         float *kc = m->k_cache[li], *vc = m->v_cache[li];
         norm_rows(x, L->norm1, L->norm1_b, m->eps, R, H, h, nthreads);
         if ((rc = cf_linear(&L->qkv, h, R, qkv, threads))) break;
-        if ((rc = lora_add(loras, row_lora, m->n_layers, li, 0, h, H, qkv, nqkv, R, nthreads))) break;
+        rc = lora_add(loras, row_lora, m->n_layers, li, 0, h, H, qkv, nqkv, R, nthreads);
+        if (rc) break;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (R >= PARALLEL_ROWS)
         for (int64_t r = 0; r < R; r++) { /* rows write distinct cache positions */
             float *row = qkv + r * nqkv;
@@ -611,21 +602,25 @@ int cf_forward(const cf_model *m, float *x, int64_t R, const int64_t *pos, const
                    att + (r * Hq + hh) * D);
         }
         if ((rc = cf_linear(&L->out, att, R, tmp, threads))) break;
-        if ((rc = lora_add(loras, row_lora, m->n_layers, li, 1, att, Hq * D, tmp, H, R, nthreads))) break;
+        rc = lora_add(loras, row_lora, m->n_layers, li, 1, att, Hq * D, tmp, H, R, nthreads);
+        if (rc) break;
         for (int64_t i = 0; i < R * H; i++) x[i] += tmp[i];
         norm_rows(x, L->norm2, L->norm2_b, m->eps, R, H, h, nthreads);
         if ((rc = cf_linear(&L->up, h, R, gu, threads))) break;
-        if ((rc = lora_add(loras, row_lora, m->n_layers, li, 2, h, H, gu, up_n, R, nthreads))) break;
+        rc = lora_add(loras, row_lora, m->n_layers, li, 2, h, H, gu, up_n, R, nthreads);
+        if (rc) break;
         if (gpt2) {
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (R > 1)
             for (int64_t r = 0; r < R; r++) gelu_tanh(gu + r * I, I);
             if ((rc = cf_linear(&L->down, gu, R, tmp, threads))) break;
-            if ((rc = lora_add(loras, row_lora, m->n_layers, li, 3, gu, I, tmp, H, R, nthreads))) break;
+            rc = lora_add(loras, row_lora, m->n_layers, li, 3, gu, I, tmp, H, R, nthreads);
+            if (rc) break;
         } else {
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (R > 1)
             for (int64_t r = 0; r < R; r++) silu_mul(gu + r * 2 * I, gu + r * 2 * I + I, I, act + r * I);
             if ((rc = cf_linear(&L->down, act, R, tmp, threads))) break;
-            if ((rc = lora_add(loras, row_lora, m->n_layers, li, 3, act, I, tmp, H, R, nthreads))) break;
+            rc = lora_add(loras, row_lora, m->n_layers, li, 3, act, I, tmp, H, R, nthreads);
+            if (rc) break;
         }
         for (int64_t i = 0; i < R * H; i++) x[i] += tmp[i];
     }

@@ -35,6 +35,21 @@ static inline float cf_h2f(uint16_t h) {
 #endif
 }
 
+#if !defined(CF_PLAIN) && defined(__AVX2__) && defined(__F16C__)
+/* 8 fp16 values as fp32 (exact, as cf_h2f). */
+static inline __m256 cf_h8(const uint16_t *p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+#endif
+
+#if !defined(CF_PLAIN) && defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+/* 4 fp16 values as fp32 (exact, as cf_h2f). */
+static inline float32x4_t cf_h4(const uint16_t *p) {
+    return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p)));
+}
+#endif
+
 #define QK 32        /* inputs per quantisation block */
 #define NB_MAX 1024  /* blocks per row: K up to 32768 (checked by the caller) */
 

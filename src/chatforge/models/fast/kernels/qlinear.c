@@ -401,10 +401,6 @@ INLINE void dot_q4(const uint8_t *w, const int8_t *x, int32x4_t acc[4]) {
     for (int t = 0; t < 4; t++) acc[t] = vaddq_s32(vshlq_n_s32(dot_end(a[t]), 7), dot_end(b[t]));
 }
 
-/* 4 fp16 scales as fp32 (exact, as cf_h2f). */
-static inline float32x4_t load_h4(const uint16_t *p) {
-    return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p)));
-}
 #else
 #define XM 4
 #endif
@@ -452,9 +448,8 @@ INLINE void tile_q4(const uint8_t *w, const uint16_t *dm, int64_t nb, const xqua
                 wl[c] = _mm256_and_si256(v, low);
                 wh[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
             }
-            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + b * 32 + 8 * h)));
-            const __m256 mn =
-                _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + b * 32 + 16 + 8 * h)));
+            const __m256 d = cf_h8(dm + b * 32 + 8 * h);
+            const __m256 mn = cf_h8(dm + b * 32 + 16 + 8 * h);
             for (int m = 0; m < RM; m++) {
                 const int64_t i = (m0 + m) * nb + b;
                 const int8_t *x = xq->q + i * 2 * QK;
@@ -485,8 +480,8 @@ INLINE void tile_q4(const uint8_t *w, const uint16_t *dm, int64_t nb, const xqua
         const uint8_t *wb = w + b * 256;
         float32x4_t d[4], mn[4];
         for (int t = 0; t < 4; t++) {
-            d[t] = load_h4(dm + b * 32 + 4 * t);
-            mn[t] = load_h4(dm + b * 32 + 16 + 4 * t);
+            d[t] = cf_h4(dm + b * 32 + 4 * t);
+            mn[t] = cf_h4(dm + b * 32 + 16 + 4 * t);
         }
         for (int m = 0; m < RM; m++) {
             const int64_t i = (m0 + m) * nb + b;
@@ -569,10 +564,8 @@ INLINE void tile_q8(const uint8_t *w, const uint16_t *ds, int64_t nb, const xqua
                     hi[m] = _mm256_add_epi32(hi[m], _mm256_madd_epi16(w1, xv));
                 }
             }
-            const __m256 d =
-                ds ? _mm256_permutevar8x32_ps(
-                         _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ds + b * 16 + 8 * h))), order)
-                   : _mm256_setzero_ps();
+            const __m256 d = ds ? _mm256_permutevar8x32_ps(cf_h8(ds + b * 16 + 8 * h), order)
+                                : _mm256_setzero_ps();
             for (int m = 0; m < RM; m++) {
                 const int64_t i = (m0 + m) * nb + b;
                 const __m256i acc =
@@ -591,7 +584,7 @@ INLINE void tile_q8(const uint8_t *w, const uint16_t *ds, int64_t nb, const xqua
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *wb = w + b * 512;
         float32x4_t d[4];
-        for (int t = 0; t < 4; t++) d[t] = ds ? load_h4(ds + b * 16 + 4 * t) : vdupq_n_f32(0.f);
+        for (int t = 0; t < 4; t++) d[t] = ds ? cf_h4(ds + b * 16 + 4 * t) : vdupq_n_f32(0.f);
         for (int m = 0; m < RM; m++) {
             const int64_t i = (m0 + m) * nb + b;
             int32x4_t acc[4];
