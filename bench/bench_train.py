@@ -9,9 +9,8 @@ per row (block-diagonal attention, no cross-example attention). We also run
 chatforge with packing off, to separate the packing effect from the loop.
 Throughput counts real (non-padding) tokens per second of training, after
 ``--skip`` warm-up steps (first-step lazy imports and allocator growth are not
-training speed). Each contender runs ``--rounds`` times, interleaved, and its
-best round is reported, so a burst of load from other processes on a shared
-machine does not decide the ratio.
+training speed). Each contender runs ``--rounds`` times, interleaved; the table
+gives each one's median round (min-max) and the ratio of the medians.
 
     python bench/bench_train.py --conversations 600 --steps 30 --batch-size 8 --context 128
 """
@@ -20,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--n-embd", type=int, default=128)
     ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--skip", type=int, default=3, help="warm-up steps left out of the rate")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=str, default=None, help="also write the results here")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -78,12 +78,15 @@ def main() -> None:
         lr=1e-3,
     )
     results: dict[str, list[float]] = {}
+    losses: dict[str, list[float]] = {}  # per round, the mean training loss of the last 10 steps
 
-    def ours(name: str, packing: bool, run: int) -> float:
+    def ours(label: str, packing: bool, run: int) -> float:
         out = work / f"{'packed' if packing else 'unpacked'}-{run}"
         train(TrainConfig(output=str(out), packing=packing, **common))
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         a, b = rows[args.skip - 1], rows[-1]
+        last = [r["loss"] for r in rows[-10:]]  # steps N-9..N, as the Trainer logs them
+        losses.setdefault(label, []).append(sum(last) / len(last))
         return (b["tokens"] - a["tokens"]) / (b["elapsed_s"] - a["elapsed_s"])
 
     # transformers' Trainer on the same examples, model and batch size.
@@ -140,7 +143,7 @@ def main() -> None:
             max_steps=args.steps,
             learning_rate=1e-3,
             lr_scheduler_type="cosine",
-            logging_steps=10,
+            logging_steps=10,  # the loss row: mean training loss of the last 10 steps
             save_strategy="no",
             report_to=[],
             use_cpu=True,
@@ -159,6 +162,8 @@ def main() -> None:
             callbacks=[clock],
         )
         trainer.train()
+        logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        losses.setdefault("transformers Trainer (padded)", []).append(logged[-1])  # last 10 steps
         # The collator runs one batch ahead of the step that ends; count tokens of
         # the steps between the marks, which the one-ahead offset does not change.
         (t0, n0), (t1, n1) = clock.marks[args.skip - 1], clock.marks[-1]
@@ -166,23 +171,31 @@ def main() -> None:
 
     contenders = {
         "transformers Trainer (padded)": hf,
-        "chatforge (packed)": lambda r: ours("packed", True, r),
-        "chatforge (no packing)": lambda r: ours("unpacked", False, r),
+        "chatforge (packed)": lambda r: ours("chatforge (packed)", True, r),
+        "chatforge (no packing)": lambda r: ours("chatforge (no packing)", False, r),
     }
     for r in range(args.rounds):
         for name, fn in contenders.items():
             tps = fn(r)
             results.setdefault(name, []).append(tps)
             print(f"round {r + 1}: {name}: {tps:,.0f} tokens/s", flush=True)
-    best = {name: max(v) for name, v in results.items()}
-    base = best["transformers Trainer (padded)"]
-    print("\n| trainer | real tokens/s (best round) | vs transformers Trainer |")
-    print("|---|---:|---:|")
-    for name, tps in best.items():
-        print(f"| {name} | {tps:,.0f} | {tps / base:.2f}x |")
+    median = {name: statistics.median(v) for name, v in results.items()}
+    base = median["transformers Trainer (padded)"]
+    print(
+        "\n| trainer | real tokens/s, median (min-max) | vs transformers Trainer "
+        "| loss, last 10 steps (per round) |"
+    )
+    print("|---|---:|---:|---|")
+    for name, tps in median.items():
+        lo, hi = min(results[name]), max(results[name])
+        loss = ", ".join(f"{x:.3f}" for x in losses[name])
+        print(f"| {name} | {tps:,.0f} ({lo:,.0f}-{hi:,.0f}) | {tps / base:.2f}x | {loss} |")
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"args": vars(args), "rounds": results, "best": best}, indent=2)
+            json.dumps(
+                {"args": vars(args), "rounds": results, "median": median, "loss": losses},
+                indent=2,
+            )
         )
 
 

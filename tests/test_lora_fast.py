@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from chatforge.training.config import TrainConfig
-from chatforge.training.lora_fast import LEVELS, LoraLinearFn, dropout_mask, fuse_lora
+from chatforge.training.dropout import LEVELS, dropout_mask
+from chatforge.training.lora_fast import LoraLinearFn, fuse_lora
 from chatforge.training.model import apply_lora
 
 

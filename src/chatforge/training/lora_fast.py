@@ -15,9 +15,9 @@ step), the scaling multiplied into the wide (M, N) output, an out-of-place
 with the scaling folded into the narrow (M, r) factor, the adapter product added
 into the base output in place, and in backward only what is needed: dx (when
 the input needs it), dA and dB; the frozen W and bias get no gradient. The
-dropout mask comes from numpy's PCG64 (4 mask entries per 64-bit draw, ~6x
-faster than torch's sampler), seeded from torch's generator, so ``--seed`` and
-resumed runs draw the same masks; ``p`` is applied at a resolution of 1/65536.
+dropout mask comes from :func:`~chatforge.training.dropout.dropout_mask` (numpy's
+PCG64, ~6x faster than torch's sampler, seeded from torch's generator, so ``--seed``
+and resumed runs draw the same masks; ``p`` at a resolution of 1/65536).
 
 :func:`fuse_lora` swaps the ``forward`` of every peft ``lora.Linear`` in a model;
 parameters, state dict, saving and merging stay peft's. Anything the fused path
@@ -31,26 +31,10 @@ from __future__ import annotations
 import types
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-LEVELS = 65536  # dropout resolution: the mask compares 16-bit draws with round(p * LEVELS)
-
-
-def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device) -> tuple[Tensor, float]:
-    """A (shape) bool keep-mask with P(keep) = 1 - p, and the 1 / P(keep) rescale.
-
-    On CPU the draws come from numpy's PCG64 seeded from torch's default generator;
-    elsewhere from ``torch.rand`` on the device."""
-    n = int(np.prod(shape))
-    if device.type != "cpu":
-        return torch.rand(shape, device=device) >= p, 1.0 / (1.0 - p)
-    cut = round(p * LEVELS)
-    seed = int(torch.randint(0, 2**62, (1,)))  # advances torch's generator: seeded and resumable
-    raw = np.random.PCG64(seed).random_raw((n + 3) // 4)  # (ceil(n/4),) uint64
-    keep = raw.view(np.uint16)[:n] >= cut  # (n,) bool: 16-bit draws in [0, 65536)
-    return torch.from_numpy(keep).view(shape), LEVELS / (LEVELS - cut)
+from chatforge.training.dropout import dropout_mask, widen
 
 
 class LoraLinearFn(torch.autograd.Function):
@@ -65,7 +49,8 @@ class LoraLinearFn(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])  # (M, K)
         w_t = weight if transposed else weight.t()  # (K, N)
         y = torch.addmm(bias, x2, w_t) if bias is not None else x2 @ w_t  # (M, N)
-        xd = x2 * mask if mask is not None else x2  # (M, K): the adapter's dropped-out input
+        # (M, K): the adapter's dropped-out input (the bool mask widened: a bool multiply is slow)
+        xd = x2 * widen(mask, x2.dtype) if mask is not None else x2
         h = xd @ a.t()  # (M, r)
         y.addmm_(h, b.t(), alpha=alpha)
         ctx.save_for_backward(weight, a, b, xd, h, mask)
@@ -90,7 +75,7 @@ class LoraLinearFn(torch.autograd.Function):
             if mask is None:
                 grad_x.addmm_(dh, a)
             else:
-                grad_x.add_((dh @ a).mul_(mask))
+                grad_x.add_((dh @ a).mul_(widen(mask, dh.dtype)))
             grad_x = grad_x.view(ctx.x_shape)
         return grad_x, None, None, grad_a, grad_b, None, None, None
 

@@ -10,7 +10,8 @@ The estimate (bytes, host memory, fp32) adds up:
 * the attention scores, (B, heads, T, T) fp32, where attention is computed the plain
   way: eager attention, or sdpa with attention dropout in training (GPT-2's
   ``attn_pdrop``: torch's CPU flash kernel takes no dropout, so sdpa falls back to
-  the math path). Measured on GPT-2: three such copies kept per layer (scores,
+  the math path, as ``training.packed_attention`` does with its faster dropout).
+  Measured on GPT-2: three such copies kept per layer (scores,
   softmax, dropout), two more in flight in backward; with gradient checkpointing,
   about three for the one layer being recomputed. Without dropout sdpa runs the
   flash kernel, which keeps none;
@@ -18,7 +19,8 @@ The estimate (bytes, host memory, fp32) adds up:
   boolean temporaries that build it: 6 bytes per (B, T, T) element. Quadratic in the
   context: at ``--context 100000``, batch 8, that alone is 480 GB (the estimate
   said 5.3 GB and the run grew to 15 GB before anything stopped it). None on a model
-  switched to ``training.packed_attention`` (attention example by example, no mask);
+  switched to ``training.packed_attention`` without attention dropout (attention example
+  by example, no mask);
 * the loss: one chunk of logits (``training.loss``), or with full logits about
   six (tokens x vocab) fp32 copies;
 
@@ -148,10 +150,10 @@ def estimate(
     mask = 6 * square + context * context  # fp32 mask + bool temporaries; causal (T, T)
     from chatforge.training.packed_attention import NAME as PACKED
 
-    if attn == PACKED:  # attention example by example: no mask, flash per example
+    if attn == PACKED and dropout == 0:  # attention example by example: no mask, flash
         mask = 0
-    scores = 0
-    if attn == "eager" or (attn in ("sdpa", "") and dropout > 0):
+    scores = 0  # with attention dropout both sdpa and PACKED run the math path over the mask
+    if attn == "eager" or (attn in ("sdpa", "", PACKED) and dropout > 0):
         one_layer = 4 * heads * square  # (B, H, T, T) fp32
         scores = one_layer * (3 if checkpointing else 3 * layers + 2)
     return Estimate(weights, kept, full, loss, checkpointing, mask, scores)

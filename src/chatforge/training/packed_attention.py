@@ -14,7 +14,11 @@ It is a transformers attention function (``AttentionInterface``) named
 (after checking that it gives the mask path's logits) and passes each batch's
 example lengths as the ``packed_spans`` keyword of the model call, which
 transformers hands through the layers to the attention function. Without
-``packed_spans`` (a caller that built a mask) it is plain sdpa.
+``packed_spans`` (a caller that built a mask) it is plain sdpa, except with dropout
+on the attention weights (GPT-2's ``attn_pdrop``), which torch's CPU flash kernel
+does not take: sdpa then falls back to its math path and torch's Bernoulli
+sampler (9 ms for a (8, 4, 128, 128) mask on 2 AVX2 cores); here the same math
+runs with :func:`chatforge.training.dropout.dropout` (0.6 ms).
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+from chatforge.training.dropout import dropout as fast_dropout
 
 NAME = "chatforge_packed"
 
@@ -49,6 +55,8 @@ def packed_attention(
     example (padding) get zeros: nothing reads them (their targets are ignored).
     """
     if packed_spans is None:
+        if dropout > 0.0 and module.training:
+            return _dropout_attention(query, key, value, attention_mask, dropout, scaling), None
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
@@ -75,6 +83,32 @@ def packed_attention(
             off += n
         rows.append(_pad_time(torch.cat(parts, dim=1), T))
     return torch.cat(rows, dim=0), None
+
+
+def _dropout_attention(
+    query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, p: float, scaling: float | None
+) -> Tensor:
+    """softmax(q k^T * scaling + mask) with dropout, times v: sdpa's math path; (B, T, H, D).
+
+    query (B, H, T, D), key/value (B, Hkv, S, D); mask (B | 1, 1, T, S) additive or
+    bool (True = attend), or None for causal."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    T, S = query.shape[2], key.shape[2]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(-1, -2)).mul_(scale)  # (B, H, T, S)
+    low = torch.finfo(scores.dtype).min
+    if mask is None:  # causal, the queries being the last T of the S positions
+        blocked = torch.ones(T, S, dtype=torch.bool, device=scores.device).triu_(S - T + 1)
+        scores = scores.masked_fill(blocked, low)
+    elif mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask[..., :S], low)
+    else:
+        scores = scores + mask[..., :S]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(fast_dropout(probs, p), value)  # (B, H, T, D)
+    return out.transpose(1, 2).contiguous()
 
 
 def _pad_time(out: Tensor, T: int) -> Tensor:

@@ -39,6 +39,8 @@ from chatforge.training.examples import (
     packing_isolates,
     to_device,
 )
+from chatforge.training.fast_modules import restore as restore_modules
+from chatforge.training.fast_modules import speed_up
 from chatforge.training.lora_fast import fuse_lora
 from chatforge.training.loss import forward_loss, head_gives_logits
 from chatforge.training.model import Built, build_model, save_model_dir, unwrap
@@ -503,7 +505,9 @@ class Trainer:
 
     def run(self) -> TrainResult:
         self.threads: ThreadPolicy | None = None
-        self.attn_before: str | None = None  # set when attention runs example by example
+        self.attn_before: str | None = None  # set when attention runs training/packed_attention
+        self.spans = False  # and example by example (no attention dropout)
+        self.swapped: list = []  # modules given faster forwards (training/fast_modules.py)
         self.stage = "setup"  # "training" once the loop runs: Ctrl-C then saves a checkpoint
         from chatforge.training.interrupt import InterruptNotice
 
@@ -579,15 +583,18 @@ class Trainer:
         model = built.model.to(self.dev)
         if cfg.lora:  # base + adapter in one autograd node per layer (training/lora_fast.py)
             fuse_lora(model)
+        # Dropout masks from PCG64 and GPT-2's GELU in one op (training/fast_modules.py).
+        self.swapped = speed_up(model)
         # Attention example by example instead of through the (B, 1, T, T) mask where the
-        # model gives the same logits that way (training/packed_attention.py). Not with
-        # attention dropout (GPT-2's attn_pdrop): sdpa then takes its math path, and one
-        # call per example made from-scratch GPT-2 10 % slower than one masked call per batch.
-        if not cfg.dpo and memory.attention_dropout(model) == 0.0:
+        # model gives the same logits that way (training/packed_attention.py). With attention
+        # dropout (GPT-2's attn_pdrop) torch's flash kernel does not apply: one masked call
+        # per batch with our dropout (one call per example was 10 % slower on GPT-2).
+        if not cfg.dpo:
             self.attn_before = use_packed_attention(
                 model,
                 lambda: spans_match_mask(model, len(tok), uses_types=built.format_name == "sep"),
             )
+            self.spans = self.attn_before is not None and memory.attention_dropout(model) == 0.0
         longest = max(len(r) for r in (*rows, *vrows))  # a batch is never longer than this
         self._plan_memory(model, min(built.context, longest))
         # Threads as inference chooses them: the cores other processes leave free,
@@ -731,6 +738,7 @@ class Trainer:
             val_losses.append(self._validate(model, vrows, precision, state))
         self._save(model, optimizer, sched, state, world)
         restore_attention(model, self.attn_before)  # the model leaves with its own attention
+        restore_modules(self.swapped)
         self._finish(model, built, state, val_losses, packed, precision, tokens, t_run)
         return TrainResult(
             output=self.out,
@@ -791,7 +799,7 @@ class Trainer:
     def _collate(self, rows: list) -> dict:
         if self.cfg.dpo:
             return self.pref.collate(rows, self.pad_id)
-        return collate(rows, self.pad_id, spans=self.attn_before is not None)
+        return collate(rows, self.pad_id, spans=self.spans)
 
     def _loss_sum(self, model: Any, batch: dict) -> torch.Tensor:
         """Summed loss of a batch: head + cross-entropy at loss positions only, in chunks
