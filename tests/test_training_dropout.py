@@ -153,5 +153,9 @@ def test_the_trainer_runs_gpt2_attention_dropout_on_the_mask_without_torchs_samp
     assert not any("bernoulli" in e.key for e in prof.key_averages())
     model = result.model
     assert model.config._attn_implementation == "sdpa"
-    assert not any("forward" in vars(m) for m in model.modules())
+    # (only the modules speed_up swaps: accelerate may wrap the model's own forward)
+    from transformers.activations import NewGELUActivation
+
+    ours = [m for m in model.modules() if isinstance(m, (torch.nn.Dropout, NewGELUActivation))]
+    assert ours and not any("forward" in vars(m) for m in ours)
     assert NAME not in (result.output / "config.json").read_text()

@@ -115,3 +115,28 @@ def test_lora_merge_and_adapter_outputs_load(tmp_path, tiny_llama_dir):
     torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-4)  # same weights, two layouts
     assert not torch.allclose(la, l0)  # and training changed them
     assert b.info.prompt_format == "chat_template"
+
+
+def test_another_libraries_mixed_precision_does_not_leak_into_an_fp32_run(tmp_path, tiny_gpt2_dir):
+    """accelerate keeps one state per process: after TRL's trainers (bf16 by default) made an
+    Accelerator with bf16, ours wrapped the model in bf16 autocast and an fp32 run trained in
+    bf16. The run's precision is ours: the same losses as in a fresh process."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    data = write_convmodel(tmp_path / "d.jsonl", n=24)
+
+    def losses(out):
+        result = train(tiny_config(data, tmp_path / out, tiny_gpt2_dir, max_steps=3))
+        assert "forward" not in vars(result.model)  # no autocast wrapper left on it
+        rows = (result.output / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(r)["loss"] for r in rows]
+
+    AcceleratorState._reset_state()
+    want = losses("fresh")
+    AcceleratorState._reset_state()
+    Accelerator(cpu=True, mixed_precision="bf16")
+    try:
+        assert losses("after-bf16") == want
+    finally:
+        AcceleratorState._reset_state()

@@ -121,14 +121,13 @@ class Trainer:
     ) -> None:
         """``datasets``: (train, valid) conversations built in memory (the Python API's
         ``ConversationModel.fit``), read instead of ``cfg.data``/``cfg.valid`` files."""
-        from accelerate import Accelerator
         from rich.console import Console
 
         from chatforge.noise import quiet_libraries
 
         quiet_libraries()
         self.cfg = cfg
-        self.acc = Accelerator(cpu=not torch.cuda.is_available())
+        self.acc = _accelerator()
         self.main = self.acc.is_main_process
         self.console = console or Console(stderr=True)
         self.on_step = on_step
@@ -983,6 +982,22 @@ class Trainer:
                 plot_losses(self.out / METRICS, self.out / LOSS_PNG, title=self.out.name)
             except Exception as e:  # a plotting problem must never stop training
                 self.say(f"[yellow]could not draw {LOSS_PNG}: {e}")
+
+
+def _accelerator() -> Any:
+    """An Accelerator that leaves precision to us (``--precision``, ``_autocast``).
+
+    accelerate keeps one state per process, and an Accelerator made earlier with mixed
+    precision (TRL's trainers default to bf16) makes every later one wrap the model in
+    its autocast: an fp32 run then trained in bf16. Such a state is dropped first (the
+    process group, kept in accelerate's PartialState, stays)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    earlier = AcceleratorState._shared_state.get("_mixed_precision")
+    if earlier is not None and str(earlier) != "no":
+        AcceleratorState._reset_state()
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
 
 
 def _where(ref: Any) -> Any:
