@@ -242,6 +242,23 @@ def test_console_script_and_module_entry_points(tiny_llama_dir):
         )
 
 
+def test_a_bad_chat_flag_is_reported_before_torch_is_imported():
+    """The flags are checked before anything imports torch (3 s): the error comes at once."""
+    code = (
+        "import sys\n"
+        "from chatforge.cli.app import main\n"
+        "sys.argv = ['chatforge', 'chat', '--top-p', '1.5']\n"
+        "try:\n"
+        "    rc = main()\n"
+        "except SystemExit as e:\n"
+        "    rc = e.code\n"
+        "print(rc, 'torch' in sys.modules)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.stdout.split() == ["2", "False"], (p.stdout, p.stderr)
+    assert "--top-p must be in (0, 1]" in p.stderr
+
+
 def test_logit_bias_and_penalty_flags(capsys, tmp_path, tiny_llama_dir):
     out_file = tmp_path / "t.jsonl"
     argv = ["chat", "--model", str(tiny_llama_dir), "--prompt-file", "-", "-t", "0"]

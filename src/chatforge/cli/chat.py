@@ -132,15 +132,14 @@ def chat_command(
     ] = False,
 ) -> None:
     """Chat with a model: interactively, or over prompts from a file or stdin."""
-    from chatforge.chat import ChatSession
     from chatforge.conversation import BudgetConfig
     from chatforge.models import load_model, parse_dtype
     from chatforge.models.loading import parse_quantize
     from chatforge.models.recipes import load_recipe_model
-    from chatforge.repl import ChatRepl, open_log, read_prompts, use_markdown
     from chatforge.transcript import TranscriptWriter
 
-    # Everything the user typed is checked before the (slow) model load.
+    # Everything the user typed is checked before the (slow) model load, and before torch
+    # is imported (chatforge.chat and the REPL import it: 3 s before a one-line error).
     flags = GenerationFlags.from_params(locals())
     model = model_ref(name, model)
     recipe = None if api_base else named_model(model)
@@ -161,6 +160,9 @@ def chat_command(
         raise ChatforgeError("--device applies to a local model, not to --api-base")
     if api_base and prompt_format:
         raise ChatforgeError("--format applies to a local model, not to --api-base")
+    from chatforge.chat import ChatSession
+    from chatforge.repl import ChatRepl, open_log, read_prompts, use_markdown
+
     prompts: Iterator[str] | None = None
     if prompt_file is not None:
         prompts = read_prompts(prompt_file)
