@@ -6,14 +6,13 @@ import pytest
 import torch
 
 from chatforge.training.examples import IGNORE, Row, collate, model_inputs
-from chatforge.training.loss import forward_loss
 from chatforge.training.packed_attention import (
     NAME,
     restore_attention,
     spans_match_mask,
     use_packed_attention,
 )
-from training_helpers import tiny_config, write_convmodel
+from training_helpers import loss_and_grads, tiny_config, write_convmodel
 
 
 def _rows(types: bool) -> list[Row]:
@@ -26,13 +25,6 @@ def _rows(types: bool) -> list[Row]:
         targets = ids[1:] + [IGNORE]
         rows.append(Row(ids, [k % 2 for k in range(n)] if types else None, targets, lengths))
     return rows
-
-
-def _loss_and_grads(model, batch):
-    model.zero_grad(set_to_none=True)
-    loss = forward_loss(model, batch)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("which", ["gpt2", "llama"])
@@ -49,12 +41,12 @@ def test_loss_and_gradients_equal_the_mask_path(which, tiny_gpt2_dir, tiny_llama
             m.p = 0.0
     model.train()
     rows = _rows(types=which == "gpt2")
-    want = _loss_and_grads(model, collate(rows, 0))
+    want = loss_and_grads(model, collate(rows, 0))
     before = use_packed_attention(model, lambda: spans_match_mask(model, 300, which == "gpt2"))
     assert before == "sdpa" and model.config._attn_implementation == NAME
     spans = collate(rows, 0, spans=True)
     assert "attention_mask" not in spans and spans["packed_spans"] == ((9, 6, 5), (7, 8))
-    got = _loss_and_grads(model, spans)
+    got = loss_and_grads(model, spans)
     torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-5)
     for name, g in want[1].items():
         torch.testing.assert_close(got[1][name], g, atol=1e-5, rtol=1e-4, msg=name)

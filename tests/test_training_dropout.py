@@ -17,7 +17,7 @@ from chatforge.training.packed_attention import (
     restore_attention,
     use_packed_attention,
 )
-from training_helpers import tiny_config, write_convmodel
+from training_helpers import loss_and_grads, tiny_config, write_convmodel
 
 
 def test_dropout_is_the_mask_times_the_rescale_forward_and_backward():
@@ -54,13 +54,6 @@ def _batch():
     return collate([Row(ids, None, ids[1:] + [IGNORE], [12, 8])], 0)
 
 
-def _grads(model, batch):
-    model.zero_grad(set_to_none=True)
-    loss = forward_loss(model, batch)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
 def test_speed_up_trains_the_same_gpt2_without_torchs_sampler(tiny_gpt2_dir):
     model = _gpt2(tiny_gpt2_dir)
     batch = _batch()
@@ -68,24 +61,24 @@ def test_speed_up_trains_the_same_gpt2_without_torchs_sampler(tiny_gpt2_dir):
     assert dropouts and all(m.p == 0.1 for m in dropouts)
     for m in dropouts:  # without dropout: the same loss and gradients (GELU in one op)
         m.p = 0.0
-    want = _grads(model, batch)
+    want = loss_and_grads(model, batch)
     swapped = speed_up(model)
     assert len(swapped) == len(dropouts) + 2  # and the two layers' GELUs
-    got = _grads(model, batch)
+    got = loss_and_grads(model, batch)
     torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
     for name, g in want[1].items():
         torch.testing.assert_close(got[1][name], g, atol=1e-5, rtol=1e-4, msg=name)
     for m in dropouts:
         m.p = 0.1
-    assert _bernoulli_calls(lambda: _grads(model, batch)) == 2  # sdpa's attention dropout
+    assert _bernoulli_calls(lambda: loss_and_grads(model, batch)) == 2  # sdpa's attention dropout
     before = use_packed_attention(model, lambda: True)  # the mask path with our dropout
-    assert _bernoulli_calls(lambda: _grads(model, batch)) == 0
+    assert _bernoulli_calls(lambda: loss_and_grads(model, batch)) == 0
     a, b = forward_loss(model, batch), forward_loss(model, batch)
     assert a != b  # dropout is on: each forward draws new masks
     restore(swapped)
     restore_attention(model, before)
     assert not any("forward" in vars(m) for m in model.modules())
-    assert _bernoulli_calls(lambda: _grads(model, batch)) > 0  # torch's own again
+    assert _bernoulli_calls(lambda: loss_and_grads(model, batch)) > 0  # torch's own again
 
 
 @pytest.mark.parametrize("mask_kind", ["additive", "bool", "none"])

@@ -66,3 +66,13 @@ def tiny_config(data: Path, output: Path, model: Path, **kw):
     )
     base.update(kw)
     return TrainConfig(**base)
+
+
+def loss_and_grads(model, batch: dict):
+    """The summed loss of ``batch`` (training's head + loss) and every weight's gradient."""
+    from chatforge.training.loss import forward_loss
+
+    model.zero_grad(set_to_none=True)
+    loss = forward_loss(model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -67,4 +67,4 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     if p >= 1.0:
         return x * 0.0
     mask, scale = dropout_mask(tuple(x.shape), p, x.device)
-    return DropoutFn.apply(x, mask.to(x.device), scale)
+    return DropoutFn.apply(x, mask, scale)  # the mask is made on x's device
