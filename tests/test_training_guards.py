@@ -370,12 +370,18 @@ def test_ctrl_c_is_noticed_while_a_long_torch_operation_runs():
 
     seen: list[float] = []
     a = torch.ones(2500, 2500)
-    with InterruptNotice(lambda: seen.append(time.monotonic())):
-        sent = time.monotonic() + 0.05
-        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
-        with pytest.raises(KeyboardInterrupt):  # raised once the operation returns
-            for _ in range(20):
-                a @ a  # one C++ call (~0.2 s): Python's handler waits for it to return
-        caught = time.monotonic()
+    # A shell's background job starts with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: give this test the one an interactive run has.
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with InterruptNotice(lambda: seen.append(time.monotonic())):
+            sent = time.monotonic() + 0.05
+            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+            with pytest.raises(KeyboardInterrupt):  # raised once the operation returns
+                for _ in range(20):
+                    a @ a  # one C++ call (~0.2 s): Python's handler waits for it to return
+            caught = time.monotonic()
+    finally:
+        signal.signal(signal.SIGINT, old)
     assert seen, "the interrupt was not noticed"
     assert seen[0] - sent < 0.5 and seen[0] < caught - 0.1, (seen[0] - sent, caught - sent)
