@@ -20,7 +20,7 @@ from chatforge.generation.engine import Engine
 from chatforge.generation.grammar import GrammarConstraint
 from chatforge.generation.types import Request
 from chatforge.server import Limits, create_app
-from conftest import make_tiny_llama
+from conftest import TINY_TOKENIZER, make_tiny_llama
 from serverkit import ServerThread
 
 SCHEMA = {
@@ -176,6 +176,61 @@ def test_set_json_schema_from_text_or_file(tmp_path):
     assert cfg.set_param("json_schema", "off").json_schema is None
     with pytest.raises(ValueError, match="json_schema"):
         GenerationConfig().set_param("json_schema", str(tmp_path / "missing.json"))
+
+
+def _follows(schema: dict, text: str, lenient: bool = False) -> bool:
+    """Whether the grammar of ``schema`` takes all of ``text`` (tokenised by the tiny tokenizer)."""
+    import llguidance
+    import llguidance.hf
+    from transformers import AutoTokenizer
+
+    from chatforge.generation.schema import json_schema_grammar
+
+    tok = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
+    grammar = json_schema_grammar(schema, lenient=lenient)
+    matcher = llguidance.LLMatcher(llguidance.hf.from_tokenizer(tok), grammar)
+    ids = tok.encode(text, add_special_tokens=False)
+    return matcher.validate_tokens(ids) == len(ids)
+
+
+@pytest.mark.parametrize("lenient", [False, True])
+def test_listed_properties_are_the_only_keys_unless_the_schema_allows_others(lenient):
+    """A random model under ``llm --schema "name, age int, bio"`` wrote an extra key: JSON
+    Schema allows any key where additionalProperties is unset, and so did our grammar."""
+    person = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    assert _follows(person, '{"name": "x"}', lenient)
+    assert not _follows(person, '{"name": "x", "b": 1}', lenient)
+    assert _follows({**person, "additionalProperties": True}, '{"name": "x", "b": 1}', lenient)
+    assert _follows(
+        {**person, "additionalProperties": {"type": "integer"}}, '{"name": "x", "b": 1}', lenient
+    )
+    nested = {"type": "object", "properties": {"p": person}}
+    assert _follows(nested, '{"p": {"name": "x"}}', lenient)
+    assert not _follows(nested, '{"p": {"name": "x", "z": 2}}', lenient)
+    listed = {"type": "array", "items": person}
+    assert not _follows(listed, '[{"name": "x", "z": 2}]', lenient)
+    # allOf's members each list part of the keys: they stay open, the object holds both.
+    both = {"allOf": [{"properties": {"a": {"type": "integer"}}}, person]}
+    assert _follows(both, '{"a": 1, "name": "x"}', lenient)
+
+
+def test_close_objects_copies_and_keeps_what_the_schema_says():
+    from chatforge.generation.schema import close_objects
+
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": ["object", "null"], "properties": {}}},
+        "patternProperties": {"^x": {"type": "object", "properties": {}}},
+        "$defs": {"d": {"properties": {}, "additionalProperties": True}},
+    }
+    before = json.dumps(schema)
+    closed = close_objects(schema)
+    assert json.dumps(schema) == before  # the caller's schema is not changed
+    assert "additionalProperties" not in closed  # patternProperties says which others
+    assert closed["properties"]["a"]["additionalProperties"] is False
+    assert closed["patternProperties"]["^x"]["additionalProperties"] is False
+    assert closed["$defs"]["d"]["additionalProperties"] is True
+    assert close_objects({"type": "object"}) == {"type": "object"}  # any object stays any
 
 
 # -- the server: response_format ----------------------------------------------------------

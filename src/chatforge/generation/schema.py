@@ -44,10 +44,59 @@ def json_schema_grammar(schema: dict[str, Any], *, lenient: bool = False) -> str
     if not isinstance(schema, dict):
         raise ParamError("json_schema", f"must be a JSON object (got {type(schema).__name__})")
     try:
-        key = json.dumps(schema)  # not sorted: property order is generation order
+        key = json.dumps(close_objects(schema))  # not sorted: property order is generation order
     except (TypeError, ValueError) as e:
         raise ParamError("json_schema", f"is not JSON: {e}") from None
     return _schema_grammar(key, lenient)
+
+
+# Keywords whose value is one subschema, a list of them, or a name -> subschema map.
+_ONE = ("items", "additionalItems", "contains", "not", "if", "then", "else", "propertyNames")
+_MANY = ("anyOf", "oneOf", "prefixItems")
+_MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_OPEN = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+
+
+def close_objects(schema: Any, close: bool = True) -> Any:
+    """``schema`` (a copy) with every object that lists ``properties`` and says nothing
+    about others given ``additionalProperties: false``.
+
+    JSON Schema lets such an object hold any other key too, and a constrained small model
+    then invents keys (``{"name": ..., "ݴtheҸ°t": ""}`` from ``llm --schema "name, age
+    int"``). What a caller means by listing the properties is those properties, as vLLM's
+    grammar backend (xgrammar's strict mode) and outlines read it; a schema that wants
+    more says so (``additionalProperties: true`` or a schema). The members of an
+    ``allOf`` are left open: each lists only part of the object's keys."""
+    if isinstance(schema, list):
+        return [close_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _ONE:
+        if isinstance(out.get(key), dict | list):
+            out[key] = close_objects(out[key])
+    for key in _MANY:
+        if isinstance(out.get(key), list):
+            out[key] = [close_objects(s) for s in out[key]]
+    if isinstance(out.get("allOf"), list):
+        out["allOf"] = [close_objects(s, close=False) for s in out["allOf"]]
+    for key in _MAP:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: close_objects(s) for name, s in out[key].items()}
+    if isinstance(out.get("additionalProperties"), dict):
+        out["additionalProperties"] = close_objects(out["additionalProperties"])
+    if (
+        close
+        and isinstance(out.get("properties"), dict)
+        and _may_be_object(out.get("type", "object"))
+        and not any(key in out for key in _OPEN)
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+def _may_be_object(kind: Any) -> bool:
+    return kind == "object" or (isinstance(kind, list) and "object" in kind)
 
 
 @functools.lru_cache(maxsize=256)

@@ -35,7 +35,7 @@ from typing import Any
 
 from chatforge.conversation import Message
 from chatforge.generation.grammar import GrammarConstraint
-from chatforge.generation.schema import JSON_OPTIONS, lark_grammar
+from chatforge.generation.schema import JSON_OPTIONS, close_objects, lark_grammar
 from chatforge.server.errors import APIError
 from chatforge.server.schemas import ChatMessageIn, NamedToolChoice, ToolDef
 
@@ -112,11 +112,10 @@ def check_call_budget(
 
 
 def _call_schema(tool: ToolDef) -> dict[str, Any]:
-    params = dict(tool.function.parameters or {"type": "object", "properties": {}})
     # Arguments the function does not declare would fail the call (a Python function
-    # gets an unexpected keyword), so unless the schema allows them they are not written.
-    if "properties" in params and "additionalProperties" not in params:
-        params["additionalProperties"] = False
+    # gets an unexpected keyword), so unless the schema allows them they are not written
+    # (nor keys its nested objects do not list).
+    params = close_objects(tool.function.parameters or {"type": "object", "properties": {}})
     return {
         "type": "object",
         "properties": {"name": {"const": tool.function.name}, "arguments": params},
