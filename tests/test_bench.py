@@ -76,3 +76,28 @@ def test_quality_check_rows(tiny_llama_dir):
     ]
     assert rows[0]["change"] == 0 and rows[0]["passes"]
     assert all(math.isfinite(r["perplexity"]) and r["tokens"] > 0 for r in rows)
+
+
+def test_decode_rate_times_the_decode_steps_of_one_run():
+    """The rate came from a 1-token run subtracted from an n-token one: under load (the
+    suite in two processes) that gave NaN for a tiny model. Now the steps of one run."""
+    from chatforge.bench.decode import decode_rate
+
+    # 3 tokens a sequence: the prefill step gives the first, two decode steps the rest.
+    assert decode_rate(2, 3, [0.5, 1.0, 1.5, 2.0]) == pytest.approx(2 * 2 / 1.0)
+    assert math.isnan(decode_rate(2, 3, [1.0, 2.0]))  # fewer steps than tokens
+    assert math.isnan(decode_rate(2, 1, [1.0]))  # no decode step
+    assert math.isnan(decode_rate(2, 3, [1.0, 1.0, 1.0]))  # no time passed
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_each_engine_reports_a_stamp_per_step(tiny_llama_dir, fast):
+    from chatforge.bench.decode import _ChatforgeRun, _prompts, _TransformersRun
+    from chatforge.models import load_model
+
+    loaded = load_model(str(tiny_llama_dir), dtype="fp32", quantize="none", fast=fast)
+    run = _ChatforgeRun(loaded) if fast else _TransformersRun(loaded)
+    stamps = run.generate(_prompts(loaded, 3), 6)
+    # One step a token: the first from the prompts' step (short prompts: one), then decode.
+    assert len(stamps) == 6
+    assert stamps == sorted(stamps)

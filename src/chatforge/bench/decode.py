@@ -115,15 +115,7 @@ def measure(
     for b in batches:
         prompts = _prompts(loaded, b)
         n = new_tokens if b == 1 else batch_tokens
-        t0 = time.perf_counter()
-        run.generate(prompts, 1)
-        first = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        run.generate(prompts, n)
-        total = time.perf_counter() - t0
-        # The first token's time (its prompts' prefill) comes off; on a busy machine that
-        # run can take longer than the whole one: no figure then (NaN), not a huge one.
-        rate = b * (n - 1) / (total - first) if total > first else float("nan")
+        rate = decode_rate(b, n, run.generate(prompts, n))
         results.append(
             BenchResult(
                 engine=setting.engine,
@@ -139,6 +131,19 @@ def measure(
             )
         )
     return results
+
+
+def decode_rate(batch: int, n: int, stamps: list[float]) -> float:
+    """Tokens per second of the last ``n - 1`` steps of a run that decoded ``n`` tokens for
+    each of ``batch`` sequences; ``stamps``: the clock after each of its steps (the first
+    token's step and any before it, the prompts' prefill, are left out).
+
+    Timing the steps of one run, not a 1-token run subtracted from an n-token one: on a
+    busy machine (or a tiny model) that difference could be <= 0 (no figure) or
+    near 0 (1.3e11 tok/s)."""
+    if n < 2 or len(stamps) < n or stamps[-1] <= stamps[-n]:
+        return float("nan")
+    return batch * (n - 1) / (stamps[-1] - stamps[-n])
 
 
 class _ChatforgeRun:
@@ -157,12 +162,19 @@ class _ChatforgeRun:
 
         self.engine.generate([Request(ids, max_new_tokens=0)])  # the prompt only
 
-    def generate(self, prompts: list[list[int]], n: int) -> None:
+    def generate(self, prompts: list[list[int]], n: int) -> list[float]:
+        """Greedy ``n`` tokens for each prompt, all in one batch; the clock after each step."""
         from chatforge.generation.config import GenerationConfig
         from chatforge.generation.types import Request
 
         cfg = GenerationConfig(temperature=0, max_new_tokens=n)
-        self.engine.generate([Request(p, cfg) for p in prompts], max_batch=len(prompts))
+        for p in prompts:
+            self.engine.add(Request(p, cfg), on_event=lambda ev: None)
+        stamps = []
+        while self.engine.has_work:
+            self.engine.step(max_batch=len(prompts))
+            stamps.append(time.perf_counter())
+        return stamps
 
 
 class _TransformersRun:
@@ -178,7 +190,17 @@ class _TransformersRun:
         self.model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], n: int) -> None:
+    def generate(self, prompts: list[list[int]], n: int) -> list[float]:
+        """Greedy ``n`` tokens for each prompt; the clock after each forward pass (a logits
+        processor, which leaves the scores alone, is called once a step)."""
+        from transformers import LogitsProcessorList
+
+        stamps: list[float] = []
+
+        def stamp(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            stamps.append(time.perf_counter())
+            return scores
+
         t = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), t), self.pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -192,7 +214,9 @@ class _TransformersRun:
             min_new_tokens=n,
             do_sample=False,
             pad_token_id=self.pad,
+            logits_processor=LogitsProcessorList([stamp]),
         )
+        return stamps
 
 
 def result_dicts(results: list[BenchResult]) -> list[dict]:
