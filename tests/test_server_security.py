@@ -469,13 +469,16 @@ def _loop_latency_during(srv, send) -> float:
 def test_prompt_rendering_runs_off_the_event_loop(tiny, monkeypatch, path):
     """Tokenising / templating a big prompt must not stall other requests."""
     real_encode, real_plan = tiny.tokenizer.encode, chat_route.plan_request
+    # Each stalls 1.5 s: on the loop, a /health poll would wait ~1.4 s; off it, polls
+    # took up to 0.5 s with the suite's other process holding both cores.
+    stall = 1.5
 
     def slow_encode(*a, **kw):
-        time.sleep(0.8)
+        time.sleep(stall)
         return real_encode(*a, **kw)
 
     def slow_plan(*a, **kw):
-        time.sleep(0.8)
+        time.sleep(stall)
         return real_plan(*a, **kw)
 
     monkeypatch.setattr(tiny.tokenizer, "encode", slow_encode)
@@ -483,7 +486,7 @@ def test_prompt_rendering_runs_off_the_event_loop(tiny, monkeypatch, path):
     with ServerThread(create_app(tiny, model_id="tiny", limits=LIMITS)) as srv:
         body = chat() if "chat" in path else comp()
         worst = _loop_latency_during(srv, lambda: post(srv, path, body))
-    assert worst < 0.4, f"the event loop stalled for {worst:.2f}s"
+    assert worst < 1.0, f"the event loop stalled for {worst:.2f}s"
 
 
 @pytest.mark.slow  # waits on timers
