@@ -50,9 +50,11 @@ def json_schema_grammar(schema: dict[str, Any], *, lenient: bool = False) -> str
     return _schema_grammar(key, lenient)
 
 
-# Keywords whose value is one subschema, a list of them, or a name -> subschema map.
-_ONE = ("items", "additionalItems", "contains", "not", "if", "then", "else", "propertyNames")
-_MANY = ("anyOf", "oneOf", "prefixItems")
+# Keywords whose value is a subschema or a list of them, or a name -> subschema map.
+_SUB = (
+    "items", "additionalItems", "prefixItems", "contains", "not", "if", "then", "else",
+    "propertyNames", "additionalProperties", "anyOf", "oneOf",
+)  # fmt: skip
 _MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 _OPEN = ("additionalProperties", "patternProperties", "unevaluatedProperties")
 
@@ -72,19 +74,14 @@ def close_objects(schema: Any, close: bool = True) -> Any:
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
-    for key in _ONE:
-        if isinstance(out.get(key), dict | list):
+    for key in _SUB:  # a bool or other non-schema value comes back as it is
+        if key in out:
             out[key] = close_objects(out[key])
-    for key in _MANY:
-        if isinstance(out.get(key), list):
-            out[key] = [close_objects(s) for s in out[key]]
     if isinstance(out.get("allOf"), list):
         out["allOf"] = [close_objects(s, close=False) for s in out["allOf"]]
     for key in _MAP:
         if isinstance(out.get(key), dict):
             out[key] = {name: close_objects(s) for name, s in out[key].items()}
-    if isinstance(out.get("additionalProperties"), dict):
-        out["additionalProperties"] = close_objects(out["additionalProperties"])
     if (
         close
         and isinstance(out.get("properties"), dict)
